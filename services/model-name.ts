@@ -1,0 +1,8 @@
+/**
+ * The key a model name is matched by: case-insensitive, with a trailing `:latest` ignored
+ * (`llama3` ≡ `llama3:latest` ≡ `LLAMA3`), as Ollama itself matches names. Other tags count.
+ */
+export function modelKey (name: string): string {
+  const lower = name.trim().toLowerCase()
+  return lower.endsWith(':latest') ? lower.slice(0, -':latest'.length) : lower
+}
