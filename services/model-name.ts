@@ -3,6 +3,6 @@
  * (`llama3` ≡ `llama3:latest` ≡ `LLAMA3`), as Ollama itself matches names. Other tags count.
  */
 export function modelKey (name: string): string {
-  const lower = name.trim().toLowerCase()
+  const lower = name.toLowerCase()
   return lower.endsWith(':latest') ? lower.slice(0, -':latest'.length) : lower
 }
