@@ -1,0 +1,273 @@
+import { performance } from 'node:perf_hooks'
+import type { Candidate, Grant, HeldLease, LeaseInfo, LeaseStore } from './lease-store.js'
+
+/** Errors a waiting request can end with; each maps to one HTTP answer. */
+export class LeaseError extends Error {
+  constructor (message: string, readonly statusCode: number, readonly retryAfterSeconds?: number) {
+    super(message)
+    this.name = 'LeaseError'
+  }
+}
+
+export interface Lease extends HeldLease {
+  candidateIndex: number
+  /** Time spent waiting for the lease, in milliseconds. */
+  queuedMs: number
+  grantedAt: number
+  /** Aborted when renewal finds the lease taken by someone else (it expired while we were paused). */
+  lost: AbortSignal
+}
+
+export interface AcquireRequest {
+  queue: string
+  candidates: Candidate[]
+  info: LeaseInfo
+  /** Aborting it (client gone) leaves the queue at once. */
+  signal?: AbortSignal
+}
+
+export interface LeaseManagerOptions {
+  ttlMs: number
+  queueTimeoutMs: number
+  /** Fallback poll and heartbeat period; notifications do the real work. */
+  pollMs?: number
+  log?: { warn: (obj: object, msg: string) => void, error: (obj: object, msg: string) => void, info: (obj: object, msg: string) => void }
+}
+
+interface Waiter {
+  member: string
+  req: AcquireRequest
+  startedAt: number
+  score?: number
+  timer?: NodeJS.Timeout
+  onAbort?: () => void
+  resolve: (lease: Lease) => void
+  reject: (err: Error) => void
+}
+
+const RECENT_LIMIT = 4096
+
+/**
+ * Acquires leases for requests: one attempt on arrival (one store round trip when a GPU is free),
+ * then waits for a grant notification; renews held leases; releases each lease exactly once.
+ */
+export class LeaseManager {
+  private readonly waiters = new Map<string, Waiter>()
+  private readonly held = new Map<string, { lease: Lease, lost: AbortController }>()
+  /** Members settled recently: a duplicate grant notice for them is not an orphan. */
+  private readonly recent = new Set<string>()
+  /** Releases that could not reach the store yet; retried until they do. */
+  private readonly pendingReleases = new Map<string, string[]>()
+  private counter = 0
+  private sweepTimer?: NodeJS.Timeout
+  private renewTimer?: NodeJS.Timeout
+  private closed = false
+  readonly stats = { grants: 0, releases: 0, lost: 0 }
+
+  constructor (readonly store: LeaseStore, private readonly opts: LeaseManagerOptions) {}
+
+  async start (): Promise<void> {
+    await this.store.start({
+      onGrant: (g) => this.onGrant(g),
+      onInventoryChanged: () => this.onInventoryChanged?.(),
+      onReconnect: () => { void this.reassert() }
+    })
+    const pollMs = this.opts.pollMs ?? Math.min(1000, Math.floor(this.opts.ttlMs / 3))
+    this.sweepTimer = setInterval(() => { void this.sweep() }, pollMs)
+    this.renewTimer = setInterval(() => { void this.renew() }, Math.floor(this.opts.ttlMs / 3))
+    this.sweepTimer.unref()
+    this.renewTimer.unref()
+  }
+
+  /** Set by the owner to hear that another replica changed the inventory. */
+  onInventoryChanged?: () => void
+
+  waiting (): number {
+    return this.waiters.size
+  }
+
+  leases (): Lease[] {
+    return [...this.held.values()].map((h) => h.lease)
+  }
+
+  async acquire (req: AcquireRequest): Promise<Lease> {
+    if (this.closed) throw new LeaseError('gateway is shutting down', 503, 1)
+    if (req.signal?.aborted === true) throw new LeaseError('client closed request', 499)
+    if (!this.store.available()) throw new LeaseError('lease store unavailable', 503, 1)
+    const member = `${this.store.replicaId}|${++this.counter}`
+    const startedAt = performance.now()
+    const promise = new Promise<Lease>((resolve, reject) => {
+      this.waiters.set(member, { member, req, startedAt, resolve, reject })
+    })
+    const waiter = this.waiters.get(member) as Waiter
+    let result
+    try {
+      result = await this.store.attempt({ member, queue: req.queue, candidates: req.candidates, info: req.info })
+    } catch (err) {
+      this.forget(waiter)
+      this.opts.log?.warn({ err }, 'lease store attempt failed')
+      throw new LeaseError('lease store unavailable', 503, 1)
+    }
+    for (const g of result.grants) this.onGrant(g)
+    switch (result.status) {
+      case 'granted':
+        this.onGrant({ member, token: result.token, candidateIndex: result.candidateIndex })
+        break
+      case 'full':
+        this.forget(waiter)
+        throw new LeaseError(`queue for model '${req.info.model}' is full`, 503, 5)
+      default:
+        if (this.waiters.has(member)) {
+          waiter.score = result.score
+          this.watch(waiter)
+        }
+    }
+    return await promise
+  }
+
+  /** Start the timeout and the client-abort listener of a request that has to wait. */
+  private watch (waiter: Waiter): void {
+    const { req } = waiter
+    const giveUp = (err: LeaseError): void => {
+      if (!this.waiters.has(waiter.member)) return
+      this.forget(waiter)
+      waiter.reject(err)
+      this.store.leave(req.queue, waiter.member).catch((error) => {
+        this.opts.log?.warn({ err: error }, 'leaving the queue failed; the waiter expires with this replica')
+      })
+    }
+    waiter.timer = setTimeout(() => {
+      giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
+    }, this.opts.queueTimeoutMs)
+    if (req.signal != null) {
+      waiter.onAbort = () => giveUp(new LeaseError('client closed request', 499))
+      req.signal.addEventListener('abort', waiter.onAbort, { once: true })
+    }
+  }
+
+  private forget (waiter: Waiter): void {
+    this.waiters.delete(waiter.member)
+    if (waiter.timer != null) clearTimeout(waiter.timer)
+    if (waiter.onAbort != null) waiter.req.signal?.removeEventListener('abort', waiter.onAbort)
+    this.recent.add(waiter.member)
+    if (this.recent.size > RECENT_LIMIT) {
+      const oldest = this.recent.values().next().value as string
+      this.recent.delete(oldest)
+    }
+  }
+
+  private onGrant (grant: Grant): void {
+    if (!grant.member.startsWith(this.store.replicaId + '|')) return
+    const waiter = this.waiters.get(grant.member)
+    if (waiter == null) {
+      if (this.held.has(grant.token) || this.recent.has(grant.member)) {
+        // A duplicate notice for a settled waiter; a waiter that gave up has left the queue,
+        // and leaving releases whatever it was granted meanwhile.
+        return
+      }
+      void this.releaseToken(grant.token, [])
+      return
+    }
+    this.forget(waiter)
+    const candidate = waiter.req.candidates[grant.candidateIndex]
+    const lost = new AbortController()
+    const now = performance.now()
+    const lease: Lease = {
+      token: grant.token,
+      gpuIds: candidate.gpuIds,
+      assignmentId: candidate.assignmentId,
+      queue: waiter.req.queue,
+      info: waiter.req.info,
+      candidateIndex: grant.candidateIndex,
+      queuedMs: now - waiter.startedAt,
+      grantedAt: now,
+      lost: lost.signal
+    }
+    if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost })
+    this.stats.grants++
+    waiter.resolve(lease)
+  }
+
+  /** Release a lease; safe to call any number of times, only the first does anything. */
+  async release (lease: Lease): Promise<void> {
+    const entry = this.held.get(lease.token)
+    if (entry == null) return
+    this.held.delete(lease.token)
+    this.stats.releases++
+    await this.releaseToken(lease.token, lease.gpuIds)
+  }
+
+  private async releaseToken (token: string, gpuIds: string[]): Promise<void> {
+    try {
+      await this.store.release(token, gpuIds)
+      this.pendingReleases.delete(token)
+    } catch (err) {
+      // The store is unreachable; the lease's ttl frees it anyway, but retry so waiters need not wait.
+      this.pendingReleases.set(token, gpuIds)
+      this.opts.log?.warn({ err, token }, 'release failed; will retry')
+    }
+  }
+
+  private async sweep (): Promise<void> {
+    if (!this.store.available()) return
+    try {
+      for (const [token, gpuIds] of this.pendingReleases) await this.releaseToken(token, gpuIds)
+      const queues = new Set<string>()
+      for (const w of this.waiters.values()) queues.add(w.req.queue)
+      const grants = await this.store.sweep([...queues], [...this.waiters.keys()])
+      for (const g of grants) this.onGrant(g)
+    } catch (err) {
+      this.opts.log?.warn({ err }, 'lease sweep failed')
+    }
+  }
+
+  private async renew (): Promise<void> {
+    if (!this.store.available()) return
+    const held = [...this.held.values()]
+    try {
+      const lost = await this.store.renew(held.map((h) => h.lease))
+      for (const token of lost) {
+        const entry = this.held.get(token)
+        if (entry == null) continue
+        this.held.delete(token)
+        this.stats.lost++
+        this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, 'lease lost to another holder; aborting its request')
+        entry.lost.abort(new LeaseError('lease lost', 503, 1))
+      }
+    } catch (err) {
+      this.opts.log?.warn({ err }, 'lease renewal failed')
+    }
+  }
+
+  /** The store lost its data or came back: re-create our leases, re-take our places in the queues. */
+  private async reassert (): Promise<void> {
+    this.opts.log?.info({ leases: this.held.size, waiters: this.waiters.size }, 'lease store reconnected; re-asserting')
+    await this.renew()
+    for (const w of [...this.waiters.values()]) {
+      try {
+        const r = await this.store.attempt({
+          member: w.member, queue: w.req.queue, candidates: w.req.candidates, info: w.req.info, score: w.score
+        })
+        for (const g of r.grants) this.onGrant(g)
+        if (r.status === 'granted') this.onGrant({ member: w.member, token: r.token, candidateIndex: r.candidateIndex })
+      } catch (err) {
+        this.opts.log?.warn({ err }, 're-enqueue failed; the next sweep retries')
+      }
+    }
+    await this.sweep()
+  }
+
+  /** Stop taking requests, fail the waiters, release every lease. */
+  async close (): Promise<void> {
+    this.closed = true
+    if (this.sweepTimer != null) clearInterval(this.sweepTimer)
+    if (this.renewTimer != null) clearInterval(this.renewTimer)
+    for (const w of [...this.waiters.values()]) {
+      this.forget(w)
+      w.reject(new LeaseError('gateway is shutting down', 503, 1))
+      await this.store.leave(w.req.queue, w.member).catch(() => {})
+    }
+    for (const { lease } of [...this.held.values()]) await this.release(lease)
+    await this.store.close()
+  }
+}

@@ -1,0 +1,245 @@
+// The lease rules, run against both stores: Redis (replicas) and memory (embedded mode).
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { LeaseError, LeaseManager, type Lease } from '../services/lease-manager.js'
+import type { Candidate, LeaseInfo, LeaseStore } from '../services/lease-store.js'
+import { queueName } from '../services/lease-store.js'
+import { MemoryLeaseStore } from '../services/memory-lease-store.js'
+import { RedisLeaseStore } from '../services/redis-lease-store.js'
+import { redisClients, testPrefix } from './helpers/redis.js'
+
+interface Settings { ttlMs?: number, queueMax?: number, starvationMs?: number, queueTimeoutMs?: number }
+type Cluster = (settings?: Settings) => Promise<{ replica: () => Promise<LeaseManager> }>
+
+const info = (model: string): LeaseInfo => ({ model, kind: 'llm', purpose: 'proxy' })
+const cand = (assignmentId: string, ...gpuIds: string[]): Candidate => ({ assignmentId, gpuIds })
+const defaults = { ttlMs: 3000, queueMax: 100, starvationMs: 10_000, queueTimeoutMs: 10_000 }
+
+function manager (t: Test, store: LeaseStore, s: Required<Settings>): LeaseManager {
+  const m = new LeaseManager(store, { ttlMs: s.ttlMs, queueTimeoutMs: s.queueTimeoutMs, pollMs: 200 })
+  t.teardown(() => m.close())
+  return m
+}
+
+const clusters: Record<string, (t: Test) => Cluster> = {
+  memory: (t) => async (settings = {}) => {
+    const s = { ...defaults, ...settings }
+    const store = new MemoryLeaseStore(s)
+    let started: LeaseManager | undefined
+    return {
+      replica: async () => {
+        if (started != null) return started // one process: every "replica" shares it
+        started = manager(t, store, s)
+        await started.start()
+        return started
+      }
+    }
+  },
+  redis: (t) => async (settings = {}) => {
+    const s = { ...defaults, ...settings }
+    const prefix = testPrefix(t)
+    return {
+      replica: async () => {
+        const { client, subscriber } = await redisClients(t)
+        const m = manager(t, new RedisLeaseStore({ ...s, client, subscriber, prefix }), s)
+        await m.start()
+        return m
+      }
+    }
+  }
+}
+
+for (const [name, make] of Object.entries(clusters)) {
+  t.test(`${name} store`, async (t) => {
+    t.test('grants all GPUs of the first free candidate, in preference order', async (t) => {
+      const m = await (await make(t)()).replica()
+      const a = await m.acquire({ queue: 'q', candidates: [cand('1', '1', '2'), cand('2', '3')], info: info('a') })
+      t.same([a.assignmentId, a.gpuIds], ['1', ['1', '2']])
+      const b = await m.acquire({ queue: 'q', candidates: [cand('1', '1', '2'), cand('2', '3')], info: info('a') })
+      t.same([b.assignmentId, b.gpuIds], ['2', ['3']])
+      const status = await m.store.status(['1', '2', '3'])
+      t.same(status.gpus.map((g) => g.gpuId).sort(), ['1', '2', '3'])
+      await m.release(a)
+      await m.release(b)
+      t.same((await m.store.status(['1', '2', '3'])).gpus, [])
+    })
+
+    t.test('release is exactly once and never frees a lease granted since', async (t) => {
+      const m = await (await make(t)()).replica()
+      const a = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      await m.release(a)
+      const b = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      t.not(a.token, b.token)
+      await m.release(a) // late duplicate
+      t.equal(await m.store.release(a.token, a.gpuIds), false, 'a stale token frees nothing')
+      t.same((await m.store.tokensOf(['1'])), [b.token], 'the new lease is intact')
+      await m.release(b)
+    })
+
+    t.test('a multi-GPU candidate is taken whole or not at all', async (t) => {
+      const m = await (await make(t)()).replica()
+      const one = await m.acquire({ queue: 'a', candidates: [cand('1', '1')], info: info('a') })
+      const pending = m.acquire({ queue: 'b', candidates: [cand('2', '1', '2')], info: info('b') })
+      await sleep(50)
+      t.same(await m.store.tokensOf(['1', '2']), [one.token, undefined], 'GPU 2 is not taken alone')
+      await m.release(one)
+      const both = await pending
+      t.same(both.gpuIds, ['1', '2'])
+      await m.release(both)
+    })
+
+    t.test('waiters of a model are served in arrival order, woken at once by a release', async (t) => {
+      const m = await (await make(t)()).replica()
+      const first = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const order: number[] = []
+      const waits = Array.from({ length: 8 }, async (_, i) => {
+        await sleep(i * 5)
+        const l = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+        order.push(i)
+        await sleep(2)
+        await m.release(l)
+      })
+      await sleep(80)
+      const releasedAt = performance.now()
+      await m.release(first)
+      await Promise.all(waits)
+      t.same(order, [0, 1, 2, 3, 4, 5, 6, 7])
+      t.ok(performance.now() - releasedAt < 150, 'woken by notification, not by the 200 ms poll')
+    })
+
+    t.test('a full queue and a timed-out wait answer 503 with Retry-After', async (t) => {
+      const m = await (await make(t)({ queueMax: 2, queueTimeoutMs: 300 })).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const w1 = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const w2 = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const full = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') }).catch((e) => e)
+      t.ok(full instanceof LeaseError)
+      t.equal(full.statusCode, 503)
+      t.ok(full.retryAfterSeconds > 0)
+      for (const w of [w1, w2]) {
+        const err = await w.catch((e) => e)
+        t.equal(err.statusCode, 503)
+        t.match(err.message, /timed out/)
+      }
+      t.same((await m.store.status(['1'])).queues, {}, 'timed-out waiters left the queue')
+      await m.release(held)
+    })
+
+    t.test('a waiter whose client leaves is never served', async (t) => {
+      const m = await (await make(t)()).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const ac = new AbortController()
+      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), signal: ac.signal })
+      await sleep(20)
+      const next = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      await sleep(20)
+      ac.abort()
+      t.equal((await gone.catch((e) => e)).statusCode, 499)
+      await sleep(20)
+      await m.release(held)
+      const l = await next
+      t.same(l.gpuIds, ['1'], 'the next waiter got the GPU')
+      await m.release(l)
+      t.same((await m.store.status(['1'])).gpus, [])
+    })
+
+    t.test('a lease that is not renewed expires and waiters then proceed', async (t) => {
+      const m = await (await make(t)({ ttlMs: 600 })).replica()
+      // a reservation is renewed only by pings
+      const r = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: { ...info('a'), purpose: 'reservation' } })
+      t.ok(await m.store.ping(r.token), 'ping renews a live reservation')
+      const started = performance.now()
+      const l = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const waited = performance.now() - started
+      t.ok(waited >= 400 && waited < 2000, `waited ${Math.round(waited)} ms for the expiry`)
+      t.equal(await m.store.ping(r.token), undefined, 'the expired reservation cannot be pinged back')
+      // a proxy lease is renewed while held
+      await sleep(1000)
+      t.same(await m.store.tokensOf(['1']), [l.token], 'held past its ttl by renewal')
+      await m.release(l)
+    })
+
+    t.test('a multi-GPU request is not starved by a stream of single-GPU requests', async (t) => {
+      const m = await (await make(t)({ starvationMs: 300 })).replica()
+      let stop = false
+      const singles = [['1'], ['2']].map(async ([gpu]) => {
+        while (!stop) {
+          const l = await m.acquire({ queue: `single-${gpu}`, candidates: [cand(`s${gpu}`, gpu)], info: info('s') })
+          await sleep(30)
+          await m.release(l)
+        }
+      })
+      const overlap = [...Array(4)].map(async (_, i) => {
+        // a second single-GPU model overlapping both, arriving all the time
+        while (!stop) {
+          const l = await m.acquire({ queue: 'small', candidates: [cand('x1', '1'), cand('x2', '2')], info: info('x') })
+          await sleep(20 + i)
+          await m.release(l)
+        }
+      })
+      await sleep(100)
+      const started = performance.now()
+      const big = await m.acquire({ queue: 'big', candidates: [cand('b', '1', '2')], info: info('b') })
+      const waited = performance.now() - started
+      stop = true
+      t.ok(waited < 300 + 500, `served after ${Math.round(waited)} ms (starvation threshold 300 ms)`)
+      await m.release(big)
+      await Promise.all([...singles, ...overlap])
+      t.same((await m.store.status(['1', '2'])).gpus, [])
+    })
+
+    t.test('replicas sharing the store never hand out one GPU twice', async (t) => {
+      const cluster = await make(t)({ starvationMs: 200 })
+      const replicas = await Promise.all([cluster.replica(), cluster.replica(), cluster.replica()])
+      const busy = new Map<string, string>()
+      let overlaps = 0
+      let served = 0
+      const shapes: Array<{ queue: string, candidates: Candidate[] }> = [
+        { queue: queueName('llm', 'a'), candidates: [cand('1', '1'), cand('2', '2')] },
+        { queue: queueName('llm', 'b'), candidates: [cand('3', '1', '2')] },
+        { queue: queueName('diffusor', 'c'), candidates: [cand('4', '3')] },
+        { queue: queueName('llm', 'd'), candidates: [cand('5', '3'), cand('6', '4')] }
+      ]
+      await Promise.all(Array.from({ length: 120 }, async (_, i) => {
+        await sleep(i % 30)
+        const shape = shapes[i % shapes.length]
+        const m = replicas[i % replicas.length]
+        const l: Lease = await m.acquire({ ...shape, info: info(shape.queue) })
+        for (const g of l.gpuIds) {
+          if (busy.has(g)) overlaps++
+          busy.set(g, l.token)
+        }
+        await sleep(1 + (i % 4))
+        for (const g of l.gpuIds) busy.delete(g)
+        served++
+        await m.release(l)
+      }))
+      t.equal(overlaps, 0)
+      t.equal(served, 120)
+      t.same((await replicas[0].store.status(['1', '2', '3', '4'])).gpus, [])
+    })
+  })
+}
+
+t.test('redis: a dead replica\'s leases expire and its waiters stop blocking the queue', async (t) => {
+  const cluster = await clusters.redis(t)({ ttlMs: 600 })
+  const a = await cluster.replica()
+  const b = await cluster.replica()
+  const held = await a.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') })
+  const ghost = a.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') })
+  ghost.catch(() => {})
+  await sleep(20)
+  const waiting = b.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') })
+  // replica a dies: no more renewals, heartbeats or releases
+  ;(a as any).sweepTimer.unref(); clearInterval((a as any).sweepTimer); clearInterval((a as any).renewTimer)
+  ;(a as any).closed = true
+  for (const w of (a as any).waiters.values()) clearTimeout(w.timer)
+  ;(a as any).waiters.clear()
+  const started = performance.now()
+  const l = await waiting
+  const took = performance.now() - started
+  t.ok(took < 600 + 600, `b served ${Math.round(took)} ms after a died (ttl 600 ms)`)
+  t.not(l.token, held.token)
+  await b.release(l)
+  t.same((await b.store.status(['1'])).queues, {}, 'the dead replica\'s waiter is gone')
+})
