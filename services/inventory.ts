@@ -1,0 +1,585 @@
+/**
+ * The inventory: which upstream servers (assignments) serve which models on which GPUs.
+ *
+ * It comes either from the original ai-maestro tables in MariaDB (`loadInventoryFromDatabase`) or
+ * from a JSON file in embedded mode (`loadInventoryFromFile`). Both give the same plain-data
+ * `InventorySnapshot` (JSON-serialisable, so it can be cached anywhere), and `Inventory` answers
+ * the questions the gateway asks of it. No Fastify here.
+ */
+import { readFile } from 'node:fs/promises'
+import { isIP } from 'node:net'
+import { modelKey } from './model-name.js'
+
+export type ModelKind = 'llm' | 'diffusor' | 'speech'
+
+export const MODEL_KINDS: readonly ModelKind[] = ['llm', 'diffusor', 'speech']
+
+/** The model name an assignment uses to serve every model of its kind that no other assignment names. */
+export const WILDCARD = '*'
+
+export interface Gpu {
+  id: string
+  name: string
+  vramSize: number
+  weight: number | null
+  computerId: string
+  computerName: string
+  /** The computer's address: IPv4, IPv6 (without brackets) or host name. */
+  ip: string
+}
+
+export interface Assignment {
+  id: string
+  name: string
+  /** The model name as stored. */
+  model: string
+  /** `modelKey(model)`, or `'*'` for a wildcard assignment. */
+  modelKey: string
+  kind: ModelKind
+  ip: string
+  port: number
+  /** `http://ip:port`, IPv6 in brackets. */
+  url: string
+  /** `ip:port` (IPv6 in brackets), for the Host header. */
+  host: string
+  /** Sorted numerically when numeric. */
+  gpuIds: string[]
+  /** AVG(gpus.weight) over the assignment's GPUs, NULL counting as 0. */
+  weight: number
+  computerName: string
+}
+
+export interface InventorySnapshot {
+  gpus: Gpu[]
+  /** Only the usable assignments, sorted by id. */
+  assignments: Assignment[]
+  /** Every known model with its kind, each model key once. */
+  models: Array<{ name: string, kind: ModelKind }>
+  /** What was left out of the inventory, and why. */
+  warnings: string[]
+}
+
+export type Query = (sql: string, params?: unknown[]) => Promise<any[]>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Inventory                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+export class Inventory {
+  readonly snapshot: InventorySnapshot
+  readonly #byId = new Map<string, Assignment>()
+  readonly #gpuById = new Map<string, Gpu>()
+  /** named (non-wildcard) assignments by model key, in preference order */
+  readonly #byModelKey = new Map<string, Assignment[]>()
+  /** wildcard assignments by kind, in preference order */
+  readonly #wildcards = new Map<ModelKind, Assignment[]>()
+  /** every assignment by kind, in preference order */
+  readonly #byKind = new Map<ModelKind, Assignment[]>()
+  readonly #kindByKey = new Map<string, ModelKind>()
+
+  constructor (snapshot: InventorySnapshot) {
+    this.snapshot = {
+      gpus: snapshot.gpus,
+      assignments: snapshot.assignments,
+      models: snapshot.models,
+      warnings: snapshot.warnings ?? []
+    }
+    for (const gpu of snapshot.gpus) this.#gpuById.set(gpu.id, gpu)
+    for (const { name, kind } of snapshot.models) {
+      const key = modelKey(name)
+      if (!this.#kindByKey.has(key)) this.#kindByKey.set(key, kind)
+    }
+    for (const kind of MODEL_KINDS) {
+      this.#byKind.set(kind, [])
+      this.#wildcards.set(kind, [])
+    }
+    const preferred = [...snapshot.assignments].sort(byPreference)
+    for (const a of preferred) {
+      this.#byId.set(a.id, a)
+      this.#byKind.get(a.kind)?.push(a)
+      if (a.modelKey === WILDCARD) {
+        this.#wildcards.get(a.kind)?.push(a)
+      } else {
+        const list = this.#byModelKey.get(a.modelKey)
+        if (list === undefined) this.#byModelKey.set(a.modelKey, [a])
+        else list.push(a)
+      }
+    }
+  }
+
+  /**
+   * The assignments that serve `model` as a model of `kind`, best first: highest weight, then
+   * lowest id. A model no assignment names is served by the wildcard assignments of its kind
+   * (unless the model is known to be of another kind).
+   */
+  candidates (model: string, kind: ModelKind): Assignment[] {
+    if (typeof model !== 'string' || model === '') return []
+    const key = modelKey(model)
+    if (key === WILDCARD) return []
+    const named = this.#byModelKey.get(key)
+    if (named !== undefined) return named.filter(a => a.kind === kind)
+    const known = this.#kindByKey.get(key)
+    if (known !== undefined && known !== kind) return []
+    return [...(this.#wildcards.get(kind) ?? [])]
+  }
+
+  /** The kind of a model listed in the inventory (llms, diffusors, speech_models), if any. */
+  kindOf (model: string): ModelKind | undefined {
+    if (typeof model !== 'string') return undefined
+    return this.#kindByKey.get(modelKey(model))
+  }
+
+  /** Every model of `kind` that at least one (non-wildcard) assignment serves, as stored. */
+  modelNames (kind: ModelKind): string[] {
+    const names = new Map<string, string>()
+    for (const m of this.snapshot.models) {
+      if (m.kind !== kind) continue
+      const key = modelKey(m.name)
+      if (names.has(key)) continue
+      if (this.#byModelKey.get(key)?.some(a => a.kind === kind) === true) names.set(key, m.name)
+    }
+    for (const a of this.snapshot.assignments) {
+      if (a.kind === kind && a.modelKey !== WILDCARD && !names.has(a.modelKey)) names.set(a.modelKey, a.model)
+    }
+    return [...names.values()]
+  }
+
+  assignment (id: string): Assignment | undefined {
+    return this.#byId.get(String(id))
+  }
+
+  /** Every assignment of `kind`, wildcards included, in preference order. */
+  assignmentsOfKind (kind: ModelKind): Assignment[] {
+    return [...(this.#byKind.get(kind) ?? [])]
+  }
+
+  gpu (id: string): Gpu | undefined {
+    return this.#gpuById.get(String(id))
+  }
+}
+
+/** Numeric ids in numeric order, before any non-numeric ones (which sort as strings). */
+export function compareIds (a: string, b: string): number {
+  const an = /^\d+$/.test(a)
+  const bn = /^\d+$/.test(b)
+  if (an && bn) {
+    const x = BigInt(a)
+    const y = BigInt(b)
+    return x < y ? -1 : x > y ? 1 : 0
+  }
+  if (an !== bn) return an ? -1 : 1
+  return a < b ? -1 : a > b ? 1 : 0
+}
+
+function byPreference (a: Assignment, b: Assignment): number {
+  if (a.weight !== b.weight) return b.weight - a.weight
+  return compareIds(a.id, b.id)
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Building a snapshot from the facts (shared by the database and the file)                   */
+/* ------------------------------------------------------------------------------------------ */
+
+interface Facts {
+  computers: Array<{ id: string, name: string, ip: string }>
+  gpus: Array<{ id: string, name: string, vramSize: number, weight: number | null, computerId: string }>
+  /** in listing order; a model listed twice keeps its first kind */
+  models: Array<{ name: string, kind: ModelKind }>
+  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind }>
+}
+
+const TABLE_OF_KIND: Record<ModelKind, string> = { llm: 'llms', diffusor: 'diffusors', speech: 'speech_models' }
+
+/**
+ * An address usable in a URL: IPv4, IPv6 (returned without brackets) or a host name.
+ * Undefined when it is none of these (so nothing odd ever ends up in an upstream URL).
+ */
+export function normaliseAddress (raw: string): string | undefined {
+  let s = raw.trim()
+  if (s.startsWith('[') && s.endsWith(']')) s = s.slice(1, -1)
+  if (s === '') return undefined
+  if (s.includes(':')) return isIP(s) === 6 ? s.toLowerCase() : undefined
+  if (s.length > 253) return undefined
+  return /^[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$/.test(s) ? s : undefined
+}
+
+function hostPort (ip: string, port: number): string {
+  return ip.includes(':') ? `[${ip}]:${port}` : `${ip}:${port}`
+}
+
+function describe (a: { id: string, name: string }): string {
+  return `assignment ${a.id} ${JSON.stringify(a.name)}`
+}
+
+function buildSnapshot (facts: Facts): InventorySnapshot {
+  const warnings: string[] = []
+
+  const computers = new Map<string, { name: string, ip: string | undefined, rawIp: string }>()
+  for (const c of facts.computers) {
+    const ip = normaliseAddress(c.ip)
+    if (ip === undefined) warnings.push(`computer ${c.id} ${JSON.stringify(c.name)} has an unusable address ${JSON.stringify(c.ip)}: its assignments are left out`)
+    computers.set(c.id, { name: c.name, ip, rawIp: c.ip })
+  }
+
+  const gpus: Gpu[] = []
+  const gpuById = new Map<string, Gpu>()
+  for (const g of facts.gpus) {
+    const computer = computers.get(g.computerId)
+    if (computer === undefined) {
+      warnings.push(`gpu ${g.id} ${JSON.stringify(g.name)} is on unknown computer ${g.computerId}: left out`)
+      continue
+    }
+    const gpu: Gpu = {
+      id: g.id,
+      name: g.name,
+      vramSize: g.vramSize,
+      weight: g.weight,
+      computerId: g.computerId,
+      computerName: computer.name,
+      ip: computer.ip ?? computer.rawIp
+    }
+    gpus.push(gpu)
+    gpuById.set(gpu.id, gpu)
+  }
+  gpus.sort((a, b) => compareIds(a.id, b.id))
+
+  const models: InventorySnapshot['models'] = []
+  const kindByKey = new Map<string, { kind: ModelKind, name: string }>()
+  for (const m of facts.models) {
+    const key = modelKey(m.name)
+    const seen = kindByKey.get(key)
+    if (seen === undefined) {
+      kindByKey.set(key, { kind: m.kind, name: m.name })
+      models.push({ name: m.name, kind: m.kind })
+    } else if (seen.kind !== m.kind) {
+      warnings.push(`model ${JSON.stringify(m.name)} is listed in ${TABLE_OF_KIND[m.kind]} and also as ${JSON.stringify(seen.name)} in ${TABLE_OF_KIND[seen.kind]}: treated as ${seen.kind}`)
+    }
+  }
+
+  const assignments: Assignment[] = []
+  for (const raw of facts.assignments) {
+    const wildcard = raw.model === WILDCARD
+    const key = wildcard ? WILDCARD : modelKey(raw.model)
+    const kind = raw.kind ?? kindByKey.get(key)?.kind
+    if (kind === undefined) {
+      warnings.push(wildcard
+        ? `${describe(raw)} serves '*' but its kind is unknown (list '*' in llms, diffusors or speech_models): left out`
+        : `${describe(raw)} serves model ${JSON.stringify(raw.model)}, which is in none of llms, diffusors, speech_models: left out`)
+      continue
+    }
+    if (!Number.isInteger(raw.port) || raw.port < 1 || raw.port > 65535) {
+      warnings.push(`${describe(raw)} has port ${raw.port}, not 1..65535: left out`)
+      continue
+    }
+    const gpuIds = [...new Set(raw.gpuIds)].sort(compareIds)
+    const own: Gpu[] = []
+    for (const id of gpuIds) {
+      const gpu = gpuById.get(id)
+      if (gpu === undefined) warnings.push(`${describe(raw)} names unknown gpu ${id}: ignored`)
+      else own.push(gpu)
+    }
+    if (own.length === 0) {
+      warnings.push(`${describe(raw)} has no GPUs: left out`)
+      continue
+    }
+    const first = own[0]
+    const computer = computers.get(first.computerId)
+    if (computer?.ip === undefined) {
+      warnings.push(`${describe(raw)} is on computer ${first.computerId} whose address ${JSON.stringify(first.ip)} is unusable: left out`)
+      continue
+    }
+    if (own.some(g => g.computerId !== first.computerId)) {
+      warnings.push(`${describe(raw)} has GPUs on several computers: reached at ${computer.name} (${computer.ip}), the computer of gpu ${first.id}`)
+    }
+    const weight = own.reduce((sum, g) => sum + (g.weight ?? 0), 0) / own.length
+    const host = hostPort(computer.ip, raw.port)
+    assignments.push({
+      id: raw.id,
+      name: raw.name,
+      model: raw.model,
+      modelKey: key,
+      kind,
+      ip: computer.ip,
+      port: raw.port,
+      url: `http://${host}`,
+      host,
+      gpuIds: own.map(g => g.id),
+      weight,
+      computerName: computer.name
+    })
+  }
+  assignments.sort((a, b) => compareIds(a.id, b.id))
+
+  return { gpus, assignments, models, warnings }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* From MariaDB (the original ai-maestro tables)                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+// Fixed statements only: nothing from a request ever becomes part of SQL.
+const SQL_COMPUTERS = 'SELECT c.id, c.name, c.ip_addr FROM computers c ORDER BY c.id'
+const SQL_GPUS = 'SELECT g.id, g.name, g.vram_size, g.weight, g.computer_id FROM gpus g ORDER BY g.id'
+const SQL_MODELS =
+  "SELECT 'llm' AS kind, l.name FROM llms l " +
+  "UNION ALL SELECT 'diffusor' AS kind, d.name FROM diffusors d " +
+  "UNION ALL SELECT 'speech' AS kind, s.name FROM speech_models s"
+const SQL_ASSIGNMENTS = 'SELECT a.id, a.name, a.model_name, a.port FROM assignments a ORDER BY a.id'
+const SQL_ASSIGNMENT_GPUS =
+  'SELECT ag.assignment_id, ag.gpu_id FROM assignment_gpus ag ' +
+  'JOIN assignments a ON a.id = ag.assignment_id JOIN gpus g ON g.id = ag.gpu_id ' +
+  'ORDER BY ag.assignment_id, ag.gpu_id'
+
+const KIND_ORDER: Record<ModelKind, number> = { llm: 0, diffusor: 1, speech: 2 }
+
+function text (v: unknown): string {
+  if (v === null || v === undefined) return ''
+  if (Buffer.isBuffer(v)) return v.toString('utf8')
+  return String(v)
+}
+
+function num (v: unknown): number {
+  return typeof v === 'number' ? v : Number(text(v))
+}
+
+export async function loadInventoryFromDatabase (query: Query): Promise<InventorySnapshot> {
+  const [computers, gpus, models, assignments, links] = await Promise.all([
+    query(SQL_COMPUTERS),
+    query(SQL_GPUS),
+    query(SQL_MODELS),
+    query(SQL_ASSIGNMENTS),
+    query(SQL_ASSIGNMENT_GPUS)
+  ])
+  const gpusOf = new Map<string, string[]>()
+  for (const row of links) {
+    const id = text(row.assignment_id)
+    const list = gpusOf.get(id)
+    if (list === undefined) gpusOf.set(id, [text(row.gpu_id)])
+    else list.push(text(row.gpu_id))
+  }
+  const modelRows = models.map(r => ({ name: text(r.name), kind: text(r.kind) as ModelKind }))
+  // llms first, then diffusors, then speech; by name (binary order, so the result is stable) within each
+  modelRows.sort((a, b) => KIND_ORDER[a.kind] - KIND_ORDER[b.kind] || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+  return buildSnapshot({
+    computers: computers.map(r => ({ id: text(r.id), name: text(r.name), ip: text(r.ip_addr) })),
+    gpus: gpus.map(r => ({
+      id: text(r.id),
+      name: text(r.name),
+      vramSize: num(r.vram_size),
+      weight: r.weight === null || r.weight === undefined ? null : num(r.weight),
+      computerId: text(r.computer_id)
+    })),
+    models: modelRows,
+    assignments: assignments.map(r => ({
+      id: text(r.id),
+      name: text(r.name),
+      model: text(r.model_name),
+      port: num(r.port),
+      gpuIds: gpusOf.get(text(r.id)) ?? []
+    }))
+  })
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* From a JSON file (embedded mode)                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+const MODEL_LISTS: Array<[string, ModelKind]> = [['llms', 'llm'], ['diffusors', 'diffusor'], ['speech', 'speech']]
+const ID_PATTERN = /^[A-Za-z0-9._-]{1,100}$/
+
+class Checker {
+  constructor (readonly source: string) {}
+
+  fail (path: string, message: string): never {
+    throw new Error(`inventory ${this.source}: ${path} ${message}`)
+  }
+
+  object (v: unknown, path: string, allowed: string[]): Record<string, unknown> {
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) this.fail(path, `must be an object (got ${show(v)})`)
+    const o = v as Record<string, unknown>
+    for (const k of Object.keys(o)) {
+      if (k.startsWith('_') || k.startsWith('$')) continue // comments, $schema
+      if (!allowed.includes(k)) this.fail(path, `has unknown field ${JSON.stringify(k)} (expected ${allowed.join(', ')})`)
+    }
+    return o
+  }
+
+  array (v: unknown, path: string): unknown[] {
+    if (!Array.isArray(v)) this.fail(path, `must be an array (got ${show(v)})`)
+    return v
+  }
+
+  string (v: unknown, path: string): string {
+    if (typeof v !== 'string' || v === '') this.fail(path, `must be a non-empty string (got ${show(v)})`)
+    return v
+  }
+
+  id (v: unknown, path: string): string {
+    if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return String(v)
+    if (typeof v === 'string' && ID_PATTERN.test(v)) return v
+    this.fail(path, `must be a whole number or a string of letters, digits, '.', '_' or '-' (got ${show(v)})`)
+  }
+
+  number (v: unknown, path: string, min = -Infinity): number {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < min) {
+      this.fail(path, `must be a number${min === -Infinity ? '' : ` of at least ${min}`} (got ${show(v)})`)
+    }
+    return v
+  }
+
+  port (v: unknown, path: string): number {
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 65535) this.fail(path, `must be an integer from 1 to 65535 (got ${show(v)})`)
+    return v
+  }
+
+  kind (v: unknown, path: string): ModelKind {
+    if (typeof v !== 'string' || !(MODEL_KINDS as readonly string[]).includes(v)) {
+      this.fail(path, `must be one of ${MODEL_KINDS.map(k => JSON.stringify(k)).join(', ')} (got ${show(v)})`)
+    }
+    return v as ModelKind
+  }
+}
+
+function show (v: unknown): string {
+  if (v === undefined) return 'nothing'
+  if (Array.isArray(v)) return 'an array'
+  if (v === null) return 'null'
+  if (typeof v === 'object') return 'an object'
+  const s = JSON.stringify(v)
+  return s.length > 60 ? `${s.slice(0, 57)}...` : s
+}
+
+/**
+ * Checks an embedded-mode inventory (already parsed from JSON) and turns it into a snapshot.
+ * Throws an Error naming `source` and the offending field on anything wrong.
+ */
+export function parseInventoryFile (json: unknown, source: string): InventorySnapshot {
+  const c: Checker = new Checker(source) // explicitly typed, so that c.fail() (never) narrows
+  const root = c.object(json, 'the inventory', ['computers', 'gpus', 'models', 'assignments'])
+
+  const computers: Facts['computers'] = []
+  const computerIndex = new Map<string, number>()
+  c.array(root.computers, 'computers').forEach((raw, i) => {
+    const path = `computers[${i}]`
+    const o = c.object(raw, path, ['id', 'name', 'ip'])
+    const id = c.id(o.id, `${path}.id`)
+    const seen = computerIndex.get(id)
+    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of computers[${seen}]`)
+    computerIndex.set(id, i)
+    const name = c.string(o.name, `${path}.name`)
+    const ip = c.string(o.ip, `${path}.ip`)
+    if (normaliseAddress(ip) === undefined) c.fail(`${path}.ip`, `must be an IPv4 or IPv6 address or a host name (got ${show(ip)})`)
+    computers.push({ id, name, ip })
+  })
+
+  const gpus: Facts['gpus'] = []
+  const gpuIndex = new Map<string, number>()
+  c.array(root.gpus, 'gpus').forEach((raw, i) => {
+    const path = `gpus[${i}]`
+    const o = c.object(raw, path, ['id', 'name', 'vram', 'computer', 'weight'])
+    const id = c.id(o.id, `${path}.id`)
+    const seen = gpuIndex.get(id)
+    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of gpus[${seen}]`)
+    gpuIndex.set(id, i)
+    const name = o.name === undefined ? `GPU ${id}` : c.string(o.name, `${path}.name`)
+    const vramSize = o.vram === undefined ? 0 : c.number(o.vram, `${path}.vram`, 0)
+    const weight = o.weight === undefined || o.weight === null ? null : c.number(o.weight, `${path}.weight`)
+    const computerId = c.id(o.computer, `${path}.computer`)
+    if (!computerIndex.has(computerId)) c.fail(`${path}.computer`, `names computer ${computerId}, which is not in computers`)
+    gpus.push({ id, name, vramSize, weight, computerId })
+  })
+
+  const models: Facts['models'] = []
+  const listed = new Map<string, { kind: ModelKind, path: string }>()
+  if (root.models !== undefined) {
+    const m = c.object(root.models, 'models', MODEL_LISTS.map(([list]) => list))
+    for (const [list, kind] of MODEL_LISTS) {
+      if (m[list] === undefined) continue
+      c.array(m[list], `models.${list}`).forEach((raw, i) => {
+        const path = `models.${list}[${i}]`
+        const name = c.string(raw, path)
+        if (name === WILDCARD) c.fail(path, "must name a model ('*' belongs in an assignment, with a kind)")
+        const key = modelKey(name)
+        const seen = listed.get(key)
+        if (seen !== undefined) c.fail(path, `${JSON.stringify(name)} is already listed as ${seen.path}`)
+        listed.set(key, { kind, path })
+        models.push({ name, kind })
+      })
+    }
+  }
+
+  const assignments: Facts['assignments'] = []
+  const assignmentIndex = new Map<string, number>()
+  const assignmentNames = new Map<string, number>()
+  c.array(root.assignments, 'assignments').forEach((raw, i) => {
+    const path = `assignments[${i}]`
+    const o = c.object(raw, path, ['id', 'name', 'model', 'kind', 'port', 'gpus'])
+    const id = c.id(o.id, `${path}.id`)
+    const seen = assignmentIndex.get(id)
+    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of assignments[${seen}]`)
+    assignmentIndex.set(id, i)
+    const name = c.string(o.name, `${path}.name`)
+    const sameName = assignmentNames.get(name)
+    if (sameName !== undefined) c.fail(`${path}.name`, `${JSON.stringify(name)} is already the name of assignments[${sameName}]`)
+    assignmentNames.set(name, i)
+    const model = c.string(o.model, `${path}.model`)
+    const explicit = o.kind === undefined ? undefined : c.kind(o.kind, `${path}.kind`)
+    let kind: ModelKind
+    if (model === WILDCARD) {
+      if (explicit === undefined) c.fail(`${path}.kind`, "is required when the model is '*' (one of \"llm\", \"diffusor\", \"speech\")")
+      kind = explicit
+    } else {
+      const key = modelKey(model)
+      const known = listed.get(key)
+      if (known !== undefined) {
+        if (explicit !== undefined && explicit !== known.kind) {
+          c.fail(`${path}.kind`, `is ${JSON.stringify(explicit)} but model ${JSON.stringify(model)} is ${known.kind} (${known.path})`)
+        }
+        kind = known.kind
+      } else {
+        if (explicit === undefined) {
+          c.fail(`${path}.model`, `${JSON.stringify(model)} is in none of models.llms, models.diffusors, models.speech: list it there or give the assignment a kind`)
+        }
+        kind = explicit
+        listed.set(key, { kind, path: `${path}.kind` })
+        models.push({ name: model, kind })
+      }
+    }
+    const port = c.port(o.port, `${path}.port`)
+    const gpuIds: string[] = []
+    const list = c.array(o.gpus, `${path}.gpus`)
+    if (list.length === 0) c.fail(`${path}.gpus`, 'must name at least one GPU')
+    let computerId: string | undefined
+    list.forEach((g, j) => {
+      const gpuId = c.id(g, `${path}.gpus[${j}]`)
+      const at = gpuIndex.get(gpuId)
+      if (at === undefined) c.fail(`${path}.gpus[${j}]`, `names gpu ${gpuId}, which is not in gpus`)
+      if (gpuIds.includes(gpuId)) c.fail(`${path}.gpus[${j}]`, `names gpu ${gpuId} twice`)
+      const on = gpus[at].computerId
+      if (computerId !== undefined && on !== computerId) {
+        c.fail(`${path}.gpus`, `must all be on one computer (gpu ${gpuIds[0]} is on computer ${computerId}, gpu ${gpuId} on computer ${on})`)
+      }
+      computerId = on
+      gpuIds.push(gpuId)
+    })
+    assignments.push({ id, name, model, port, gpuIds, kind })
+  })
+
+  return buildSnapshot({ computers, gpus, models, assignments })
+}
+
+export async function loadInventoryFromFile (path: string): Promise<InventorySnapshot> {
+  let content: string
+  try {
+    content = await readFile(path, 'utf8')
+  } catch (err) {
+    throw new Error(`inventory ${path}: cannot be read (${(err as Error).message})`)
+  }
+  let json: unknown
+  try {
+    json = JSON.parse(content)
+  } catch (err) {
+    throw new Error(`inventory ${path}: not valid JSON (${(err as Error).message})`)
+  }
+  return parseInventoryFile(json, path)
+}

@@ -1,0 +1,105 @@
+/**
+ * The gateway's own changes to the original ai-maestro schema.
+ *
+ * Rules: a migration may add tables, columns and indexes and may widen a column; it never drops or
+ * renames anything the original schema has, so the original ai-maestro services keep working on a
+ * migrated database. Every migration checks the current state before it changes anything, and the
+ * applied ones are recorded in `maestro_migrations`, so `migrate` can run any number of times (and
+ * from several replicas at once). Fixed SQL only.
+ */
+import type { Query } from './inventory.js'
+
+export interface Migration {
+  /** Unique, never renamed once released; recorded in maestro_migrations.name. */
+  name: string
+  /** Brings the database to the migrated state; does nothing when it is already there. */
+  up: (query: Query) => Promise<void>
+}
+
+const ORIGINAL_TABLES = ['computers', 'gpus', 'llms', 'diffusors', 'speech_models', 'assignments', 'assignment_gpus']
+
+const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_migrations (
+  name       VARCHAR(100) NOT NULL,
+  applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (name)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
+/** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
+const ER_DUP_KEYNAME = 1061
+
+async function columnLength (query: Query, table: string, column: string): Promise<number | undefined> {
+  const rows = await query(
+    'SELECT CHARACTER_MAXIMUM_LENGTH AS len FROM information_schema.COLUMNS ' +
+    'WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?',
+    [table, column]
+  )
+  return rows.length === 0 ? undefined : Number(rows[0].len)
+}
+
+async function hasIndex (query: Query, table: string, index: string): Promise<boolean> {
+  const rows = await query(
+    'SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?',
+    [table, index]
+  )
+  return rows.length > 0
+}
+
+async function createIndex (query: Query, table: string, index: string, sql: string): Promise<void> {
+  if (await hasIndex(query, table, index)) return
+  try {
+    await query(sql)
+  } catch (err) {
+    if ((err as { errno?: number }).errno !== ER_DUP_KEYNAME) throw err
+  }
+}
+
+export const MIGRATIONS: readonly Migration[] = [
+  {
+    // The original VARCHAR(15) holds only IPv4; host names and IPv6 need more.
+    name: '001-widen-computers-ip-addr',
+    async up (query) {
+      const len = await columnLength(query, 'computers', 'ip_addr')
+      if (len === undefined) throw new Error('column computers.ip_addr is missing')
+      if (len >= 255) return // never narrow a column someone already widened
+      await query('ALTER TABLE computers MODIFY ip_addr VARCHAR(255) NOT NULL')
+    }
+  },
+  {
+    // The original looks assignments up by model name.
+    name: '002-index-assignments-model-name',
+    async up (query) {
+      await createIndex(query, 'assignments', 'idx_assignments_model_name',
+        'CREATE INDEX idx_assignments_model_name ON assignments (model_name)')
+    }
+  }
+]
+
+/**
+ * Applies every migration not yet recorded in `maestro_migrations`, in order, and returns the
+ * names of those it applied (none when the database is up to date).
+ */
+export async function migrate (query: Query, migrations: readonly Migration[] = MIGRATIONS): Promise<string[]> {
+  const [db] = await query('SELECT DATABASE() AS name')
+  if (db?.name === null || db?.name === undefined) throw new Error('no database selected: name one in the connection URL')
+  const present = await query(
+    'SELECT TABLE_NAME AS name FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()'
+  )
+  const tables = new Set(present.map(r => String(r.name).toLowerCase()))
+  const missing = ORIGINAL_TABLES.filter(t => !tables.has(t))
+  if (missing.length > 0) {
+    throw new Error(`database ${String(db.name)} lacks the original ai-maestro tables (${missing.join(', ')}): ` +
+      'create them first with docker/initdb/01-original-schema.sql')
+  }
+
+  await query(CREATE_MIGRATIONS_TABLE)
+  const done = new Set((await query('SELECT name FROM maestro_migrations')).map(r => String(r.name)))
+  const applied: string[] = []
+  for (const m of migrations) {
+    if (done.has(m.name)) continue
+    await m.up(query)
+    const result: any = await query('INSERT IGNORE INTO maestro_migrations (name) VALUES (?)', [m.name])
+    // a concurrent run may have recorded it in the meantime: then it is that run's to report
+    if (result?.affectedRows === undefined || result.affectedRows > 0) applied.push(m.name)
+  }
+  return applied
+}
