@@ -1,0 +1,40 @@
+import type { FastifyPluginAsync } from 'fastify'
+import config, { type ConfigOptions } from './plugins/config.js'
+import errors from './plugins/errors.js'
+import gpuLease from './plugins/gpu-lease.js'
+import inventory from './plugins/inventory.js'
+import mariadb from './plugins/mariadb.js'
+import ollamaNormalizer from './plugins/ollama-normalizer.js'
+import redis from './plugins/redis.js'
+import requestBody from './plugins/request-body.js'
+import upstreamProxy from './plugins/upstream-proxy.js'
+import diffusionRoutes from './routes/diffusion/index.js'
+import healthRoutes from './routes/health/index.js'
+import ollamaRoutes from './routes/ollama/index.js'
+
+export type MaestroOptions = ConfigOptions
+
+/**
+ * The whole gateway as one Fastify plugin. Register it in any Fastify app, with or without a
+ * prefix; options mirror the environment variables (`{ REDIS_URL: ..., QUEUE_MAX: 10 }`) and win
+ * over them. It is deliberately not wrapped in fastify-plugin: its decorators, hooks and parsers
+ * stay inside, so a host app's own `redis`, `mysql` and error handling are left alone.
+ */
+const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
+  await fastify.register(config, opts)
+  await fastify.register(errors)
+  await fastify.register(mariadb)
+  await fastify.register(redis)
+  await fastify.register(gpuLease)
+  await fastify.register(inventory)
+  await fastify.register(ollamaNormalizer)
+  await fastify.register(requestBody)
+  await fastify.register(upstreamProxy)
+
+  await fastify.register(ollamaRoutes)
+  await fastify.register(diffusionRoutes)
+  await fastify.register(healthRoutes)
+}
+
+export default maestro
+export { maestro }

@@ -1,0 +1,33 @@
+import fp from 'fastify-plugin'
+import { LeaseManager } from '../services/lease-manager.js'
+import type { LeaseStore } from '../services/lease-store.js'
+import { MemoryLeaseStore } from '../services/memory-lease-store.js'
+import { RedisLeaseStore } from '../services/redis-lease-store.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Acquires, renews and releases GPU leases; the store is Redis, or memory in embedded mode. */
+    leases: LeaseManager
+  }
+}
+
+export default fp(async function gpuLease (fastify) {
+  const config = fastify.maestroConfig
+  const settings = { ttlMs: config.leaseTtlMs, queueMax: config.queueMax, starvationMs: config.starvationMs }
+  let store: LeaseStore
+  if (fastify.leaseRedis != null) {
+    store = new RedisLeaseStore({ ...settings, ...fastify.leaseRedis, prefix: config.redisKeyPrefix })
+  } else {
+    store = new MemoryLeaseStore(settings)
+    fastify.log.info('no REDIS_URL: leases are kept in process memory (correct for a single replica only)')
+  }
+  const leases = new LeaseManager(store, {
+    ttlMs: config.leaseTtlMs,
+    queueTimeoutMs: config.queueTimeoutMs,
+    log: fastify.log
+  })
+  await leases.start()
+  fastify.decorate('leases', leases)
+  // Runs before the Redis connections close (onClose hooks run in reverse registration order).
+  fastify.addHook('onClose', async () => { await leases.close() })
+}, { name: 'gpu-lease', dependencies: ['config', 'redis'], fastify: '5.x' })

@@ -1,0 +1,206 @@
+import { PassThrough, type Readable } from 'node:stream'
+import fp from 'fastify-plugin'
+import replyFrom from '@fastify/reply-from'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { GatewayError } from '../services/errors.js'
+import { Exchange, requestIdFrom } from '../services/exchange.js'
+import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
+import type { Assignment, ModelKind } from '../services/inventory.js'
+import type { Lease } from '../services/lease-manager.js'
+import { queueName } from '../services/lease-store.js'
+import { modelKey } from '../services/model-name.js'
+
+/** How long an assignment that refused a connection sits out before it is tried first again. */
+const COOLDOWN_MS = 5000
+
+export interface LeasedForward {
+  kind: ModelKind
+  model: string
+  /** The upstream path: always the route's own, never taken from the client's URL. */
+  path: string
+  body: string
+  /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
+  candidates?: Assignment[]
+  /** What a broken stream ends with, in the stream's own format. */
+  streamError?: (message: string) => string
+  /** Called with the upstream's answer instead of streaming it through (e.g. to transform it). */
+  onUpstreamResponse?: (request: FastifyRequest, reply: FastifyReply, res: { statusCode: number, headers: Record<string, unknown>, stream: Readable }, done: () => void) => void
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    exchange: Exchange
+  }
+  interface FastifyInstance {
+    /** Lease a GPU server for the model, forward the body to it, stream the answer back. */
+    forwardLeased: (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) => Promise<FastifyReply>
+    /** Forward to a chosen upstream without a lease (model info, uploads). */
+    forwardTo: (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, body?: string) => FastifyReply
+  }
+}
+
+interface UpstreamError { code?: string, cause?: { code?: string } }
+
+/** Failures that happened before the upstream saw the request: safe to try another server. */
+function unreachable (error: unknown): boolean {
+  const e = error as UpstreamError
+  const code = e.cause?.code ?? e.code
+  return ['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT',
+    'UND_ERR_SOCKET', 'FST_REPLY_FROM_SERVICE_UNAVAILABLE', 'FST_REPLY_FROM_CONNECTION_RESET_ERROR',
+    'FST_REPLY_FROM_CONNECT_TIMEOUT', 'FST_REPLY_FROM_UNDICI_SOCKET_ERROR'].includes(code ?? '')
+}
+
+function timedOut (error: unknown): boolean {
+  const e = error as UpstreamError
+  return e.code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT' || e.cause?.code === 'UND_ERR_HEADERS_TIMEOUT'
+}
+
+export default fp(async function upstreamProxy (fastify) {
+  const config = fastify.maestroConfig
+  await fastify.register(replyFrom, {
+    undici: {
+      headersTimeout: config.upstreamHeadersTimeoutMs,
+      // a stream that sends nothing for this long is dead: free its GPUs
+      bodyTimeout: config.upstreamHeadersTimeoutMs,
+      keepAliveTimeout: 4000,
+      connect: { timeout: 5000 }
+    },
+    disableRequestLogging: true
+  })
+
+  const cooling = new Map<string, number>()
+  const dropAuthorization = config.apiKeys.length > 0
+
+  fastify.decorateRequest('exchange', null as unknown as Exchange)
+  fastify.addHook('onRequest', async (request, reply) => {
+    // Attached before any await: attached after the client has gone, 'close' never fires.
+    const exchange = new Exchange(requestIdFrom(request.headers['x-request-id']))
+    request.exchange = exchange
+    reply.raw.once('close', () => exchange.close())
+    reply.header('x-request-id', exchange.requestId)
+  })
+
+  function requestHeaders (request: FastifyRequest, assignment: Assignment) {
+    return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
+      host: assignment.host,
+      requestId: request.exchange.requestId,
+      dropAuthorization
+    })
+  }
+
+  fastify.decorate('forwardTo', function (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, body?: string) {
+    return reply.from(assignment.url + path, {
+      body,
+      // the body was parsed as JSON, whatever Content-Type the client sent (curl -d sends form encoding)
+      contentType: body != null ? 'application/json' : undefined,
+      queryString: () => '',
+      rewriteRequestHeaders: requestHeaders(request, assignment),
+      rewriteHeaders: (headers) => clientResponseHeaders(headers),
+      onError: (reply, { error }) => {
+        fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
+        if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no answer in time`)
+        else reply.sendError(502, `upstream '${assignment.name}' is unreachable`)
+      }
+    })
+  })
+
+  fastify.decorate('forwardLeased', async function (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) {
+    const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
+    if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
+    const queue = queueName(target.kind, modelKey(target.model))
+    const tried = new Set<string>()
+    let lastFailure = ''
+
+    const forward = async (): Promise<FastifyReply> => {
+      const now = Date.now()
+      const untried = all.filter((a) => !tried.has(a.id))
+      if (untried.length === 0) {
+        return reply.sendError(502, `no upstream for model '${target.model}' is reachable${lastFailure}`)
+      }
+      // Assignments in cooldown are tried only when nothing else is left.
+      const fresh = untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
+      const choice = fresh.length > 0 ? fresh : untried
+      const lease = await fastify.leases.acquire({
+        queue,
+        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+        info: { model: target.model, kind: target.kind, purpose: 'proxy' },
+        signal: request.exchange.signal
+      })
+      return send(choice[lease.candidateIndex], lease)
+    }
+
+    const send = (assignment: Assignment, lease: Lease): FastifyReply => {
+      let released = false
+      const release = (): void => {
+        if (released) return
+        released = true
+        void fastify.leases.release(lease)
+      }
+      request.exchange.onClose(release)
+      lease.lost.addEventListener('abort', () => reply.raw.destroy(), { once: true })
+      reply.header('x-maestro-assignment', headerValue(assignment.name))
+      reply.header('x-maestro-gpus', lease.gpuIds.join(','))
+      reply.header('x-maestro-queue-ms', lease.queuedMs.toFixed(1))
+      return reply.from(assignment.url + target.path, {
+        body: target.body,
+        contentType: 'application/json',
+        queryString: () => '',
+        rewriteRequestHeaders: requestHeaders(request, assignment),
+        rewriteHeaders: (headers) => clientResponseHeaders(headers),
+        onResponse: (_request, reply, raw) => {
+          const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
+          const upstream = res.stream
+          // The GPU is done when the upstream's answer has ended, not when a slow client has read it.
+          upstream.once('end', release)
+          upstream.once('close', release)
+          if (target.onUpstreamResponse != null) {
+            target.onUpstreamResponse(request, reply as FastifyReply, res, release)
+            return
+          }
+          if (target.streamError == null) {
+            reply.send(upstream)
+            return
+          }
+          reply.send(withStreamError(upstream, target.streamError))
+        },
+        onError: (reply, { error }) => {
+          release()
+          if (unreachable(error) && !reply.sent && !request.exchange.closed) {
+            tried.add(assignment.id)
+            cooling.set(assignment.id, Date.now() + COOLDOWN_MS)
+            lastFailure = ` (last: '${assignment.name}' ${(error as UpstreamError).cause?.code ?? (error as UpstreamError).code ?? 'failed'})`
+            fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream unreachable; trying the next candidate')
+            forward().catch((err) => reply.send(err))
+            return
+          }
+          if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no headers within ${config.upstreamHeadersTimeoutMs} ms`)
+          else reply.sendError(502, `upstream '${assignment.name}' failed: ${(error as Error).message}`)
+        }
+      })
+    }
+
+    return await forward()
+  })
+}, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory'], fastify: '5.x' })
+
+/**
+ * Pass a stream through; if the upstream breaks off, end it with one error record in the stream's
+ * own format (Ollama: one `{"error":...}` line) instead of a silent truncation.
+ */
+function withStreamError (upstream: Readable, format: (message: string) => string): Readable {
+  const out = new PassThrough()
+  let lastByte = 10
+  upstream.on('data', (chunk: Buffer) => {
+    if (chunk.length > 0) lastByte = chunk[chunk.length - 1]
+    if (!out.write(chunk)) upstream.pause()
+  })
+  out.on('drain', () => upstream.resume())
+  upstream.once('end', () => out.end())
+  upstream.once('error', (err) => {
+    if (out.writableEnded) return
+    out.end((lastByte === 10 ? '' : '\n') + format(`upstream failed mid-stream: ${err.message}`))
+  })
+  // Client gone: stop the upstream too, so its GPU work stops with it.
+  out.once('close', () => { if (!upstream.destroyed) upstream.destroy() })
+  return out
+}

@@ -1,0 +1,18 @@
+import { Type } from '@sinclair/typebox'
+
+/**
+ * What the gateway itself needs of an Ollama request: a JSON object naming a model. Every other
+ * field is the upstream's business and is forwarded as sent, so the schema allows anything else.
+ */
+export const ModelRequest = Type.Object({
+  model: Type.String({ minLength: 1, description: 'model name, matched case-insensitively, `:latest` optional' })
+}, { additionalProperties: true })
+
+/** `/api/show` also accepts the legacy `name`. */
+export const ShowRequest = Type.Object({
+  model: Type.Optional(Type.String()),
+  name: Type.Optional(Type.String())
+}, { additionalProperties: true })
+
+export const ModelList = Type.Object({ models: Type.Array(Type.Object({}, { additionalProperties: true })) })
+export const Version = Type.Object({ version: Type.String() })

@@ -1,0 +1,54 @@
+import Fastify from 'fastify'
+import closeWithGrace from 'close-with-grace'
+import maestro from './app.js'
+import { configSources, serverSettings, type ServerSettings } from './services/config.js'
+import { requestIdFrom } from './services/exchange.js'
+
+/** How long in-flight streams may take to finish after SIGTERM before the process exits anyway. */
+const GRACE_MS = Number(process.env.SHUTDOWN_GRACE_MS ?? 30000)
+
+function fail (message: string): never {
+  process.stderr.write(`ai-maestro-proxy: ${message}\n`)
+  process.exit(1)
+}
+
+let settings: ServerSettings
+try {
+  settings = serverSettings(configSources())
+} catch (err) {
+  fail((err as Error).message)
+}
+
+const app = Fastify({
+  logger: {
+    level: settings.logLevel,
+    // Pretty lines for a person at a terminal, JSON for everything else.
+    ...(process.stdout.isTTY ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l' } } } : {})
+  },
+  genReqId: (req) => requestIdFrom(req.headers['x-request-id']),
+  // The gateway's own BODY_LIMIT applies inside; this only bounds what reaches the app's parsers.
+  bodyLimit: 1024 * 1024 * 1024,
+  return503OnClosing: true
+})
+
+try {
+  await app.register(maestro)
+  await app.ready()
+} catch (err) {
+  const e = err as Error & { code?: string }
+  fail(e.code === 'AVV_ERR_PLUGIN_EXEC_TIMEOUT' || e.code === 'AVV_ERR_READY_TIMEOUT'
+    ? 'a service did not answer in time at start-up (is Redis reachable?)'
+    : e.message.replace(/^env\//, ''))
+}
+
+closeWithGrace({ delay: GRACE_MS }, async ({ signal, err }) => {
+  if (err != null) app.log.error({ err }, 'closing after an error')
+  else app.log.info({ signal }, 'shutting down: finishing in-flight requests')
+  await app.close()
+})
+
+try {
+  await app.listen({ port: settings.port, host: settings.host })
+} catch (err) {
+  fail((err as Error).message)
+}

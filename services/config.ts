@@ -1,0 +1,146 @@
+import { readFileSync } from 'node:fs'
+import { parseEnv } from 'node:util'
+import { Type, type Static } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import { mariaDbUrlFromEnv, parseLegacyRedis } from './connection-strings.js'
+import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from './ollama-normalizer.js'
+
+/** Every variable the gateway reads (CONTRACT section 2), with its default. */
+export const EnvSchema = Type.Object({
+  MARIADB_URL: Type.Optional(Type.String({ pattern: '^mysql://' })),
+  ConnectionStrings__MariaDb: Type.Optional(Type.String()),
+  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
+  ConnectionStrings__Redis: Type.Optional(Type.String()),
+  REDIS_KEY_PREFIX: Type.String({ default: 'maestro:', minLength: 1, maxLength: 100 }),
+  INVENTORY_FILE: Type.Optional(Type.String()),
+  INVENTORY_REFRESH_MS: Type.Integer({ default: 10000, minimum: 100 }),
+  LEASE_TTL_MS: Type.Integer({ default: 30000, minimum: 300 }),
+  QUEUE_MAX: Type.Integer({ default: 1000, minimum: 0 }),
+  QUEUE_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 0 }),
+  STARVATION_MS: Type.Integer({ default: 10000, minimum: 0 }),
+  OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
+  BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
+  UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
+  ADMIN_TOKEN: Type.Optional(Type.String()),
+  API_KEYS: Type.Optional(Type.String())
+})
+export type Env = Static<typeof EnvSchema>
+
+/** The variables only the standalone server reads (the embeddable app never listens or logs by itself). */
+export const ServerEnvSchema = Type.Object({
+  NODE_ENV: Type.Optional(Type.String()),
+  PORT: Type.Optional(Type.Integer({ minimum: 0, maximum: 65535 })),
+  HOST: Type.String({ default: '0.0.0.0' }),
+  LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)), { default: 'info' })
+})
+
+export interface GatewayConfig {
+  mariadbUrl?: string
+  redisUrl?: string
+  redisKeyPrefix: string
+  inventoryFile?: string
+  inventoryRefreshMs: number
+  leaseTtlMs: number
+  queueMax: number
+  queueTimeoutMs: number
+  starvationMs: number
+  keepAlive: KeepAlive
+  bodyLimit: number
+  upstreamHeadersTimeoutMs: number
+  adminToken?: string
+  apiKeys: string[]
+}
+
+/** Thrown for a value that cannot be used; the message names the variable. */
+export class ConfigError extends Error {
+  constructor (variable: string, problem: string) {
+    super(`${variable}: ${problem}`)
+    this.name = 'ConfigError'
+  }
+}
+
+/** Drop unset and empty values: a variable set to the empty string counts as unset. */
+export function withoutEmpty (source: Record<string, unknown> | undefined): Record<string, unknown> {
+  const out: Record<string, unknown> = {}
+  for (const [k, v] of Object.entries(source ?? {})) {
+    if (v !== undefined && v !== null && v !== '') out[k] = v
+  }
+  return out
+}
+
+/** The `.env` file of the working directory, if there is one. */
+export function readDotenv (path = '.env'): Record<string, string> {
+  try {
+    return parseEnv(readFileSync(path, 'utf8')) as Record<string, string>
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {}
+    throw new ConfigError(path, (err as Error).message)
+  }
+}
+
+/**
+ * The layers of configuration, weakest first: `.env`, the environment, then explicit options
+ * (plugin options when embedded). Each later layer wins.
+ */
+export function configSources (options: Record<string, unknown> = {}, env: NodeJS.ProcessEnv = process.env): Array<Record<string, unknown>> {
+  const useDotenv = options.dotenv !== false
+  const { dotenv: _dotenv, ...rest } = options
+  return [useDotenv ? withoutEmpty(readDotenv()) : {}, withoutEmpty(env), withoutEmpty(rest)]
+}
+
+function wrap<T> (variable: string, fn: () => T): T {
+  try {
+    return fn()
+  } catch (err) {
+    throw new ConfigError(variable, (err as Error).message)
+  }
+}
+
+/** Turn validated variables into the settings the gateway runs on. */
+export function resolveConfig (env: Env): GatewayConfig {
+  const mariadbUrl = wrap(env.MARIADB_URL != null ? 'MARIADB_URL' : 'ConnectionStrings__MariaDb',
+    () => mariaDbUrlFromEnv(env as unknown as NodeJS.ProcessEnv))
+  const redisUrl = env.REDIS_URL ??
+    (env.ConnectionStrings__Redis != null
+      ? wrap('ConnectionStrings__Redis', () => parseLegacyRedis(env.ConnectionStrings__Redis as string))
+      : undefined)
+  if (env.LEASE_TTL_MS < 300) throw new ConfigError('LEASE_TTL_MS', 'must be at least 300')
+  return {
+    mariadbUrl,
+    redisUrl,
+    redisKeyPrefix: env.REDIS_KEY_PREFIX,
+    inventoryFile: env.INVENTORY_FILE,
+    inventoryRefreshMs: env.INVENTORY_REFRESH_MS,
+    leaseTtlMs: env.LEASE_TTL_MS,
+    queueMax: env.QUEUE_MAX,
+    queueTimeoutMs: env.QUEUE_TIMEOUT_MS,
+    starvationMs: env.STARVATION_MS,
+    keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
+    bodyLimit: env.BODY_LIMIT,
+    upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
+    adminToken: env.ADMIN_TOKEN,
+    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+  }
+}
+
+export interface ServerSettings {
+  port: number
+  host: string
+  logLevel: string
+  production: boolean
+}
+
+/** PORT, HOST, LOG_LEVEL and NODE_ENV, checked before the server is built. */
+export function serverSettings (sources: Array<Record<string, unknown>>): ServerSettings {
+  const merged = Object.assign({}, ...sources)
+  const picked: Record<string, unknown> = {}
+  for (const key of Object.keys(ServerEnvSchema.properties)) {
+    if (merged[key] !== undefined) picked[key] = merged[key]
+  }
+  const value = Value.Default(ServerEnvSchema, Value.Convert(ServerEnvSchema, picked))
+  const error = Value.Errors(ServerEnvSchema, value).First()
+  if (error != null) throw new ConfigError(error.path.slice(1), `${error.message} (got ${JSON.stringify(picked[error.path.slice(1)])})`)
+  const env = value as Static<typeof ServerEnvSchema>
+  const production = env.NODE_ENV === 'production'
+  return { port: env.PORT ?? (production ? 8080 : 5000), host: env.HOST, logLevel: env.LOG_LEVEL, production }
+}

@@ -1,0 +1,51 @@
+import type { IncomingHttpHeaders } from 'node:http'
+
+/** Headers that describe one connection, never forwarded in either direction (RFC 9110 §7.6.1). */
+const HOP_BY_HOP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer',
+  'transfer-encoding', 'upgrade', 'http2-settings'
+])
+
+function connectionNamed (value: unknown): string[] {
+  if (typeof value !== 'string') return []
+  return value.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean)
+}
+
+export interface UpstreamHeaderOptions {
+  /** `host:port` of the upstream: Ollama on loopback refuses any other Host. */
+  host: string
+  requestId: string
+  /** Drop the client's Authorization: it carries the gateway's own API key. */
+  dropAuthorization: boolean
+}
+
+/** The client's end-to-end headers, made fit for the upstream. */
+export function upstreamRequestHeaders (headers: IncomingHttpHeaders, opts: UpstreamHeaderOptions): Record<string, string | string[] | undefined> {
+  const drop = new Set(connectionNamed(headers.connection))
+  const out: Record<string, string | string[] | undefined> = {}
+  for (const [name, value] of Object.entries(headers)) {
+    if (HOP_BY_HOP.has(name) || drop.has(name) || name === 'host' || name === 'x-request-id') continue
+    if (name === 'authorization' && opts.dropAuthorization) continue
+    out[name] = value
+  }
+  out.host = opts.host
+  out['x-request-id'] = opts.requestId
+  return out
+}
+
+/** The upstream's end-to-end headers for the client; the gateway's own `x-maestro-*` cannot be forged. */
+export function clientResponseHeaders (headers: Record<string, unknown>): IncomingHttpHeaders {
+  const drop = new Set(connectionNamed(headers.connection))
+  const out: IncomingHttpHeaders = {}
+  for (const [name, value] of Object.entries(headers)) {
+    const lower = name.toLowerCase()
+    if (HOP_BY_HOP.has(lower) || drop.has(lower) || lower.startsWith('x-maestro-') || lower === 'x-request-id') continue
+    out[lower] = value as string
+  }
+  return out
+}
+
+/** A header-safe rendering of a name from the inventory (which may hold any text). */
+export function headerValue (text: string): string {
+  return /^[\x20-\x7e]*$/.test(text) ? text : encodeURIComponent(text)
+}

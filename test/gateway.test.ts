@@ -1,0 +1,139 @@
+// The gateway's first complete path: MariaDB inventory, Redis leases, streaming proxy (issue 2).
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Ollama } from 'ollama'
+import { startFleet } from './helpers/gateway.js'
+
+t.test('a streamed /api/generate reaches the client line by line', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'llama3.2', gpus: [0], simulator: { tokens: 6, tokenDelayMs: 60 } }]
+  })
+  const gw = await fleet.replica()
+  const started = performance.now()
+  const res = await fetch(`${gw.url}/api/generate`, { method: 'POST', body: JSON.stringify({ model: 'llama3.2', prompt: 'hi' }) })
+  t.equal(res.status, 200)
+  t.match(res.headers.get('content-type'), /application\/x-ndjson/)
+  t.equal(res.headers.get('x-maestro-assignment'), 'llama3.2-1')
+  t.equal(res.headers.get('x-maestro-gpus'), fleet.gpuIds[0])
+  t.ok(Number(res.headers.get('x-maestro-queue-ms')) >= 0)
+  t.ok(res.headers.get('x-request-id'))
+  const arrivals: number[] = []
+  const lines: any[] = []
+  const decoder = new TextDecoder()
+  let buffer = ''
+  for await (const chunk of res.body as any) {
+    buffer += decoder.decode(chunk, { stream: true })
+    let nl
+    while ((nl = buffer.indexOf('\n')) >= 0) {
+      lines.push(JSON.parse(buffer.slice(0, nl)))
+      arrivals.push(performance.now() - started)
+      buffer = buffer.slice(nl + 1)
+    }
+  }
+  t.equal(lines.length, 7, 'six tokens and the final line')
+  t.equal(lines.at(-1).done, true)
+  t.ok(arrivals[0] < arrivals.at(-1)! - 250, `first line at ${Math.round(arrivals[0])} ms, last at ${Math.round(arrivals.at(-1)!)} ms`)
+  const seen = fleet.upstreams[0].requests.at(-1)!
+  t.equal(seen.body.keep_alive, -1, 'keep_alive forced')
+  t.equal(seen.body.stream, true, 'stream defaulted to true')
+  t.equal(seen.headers.host, fleet.upstreams[0].host, 'Host is the upstream')
+  t.equal(seen.headers['x-request-id'], res.headers.get('x-request-id'))
+})
+
+t.test('the ollama client works through the gateway, streaming and not', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'm-small', gpus: [0], simulator: { models: ['m-small:latest'] } }]
+  })
+  const gw = await fleet.replica()
+  const ollama = new Ollama({ host: gw.url })
+  const sim = fleet.upstreams[0]
+
+  const chat = await ollama.chat({ model: 'm-small', messages: [{ role: 'user', content: 'hello' }] })
+  t.equal(chat.done, true)
+  t.ok(chat.message.content.length > 0)
+  t.equal(sim.requests.at(-1)!.body.stream, false, 'an explicit false is kept')
+  t.equal(sim.requests.at(-1)!.body.keep_alive, -1)
+
+  const parts: string[] = []
+  for await (const part of await ollama.chat({ model: 'M-Small:latest', messages: [{ role: 'user', content: 'hi' }], stream: true })) {
+    parts.push(part.message.content)
+  }
+  t.ok(parts.length > 1, 'streamed in parts')
+  t.equal(sim.requests.at(-1)!.body.model, 'M-Small:latest', 'M-Small:latest reached m-small, model string untouched')
+
+  const gen = await ollama.generate({ model: 'm-small', prompt: 'x' })
+  t.equal(gen.done, true)
+  let streamed = 0
+  for await (const part of await ollama.generate({ model: 'm-small', prompt: 'x', stream: true })) {
+    streamed++
+    void part
+  }
+  t.ok(streamed > 1)
+
+  const embed = await ollama.embed({ model: 'm-small', input: ['a', 'b'] })
+  t.equal(embed.embeddings.length, 2)
+  const legacy = await ollama.embeddings({ model: 'm-small', prompt: 'a' })
+  t.ok(legacy.embedding.length > 0)
+
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [])
+  t.same(await fleet.heldGpus(), [], 'every GPU free afterwards')
+})
+
+t.test('errors in the contract format', async (t) => {
+  const fleet = await startFleet(t, { gpus: [1], upstreams: [{ model: 'm-small', gpus: [0] }] })
+  const gw = await fleet.replica()
+  const post = async (path: string, body: string) => {
+    const res = await fetch(gw.url + path, { method: 'POST', body, headers: { 'content-type': 'application/json' } })
+    return { status: res.status, body: await res.json() }
+  }
+  t.same(await post('/api/chat', '{"model":"nope","messages":[]}'), { status: 404, body: { error: "model 'nope' not found" } })
+  t.same(await post('/api/chat', '{"messages":[]}'), { status: 400, body: { error: 'model is required' } })
+  t.same(await post('/api/generate', '{"model":""}'), { status: 400, body: { error: 'model is required' } })
+  t.same(await post('/api/generate', '{"model":42}'), { status: 400, body: { error: 'model is required' } })
+  const bad = await post('/api/chat', '{"model":')
+  t.equal(bad.status, 400)
+  t.match(bad.body.error, /invalid JSON/)
+  t.same(await post('/api/chat', '[1,2]'), { status: 400, body: { error: 'request body must be a JSON object' } })
+  t.same(await post('/txt2img', '{"prompt":"x"}'), { status: 400, body: { error: 'model is required', detail: 'model is required' } })
+  const ollama = new Ollama({ host: gw.url })
+  const err = await ollama.chat({ model: 'unknown', messages: [] }).catch((e) => e)
+  t.equal(err.status_code, 404)
+  t.equal(err.error, "model 'unknown' not found")
+})
+
+t.test('an aborted stream and a dying upstream free their GPUs at once', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'm', gpus: [0], simulator: { tokens: 50, tokenDelayMs: 40 } }],
+    options: { LEASE_TTL_MS: 30000 }
+  })
+  const gw = await fleet.replica()
+  const ollama = new Ollama({ host: gw.url })
+  const stream = await ollama.generate({ model: 'm', prompt: 'long', stream: true })
+  let n = 0
+  for await (const _ of stream) {
+    if (++n === 3) { stream.abort(); break }
+  }
+  const started = performance.now()
+  const next = await ollama.generate({ model: 'm', prompt: 'short', options: { num_predict: 1 } })
+  t.equal(next.done, true)
+  t.ok(performance.now() - started < 2000, 'the next request did not wait for the 30 s ttl')
+
+  fleet.upstreams[0].behaviour = { kind: 'die-mid-stream', afterLines: 2 }
+  const res = await fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"m","prompt":"x"}' })
+  const text = await res.text()
+  const lines = text.trim().split('\n').map((l) => JSON.parse(l))
+  t.equal(lines.length, 3, 'two lines, then the error line')
+  t.match(lines.at(-1), { error: /upstream failed mid-stream/ })
+  fleet.upstreams[0].behaviour = { kind: 'normal' }
+  const after = performance.now()
+  t.equal((await ollama.generate({ model: 'm', prompt: 'again', options: { num_predict: 1 } })).done, true)
+  t.ok(performance.now() - after < 2000)
+  await sleep(50)
+  t.same(await fleet.heldGpus(), [])
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [])
+})
