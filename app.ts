@@ -9,6 +9,7 @@ import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import diffusionRoutes from './routes/diffusion/index.js'
+import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
 import ollamaRoutes from './routes/ollama/index.js'
 
@@ -34,6 +35,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(ollamaRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
+  await fastify.register(gpuRoutes)
 }
 
 export default maestro

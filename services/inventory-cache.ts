@@ -66,8 +66,12 @@ export class InventoryCache {
   }
 
   private async refresh (fromSource: boolean): Promise<void> {
-    // Concurrent refreshes share one read.
-    if (this.loading != null) return await this.loading
+    // Concurrent refreshes share one read; a reload does not, since the read under way may have
+    // started before the change it is asked to see (or be serving the shared copy being cleared).
+    while (this.loading != null) {
+      if (!fromSource) return await this.loading
+      await this.loading
+    }
     this.loading = this.read(fromSource).finally(() => { this.loading = undefined })
     return await this.loading
   }

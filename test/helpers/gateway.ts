@@ -124,3 +124,26 @@ async function heldGpus (prefix: string): Promise<string[]> {
     client.disconnect()
   }
 }
+
+/**
+ * Checks through `GET /gpu/status` that the fleet is at rest: no GPU leased, nobody waiting, no
+ * GPU held for a waiter. Releases run just after a response ends, so it looks again for up to
+ * a second before it reports what it saw.
+ */
+export async function assertAllFree (t: Pick<Test, 'same'>, gw: Pick<Gateway, 'url'>): Promise<void> {
+  const deadline = performance.now() + 1000
+  let status: { gpus: Array<{ id: string, leased: boolean }>, waiting: unknown[], holds: unknown[] }
+  for (;;) {
+    const res = await fetch(`${gw.url}/gpu/status`)
+    if (res.status !== 200) throw new Error(`GET /gpu/status answered ${res.status}: ${await res.text()}`)
+    status = await res.json() as typeof status
+    const free = status.gpus.every((g) => !g.leased) && status.waiting.length === 0 && status.holds.length === 0
+    if (free || performance.now() > deadline) break
+    await new Promise((resolve) => setTimeout(resolve, 25))
+  }
+  t.same({
+    leased: status.gpus.filter((g) => g.leased),
+    waiting: status.waiting,
+    holds: status.holds
+  }, { leased: [], waiting: [], holds: [] }, 'every GPU free, nobody waiting')
+}

@@ -1,0 +1,160 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { GatewayError } from '../../services/errors.js'
+import type { ModelKind } from '../../services/inventory.js'
+import { queueLabel, queueName } from '../../services/lease-store.js'
+import { modelKey } from '../../services/model-name.js'
+import {
+  CacheCleared, FleetStatus, LeaseRef, Message, Reservation, ReserveRequest, type OutputType
+} from './schemas.js'
+
+const KIND_OF_OUTPUT: Record<OutputType, ModelKind> = { text: 'llm', images: 'diffusor', speech: 'speech' }
+
+/*
+ * Who may call what (plugins/auth.ts): the write routes need the admin token when ADMIN_TOKEN is
+ * set; the status is open. (`errorStyle` is the default, stated so these objects type-check with
+ * or without the auth plugin's `auth` in the route config type.)
+ */
+const adminOnly = { auth: 'admin', errorStyle: 'ollama' } as const
+const openToAll = { auth: 'open', errorStyle: 'ollama' } as const
+
+const iso = (ms: number | undefined): string | undefined => ms == null ? undefined : new Date(ms).toISOString()
+
+/**
+ * The lease API of the original ai-maestro proxy, plus lease ids: reserve a model's GPUs for work
+ * done outside the gateway, keep them with pings, give them back; see who holds what; clear the
+ * inventory cache.
+ */
+const gpuRoutes: FastifyPluginAsync = async (fastify) => {
+  const ttlMs = fastify.maestroConfig.leaseTtlMs
+  const store = fastify.leases.store
+
+  /** A lease store that cannot be reached answers 503, as it does for proxied requests. */
+  const fromStore = async <T>(work: Promise<T>): Promise<T> => {
+    try {
+      return await work
+    } catch (err) {
+      fastify.log.warn({ err }, 'lease store call failed')
+      throw new GatewayError(503, 'lease store unavailable', 1)
+    }
+  }
+
+  fastify.post('/gpu/reserve', { schema: { body: ReserveRequest, response: { 200: Reservation } }, config: adminOnly }, async (request, reply) => {
+    const { outputType, model } = request.body as ReserveRequest
+    const kind = KIND_OF_OUTPUT[outputType]
+    const candidates = fastify.inventory.current.candidates(model, kind)
+    if (candidates.length === 0) throw new GatewayError(404, `model '${model}' not found`)
+    // The same queue as proxied requests for the model: a reservation waits its turn among them.
+    const lease = await fastify.leases.acquire({
+      queue: queueName(kind, modelKey(model)),
+      candidates: candidates.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+      info: { model, kind, purpose: 'reservation' },
+      signal: request.exchange.signal
+    })
+    // Renewing right away makes `expiresAt` a time the lease is sure to last until.
+    const renewedAt = Date.now()
+    const renewed = await store.ping(lease.token).catch(() => undefined)
+    if (renewed == null || request.exchange.closed) {
+      // Nobody will ping or release it (client gone), or it cannot be vouched for: give it back.
+      await store.release(lease.token, lease.gpuIds).catch(() => {})
+      if (request.exchange.closed) throw new GatewayError(499, 'client closed request')
+      throw new GatewayError(503, 'lease store unavailable', 1)
+    }
+    const assignment = candidates[lease.candidateIndex]
+    request.log.info({ leaseId: lease.token, model, assignment: assignment.name, gpus: lease.gpuIds }, 'GPUs reserved')
+    reply.header('x-maestro-queue-ms', lease.queuedMs.toFixed(1))
+    return {
+      name: assignment.name,
+      ip: assignment.ip,
+      port: assignment.port,
+      gpuIds: lease.gpuIds.join(','),
+      leaseId: lease.token,
+      expiresAt: new Date(renewedAt + ttlMs).toISOString()
+    }
+  })
+
+  /** Ping and release name exactly one of: a lease by id, or whatever leases hold the given GPUs. */
+  const targetOf = (body: LeaseRef): { leaseId?: string, gpuIds?: string[] } => {
+    if ((body.leaseId == null) === (body.gpuIds == null)) throw new GatewayError(400, 'give either leaseId or gpuIds')
+    return { leaseId: body.leaseId, gpuIds: body.gpuIds?.map(String) }
+  }
+
+  fastify.post('/gpu/ping', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
+    const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
+    if (leaseId != null) {
+      if (await fromStore(store.ping(leaseId)) == null) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      return { message: 'Ping successful' }
+    }
+    const ids = gpuIds as string[]
+    const tokens = await fromStore(store.tokensOf(ids))
+    const free = ids.filter((_, i) => tokens[i] == null)
+    if (free.length > 0) throw new GatewayError(404, `no live lease on GPU ${free.join(', ')}`)
+    for (const token of new Set(tokens as string[])) {
+      if (await fromStore(store.ping(token)) == null) throw new GatewayError(404, `the lease on GPU ${ids.join(', ')} has just ended`)
+    }
+    return { message: 'Ping successful' }
+  })
+
+  fastify.post('/gpu/release', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
+    const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
+    if (leaseId != null) {
+      if (!await fromStore(store.release(leaseId))) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      request.log.info({ leaseId }, 'lease released')
+      return { message: 'GPU released successfully' }
+    }
+    const ids = gpuIds as string[]
+    // Operators may free GPUs under an in-flight request, as the original allowed; say so loudly.
+    const inFlight = (await fromStore(store.status(ids))).gpus.filter((g) => g.purpose === 'proxy').map((g) => g.gpuId)
+    const freed = await fromStore(store.releaseGpus(ids))
+    if (freed === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
+    if (inFlight.length > 0) {
+      request.log.warn({ gpus: inFlight }, 'released GPUs held by an in-flight proxied request (operator override)')
+    }
+    request.log.info({ gpus: ids, freed }, 'GPUs released')
+    return { message: 'GPU released successfully' }
+  })
+
+  fastify.get('/gpu/status', { schema: { response: { 200: FleetStatus } }, config: openToAll }, async (): Promise<FleetStatus> => {
+    const inventory = fastify.inventory.current
+    const gpus = inventory.snapshot.gpus
+    const state = await fromStore(store.status(gpus.map((g) => g.id)))
+    const leased = new Map(state.gpus.map((g) => [g.gpuId, g]))
+    return {
+      gpus: gpus.map((gpu) => {
+        const lease = leased.get(gpu.id)
+        const base = { id: gpu.id, name: gpu.name, computer: gpu.computerName, leased: lease != null }
+        if (lease == null) return base
+        return {
+          ...base,
+          model: lease.model,
+          assignment: lease.assignmentId == null ? undefined : inventory.assignment(lease.assignmentId)?.name ?? lease.assignmentId,
+          purpose: lease.purpose,
+          since: iso(lease.since),
+          expiresAt: iso(lease.expiresAt)
+        }
+      }),
+      waiting: Object.entries(state.queues).map(([queue, depth]) => {
+        // `<kind>:<model key>`; the model key may itself hold colons (tags).
+        const label = queueLabel(queue)
+        const colon = label.indexOf(':')
+        return { kind: label.slice(0, colon), model: label.slice(colon + 1), depth }
+      }),
+      holds: Object.keys(state.holds)
+    }
+  })
+
+  const clearCache = async (): Promise<{ removed: number }> => {
+    const shared = await fromStore(fastify.inventory.clearShared())
+    await fastify.inventory.reload()
+    // Every other replica reads its source again too (this one hears it as well; a second read is harmless).
+    await fromStore(store.publishInventoryChanged())
+    const health = fastify.inventory.health()
+    if (!health.ok) throw new GatewayError(503, `cache cleared, but the inventory could not be read again: ${health.error ?? 'unknown error'}`)
+    // The shared copy (Redis) and this replica's own snapshot.
+    return { removed: shared + 1 }
+  }
+  for (const url of ['/gpu/cache', '/cache']) {
+    fastify.delete(url, { schema: { response: { 200: CacheCleared } }, config: adminOnly }, clearCache)
+  }
+}
+
+export default gpuRoutes
