@@ -279,6 +279,8 @@ export class MemoryLeaseStore implements LeaseStore {
   async status (gpuIds: string[]): Promise<StoreStatus> {
     const out: StoreStatus = { gpus: [], queues: {}, holds: {} }
     for (const g of gpuIds) {
+      const h = this.holder(g)
+      if (h != null) out.holds[g] = h
       const token = this.gpuToken(g)
       if (token == null) continue
       const l = this.lease(token)
@@ -291,8 +293,6 @@ export class MemoryLeaseStore implements LeaseStore {
         since: l?.since,
         expiresAt: this.gpus.get(g)?.expiresAt
       })
-      const h = this.holder(g)
-      if (h != null) out.holds[g] = h
     }
     for (const [name, q] of this.queues) out.queues[name] = q.length
     return out
