@@ -1,9 +1,11 @@
 import type { FastifyPluginAsync } from 'fastify'
+import accessLog from './plugins/access-log.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
 import mariadb from './plugins/mariadb.js'
+import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
@@ -11,6 +13,7 @@ import upstreamProxy from './plugins/upstream-proxy.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
+import metricsRoutes from './routes/metrics/index.js'
 import ollamaRoutes from './routes/ollama/index.js'
 
 export type MaestroOptions = ConfigOptions
@@ -28,6 +31,8 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(redis)
   await fastify.register(gpuLease)
   await fastify.register(inventory)
+  await fastify.register(accessLog)
+  await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
@@ -35,6 +40,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(ollamaRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
+  await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
 }
 

@@ -1,4 +1,4 @@
-import Fastify from 'fastify'
+import Fastify, { LogController } from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import maestro from './app.js'
 import { configSources, serverSettings, type ServerSettings } from './services/config.js'
@@ -23,9 +23,16 @@ const app = Fastify({
   logger: {
     level: settings.logLevel,
     // Pretty lines for a person at a terminal, JSON for everything else.
-    ...(process.stdout.isTTY ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l' } } } : {})
+    ...(process.stdout.isTTY ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l', singleLine: true } } } : {})
   },
-  genReqId: (req) => requestIdFrom(req.headers['x-request-id']),
+  // The gateway logs one line per finished request itself, instead of Fastify's two.
+  logController: new LogController({ disableRequestLogging: true }),
+  genReqId: (req) => {
+    const id = requestIdFrom(req.headers['x-request-id'])
+    // The id the gateway sends upstream and answers with is read from this header: keep them one.
+    req.headers['x-request-id'] = id
+    return id
+  },
   // The gateway's own BODY_LIMIT applies inside; this only bounds what reaches the app's parsers.
   bodyLimit: 1024 * 1024 * 1024,
   return503OnClosing: true

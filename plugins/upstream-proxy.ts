@@ -98,6 +98,7 @@ export default fp(async function upstreamProxy (fastify) {
       rewriteHeaders: (headers) => clientResponseHeaders(headers),
       onError: (reply, { error }) => {
         fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
+        request.exchange.upstreamFailed(assignment.name, unreachable(error) ? 'unreachable' : timedOut(error) ? 'timeout' : 'failed')
         if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no answer in time`)
         else reply.sendError(502, `upstream '${assignment.name}' is unreachable`)
       }
@@ -107,6 +108,7 @@ export default fp(async function upstreamProxy (fastify) {
   fastify.decorate('forwardLeased', async function (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) {
     const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
     if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
+    request.exchange.model = target.model
     const queue = queueName(target.kind, modelKey(target.model))
     const tried = new Set<string>()
     let lastFailure = ''
@@ -130,10 +132,12 @@ export default fp(async function upstreamProxy (fastify) {
     }
 
     const send = (assignment: Assignment, lease: Lease): FastifyReply => {
+      request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false
       const release = (): void => {
         if (released) return
         released = true
+        request.exchange.released()
         void fastify.leases.release(lease)
       }
       request.exchange.onClose(release)
@@ -153,6 +157,7 @@ export default fp(async function upstreamProxy (fastify) {
           // The GPU is done when the upstream's answer has ended, not when a slow client has read it.
           upstream.once('end', release)
           upstream.once('close', release)
+          upstream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
           if (target.onUpstreamResponse != null) {
             target.onUpstreamResponse(request, reply as FastifyReply, res, release)
             return
@@ -169,10 +174,12 @@ export default fp(async function upstreamProxy (fastify) {
             tried.add(assignment.id)
             cooling.set(assignment.id, Date.now() + COOLDOWN_MS)
             lastFailure = ` (last: '${assignment.name}' ${(error as UpstreamError).cause?.code ?? (error as UpstreamError).code ?? 'failed'})`
+            request.exchange.upstreamFailed(assignment.name, 'unreachable')
             fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream unreachable; trying the next candidate')
             forward().catch((err) => reply.send(err))
             return
           }
+          if (!request.exchange.closed) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
           if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no headers within ${config.upstreamHeadersTimeoutMs} ms`)
           else reply.sendError(502, `upstream '${assignment.name}' failed: ${(error as Error).message}`)
         }

@@ -1,4 +1,18 @@
 import { randomUUID } from 'node:crypto'
+import { performance } from 'node:perf_hooks'
+
+/** How an upstream failed: before it saw the request, with no headers in time, otherwise, or after its stream began. */
+export type UpstreamFailureReason = 'unreachable' | 'timeout' | 'failed' | 'mid-stream'
+
+/** The upstream an exchange was leased, for its log line and metrics. */
+export interface UpstreamUse {
+  assignment: string
+  gpuIds: string[]
+  queuedMs: number
+  /** performance.now() when the lease was granted, and when it was released (the upstream's work ended). */
+  startedAt: number
+  endedAt?: number
+}
 
 /**
  * One client exchange, from its first byte to the close of its response. The response's 'close'
@@ -9,8 +23,27 @@ export class Exchange {
   private readonly controller = new AbortController()
   private readonly cleanups: Array<() => void> = []
   closed = false
+  /** The model the request named, once the inventory has a candidate for it. */
+  model?: string
+  /** The last upstream leased for this exchange (a retry replaces an unreachable one). */
+  upstream?: UpstreamUse
+  readonly upstreamFailures: Array<{ assignment: string, reason: UpstreamFailureReason }> = []
 
   constructor (readonly requestId: string) {}
+
+  /** A lease on `assignment` was granted; the request goes there now. */
+  leased (assignment: string, gpuIds: string[], queuedMs: number): void {
+    this.upstream = { assignment, gpuIds, queuedMs, startedAt: performance.now() }
+  }
+
+  /** The lease was released: the upstream's part is over. */
+  released (): void {
+    if (this.upstream != null) this.upstream.endedAt ??= performance.now()
+  }
+
+  upstreamFailed (assignment: string, reason: UpstreamFailureReason): void {
+    this.upstreamFailures.push({ assignment, reason })
+  }
 
   /** Aborts when the exchange ends, for whatever reason. */
   get signal (): AbortSignal {
@@ -29,6 +62,11 @@ export class Exchange {
     this.controller.abort()
     for (const fn of this.cleanups.splice(0)) fn()
   }
+}
+
+/** The status an exchange ended with, for logs and metrics: 499 when the client left before any answer was sent. */
+export function exchangeStatus (statusCode: number, headersSent: boolean): number {
+  return headersSent ? statusCode : 499
 }
 
 const REQUEST_ID = /^[A-Za-z0-9._:@=+/-]{1,128}$/

@@ -47,6 +47,14 @@ interface Waiter {
 
 const RECENT_LIMIT = 4096
 
+/** Told about every grant, release and loss (metrics). Must not throw. */
+export interface LeaseObserver {
+  granted: (lease: Lease) => void
+  released: (lease: Lease) => void
+  /** A held lease was found taken by another holder: it expired while this replica could not renew it. */
+  lost: (lease: Lease) => void
+}
+
 /**
  * Acquires leases for requests: one attempt on arrival (one store round trip when a GPU is free),
  * then waits for a grant notification; renews held leases; releases each lease exactly once.
@@ -81,6 +89,9 @@ export class LeaseManager {
 
   /** Set by the owner to hear that another replica changed the inventory. */
   onInventoryChanged?: () => void
+
+  /** Set by the owner to count grants, releases and losses. */
+  observer?: LeaseObserver
 
   waiting (): number {
     return this.waiters.size
@@ -185,6 +196,7 @@ export class LeaseManager {
     }
     if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost })
     this.stats.grants++
+    this.observer?.granted(lease)
     waiter.resolve(lease)
   }
 
@@ -194,6 +206,7 @@ export class LeaseManager {
     if (entry == null) return
     this.held.delete(lease.token)
     this.stats.releases++
+    this.observer?.released(lease)
     await this.releaseToken(lease.token, lease.gpuIds)
   }
 
@@ -231,6 +244,7 @@ export class LeaseManager {
         if (entry == null) continue
         this.held.delete(token)
         this.stats.lost++
+        this.observer?.lost(entry.lease)
         this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, 'lease lost to another holder; aborting its request')
         entry.lost.abort(new LeaseError('lease lost', 503, 1))
       }

@@ -1,0 +1,198 @@
+import { performance } from 'node:perf_hooks'
+import fp from 'fastify-plugin'
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { exchangeStatus } from '../services/exchange.js'
+import type { Lease } from '../services/lease-manager.js'
+import { queueLabel } from '../services/lease-store.js'
+import { modelKey } from '../services/model-name.js'
+
+export interface GatewayMetrics {
+  /** This gateway's own instruments (not prom-client's global registry: two gateways in one process do not collide). */
+  registry: Registry
+  requests: Counter<'route' | 'model' | 'status'>
+  requestDuration: Histogram<'route' | 'model' | 'status'>
+  leaseWait: Histogram<'kind' | 'model'>
+  leaseGrants: Counter<'kind' | 'purpose'>
+  leaseReleases: Counter<'kind'>
+  leaseExpiries: Counter<'kind'>
+  queueDepth: Gauge<'kind' | 'model'>
+  gpusLeased: Gauge
+  gpus: Gauge
+  leaseStoreUp: Gauge
+  upstreamErrors: Counter<'assignment' | 'reason'>
+  /** The exposition text: this gateway's metrics, then the process's. */
+  render: () => Promise<string>
+  contentType: string
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: GatewayMetrics
+  }
+}
+
+/** Model names come from clients (a `*` assignment takes any): past this many, new ones count as `other`. */
+const MODEL_LABEL_LIMIT = 200
+const UNMATCHED_ROUTE = '(unmatched)'
+
+/** Process metrics (CPU, memory, event loop, GC) are one per process, whatever the number of gateways in it. */
+let processRegistry: Registry | undefined
+function processMetrics (): Registry {
+  if (processRegistry == null) {
+    processRegistry = new Registry()
+    collectDefaultMetrics({ register: processRegistry, prefix: 'maestro_' })
+  }
+  return processRegistry
+}
+
+export default fp(async function metrics (fastify) {
+  const registry = new Registry()
+  const registers = [registry]
+  const models = new Set<string>()
+  const modelLabel = (model: string | undefined): string => {
+    if (model == null) return ''
+    const key = modelKey(model)
+    if (models.has(key)) return key
+    if (models.size >= MODEL_LABEL_LIMIT) return 'other'
+    models.add(key)
+    return key
+  }
+
+  // One status read of the lease store per scrape, shared by the gauges that need it.
+  let storeRead: Promise<void> | undefined
+  const readStore = async (): Promise<void> => {
+    storeRead ??= (async () => {
+      queueDepth.reset()
+      try {
+        const gpuIds = fastify.inventory.current.snapshot.gpus.map((g) => g.id)
+        const status = await fastify.leases.store.status(gpuIds)
+        for (const [queue, depth] of Object.entries(status.queues)) {
+          const label = queueLabel(queue)
+          const colon = label.indexOf(':')
+          queueDepth.set({ kind: label.slice(0, colon), model: label.slice(colon + 1) }, depth)
+        }
+        gpusLeased.set(status.gpus.length)
+        gpus.set(gpuIds.length)
+        leaseStoreUp.set(1)
+      } catch (err) {
+        fastify.log.warn({ err }, 'metrics: lease store status failed')
+        gpusLeased.reset()
+        leaseStoreUp.set(0)
+      }
+    })().finally(() => { storeRead = undefined })
+    await storeRead
+  }
+
+  const requests = new Counter({
+    name: 'maestro_http_requests_total',
+    help: 'Finished requests by route pattern, model and status (499: the client left before an answer)',
+    labelNames: ['route', 'model', 'status'] as const,
+    registers
+  })
+  const requestDuration = new Histogram({
+    name: 'maestro_http_request_duration_seconds',
+    help: 'Time from a request\'s arrival to the end of its response, queueing included',
+    labelNames: ['route', 'model', 'status'] as const,
+    buckets: [0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+    registers
+  })
+  const leaseWait = new Histogram({
+    name: 'maestro_lease_wait_seconds',
+    help: 'Time a granted lease waited in its model\'s queue',
+    labelNames: ['kind', 'model'] as const,
+    buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+    registers
+  })
+  const leaseGrants = new Counter({
+    name: 'maestro_lease_grants_total',
+    help: 'Leases granted to this replica (proxy: a request in flight; reservation: POST /gpu/reserve)',
+    labelNames: ['kind', 'purpose'] as const,
+    registers
+  })
+  const leaseReleases = new Counter({
+    name: 'maestro_lease_releases_total',
+    help: 'Proxy leases this replica released at the end of their exchange',
+    labelNames: ['kind'] as const,
+    registers
+  })
+  const leaseExpiries = new Counter({
+    name: 'maestro_lease_expiries_total',
+    help: 'Leases this replica held that expired unrenewed and were taken by another holder (their requests were aborted)',
+    labelNames: ['kind'] as const,
+    registers
+  })
+  const queueDepth = new Gauge({
+    name: 'maestro_queue_depth',
+    help: 'Requests waiting for a lease, per model, across all replicas (read from the lease store at scrape time)',
+    labelNames: ['kind', 'model'] as const,
+    registers,
+    collect: readStore
+  })
+  const gpusLeased = new Gauge({
+    name: 'maestro_gpus_leased',
+    help: 'GPUs of the inventory under a lease right now, across all replicas',
+    registers,
+    collect: readStore
+  })
+  const gpus = new Gauge({ name: 'maestro_gpus', help: 'GPUs in the inventory', registers, collect: readStore })
+  const leaseStoreUp = new Gauge({
+    name: 'maestro_lease_store_up',
+    help: '1 when the lease store answered this scrape\'s status read, else 0',
+    registers,
+    collect: readStore
+  })
+  const upstreamErrors = new Counter({
+    name: 'maestro_upstream_errors_total',
+    help: 'Upstream failures by assignment: unreachable (then the next candidate is tried), timeout (no headers in time), failed, mid-stream',
+    labelNames: ['assignment', 'reason'] as const,
+    registers
+  })
+
+  fastify.leases.observer = {
+    granted: (lease: Lease) => {
+      leaseGrants.inc({ kind: lease.info.kind, purpose: lease.info.purpose })
+      leaseWait.observe({ kind: lease.info.kind, model: modelLabel(lease.info.model) }, lease.queuedMs / 1000)
+    },
+    released: (lease: Lease) => { leaseReleases.inc({ kind: lease.info.kind }) },
+    lost: (lease: Lease) => { leaseExpiries.inc({ kind: lease.info.kind }) }
+  }
+
+  const observe = (request: FastifyRequest, reply: FastifyReply, startedAt: number): void => {
+    const exchange = request.exchange as typeof request.exchange | null
+    const labels = {
+      route: request.routeOptions.url ?? UNMATCHED_ROUTE,
+      model: modelLabel(exchange?.model),
+      status: String(exchangeStatus(reply.statusCode, reply.raw.headersSent))
+    }
+    requests.inc(labels)
+    requestDuration.observe(labels, (performance.now() - startedAt) / 1000)
+    for (const failure of exchange?.upstreamFailures ?? []) upstreamErrors.inc(failure)
+  }
+
+  // The response's 'close' fires however the exchange ends, also when the client left midway.
+  fastify.addHook('onRequest', (request, reply, done) => {
+    // (reply.elapsedTime stays 0 unless Fastify logs requests or has onResponse hooks)
+    const startedAt = performance.now()
+    reply.raw.once('close', () => observe(request, reply, startedAt))
+    done()
+  })
+
+  const shared = processMetrics()
+  fastify.decorate('metrics', {
+    registry,
+    requests,
+    requestDuration,
+    leaseWait,
+    leaseGrants,
+    leaseReleases,
+    leaseExpiries,
+    queueDepth,
+    gpusLeased,
+    gpus,
+    leaseStoreUp,
+    upstreamErrors,
+    render: async () => await registry.metrics() + await shared.metrics(),
+    contentType: registry.contentType
+  })
+}, { name: 'metrics', dependencies: ['config', 'gpu-lease', 'inventory'], fastify: '5.x' })
