@@ -1,5 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
+import auth from './plugins/auth.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
@@ -36,6 +37,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
+  await fastify.register(auth)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(diffusionRoutes)

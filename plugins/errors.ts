@@ -17,7 +17,8 @@ declare module 'fastify' {
 const FASTIFY_MESSAGES: Record<string, (err: any) => string> = {
   FST_ERR_CTP_BODY_TOO_LARGE: () => 'request body is too large',
   FST_ERR_CTP_EMPTY_JSON_BODY: () => 'request body is empty',
-  FST_ERR_CTP_INVALID_MEDIA_TYPE: (err) => err.message,
+  // a Content-Type header that is not a media type at all (bodies are read as JSON whatever it names)
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: () => 'Content-Type header is not a valid media type',
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: () => 'request body does not match its Content-Length'
 }
 
@@ -43,7 +44,8 @@ export default fp(async function errors (fastify) {
       return reply.sendError(status, status === 500 ? 'internal gateway error' : err.message)
     }
     const explain = FASTIFY_MESSAGES[err.code as string]
-    return reply.sendError(status, explain != null ? explain(err) : err.message)
+    // 415 is not one of the gateway's answers: a garbled Content-Type is bad input like any other (400).
+    return reply.sendError(err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? 400 : status, explain != null ? explain(err) : err.message)
   })
 
   fastify.setNotFoundHandler(function (request, reply) {

@@ -1,3 +1,4 @@
+import { Transform, type TransformCallback } from 'node:stream'
 import fp from 'fastify-plugin'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
 import type { TSchema } from '@sinclair/typebox'
@@ -26,12 +27,28 @@ export default fp(async function requestBody (fastify) {
       return
     }
     try {
+      // JSON.parse is iterative in V8: 100k nested arrays parse in ~30 ms, no stack overflow.
       done(null, JSON.parse(raw))
     } catch (err) {
-      const e = new Error(`invalid JSON body: ${(err as Error).message}`) as Error & { statusCode: number }
+      const type = request.headers['content-type'] ?? ''
+      const e = new Error(/^multipart\//i.test(type)
+        ? `request body must be JSON, not ${type.split(';')[0]}`
+        : `invalid JSON body: ${(err as Error).message}`) as Error & { statusCode: number }
       e.statusCode = 400
       done(e, undefined)
     }
+  })
+
+  // BODY_LIMIT for every route, streamed ones (uploads) too: a declared length over the limit is
+  // refused before a byte is read; a chunked body is cut off where it crosses the limit. (Node
+  // itself never delivers more than a declared Content-Length.)
+  fastify.addHook('preParsing', async (request, reply, payload) => {
+    if (Number(request.headers['content-length']) > bodyLimit) {
+      reply.header('connection', 'close')
+      throw bodyTooLarge(bodyLimit)
+    }
+    if (request.headers['transfer-encoding'] == null) return payload
+    return payload.pipe(new LimitedBody(bodyLimit, () => reply.header('connection', 'close')))
   })
 
   fastify.setValidatorCompiler(({ schema }) => {
@@ -44,6 +61,31 @@ export default fp(async function requestBody (fastify) {
     }
   })
 }, { name: 'request-body', dependencies: ['config'], fastify: '5.x' })
+
+/** The error Fastify's own parsers give (413), so every route words it alike. */
+function bodyTooLarge (limit: number): Error {
+  return Object.assign(new Error(`request body is larger than ${limit} bytes`), { statusCode: 413, code: 'FST_ERR_CTP_BODY_TOO_LARGE' })
+}
+
+/** Passes a body through until it crosses the limit, then fails with 413. */
+class LimitedBody extends Transform {
+  /** Fastify checks this against its own limit too. */
+  receivedEncodedLength = 0
+
+  constructor (private readonly limit: number, private readonly onExceeded: () => void) {
+    super()
+  }
+
+  override _transform (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    this.receivedEncodedLength += chunk.length
+    if (this.receivedEncodedLength > this.limit) {
+      this.onExceeded()
+      callback(bodyTooLarge(this.limit))
+      return
+    }
+    callback(null, chunk)
+  }
+}
 
 function describe (path: string, message: string): string {
   if (path === '' || path === '/') return 'request body must be a JSON object'

@@ -69,7 +69,8 @@ export default fp(async function upstreamProxy (fastify) {
   })
 
   const cooling = new Map<string, number>()
-  const dropAuthorization = config.apiKeys.length > 0
+  // The client's Authorization carries the gateway's own key or token: never pass it on.
+  const dropAuthorization = config.apiKeys.length > 0 || config.adminToken != null
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {
@@ -78,6 +79,16 @@ export default fp(async function upstreamProxy (fastify) {
     request.exchange = exchange
     reply.raw.once('close', () => exchange.close())
     reply.header('x-request-id', exchange.requestId)
+  })
+
+  // A client that stops reading would keep a streamed answer's GPUs for ever (backpressure pauses
+  // the upstream, so it never ends). Once an answer streams, a connection on which nothing moves
+  // for as long as a silent upstream is allowed is closed; that ends the exchange and its lease.
+  fastify.addHook('onSend', async (_request, reply, payload) => {
+    if (typeof (payload as { pipe?: unknown } | null)?.pipe === 'function') {
+      reply.raw.setTimeout(config.upstreamHeadersTimeoutMs, () => reply.raw.destroy())
+    }
+    return payload
   })
 
   function requestHeaders (request: FastifyRequest, assignment: Assignment) {
@@ -97,6 +108,8 @@ export default fp(async function upstreamProxy (fastify) {
       rewriteRequestHeaders: requestHeaders(request, assignment),
       rewriteHeaders: (headers) => clientResponseHeaders(headers),
       onError: (reply, { error }) => {
+        // A streamed body (upload) cut off at BODY_LIMIT: the client's fault, not the upstream's.
+        if ((error as UpstreamError).cause?.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.sendError(413, 'request body is too large')
         fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
         request.exchange.upstreamFailed(assignment.name, unreachable(error) ? 'unreachable' : timedOut(error) ? 'timeout' : 'failed')
         if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no answer in time`)

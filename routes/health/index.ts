@@ -19,7 +19,7 @@ const healthRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.addHook('preClose', async () => { draining = true })
 
   // Probes come every few seconds: their lines in the log show at debug level only.
-  fastify.get('/health', { config: { accessLogLevel: 'debug' } }, async (_request, reply) => {
+  fastify.get('/health', { config: { auth: 'open', accessLogLevel: 'debug' } }, async (_request, reply) => {
     const db = fastify.inventoryDb
     const redis = fastify.leaseRedis
     const [mariadb, redisState]: Check[] = await Promise.all([
@@ -37,9 +37,9 @@ const healthRoutes: FastifyPluginAsync = async (fastify) => {
     })
   })
 
-  fastify.get('/health/live', { config: { accessLogLevel: 'debug' } }, async () => ({ status: 'ok' }))
+  fastify.get('/health/live', { config: { auth: 'open', accessLogLevel: 'debug' } }, async () => ({ status: 'ok' }))
 
-  fastify.get('/health/ready', { config: { accessLogLevel: 'debug' } }, async (_request, reply) => {
+  fastify.get('/health/ready', { config: { auth: 'open', accessLogLevel: 'debug' } }, async (_request, reply) => {
     if (draining) return reply.code(503).send({ status: 'draining' })
     if (!fastify.leases.store.available()) return reply.code(503).send({ status: 'lease store unavailable' })
     return { status: 'ready' }

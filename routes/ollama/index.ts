@@ -31,13 +31,15 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
 
   const llmUpstreams = () => distinctUpstreams(fastify.inventory.current.assignmentsOfKind('llm'))
 
+  // Clients probe `/` and `/api/version` before anything else: open even when API_KEYS is set.
   fastify.route({
     method: ['GET', 'HEAD'],
     url: '/',
+    config: { auth: 'open' },
     handler: async (_request, reply) => reply.type('text/plain; charset=utf-8').send('Ollama is running')
   })
 
-  fastify.get('/api/version', async () => {
+  fastify.get('/api/version', { config: { auth: 'open' } }, async () => {
     for (const u of llmUpstreams()) {
       const answer = await fetchJson(`${u.url}/api/version`).catch(() => undefined)
       if (typeof answer?.version === 'string') return { version: answer.version }
