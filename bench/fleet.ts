@@ -1,0 +1,26 @@
+/** What the benchmark and its simulator process agree on. */
+
+export const benchModel = (i: number): string => `bench-${String(i).padStart(2, '0')}`
+export const benchGpuId = (i: number): string => String(i + 1)
+
+export type SimulatorCommand =
+  | { type: 'reset' }
+  | { type: 'report', gpuId: string }
+  | { type: 'close' }
+
+export type SimulatorReply =
+  | { type: 'ready', ports: number[] }
+  | { type: 'reset' }
+  /** Since the last reset, on one GPU: idle gaps, busy times (ms) and works started; overlaps on any GPU. */
+  | { type: 'report', gaps: number[], busy: number[], starts: number, overlaps: number }
+
+/** The inventory file for `count` single-GPU assignments, one model each, on the simulators' ports. */
+export function inventoryFile (ports: number[]): object {
+  return {
+    computers: [{ id: 1, name: 'bench', ip: '127.0.0.1' }],
+    gpus: ports.map((_, i) => ({ id: Number(benchGpuId(i)), computer: 1, name: `gpu ${i}`, weight: 1 })),
+    assignments: ports.map((port, i) => ({
+      id: i + 1, name: `sim-${i}`, model: benchModel(i), kind: 'llm', port, gpus: [Number(benchGpuId(i))]
+    }))
+  }
+}

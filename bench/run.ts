@@ -1,0 +1,429 @@
+/**
+ * `npm run bench`: the gateway's overhead, measured against the same simulators reached directly.
+ *
+ * Processes (2 cores on the reference machine, all competing for them):
+ *   this one       the load generator (closed-loop node:http clients with keep-alive)
+ *   simulators     one child process holding 64 Ollama simulators, one GPU each, one model each
+ *   gateway        `node dist/server.js` as a child process, as it is deployed: Redis leases,
+ *                  inventory from a file (the inventory is cached and not on the request path)
+ *   redis-server   the one at REDIS_URL, under a key prefix of its own, deleted afterwards
+ *
+ * Scenarios: (a) 64 GPUs and 64 clients, direct vs gateway; (b) one GPU with 16 clients waiting
+ * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency).
+ *
+ * Options: --seconds N (measured window per run, default 4), --only a,b,c, --log-level L (the
+ * gateway's LOG_LEVEL, default info as deployed), --profile DIR (write the gateway's .cpuprofile).
+ */
+import { fork, spawn, execFileSync, type ChildProcess } from 'node:child_process'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { createServer } from 'node:net'
+import { tmpdir, loadavg, cpus } from 'node:os'
+import { join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { benchGpuId, benchModel, inventoryFile, type SimulatorCommand, type SimulatorReply } from './fleet.js'
+import { closedLoop, mean, percentile, sleep, type LoadResult, type Target } from './load.js'
+
+const GPUS = 64
+const WAITERS = 16
+const WARMUP_MS = 3000
+const GOALS = { gapP50Ms: 0.3, gapP99Ms: 2, fifoRatio: 2, addedP50Ms: 0.5 }
+
+const { values: args } = parseArgs({
+  options: {
+    seconds: { type: 'string', default: '4' },
+    only: { type: 'string', default: 'a,b,c' },
+    'log-level': { type: 'string', default: 'info' },
+    profile: { type: 'string' }
+  }
+})
+const windowMs = Math.round(Number(args.seconds) * 1000)
+const only = new Set(args.only.split(','))
+const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const prefix = `maestro-bench:${randomUUID().slice(0, 8)}:`
+const here = fileURLToPath(new URL('.', import.meta.url))
+
+// ---------------------------------------------------------------------------------------------
+// processes and their CPU time
+
+const CLOCK_TICKS = (() => {
+  try { return Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100 } catch { return 100 }
+})()
+
+/** CPU time (user + system) of a process so far, ms; undefined where /proc cannot tell. */
+async function cpuMs (pid: number | undefined): Promise<number | undefined> {
+  if (pid === undefined) return undefined
+  if (pid === process.pid) {
+    const u = process.cpuUsage()
+    return (u.user + u.system) / 1000
+  }
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS * 1000
+  } catch {
+    return undefined
+  }
+}
+
+/** CPU time the whole machine spent busy so far, ms (all cores); undefined off Linux. */
+async function machineBusyMs (): Promise<number | undefined> {
+  try {
+    const line = (await readFile('/proc/stat', 'utf8')).split('\n')[0]
+    const [user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number)
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS * 1000
+  } catch {
+    return undefined
+  }
+}
+
+type Role = 'clients' | 'simulators' | 'gateway' | 'redis'
+/** CPU use in percent of one core: the benchmark's processes, and everything else on the machine. */
+type CpuShare = Partial<Record<Role | 'others', number>>
+const pids: Partial<Record<Role, number>> = { clients: process.pid }
+
+/** Share of one core each process used between two samples, percent. */
+class CpuMeter {
+  private readonly start = new Map<Role, number | undefined>()
+  private machineStart: number | undefined
+  private startedAt = 0
+  async begin (): Promise<void> {
+    this.startedAt = performance.now()
+    this.machineStart = await machineBusyMs()
+    for (const role of Object.keys(pids) as Role[]) this.start.set(role, await cpuMs(pids[role]))
+  }
+
+  async end (): Promise<CpuShare> {
+    const wall = performance.now() - this.startedAt
+    const out: CpuShare = {}
+    let ours = 0
+    for (const role of Object.keys(pids) as Role[]) {
+      const a = this.start.get(role)
+      const b = await cpuMs(pids[role])
+      if (a !== undefined && b !== undefined) {
+        out[role] = Math.round((b - a) / wall * 100)
+        ours += b - a
+      }
+    }
+    const machineEnd = await machineBusyMs()
+    if (this.machineStart !== undefined && machineEnd !== undefined) {
+      out.others = Math.max(0, Math.round((machineEnd - this.machineStart - ours) / wall * 100))
+    }
+    return out
+  }
+}
+
+async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address()
+      const port = typeof address === 'object' && address != null ? address.port : 0
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+class SimulatorProcess {
+  private readonly replies: Array<(reply: SimulatorReply) => void> = []
+  private constructor (readonly child: ChildProcess, readonly ports: number[]) {
+    child.on('message', (reply: SimulatorReply) => this.replies.shift()?.(reply))
+  }
+
+  static async start (count: number): Promise<SimulatorProcess> {
+    const child = fork(join(here, 'simulator-process.js'), [String(count)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+    const ports = await new Promise<number[]>((resolve, reject) => {
+      child.once('message', (reply: SimulatorReply) => { if (reply.type === 'ready') resolve(reply.ports) })
+      child.once('exit', (code) => reject(new Error(`simulator process exited (${code})`)))
+    })
+    return new SimulatorProcess(child, ports)
+  }
+
+  async ask<T extends SimulatorReply['type']> (command: SimulatorCommand): Promise<Extract<SimulatorReply, { type: T }>> {
+    return await new Promise((resolve) => {
+      this.replies.push(resolve as (reply: SimulatorReply) => void)
+      this.child.send(command)
+    })
+  }
+
+  async close (): Promise<void> {
+    const exited = new Promise((resolve) => this.child.once('exit', resolve))
+    this.child.send({ type: 'close' } satisfies SimulatorCommand)
+    await exited
+  }
+}
+
+/** Bytes the gateway has logged so far. */
+let logBytes = 0
+
+async function startGateway (dir: string, ports: number[]): Promise<{ child: ChildProcess, url: string }> {
+  const inventory = join(dir, 'inventory.json')
+  await writeFile(inventory, JSON.stringify(inventoryFile(ports)))
+  const port = await freePort()
+  const env: NodeJS.ProcessEnv = { ...process.env }
+  for (const name of ['MARIADB_URL', 'ConnectionStrings__MariaDb', 'ConnectionStrings__Redis', 'API_KEYS', 'ADMIN_TOKEN']) delete env[name]
+  Object.assign(env, {
+    NODE_ENV: 'production',
+    HOST: '127.0.0.1',
+    PORT: String(port),
+    REDIS_URL: redisUrl,
+    REDIS_KEY_PREFIX: prefix,
+    INVENTORY_FILE: inventory,
+    LOG_LEVEL: args['log-level']
+  })
+  const flags = args.profile != null ? ['--cpu-prof', '--cpu-prof-dir', resolve(args.profile)] : []
+  // cwd: an empty folder, so that no `.env` of the working tree changes what is measured.
+  // stdout: a pipe, as under a container runtime; its log lines are counted, not kept.
+  const child = spawn(process.execPath, [...flags, join(here, '..', 'server.js')], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  child.stdout?.on('data', (chunk: Buffer) => { logBytes += chunk.length })
+  // however this process ends, the gateway does not outlive it
+  process.once('exit', () => child.kill('SIGKILL'))
+  let stderr = ''
+  child.stderr?.on('data', (chunk: Buffer) => { stderr += chunk.toString() })
+  const url = `http://127.0.0.1:${port}`
+  const deadline = Date.now() + 20_000
+  for (;;) {
+    if (child.exitCode != null) throw new Error(`the gateway exited at start: ${stderr.trim()}`)
+    const ok = await fetch(`${url}/health`).then((r) => r.ok, () => false)
+    if (ok) break
+    if (Date.now() > deadline) throw new Error(`the gateway did not answer /health within 20 s: ${stderr.trim()}`)
+    await sleep(100)
+  }
+  return { child, url }
+}
+
+async function stopGateway (child: ChildProcess): Promise<void> {
+  if (child.exitCode != null) return
+  const exited = new Promise((resolve) => child.once('exit', resolve))
+  child.kill('SIGTERM')
+  await exited
+}
+
+async function deleteKeys (): Promise<void> {
+  const client = new Redis(redisUrl, { lazyConnect: true, maxRetriesPerRequest: 1 })
+  try {
+    await client.connect()
+    let cursor = '0'
+    do {
+      const [next, keys] = await client.scan(cursor, 'MATCH', prefix + '*', 'COUNT', 500)
+      cursor = next
+      if (keys.length > 0) await client.del(...keys)
+    } while (cursor !== '0')
+  } finally {
+    client.disconnect()
+  }
+}
+
+async function redisPid (): Promise<number | undefined> {
+  const client = new Redis(redisUrl, { lazyConnect: true, maxRetriesPerRequest: 0, connectTimeout: 2000 })
+  try {
+    await client.connect()
+    const info = await client.info('server')
+    const pid = Number(/process_id:(\d+)/.exec(info)?.[1])
+    return Number.isFinite(pid) && pid > 0 ? pid : undefined
+  } catch (err) {
+    throw new Error(`Redis at ${redisUrl} is not reachable (${(err as Error).message}); the benchmark measures the Redis lease path`)
+  } finally {
+    client.disconnect()
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios
+
+const generate = (url: string, i: number): Target => ({
+  url: new URL('/api/generate', url),
+  body: JSON.stringify({ model: benchModel(i), prompt: 'Why is the sky blue?', stream: false })
+})
+
+interface Run extends LoadResult {
+  cpu: CpuShare
+  logBytesPerRequest: number
+}
+
+async function measure (targets: Target[], opts: { warmupMs: number, durationMs: number, onWindowStart?: () => Promise<void>, onWindowEnd?: () => Promise<void> }): Promise<Run> {
+  const meter = new CpuMeter()
+  let cpu: CpuShare = {}
+  let logged = 0
+  const result = await closedLoop({
+    targets,
+    warmupMs: opts.warmupMs,
+    durationMs: opts.durationMs,
+    onWindowStart: async () => { await opts.onWindowStart?.(); await meter.begin(); logged = logBytes },
+    onWindowEnd: async () => { cpu = await meter.end(); logged = logBytes - logged; await opts.onWindowEnd?.() }
+  })
+  if (result.errors > 0) throw new Error(`${result.errors} failed requests (first: ${result.firstError})`)
+  if (result.completed === 0) throw new Error('no request completed in the measured window')
+  return { ...result, cpu, logBytesPerRequest: logged / result.completed }
+}
+
+/** Runs of one kind, as if they were one: latencies pooled, rates and CPU shares averaged. */
+function merged (runs: Run[]): Run {
+  const avg = (f: (r: Run) => number | undefined): number | undefined => {
+    const v = runs.map(f).filter((x): x is number => x !== undefined)
+    return v.length === 0 ? undefined : Math.round(v.reduce((a, b) => a + b, 0) / v.length)
+  }
+  const cpu: CpuShare = {}
+  for (const role of ['clients', 'simulators', 'gateway', 'redis', 'others'] as const) cpu[role] = avg((r) => r.cpu[role])
+  const windowMs = runs.reduce((a, r) => a + r.windowMs, 0)
+  const completed = runs.reduce((a, r) => a + r.completed, 0)
+  return {
+    completed,
+    errors: 0,
+    windowMs,
+    latencies: runs.flatMap((r) => r.latencies),
+    requestsPerSecond: completed / windowMs * 1000,
+    cpu,
+    logBytesPerRequest: runs.reduce((a, r) => a + r.logBytesPerRequest * r.completed, 0) / completed
+  }
+}
+
+const fmt = (n: number, digits = 2): string => Number.isFinite(n) ? n.toFixed(digits) : '—'
+const cpuText = (cpu: CpuShare): string =>
+  (['clients', 'simulators', 'gateway', 'redis', 'others'] as const).map((r) => `${r} ${cpu[r] ?? '?'}%`).join(', ')
+
+async function main (): Promise<void> {
+  pids.redis = await redisPid()
+  const dir = await mkdtemp(join(tmpdir(), 'maestro-bench-'))
+  const sims = await SimulatorProcess.start(GPUS)
+  pids.simulators = sims.child.pid
+  let gateway: Awaited<ReturnType<typeof startGateway>> | undefined
+  const summary: Record<string, unknown> = {
+    machine: { cpus: cpus().length, loadavg1m: Number(loadavg()[0].toFixed(2)), node: process.version },
+    gateway: { process: 'child', leases: 'redis', inventory: 'file', logLevel: args['log-level'] },
+    windowSeconds: windowMs / 1000
+  }
+  const lines: string[] = []
+  const goals: Array<{ goal: string, target: string, reached: string, pass: boolean }> = []
+  try {
+    gateway = await startGateway(dir, sims.ports)
+    pids.gateway = gateway.child.pid
+    const gw = gateway.url
+    const direct = (i: number): string => `http://127.0.0.1:${sims.ports[i]}`
+    process.stderr.write(`bench: ${GPUS} simulators, gateway at ${gw} (pid ${pids.gateway}), Redis ${redisUrl} (pid ${pids.redis ?? '?'}), load ${loadavg()[0].toFixed(2)}\n`)
+
+    // A gateway runs for days: measure it with its code optimised, not while the JIT is still at work.
+    process.stderr.write('bench: warming up\n')
+    const all = Array.from({ length: GPUS }, (_, i) => i)
+    await measure(all.map((i) => generate(gw, i)), { warmupMs: 0, durationMs: WARMUP_MS })
+    await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+    await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+
+    if (only.has('a')) {
+      process.stderr.write(`bench: (a) ${GPUS} GPUs, ${GPUS} clients\n`)
+      // Alternate direct and gateway runs, so that a change in the machine's load falls on both alike.
+      const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
+      for (let r = 0; r < 2; r++) {
+        runs.direct.push(await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        runs.gateway.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+      }
+      const d = merged(runs.direct)
+      const g = merged(runs.gateway)
+      const row = (r: Run): object => ({ rps: Math.round(r.requestsPerSecond), p50Ms: +fmt(percentile(r.latencies, 50)), p99Ms: +fmt(percentile(r.latencies, 99)), cpuPercent: r.cpu })
+      summary.a = { direct: row(d), gateway: { ...row(g), logBytesPerRequest: Math.round(g.logBytesPerRequest) } }
+      const gatewayCpuPerRequest = (g.cpu.gateway ?? NaN) * 10 / g.requestsPerSecond
+      lines.push(
+        `(a) ${GPUS} single-GPU assignments, ${GPUS} concurrent clients, non-streamed /api/generate`,
+        '                      direct     gateway',
+        `  requests/s        ${String(Math.round(d.requestsPerSecond)).padStart(8)}  ${String(Math.round(g.requestsPerSecond)).padStart(10)}`,
+        `  p50 latency ms    ${fmt(percentile(d.latencies, 50)).padStart(8)}  ${fmt(percentile(g.latencies, 50)).padStart(10)}`,
+        `  p99 latency ms    ${fmt(percentile(d.latencies, 99)).padStart(8)}  ${fmt(percentile(g.latencies, 99)).padStart(10)}`,
+        `  CPU % of a core, direct:  ${cpuText(d.cpu)}`,
+        `  CPU % of a core, gateway: ${cpuText(g.cpu)}`,
+        `  gateway CPU per request: ${fmt(gatewayCpuPerRequest * 1000, 0)} µs; log ${Math.round(g.logBytesPerRequest)} bytes per request`,
+        ''
+      )
+    }
+
+    if (only.has('b')) {
+      process.stderr.write(`bench: (b) 1 GPU, ${WAITERS} waiting clients\n`)
+      let report: Extract<SimulatorReply, { type: 'report' }> | undefined
+      const g = await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), {
+        warmupMs: 1000,
+        durationMs: windowMs,
+        onWindowStart: async () => { await sims.ask({ type: 'reset' }) },
+        onWindowEnd: async () => { report = await sims.ask<'report'>({ type: 'report', gpuId: benchGpuId(0) }) }
+      })
+      if (report == null) throw new Error('no report from the simulators')
+      if (report.overlaps > 0) throw new Error(`${report.overlaps} GPU overlaps: two requests were on one GPU at once`)
+      const service = mean(report.busy)
+      const cycle = g.windowMs / report.starts
+      const fifo = WAITERS * service
+      const p99 = percentile(g.latencies, 99)
+      const gapP50 = percentile(report.gaps, 50)
+      const gapP99 = percentile(report.gaps, 99)
+      summary.b = {
+        rps: Math.round(g.requestsPerSecond),
+        gapP50Ms: +fmt(gapP50, 3),
+        gapP99Ms: +fmt(gapP99, 3),
+        gapMeanMs: +fmt(mean(report.gaps), 3),
+        serviceMs: +fmt(service, 3),
+        p50Ms: +fmt(percentile(g.latencies, 50)),
+        p99Ms: +fmt(p99),
+        strictFifoP99Ms: +fmt(fifo),
+        fifoRatio: +fmt(p99 / fifo),
+        cpuPercent: g.cpu
+      }
+      lines.push(
+        `(b) one GPU, ${WAITERS} clients waiting on it (closed loop, through the gateway)`,
+        `  requests/s                 ${Math.round(g.requestsPerSecond)}  (GPU busy ${fmt(service, 3)} ms per request, one request every ${fmt(cycle, 3)} ms)`,
+        `  GPU idle gap ms            p50 ${fmt(gapP50, 3)}  p99 ${fmt(gapP99, 3)}  mean ${fmt(mean(report.gaps), 3)}  (${report.gaps.length} gaps)`,
+        `  client latency ms          p50 ${fmt(percentile(g.latencies, 50))}  p99 ${fmt(p99)}`,
+        `  strict FIFO p99 ms         ${fmt(fifo)}  (${WAITERS} × GPU busy time)  → p99 is ${fmt(p99 / fifo)}× that`,
+        `  CPU: ${cpuText(g.cpu)}`,
+        ''
+      )
+      goals.push(
+        { goal: 'GPU idle gap p50 (b)', target: `≤ ${GOALS.gapP50Ms} ms`, reached: `${fmt(gapP50, 3)} ms`, pass: gapP50 <= GOALS.gapP50Ms },
+        { goal: 'GPU idle gap p99 (b)', target: `≤ ${GOALS.gapP99Ms} ms`, reached: `${fmt(gapP99, 3)} ms`, pass: gapP99 <= GOALS.gapP99Ms },
+        { goal: `${WAITERS}-waiter p99 / strict FIFO (b)`, target: `≤ ${GOALS.fifoRatio}×`, reached: `${fmt(p99 / fifo)}×`, pass: p99 / fifo <= GOALS.fifoRatio }
+      )
+    }
+
+    if (only.has('c')) {
+      process.stderr.write('bench: (c) one client\n')
+      // Alternate short runs so that a change in the machine's load falls on both sides alike.
+      const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
+      const per = Math.max(500, Math.round(windowMs / 2))
+      for (let r = 0; r < 3; r++) {
+        runs.direct.push(await measure([generate(direct(0), 0)], { warmupMs: 200, durationMs: per }))
+        runs.gateway.push(await measure([generate(gw, 0)], { warmupMs: 200, durationMs: per }))
+      }
+      const d = merged(runs.direct).latencies
+      const gr = merged(runs.gateway)
+      const g = gr.latencies
+      const [d50, d99, g50, g99] = [percentile(d, 50), percentile(d, 99), percentile(g, 50), percentile(g, 99)]
+      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), requests: { direct: d.length, gateway: g.length }, cpuPercent: gr.cpu }
+      lines.push(
+        '(c) one client, one request at a time',
+        '                      direct     gateway     added',
+        `  p50 latency ms    ${fmt(d50, 3).padStart(8)}  ${fmt(g50, 3).padStart(10)}  ${fmt(g50 - d50, 3).padStart(8)}`,
+        `  p99 latency ms    ${fmt(d99, 3).padStart(8)}  ${fmt(g99, 3).padStart(10)}  ${fmt(g99 - d99, 3).padStart(8)}`,
+        `  (${d.length} direct and ${g.length} gateway requests; gateway CPU ${fmt((gr.cpu.gateway ?? NaN) * 10 / gr.requestsPerSecond * 1000, 0)} µs per request)`,
+        `  CPU % of a core, gateway runs: ${cpuText(gr.cpu)}`,
+        ''
+      )
+      goals.push({ goal: 'added latency p50 (c)', target: `≤ ${GOALS.addedP50Ms} ms`, reached: `${fmt(g50 - d50, 3)} ms`, pass: g50 - d50 <= GOALS.addedP50Ms })
+    }
+  } finally {
+    if (gateway != null) await stopGateway(gateway.child)
+    await sims.close()
+    await deleteKeys()
+    await rm(dir, { recursive: true, force: true })
+  }
+
+  const header = `AI Maestro gateway benchmark: ${cpus().length} cores, gateway LOG_LEVEL=${args['log-level']}, ${windowMs / 1000} s measured per scenario (CPU 'others' = the rest of the machine)`
+  process.stdout.write([header, '', ...lines].join('\n') + '\n')
+  if (goals.length > 0) {
+    const w = Math.max(...goals.map((g) => g.goal.length))
+    process.stdout.write(`${'goal'.padEnd(w)}  ${'target'.padEnd(9)}  ${'reached'.padEnd(10)}  result\n`)
+    for (const g of goals) process.stdout.write(`${g.goal.padEnd(w)}  ${g.target.padEnd(9)}  ${g.reached.padEnd(10)}  ${g.pass ? 'pass' : 'FAIL'}\n`)
+    summary.goals = goals
+  }
+  process.stdout.write(`BENCH_JSON ${JSON.stringify(summary)}\n`)
+}
+
+await main()
