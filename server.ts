@@ -2,7 +2,7 @@ import Fastify, { LogController } from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import maestro from './app.js'
 import { configSources, serverSettings, type ServerSettings } from './services/config.js'
-import { requestIdFrom } from './services/exchange.js'
+import { gatewayRequestId } from './services/exchange.js'
 import { serverTimeouts } from './services/server-timeouts.js'
 
 /** How long in-flight streams may take to finish after SIGTERM before the process exits anyway. */
@@ -28,12 +28,7 @@ const app = Fastify({
   },
   // The gateway logs one line per finished request itself, instead of Fastify's two.
   logController: new LogController({ disableRequestLogging: true }),
-  genReqId: (req) => {
-    const id = requestIdFrom(req.headers['x-request-id'])
-    // The id the gateway sends upstream and answers with is read from this header: keep them one.
-    req.headers['x-request-id'] = id
-    return id
-  },
+  genReqId: gatewayRequestId,
   // The gateway's own BODY_LIMIT applies inside; this only bounds what reaches the app's parsers.
   bodyLimit: 1024 * 1024 * 1024,
   return503OnClosing: true,

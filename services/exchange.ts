@@ -75,3 +75,13 @@ const REQUEST_ID = /^[A-Za-z0-9._:@=+/-]{1,128}$/
 export function requestIdFrom (header: string | string[] | undefined): string {
   return typeof header === 'string' && REQUEST_ID.test(header) ? header : randomUUID()
 }
+
+/**
+ * Fastify's `genReqId` for a server of the gateway's own: the request id in its log lines is the
+ * one the gateway answers with and sends upstream (the exchange reads it back from the header).
+ */
+export function gatewayRequestId (req: { headers: Record<string, string | string[] | undefined> }): string {
+  const id = requestIdFrom(req.headers['x-request-id'])
+  req.headers['x-request-id'] = id
+  return id
+}
