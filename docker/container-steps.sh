@@ -2,7 +2,7 @@
 # The container image's build and start steps (docker/Dockerfile) as a plain script, for machines
 # with no Docker engine. Keep the two in step.
 #
-#   1. the build context: a clean copy of the repository's tracked files (as in the working tree)
+#   1. the build context: a clean copy of the repository at HEAD (git archive: committed files only)
 #   2. build stage: npm ci, npm run build
 #   3. run stage: package files + a production-only install (npm ci --omit=dev) + dist/ + the
 #      default inventory, nothing else
@@ -28,11 +28,12 @@ trap cleanup EXIT
 step () { echo "== [$((SECONDS - started))s] $*"; }
 fail () { echo "FAILED: $*" >&2; [[ -f "$work/server.log" ]] && tail -n 30 "$work/server.log" >&2; exit 1; }
 
-step "1. build context: tracked files of $repo"
 mkdir -p "$work/context" "$work/app"
 if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  (cd "$repo" && git ls-files -z | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -xf - -C "$work/context"
+  step "1. build context: $repo at HEAD ($(git -C "$repo" rev-parse --short HEAD))"
+  git -C "$repo" archive HEAD | tar -xf - -C "$work/context"
 else
+  step "1. build context: $repo (not a git checkout)"
   # Not a git checkout (an unpacked archive): everything but what .dockerignore leaves out.
   tar -C "$repo" --exclude=./.git --exclude=./node_modules --exclude=./dist --exclude=./.tap --exclude=./.env -cf - . | tar -xf - -C "$work/context"
 fi
