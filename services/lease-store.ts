@@ -70,7 +70,12 @@ export interface StoreStatus {
 }
 
 export interface StoreEvents {
-  /** A waiter somewhere was granted a lease (possibly by another replica's release). */
+  /**
+   * One of this replica's waiters was granted a lease: by another replica (a notification), or by
+   * a call of this store that served a queue (leave, release, releaseGpus: told before that call
+   * resolves, so the next request on freed GPUs starts without waiting for a notification).
+   * `attempt` and `sweep` return their grants instead. The same grant may be told twice.
+   */
   onGrant: (grant: Grant) => void
   /** Another part of the cluster asked every replica to read the inventory again. */
   onInventoryChanged: () => void

@@ -20,7 +20,10 @@ import { assertSafeIds } from './lease-store.js'
  *   w:<member>      hash                 queue, cands, since, model, kind, purpose; token+index once granted
  *   gq:<gpu>        set of queues        queues with waiters that could use a GPU (serve on release)
  *   queues          set of queues        for status
- * Channel `events`: `g|member|token|index` for every grant, `i` for an inventory change.
+ * Channel `events`: `g|member|token|index` for a grant to another replica's waiter, `i` for an
+ * inventory change. Every script that grants returns its grants in its reply, and the store hands
+ * those of its own replica's waiters on at once: no pub/sub hop between a release and the next
+ * request on the freed GPUs.
  */
 const PRELUDE = `
 local P = ARGV[1]
@@ -159,7 +162,10 @@ local function serve (queues)
       GRANTS[#GRANTS + 1] = best[1]
       GRANTS[#GRANTS + 1] = token
       GRANTS[#GRANTS + 1] = idx
-      redis.call('PUBLISH', P .. 'events', 'g|' .. best[1] .. '|' .. token .. '|' .. idx)
+      -- The calling replica reads its own waiters' grants from the reply; only the others are told.
+      if string.sub(best[1], 1, #REPLICA + 1) ~= REPLICA .. '|' then
+        redis.call('PUBLISH', P .. 'events', 'g|' .. best[1] .. '|' .. token .. '|' .. idx)
+      end
       local m, s = head_of(bq)
       if m then heads[bq] = { m, s } else heads[bq] = nil end
     else
@@ -236,14 +242,15 @@ if done then return done end
 return { 'waiting', e, tostring(redis.call('ZRANK', qkey, m)), tostring(score), unpack(GRANTS) }
 `
 
-// ARGV 8 number of queues, then the queues, then members: serve, then report members' grants.
+// ARGV 8 number of queues, then the queues, then members: serve, then report its grants and the
+// members' grants (a member granted in this call appears twice).
 const SWEEP = PRELUDE + `
 local e = epoch_check()
 local nq = tonumber(ARGV[8])
 local qs = {}
 for i = 9, 8 + nq do qs[#qs + 1] = ARGV[i] end
 serve(qs)
-local out = { e }
+local out = { e, unpack(GRANTS) }
 for i = 9 + nq, #ARGV do
   local m = ARGV[i]
   local w = redis.call('HMGET', P .. 'w:' .. m, 'token', 'index')
@@ -268,10 +275,11 @@ serve({ q })
 return GRANTS
 `
 
-// ARGV 8 token, 9 gpus (used when the lease record is gone)
+// ARGV 8 token, 9 gpus (used when the lease record is gone). Returns { GPUs freed, grants... }
 const RELEASE = PRELUDE + `
 epoch_check()
-return release_token(ARGV[8], ARGV[9])
+local n = release_token(ARGV[8], ARGV[9])
+return { n, unpack(GRANTS) }
 `
 
 // ARGV 8 gpus
@@ -282,7 +290,7 @@ for _, g in ipairs(split(ARGV[8], ',')) do
   local token = redis.call('GET', P .. 'gpu:' .. g)
   if token then n = n + release_token(token, g) end
 end
-return n
+return { n, unpack(GRANTS) }
 `
 
 // ARGV 8.. groups of 7: token, gpus, assignment, queue, model, kind, purpose. Returns tokens lost.
@@ -505,18 +513,30 @@ export class RedisLeaseStore implements LeaseStore {
     return parseGrants(r, 1)
   }
 
+  /** Hand this replica's grants from a script's reply on, as pub/sub would for another replica's. */
+  private deliver (grants: Grant[]): void {
+    const own = this.replicaId + '|'
+    for (const g of grants) {
+      if (g.member.startsWith(own)) this.events?.onGrant(g)
+    }
+  }
+
   async leave (queue: string, member: string): Promise<void> {
-    await this.client.maestroLeave(...this.args(), queue, member)
+    const r: unknown[] = await this.client.maestroLeave(...this.args(), queue, member)
+    this.deliver(parseGrants(r, 0))
   }
 
   async release (token: string, gpuIds: string[] = []): Promise<boolean> {
-    const n = await this.client.maestroRelease(...this.args(), token, gpuIds.join(','))
-    return Number(n) > 0
+    const r: unknown[] = await this.client.maestroRelease(...this.args(), token, gpuIds.join(','))
+    this.deliver(parseGrants(r, 1))
+    return Number(r[0]) > 0
   }
 
   async releaseGpus (gpuIds: string[]): Promise<number> {
     assertSafeIds([{ assignmentId: 'x', gpuIds }])
-    return Number(await this.client.maestroReleaseGpus(...this.args(), gpuIds.join(',')))
+    const r: unknown[] = await this.client.maestroReleaseGpus(...this.args(), gpuIds.join(','))
+    this.deliver(parseGrants(r, 1))
+    return Number(r[0])
   }
 
   async renew (leases: HeldLease[]): Promise<string[]> {
