@@ -3,6 +3,27 @@ import fastifyMysql from '@fastify/mysql'
 import type { Pool } from 'mysql2/promise'
 import type { Query } from '../services/inventory.js'
 
+/**
+ * A query with no answer for this long fails. A MariaDB that stops answering (host gone, network
+ * cut) leaves no error on the socket for minutes; without a bound the inventory refresh and the
+ * health ping would wait on it, and every later query on that connection would queue behind it.
+ */
+const QUERY_TIMEOUT_MS = 5000
+
+async function timedQuery (pool: Pool, sql: string, params?: unknown[]): Promise<unknown> {
+  const connection = await pool.getConnection()
+  try {
+    const [rows] = await connection.query({ sql, timeout: QUERY_TIMEOUT_MS }, params)
+    connection.release()
+    return rows
+  } catch (err) {
+    // A timed-out connection still waits for the lost answer: drop it rather than reuse it.
+    if ((err as { code?: string }).code === 'PROTOCOL_SEQUENCE_TIMEOUT') connection.destroy()
+    else connection.release()
+    throw err
+  }
+}
+
 export interface InventoryDb {
   query: Query
   /** Cheap round trip for /health. */
@@ -33,10 +54,7 @@ export default fp(async function mariadb (fastify) {
   } as any)
   const pool = (fastify as any).mysql.maestro.pool as Pool
   fastify.decorate('inventoryDb', {
-    query: async (sql: string, params?: unknown[]) => {
-      const [rows] = await pool.query(sql, params)
-      return rows as any[]
-    },
-    ping: async () => { await pool.query('SELECT 1') }
+    query: async (sql: string, params?: unknown[]) => await timedQuery(pool, sql, params) as any[],
+    ping: async () => { await timedQuery(pool, 'SELECT 1') }
   })
 }, { name: 'mariadb', dependencies: ['config'], fastify: '5.x' })
