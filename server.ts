@@ -49,6 +49,9 @@ try {
 closeWithGrace({ delay: GRACE_MS }, async ({ signal, err }) => {
   if (err != null) app.log.error({ err }, 'closing after an error')
   else app.log.info({ signal }, 'shutting down: finishing in-flight requests')
+  // A keep-alive connection whose last answer has ended would hold the close until it times out.
+  const reaper = setInterval(() => { app.server.closeIdleConnections() }, 100)
+  reaper.unref()
   await app.close()
 })
 

@@ -28,6 +28,9 @@ export default fp(async function gpuLease (fastify) {
   })
   await leases.start()
   fastify.decorate('leases', leases)
+  // Closing starts with a drain: Fastify answers new requests 503 while the listener stays open,
+  // waiters are sent away, and in-flight requests finish before the server stops listening.
+  fastify.addHook('preClose', async () => { await leases.drain() })
   // Runs before the Redis connections close (onClose hooks run in reverse registration order).
   fastify.addHook('onClose', async () => { await leases.close() })
 }, { name: 'gpu-lease', dependencies: ['config', 'redis'], fastify: '5.x' })

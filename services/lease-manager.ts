@@ -41,6 +41,8 @@ interface Waiter {
   score?: number
   timer?: NodeJS.Timeout
   onAbort?: () => void
+  /** Sent away by a shutdown (possibly while its first attempt was still running). */
+  refused?: boolean
   resolve: (lease: Lease) => void
   reject: (err: Error) => void
 }
@@ -70,6 +72,8 @@ export class LeaseManager {
   private sweepTimer?: NodeJS.Timeout
   private renewTimer?: NodeJS.Timeout
   private closed = false
+  /** Resolves `drain()` once the last held lease is released. */
+  private drained?: () => void
   readonly stats = { grants: 0, releases: 0, lost: 0 }
 
   constructor (readonly store: LeaseStore, private readonly opts: LeaseManagerOptions) {}
@@ -122,6 +126,11 @@ export class LeaseManager {
     for (const g of result.grants) this.onGrant(g)
     switch (result.status) {
       case 'granted':
+        if (waiter.refused === true) {
+          // Sent away while its first attempt ran (shutdown): the store granted it anyway, give it back.
+          void this.releaseToken(result.token, [])
+          break
+        }
         this.onGrant({ member, token: result.token, candidateIndex: result.candidateIndex })
         break
       case 'full':
@@ -207,7 +216,12 @@ export class LeaseManager {
     this.held.delete(lease.token)
     this.stats.releases++
     this.observer?.released(lease)
+    this.noteDrained()
     await this.releaseToken(lease.token, lease.gpuIds)
+  }
+
+  private noteDrained (): void {
+    if (this.closed && this.held.size === 0) this.drained?.()
   }
 
   private async releaseToken (token: string, gpuIds: string[]): Promise<void> {
@@ -247,6 +261,7 @@ export class LeaseManager {
         this.observer?.lost(entry.lease)
         this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, 'lease lost to another holder; aborting its request')
         entry.lost.abort(new LeaseError('lease lost', 503, 1))
+        this.noteDrained()
       }
     } catch (err) {
       this.opts.log?.warn({ err }, 'lease renewal failed')
@@ -271,16 +286,32 @@ export class LeaseManager {
     await this.sweep()
   }
 
-  /** Stop taking requests, fail the waiters, release every lease. */
-  async close (): Promise<void> {
+  /** New requests and those still waiting get 503 and leave the queue (they can go to another replica). */
+  private async refuseWaiters (): Promise<void> {
     this.closed = true
-    if (this.sweepTimer != null) clearInterval(this.sweepTimer)
-    if (this.renewTimer != null) clearInterval(this.renewTimer)
     for (const w of [...this.waiters.values()]) {
       this.forget(w)
+      w.refused = true
       w.reject(new LeaseError('gateway is shutting down', 503, 1))
       await this.store.leave(w.req.queue, w.member).catch(() => {})
     }
+  }
+
+  /**
+   * The first step of a shutdown: take no more requests, send the waiting ones away, and resolve
+   * once every in-flight request has released its lease. Renewal goes on meanwhile.
+   */
+  async drain (): Promise<void> {
+    await this.refuseWaiters()
+    if (this.held.size === 0) return
+    await new Promise<void>((resolve) => { this.drained = resolve })
+  }
+
+  /** Stop taking requests, fail the waiters, release every lease. */
+  async close (): Promise<void> {
+    if (this.sweepTimer != null) clearInterval(this.sweepTimer)
+    if (this.renewTimer != null) clearInterval(this.renewTimer)
+    await this.refuseWaiters()
     for (const { lease } of [...this.held.values()]) await this.release(lease)
     await this.store.close()
   }
