@@ -16,6 +16,7 @@ import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
 import metricsRoutes from './routes/metrics/index.js'
 import ollamaRoutes from './routes/ollama/index.js'
+import openaiRoutes from './routes/openai/index.js'
 
 export type MaestroOptions = ConfigOptions
 
@@ -40,6 +41,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(auth)
 
   await fastify.register(ollamaRoutes)
+  await fastify.register(openaiRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)

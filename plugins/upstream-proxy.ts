@@ -6,21 +6,24 @@ import { GatewayError } from '../services/errors.js'
 import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
-import type { Lease } from '../services/lease-manager.js'
+import { LeaseError, type Lease } from '../services/lease-manager.js'
 import { queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 
 /** How long an assignment that refused a connection sits out before it is tried first again. */
 const COOLDOWN_MS = 5000
 
-export interface LeasedForward {
+export interface LeaseTarget {
   kind: ModelKind
   model: string
+  /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
+  candidates?: Assignment[]
+}
+
+export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
   path: string
   body: string
-  /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
   /** What a broken stream ends with, in the stream's own format. */
   streamError?: (message: string) => string
   /** Called with the upstream's answer instead of streaming it through (e.g. to transform it). */
@@ -34,12 +37,27 @@ declare module 'fastify' {
   interface FastifyInstance {
     /** Lease a GPU server for the model, forward the body to it, stream the answer back. */
     forwardLeased: (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) => Promise<FastifyReply>
+    /**
+     * Lease a GPU server for the model and run `work` against it (several upstream calls under one
+     * lease); the lease is released when `work` settles or the client leaves. For answers that are
+     * not one proxied response.
+     */
+    withLease: <T>(request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>) => Promise<T>
     /** Forward to a chosen upstream without a lease (model info, uploads). */
     forwardTo: (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, body?: string) => FastifyReply
   }
 }
 
-interface UpstreamError { code?: string, cause?: { code?: string } }
+/** The upstream a `withLease` work runs against. */
+export interface LeasedUpstream {
+  assignment: Assignment
+  /** Aborts when the client leaves or the lease is lost: stop the work. */
+  signal: AbortSignal
+  /** POST a JSON body to `path` on the leased upstream (each call bounded by UPSTREAM_HEADERS_TIMEOUT_MS). */
+  post: (path: string, body: unknown) => Promise<Response>
+}
+
+interface UpstreamError { code?: string, name?: string, cause?: { code?: string } }
 
 /** Failures that happened before the upstream saw the request: safe to try another server. */
 function unreachable (error: unknown): boolean {
@@ -52,7 +70,12 @@ function unreachable (error: unknown): boolean {
 
 function timedOut (error: unknown): boolean {
   const e = error as UpstreamError
-  return e.code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT' || e.cause?.code === 'UND_ERR_HEADERS_TIMEOUT'
+  return e.code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT' || e.cause?.code === 'UND_ERR_HEADERS_TIMEOUT' || e.name === 'TimeoutError'
+}
+
+function failureCode (error: unknown): string {
+  const e = error as UpstreamError
+  return e.cause?.code ?? e.code ?? 'failed'
 }
 
 export default fp(async function upstreamProxy (fastify) {
@@ -118,46 +141,79 @@ export default fp(async function upstreamProxy (fastify) {
     })
   })
 
-  fastify.decorate('forwardLeased', async function (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) {
+  interface Held {
+    assignment: Assignment
+    lease: Lease
+    /** Release once; also bound to the end of the exchange. */
+    release: () => void
+  }
+
+  /**
+   * One request's way through the model's candidates: lease the best untried one (those in
+   * cooldown only when nothing else is left), remember those found unreachable. Shared by every
+   * leased route, so choice, queueing, headers and release work the same everywhere.
+   */
+  function candidateLeases (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
     const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
     if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
     request.exchange.model = target.model
     const queue = queueName(target.kind, modelKey(target.model))
     const tried = new Set<string>()
     let lastFailure = ''
+    return {
+      /** The next lease, or undefined when every candidate has been found unreachable. */
+      async next (): Promise<Held | undefined> {
+        const now = Date.now()
+        const untried = all.filter((a) => !tried.has(a.id))
+        if (untried.length === 0) return undefined
+        const fresh = untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
+        const choice = fresh.length > 0 ? fresh : untried
+        const lease = await fastify.leases.acquire({
+          queue,
+          candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+          info: { model: target.model, kind: target.kind, purpose: 'proxy' },
+          signal: request.exchange.signal
+        })
+        const assignment = choice[lease.candidateIndex]
+        request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
+        let released = false
+        const release = (): void => {
+          if (released) return
+          released = true
+          request.exchange.released()
+          void fastify.leases.release(lease)
+        }
+        request.exchange.onClose(release)
+        reply.header('x-maestro-assignment', headerValue(assignment.name))
+        reply.header('x-maestro-gpus', lease.gpuIds.join(','))
+        reply.header('x-maestro-queue-ms', lease.queuedMs.toFixed(1))
+        return { assignment, lease, release }
+      },
+      /** The upstream was unreachable before it saw the request: sit it out, try the next. */
+      unreachable (assignment: Assignment, error: unknown): void {
+        tried.add(assignment.id)
+        cooling.set(assignment.id, Date.now() + COOLDOWN_MS)
+        lastFailure = ` (last: '${assignment.name}' ${failureCode(error)})`
+        request.exchange.upstreamFailed(assignment.name, 'unreachable')
+        fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream unreachable; trying the next candidate')
+      },
+      exhausted (): string {
+        return `no upstream for model '${target.model}' is reachable${lastFailure}`
+      }
+    }
+  }
+
+  fastify.decorate('forwardLeased', async function (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) {
+    const leases = candidateLeases(request, reply, target)
 
     const forward = async (): Promise<FastifyReply> => {
-      const now = Date.now()
-      const untried = all.filter((a) => !tried.has(a.id))
-      if (untried.length === 0) {
-        return reply.sendError(502, `no upstream for model '${target.model}' is reachable${lastFailure}`)
-      }
-      // Assignments in cooldown are tried only when nothing else is left.
-      const fresh = untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
-      const choice = fresh.length > 0 ? fresh : untried
-      const lease = await fastify.leases.acquire({
-        queue,
-        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' },
-        signal: request.exchange.signal
-      })
-      return send(choice[lease.candidateIndex], lease)
+      const held = await leases.next()
+      if (held == null) return reply.sendError(502, leases.exhausted())
+      return send(held)
     }
 
-    const send = (assignment: Assignment, lease: Lease): FastifyReply => {
-      request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
-      let released = false
-      const release = (): void => {
-        if (released) return
-        released = true
-        request.exchange.released()
-        void fastify.leases.release(lease)
-      }
-      request.exchange.onClose(release)
+    const send = ({ assignment, lease, release }: Held): FastifyReply => {
       lease.lost.addEventListener('abort', () => reply.raw.destroy(), { once: true })
-      reply.header('x-maestro-assignment', headerValue(assignment.name))
-      reply.header('x-maestro-gpus', lease.gpuIds.join(','))
-      reply.header('x-maestro-queue-ms', lease.queuedMs.toFixed(1))
       return reply.from(assignment.url + target.path, {
         body: target.body,
         contentType: 'application/json',
@@ -184,11 +240,7 @@ export default fp(async function upstreamProxy (fastify) {
         onError: (reply, { error }) => {
           release()
           if (unreachable(error) && !reply.sent && !request.exchange.closed) {
-            tried.add(assignment.id)
-            cooling.set(assignment.id, Date.now() + COOLDOWN_MS)
-            lastFailure = ` (last: '${assignment.name}' ${(error as UpstreamError).cause?.code ?? (error as UpstreamError).code ?? 'failed'})`
-            request.exchange.upstreamFailed(assignment.name, 'unreachable')
-            fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream unreachable; trying the next candidate')
+            leases.unreachable(assignment, error)
             forward().catch((err) => reply.send(err))
             return
           }
@@ -200,6 +252,37 @@ export default fp(async function upstreamProxy (fastify) {
     }
 
     return await forward()
+  })
+
+  fastify.decorate('withLease', async function <T> (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>): Promise<T> {
+    const leases = candidateLeases(request, reply, target)
+    for (;;) {
+      const held = await leases.next()
+      if (held == null) throw new GatewayError(502, leases.exhausted())
+      const { assignment, lease, release } = held
+      const signal = AbortSignal.any([request.exchange.signal, lease.lost])
+      const post = async (path: string, body: unknown): Promise<Response> => await fetch(assignment.url + path, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId },
+        body: JSON.stringify(body),
+        signal: AbortSignal.any([signal, AbortSignal.timeout(config.upstreamHeadersTimeoutMs)])
+      })
+      try {
+        return await work({ assignment, signal, post })
+      } catch (error) {
+        if (error instanceof GatewayError || error instanceof LeaseError) throw error
+        if (unreachable(error) && !request.exchange.closed) {
+          leases.unreachable(assignment, error)
+          continue
+        }
+        if (!request.exchange.closed && !lease.lost.aborted) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
+        if (timedOut(error)) throw new GatewayError(504, `upstream '${assignment.name}' sent no answer within ${config.upstreamHeadersTimeoutMs} ms`)
+        if (lease.lost.aborted) throw lease.lost.reason
+        throw new GatewayError(502, `upstream '${assignment.name}' failed: ${(error as Error).message}`)
+      } finally {
+        release()
+      }
+    }
   })
 }, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory'], fastify: '5.x' })
 
