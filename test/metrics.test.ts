@@ -131,3 +131,13 @@ t.test('two gateways in one process keep separate metrics', async (t) => {
   t.equal(mb.value('maestro_http_requests_total', { route: '/api/chat', model: 'm', status: '200' }), 0)
   t.ok(mb.types.has('maestro_process_resident_memory_bytes'), 'both expose the process metrics')
 })
+
+t.test('/metrics stays open when API keys guard the proxied routes', async (t) => {
+  const fleet = await startFleet(t, { gpus: [1], upstreams: [{ model: 'm', gpus: [0] }] })
+  const gw = await fleet.replica({ API_KEYS: 'secret-key' })
+  const chat = await fetch(`${gw.url}/api/chat`, { method: 'POST', body: JSON.stringify({ model: 'm', messages: [] }) })
+  t.equal(chat.status, 401)
+  await chat.text()
+  const m = await scrape(gw.url)
+  t.equal(m.value('maestro_http_requests_total', { route: '/api/chat', model: '', status: '401' }), 1, 'the refused request is counted')
+})
