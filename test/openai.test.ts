@@ -1,5 +1,6 @@
 // OpenAI-compatible API and model discovery (issue 6), through the real `openai` client.
 import t, { type Test } from 'tap'
+import http from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
 import OpenAI from 'openai'
 import { Ollama } from 'ollama'
@@ -180,6 +181,25 @@ t.test('image generation: n txt2img calls under one lease, answered as base64 PN
   const one = await client.images.generate({ model: 'sdxl', prompt: 'one' })
   t.equal(one.data!.length, 1, 'n defaults to 1')
   t.notOk('width' in sd.requests.at(-1)!.body, 'no size: the server\'s default')
+
+  // The server's own error passes through as it said it, and the lease ends with it.
+  sd.behaviour = { kind: 'error', status: 500, body: { detail: 'CUDA out of memory' } }
+  const failed = await fetch(`${gw.url}/v1/images/generations`, { method: 'POST', body: JSON.stringify({ model: 'sdxl', prompt: 'x', n: 2 }) })
+  t.same({ status: failed.status, body: await failed.json() }, { status: 500, body: { detail: 'CUDA out of memory' } })
+  t.equal(sd.requests.length, 5, 'no second call after a failed first')
+  sd.behaviour = { kind: 'normal' }
+
+  // A client that gives up mid-batch stops the batch and frees the GPU. (Plain node:http: after an
+  // abort, fetch's pool opens a spare connection that would hold the gateway's close for 70 s.)
+  const abandoned = http.request(`${gw.url}/v1/images/generations`, { method: 'POST', agent: false })
+  const gone = new Promise((resolve) => abandoned.once('error', resolve))
+  abandoned.end(JSON.stringify({ model: 'sdxl', prompt: 'many', n: 5 }))
+  await until('the batch to start', () => sd.requests.length === 6)
+  abandoned.destroy()
+  await gone
+  await settled(t, fleet)
+  t.equal(sd.requests.length, 6, 'no further image once the client left')
+  t.ok((await client.images.generate({ model: 'sdxl', prompt: 'after' })).data!.length === 1, 'the GPU is free for the next')
   await settled(t, fleet)
 })
 
