@@ -14,7 +14,10 @@ export interface Lease extends HeldLease {
   /** Time spent waiting for the lease, in milliseconds. */
   queuedMs: number
   grantedAt: number
-  /** Aborted when renewal finds the lease taken by someone else (it expired while we were paused). */
+  /**
+   * Aborted when renewal finds the lease taken by someone else (it expired while we were paused),
+   * or when it could not be renewed for half the ttl (it may expire and be granted elsewhere).
+   */
   lost: AbortSignal
 }
 
@@ -53,7 +56,7 @@ const RECENT_LIMIT = 4096
 export interface LeaseObserver {
   granted: (lease: Lease) => void
   released: (lease: Lease) => void
-  /** A held lease was found taken by another holder: it expired while this replica could not renew it. */
+  /** A held lease was given up: found taken by another holder, or not renewable for half the ttl. */
   lost: (lease: Lease) => void
 }
 
@@ -63,7 +66,8 @@ export interface LeaseObserver {
  */
 export class LeaseManager {
   private readonly waiters = new Map<string, Waiter>()
-  private readonly held = new Map<string, { lease: Lease, lost: AbortController }>()
+  /** In-flight leases; `renewedAt`: when the store last set their expiry (a call's start, to be safe). */
+  private readonly held = new Map<string, { lease: Lease, lost: AbortController, renewedAt: number }>()
   /** Members settled recently: a duplicate grant notice for them is not an orphan. */
   private readonly recent = new Set<string>()
   /** Releases that could not reach the store yet; retried until they do. */
@@ -74,6 +78,8 @@ export class LeaseManager {
   private closed = false
   /** Resolves `drain()` once the last held lease is released. */
   private drained?: () => void
+  /** A timed renewal is running (a store that stopped answering can hold it for commandTimeout). */
+  private renewing = false
   readonly stats = { grants: 0, releases: 0, lost: 0 }
 
   constructor (readonly store: LeaseStore, private readonly opts: LeaseManagerOptions) {}
@@ -86,7 +92,7 @@ export class LeaseManager {
     })
     const pollMs = this.opts.pollMs ?? Math.min(1000, Math.floor(this.opts.ttlMs / 3))
     this.sweepTimer = setInterval(() => { void this.sweep() }, pollMs)
-    this.renewTimer = setInterval(() => { void this.renew() }, Math.floor(this.opts.ttlMs / 3))
+    this.renewTimer = setInterval(() => { void this.renewTick() }, Math.floor(this.opts.ttlMs / 3))
     this.sweepTimer.unref()
     this.renewTimer.unref()
   }
@@ -203,7 +209,7 @@ export class LeaseManager {
       grantedAt: now,
       lost: lost.signal
     }
-    if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost })
+    if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost, renewedAt: now })
     this.stats.grants++
     this.observer?.granted(lease)
     waiter.resolve(lease)
@@ -248,24 +254,64 @@ export class LeaseManager {
     }
   }
 
-  private async renew (): Promise<void> {
-    if (!this.store.available()) return
+  /** Renew; when that cannot be done (store unreachable, the last call still hanging), stop what may expire. */
+  private async renewTick (): Promise<void> {
+    if (this.renewing) {
+      this.stopUnrenewed()
+      return
+    }
+    this.renewing = true
+    try {
+      if (!await this.renew()) this.stopUnrenewed()
+    } finally {
+      this.renewing = false
+    }
+  }
+
+  /** Renew every held lease (re-creating those the store forgot); false when the store could not be reached. */
+  private async renew (): Promise<boolean> {
+    if (!this.store.available()) return false
+    const startedAt = performance.now()
     const held = [...this.held.values()]
     try {
-      const lost = await this.store.renew(held.map((h) => h.lease))
-      for (const token of lost) {
-        const entry = this.held.get(token)
-        if (entry == null) continue
-        this.held.delete(token)
-        this.stats.lost++
-        this.observer?.lost(entry.lease)
-        this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, 'lease lost to another holder; aborting its request')
-        entry.lost.abort(new LeaseError('lease lost', 503, 1))
-        this.noteDrained()
+      const lost = new Set(await this.store.renew(held.map((h) => h.lease)))
+      for (const h of held) {
+        if (!lost.has(h.lease.token)) h.renewedAt = Math.max(h.renewedAt, startedAt)
       }
+      for (const token of lost) this.stop(token, 'lease lost to another holder; aborting its request')
+      return true
     } catch (err) {
       this.opts.log?.warn({ err }, 'lease renewal failed')
+      return false
     }
+  }
+
+  /**
+   * A lease this replica has not renewed for half its ttl (the store unreachable from here, while
+   * other replicas may still reach it) can expire and be granted elsewhere: stop its request
+   * before that, so no GPU ever works for two. Checked in every renewal period (ttl/3) whose
+   * renewal could not be done, so the stop comes at least ttl/6 before the expiry.
+   */
+  private stopUnrenewed (): void {
+    const now = performance.now()
+    for (const [token, h] of this.held) {
+      if (now - h.renewedAt < this.opts.ttlMs / 2) continue
+      this.stop(token, `lease not renewed for ${Math.round(now - h.renewedAt)} ms (lease store unreachable); stopping its request before the lease can expire`)
+      // Should the store come back before the ttl, free the GPUs at once (compare-and-delete: harmless otherwise).
+      this.pendingReleases.set(token, h.lease.gpuIds)
+    }
+  }
+
+  /** Abort the request of a lease this replica can no longer vouch for. */
+  private stop (token: string, message: string): void {
+    const entry = this.held.get(token)
+    if (entry == null) return
+    this.held.delete(token)
+    this.stats.lost++
+    this.observer?.lost(entry.lease)
+    this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, message)
+    entry.lost.abort(new LeaseError('lease lost', 503, 1))
+    this.noteDrained()
   }
 
   /** The store lost its data or came back: re-create our leases, re-take our places in the queues. */
