@@ -93,9 +93,9 @@ local function head_of (q)
   end
 end
 
-local function try_grant (q, m)
-  local w = redis.call('HMGET', P .. 'w:' .. m, 'cands', 'since', 'model', 'kind', 'purpose')
-  local cands = parse_cands(w[1])
+-- The first candidate whose GPUs are all free and held back for no other live waiter (stale
+-- holds are dropped on the way), or nil.
+local function free_candidate (m, cands)
   for i, c in ipairs(cands) do
     local ok = true
     for _, g in ipairs(c[2]) do
@@ -106,22 +106,36 @@ local function try_grant (q, m)
         redis.call('DEL', P .. 'hold:' .. g)
       end
     end
-    if ok then
-      local fence = redis.call('INCR', P .. 'fence')
-      local token = m .. '#' .. fence
-      for _, g in ipairs(c[2]) do
-        redis.call('SET', P .. 'gpu:' .. g, token, 'PX', TTL)
-        if redis.call('GET', P .. 'hold:' .. g) == m then redis.call('DEL', P .. 'hold:' .. g) end
-      end
-      local lkey = P .. 'lease:' .. token
-      redis.call('HSET', lkey, 'gpus', table.concat(c[2], ','), 'assignment', c[1], 'queue', q,
-        'model', w[3], 'kind', w[4], 'purpose', w[5], 'since', NOW)
-      redis.call('PEXPIRE', lkey, TTL)
-      redis.call('ZREM', P .. 'q:' .. q, m)
-      redis.call('HSET', P .. 'w:' .. m, 'token', token, 'index', i - 1)
-      redis.call('PEXPIRE', P .. 'w:' .. m, TTL)
-      return token, i - 1
-    end
+    if ok then return i end
+  end
+  return nil
+end
+
+-- Lease every GPU of candidate c to member m; returns the token.
+local function take (m, q, c, model, kind, purpose)
+  local fence = redis.call('INCR', P .. 'fence')
+  local token = m .. '#' .. fence
+  for _, g in ipairs(c[2]) do
+    redis.call('SET', P .. 'gpu:' .. g, token, 'PX', TTL)
+    if redis.call('GET', P .. 'hold:' .. g) == m then redis.call('DEL', P .. 'hold:' .. g) end
+  end
+  local lkey = P .. 'lease:' .. token
+  redis.call('HSET', lkey, 'gpus', table.concat(c[2], ','), 'assignment', c[1], 'queue', q,
+    'model', model, 'kind', kind, 'purpose', purpose, 'since', NOW)
+  redis.call('PEXPIRE', lkey, TTL)
+  return token
+end
+
+local function try_grant (q, m)
+  local w = redis.call('HMGET', P .. 'w:' .. m, 'cands', 'since', 'model', 'kind', 'purpose')
+  local cands = parse_cands(w[1])
+  local i = free_candidate(m, cands)
+  if i then
+    local token = take(m, q, cands[i], w[3], w[4], w[5])
+    redis.call('ZREM', P .. 'q:' .. q, m)
+    redis.call('HSET', P .. 'w:' .. m, 'token', token, 'index', i - 1)
+    redis.call('PEXPIRE', P .. 'w:' .. m, TTL)
+    return token, i - 1
   end
   -- Starving: hold back the first candidate whose GPUs no other waiter holds, so the GPUs
   -- stay free for this waiter as they are released.
@@ -220,6 +234,15 @@ end
 local done = granted()
 if done then return done end
 local score = redis.call('ZSCORE', qkey, m)
+local tried = false
+if not score and not PAUSED and ARGV[15] == '' and redis.call('EXISTS', qkey) == 0 then
+  -- Nobody waits for this model: a free candidate is taken at once, with no queue entry to write
+  -- and remove; this is what serving the queue would do with this member as its only waiter.
+  local cands = parse_cands(ARGV[10])
+  local i = free_candidate(m, cands)
+  if i then return { 'granted', e, take(m, q, cands[i], ARGV[11], ARGV[12], ARGV[13]), tostring(i - 1) } end
+  tried = true
+end
 if not score then
   if redis.call('ZCARD', qkey) >= tonumber(ARGV[14]) then
     head_of(q)
@@ -236,7 +259,8 @@ if not score then
   redis.call('SADD', P .. 'queues', q)
 end
 if PAUSED then return { 'paused', e, tostring(score) } end
-serve({ q })
+-- Just found every candidate busy, and a new waiter is not starving yet: serving would change nothing.
+if not tried or STARVE <= 0 then serve({ q }) end
 done = granted()
 if done then return done end
 return { 'waiting', e, tostring(redis.call('ZRANK', qkey, m)), tostring(score), unpack(GRANTS) }
