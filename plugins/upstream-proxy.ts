@@ -231,7 +231,10 @@ export default fp(async function upstreamProxy (fastify) {
             target.onUpstreamResponse(request, reply as FastifyReply, res, release)
             return
           }
-          if (target.streamError == null) {
+          // An error record can only end an answer of open length (NDJSON, SSE: chunked). Appended to
+          // one with a Content-Length it would leave the answer short (the client waits for the rest)
+          // or long (it misreads the next answer): such an answer is cut off instead.
+          if (target.streamError == null || res.headers['content-length'] != null) {
             reply.send(upstream)
             return
           }
