@@ -118,7 +118,7 @@ export default fp(async function metrics (fastify) {
   })
   const leaseExpiries = new Counter({
     name: 'maestro_lease_expiries_total',
-    help: 'Leases this replica held that expired unrenewed and were taken by another holder (their requests were aborted)',
+    help: 'Leases this replica gave up, stopping their requests: found taken by another holder, or not renewable for half the ttl',
     labelNames: ['kind'] as const,
     registers
   })
