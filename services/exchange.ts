@@ -15,6 +15,13 @@ export interface UpstreamUse {
 }
 
 /**
+ * The reason every exchange's signal aborts with. One for all: an AbortError made per request
+ * (what `abort()` without a reason does) captures a stack trace, which cost more than the rest of
+ * ending the exchange, on every request.
+ */
+const EXCHANGE_ENDED = new DOMException('the exchange has ended', 'AbortError')
+
+/**
  * One client exchange, from its first byte to the close of its response. The response's 'close'
  * event is the one signal that fires however an exchange ends (completed, client gone, upstream
  * died, timed out), so leases hang their release on it.
@@ -59,7 +66,7 @@ export class Exchange {
   close (): void {
     if (this.closed) return
     this.closed = true
-    this.controller.abort()
+    this.controller.abort(EXCHANGE_ENDED)
     for (const fn of this.cleanups.splice(0)) fn()
   }
 }
