@@ -3,7 +3,7 @@ import closeWithGrace from 'close-with-grace'
 import maestro from './app.js'
 import { configSources, serverSettings, type ServerSettings } from './services/config.js'
 import { gatewayRequestId } from './services/exchange.js'
-import { serverTimeouts } from './services/server-timeouts.js'
+import { httpServerOptions } from './services/http-server.js'
 
 /** How long in-flight streams may take to finish after SIGTERM before the process exits anyway. */
 const GRACE_MS = Number(process.env.SHUTDOWN_GRACE_MS ?? 30000)
@@ -32,8 +32,9 @@ const app = Fastify({
   // The gateway's own BODY_LIMIT applies inside; this only bounds what reaches the app's parsers.
   bodyLimit: 1024 * 1024 * 1024,
   return503OnClosing: true,
-  // Slow or endless requests are cut off; answers, however long they stream, are not.
-  ...serverTimeouts()
+  // Slow or endless requests are cut off (answers, however long they stream, are not); requests
+  // Node cannot parse are answered in the gateway's error format.
+  ...httpServerOptions()
 })
 
 try {

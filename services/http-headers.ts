@@ -25,6 +25,9 @@ export function upstreamRequestHeaders (headers: IncomingHttpHeaders, opts: Upst
   const out: Record<string, string | string[] | undefined> = {}
   for (const [name, value] of Object.entries(headers)) {
     if (HOP_BY_HOP.has(name) || drop.has(name) || name === 'host' || name === 'x-request-id') continue
+    // `Expect: 100-continue` was for the gateway, which has answered it and read the body (curl sends
+    // it with large bodies; undici refuses to send it at all).
+    if (name === 'expect') continue
     if (name === 'authorization' && opts.dropAuthorization) continue
     out[name] = value
   }

@@ -1,0 +1,378 @@
+// Fuzzing the whole gateway (issue 4): generated methods, paths, headers and bodies, and mangled
+// raw HTTP, against a real fleet for a bounded time. Afterwards the gateway must still serve,
+// every answer must have had a contract status and format, every GPU must be free and no GPU may
+// have run two requests at once.
+//
+// Replay a run with the seed it prints: FUZZ_SEED=<seed> npx tap test/fuzz.test.ts
+// (FUZZ_MS sets the time budget, default 15000; FUZZ_ONLY=<n> sends only request n of the seed.)
+import t from 'tap'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { randomInt } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import Fastify from 'fastify'
+import maestro from '../app.js'
+import { httpServerOptions } from '../services/http-server.js'
+import { startFleet } from './helpers/gateway.js'
+import { rawRequest, type RawResponse } from './helpers/raw-http.js'
+
+const SEED = process.env.FUZZ_SEED != null ? Number(process.env.FUZZ_SEED) : randomInt(2 ** 31)
+const BUDGET_MS = Number(process.env.FUZZ_MS ?? 15_000)
+const ONLY = process.env.FUZZ_ONLY != null ? Number(process.env.FUZZ_ONLY) : undefined
+const WORKERS = 6
+const BODY_LIMIT = 65_536
+const API_KEY = 'fuzz-key'
+const ADMIN_TOKEN = 'fuzz-admin'
+
+/** mulberry32: small, fast, and the same sequence for the same seed everywhere. */
+function prng (seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let x = Math.imul(a ^ (a >>> 15), 1 | a)
+    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+class Gen {
+  constructor (readonly next: () => number) {}
+  int (n: number): number { return Math.floor(this.next() * n) }
+  chance (p: number): boolean { return this.next() < p }
+  pick<T> (items: readonly T[]): T { return items[this.int(items.length)] }
+  /** Any UTF-16 text: ASCII, controls, other planes, lone surrogates. */
+  /** Percent-encoded text (lone surrogates, which cannot be encoded, become '?'). */
+  encoded (max: number): string {
+    return encodeURIComponent(this.text(max).replace(/[\ud800-\udfff]/g, '?'))
+  }
+
+  text (max: number): string {
+    let out = ''
+    const length = this.int(max + 1)
+    for (let i = 0; i < length; i++) {
+      const kind = this.int(6)
+      out += kind < 3
+        ? String.fromCharCode(0x20 + this.int(95))
+        : kind === 3 ? String.fromCharCode(this.int(0x20)) : kind === 4 ? String.fromCodePoint(this.int(0x10ffff)) : this.pick(['"', '\\', '*', '?', '[', ']', '%', '_', ':', '{', '}', "'", '\n', '\u0000'])
+    }
+    return out
+  }
+
+  json (depth: number): unknown {
+    const kind = this.int(depth > 0 ? 8 : 6)
+    switch (kind) {
+      case 0: return null
+      case 1: return this.chance(0.5)
+      case 2: return this.pick([0, -1, 1e308, -0, 2 ** 53 + 1, 0.1, 1e-300])
+      case 3: return this.text(20)
+      case 4: return this.pick(['m', 'sd', 'big', ''])
+      case 5: return this.int(1000)
+      case 6: return Array.from({ length: this.int(4) }, () => this.json(depth - 1))
+      default: return Object.fromEntries(Array.from({ length: this.int(4) }, () => [this.pick(['model', 'prompt', 'stream', 'messages', 'options', 'keep_alive', '__proto__', 'input', this.text(8)]), this.json(depth - 1)]))
+    }
+  }
+}
+
+const POST_ROUTES = ['/api/chat', '/api/generate', '/api/embed', '/api/embeddings', '/api/show', '/txt2img', '/img2img', '/upload',
+  '/v1/chat/completions', '/v1/completions', '/v1/embeddings', '/v1/images/generations', '/gpu/reserve', '/gpu/ping', '/gpu/release']
+const GET_ROUTES = ['/', '/api/version', '/api/tags', '/api/ps', '/v1/models', '/v1/models/m', '/v1/models/big', '/health', '/health/live', '/health/ready', '/gpu/status', '/metrics']
+const DELETE_ROUTES = ['/gpu/cache', '/cache']
+/** "METHOD path" of every route, for the error-format checks. */
+const KNOWN = new Set([...POST_ROUTES.map((r) => `POST ${r}`), ...GET_ROUTES.flatMap((r) => [`GET ${r}`, `HEAD ${r}`]), ...DELETE_ROUTES.map((r) => `DELETE ${r}`)])
+const MODELS = ['m', 'M:latest', 'big', 'm2', 'sd', 'nope', '', '*', 'm\u0000', 'x'.repeat(5000), "m'; --", 'm*', 'sd:latest']
+
+function validBody (g: Gen, path: string): unknown {
+  const model = g.pick(MODELS)
+  switch (path) {
+    case '/api/chat': return { model, messages: [{ role: 'user', content: g.text(20) }], stream: g.pick([true, false, null, undefined, 'yes']), options: { num_predict: g.int(4) } }
+    case '/api/generate': return { model, prompt: g.text(30), stream: g.pick([true, false, undefined]), keep_alive: g.pick([undefined, '5m', 0, -1, 'x']) }
+    case '/api/embed': return { model, input: g.pick(['a', ['a', 'b'], 42, null]) }
+    case '/api/embeddings': return { model, prompt: g.text(10) }
+    case '/api/show': return g.chance(0.3) ? { name: model } : { model }
+    case '/txt2img': return { model, prompt: g.text(20), num_inference_steps: g.pick([1, 2, 'x', -1]) }
+    case '/img2img': return { model, prompt: g.text(10), file_id: g.text(10), strength: 0.5 }
+    case '/v1/chat/completions': return { model, messages: [{ role: 'user', content: g.text(20) }], stream: g.pick([true, false, undefined]) }
+    case '/v1/completions': return { model, prompt: g.text(20), stream: g.pick([true, false]) }
+    case '/v1/embeddings': return { model, input: g.pick(['a', ['a', 'b'], 1]) }
+    case '/v1/images/generations': return { model, prompt: g.text(10), n: g.pick([1, 2, 0, -1, 100, 'x']), size: g.pick(['64x64', 'big', undefined]), response_format: g.pick(['b64_json', 'url', undefined]) }
+    case '/gpu/reserve': return { outputType: g.pick(['text', 'images', 'speech', 'video', 1]), model }
+    default: return g.pick([{ leaseId: g.text(12) }, { gpuIds: [g.text(3)] }, { gpuIds: 'x' }, {}, { leaseId: 'a', gpuIds: ['1'] }])
+  }
+}
+
+function mutate (g: Gen, text: string): string {
+  let out = text
+  for (let n = 1 + g.int(4); n > 0; n--) {
+    const at = g.int(out.length + 1)
+    const op = g.int(3)
+    out = op === 0 ? out.slice(0, at) + g.text(3) + out.slice(at) : op === 1 ? out.slice(0, at) + out.slice(at + 1 + g.int(5)) : out.slice(0, at) + g.pick(['{', '}', '[', ']', '"', ',', ':', '\\']) + out.slice(at + 1)
+  }
+  return out
+}
+
+function bodyFor (g: Gen, path: string): string | Buffer | undefined {
+  const kind = g.int(100)
+  if (kind < 45) return JSON.stringify(validBody(g, path))
+  if (kind < 60) return mutate(g, JSON.stringify(validBody(g, path)))
+  if (kind < 72) return JSON.stringify(g.json(4))
+  if (kind < 77) {
+    const depth = 1 + g.int(50_000)
+    return g.chance(0.5) ? '['.repeat(depth) + ']'.repeat(depth) : `{"model":"m","prompt":"x","context":${'['.repeat(depth) + ']'.repeat(depth)}}`
+  }
+  if (kind < 81) return `{"model":"m","prompt":"${'p'.repeat(BODY_LIMIT - 30 + g.int(60))}"}`
+  if (kind < 85) return Buffer.from(Array.from({ length: g.int(200) }, () => g.int(256)))
+  if (kind < 89) return `{"model":"m","model":"${g.pick(MODELS)}","prompt":"x","stream":false}`
+  if (kind < 93) return '--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\npng\r\n--b--\r\n'
+  if (kind < 96) return ''
+  return undefined
+}
+
+function pathFor (g: Gen, method: string): string {
+  const base = method === 'POST' ? g.pick(POST_ROUTES) : method === 'DELETE' ? g.pick(DELETE_ROUTES) : g.pick(GET_ROUTES)
+  if (g.chance(0.7)) return base
+  return g.pick([
+    `${base}?${g.encoded(10)}=${g.encoded(10)}`,
+    `${base}/`, `${base}/..`, `${base}/../../etc/passwd`, `/${base}`, `${base}%2F..`, base.toUpperCase(), `${base}%00`, `/api/%2e%2e${base}`,
+    `${base}#x`, `${base};x`, '/' + g.encoded(12), `/v1/models/${g.encoded(20)}`, `/api/${g.pick(['pull', 'push', 'delete', 'copy', 'create', 'blobs/sha256:x'])}`,
+    `/gpu/${g.text(4).replace(/[^a-z]/g, '')}`, '/*', `${base}?model=m&url=http://127.0.0.1:1/`
+  ])
+}
+
+const CONTENT_TYPES = ['application/json', 'application/x-www-form-urlencoded', 'text/plain', 'multipart/form-data; boundary=b', ';;;', 'application/json; charset=utf-16', 'image/png', 'a/b; c', '']
+
+function headersFor (g: Gen, method: string, path: string, body: string | Buffer | undefined): Record<string, string> {
+  const headers: Record<string, string> = {}
+  const admin = ['/gpu/reserve', '/gpu/cache', '/cache'].includes(path) || (['/gpu/ping', '/gpu/release'].includes(path) && typeof body === 'string' && !body.includes('gpuIds'))
+  const auth = g.int(10)
+  // The admin token is never sent with a GPU-id release: that is an operator override that frees
+  // GPUs under in-flight requests by design, which would show up as overlaps.
+  if (auth < 7) headers.authorization = `Bearer ${admin && g.chance(0.8) ? ADMIN_TOKEN : API_KEY}`
+  else if (auth === 7) headers.authorization = g.pick(['Bearer', 'Basic ' + API_KEY, `Bearer ${API_KEY}x`, `bearer ${API_KEY}`, 'Bearer ' + g.text(30).replace(/[^\x21-\x7e]/g, '')])
+  if (body !== undefined && g.chance(0.8)) {
+    const type = g.pick(CONTENT_TYPES)
+    if (type !== '') headers['content-type'] = type
+  }
+  if (g.chance(0.3)) headers['x-request-id'] = g.pick(['fuzz-1', 'a b', 'x'.repeat(200), '../..', 'id:1/2'])
+  if (g.chance(0.2)) headers.connection = g.pick(['close', 'keep-alive', 'keep-alive, x-hop', 'x-hop'])
+  if (g.chance(0.1)) headers['x-hop'] = 'secret'
+  if (g.chance(0.1)) headers['x-maestro-gpus'] = '1,2,3'
+  if (g.chance(0.1)) headers.te = 'trailers'
+  if (g.chance(0.05)) headers.expect = g.pick(['100-continue', 'nonsense'])
+  if (g.chance(0.05)) headers['transfer-encoding'] = 'chunked'
+  if (g.chance(0.05)) headers['content-encoding'] = 'gzip'
+  // over Node's 16 KiB of headers now and then: 431
+  if (g.chance(0.05)) headers['x-long'] = 'l'.repeat(g.int(20_000))
+  // Node's client frames a DELETE or OPTIONS body only when told its length.
+  if (body !== undefined && headers['transfer-encoding'] == null) headers['content-length'] = String(Buffer.byteLength(body))
+  return headers
+}
+
+/** Mangled raw HTTP: framing the gateway must refuse cleanly, or parse unambiguously. */
+function rawFor (g: Gen): string {
+  const body = JSON.stringify(validBody(g, '/api/generate'))
+  const target = g.pick(['/api/generate', 'http://127.0.0.1:1/api/generate', '//evil/api/generate', '/api/generate?x', '*', 'api/generate', '/api/../api/generate'])
+  const auth = `Authorization: Bearer ${API_KEY}\r\n`
+  const lines: string[] = [`${g.pick(['POST', 'POST', 'GET', 'PO ST', 'post', 'CONNECT'])} ${target} ${g.pick(['HTTP/1.1', 'HTTP/1.1', 'HTTP/1.0', 'HTTP/2.0', 'HTTP/1.1 x'])}`]
+  if (g.chance(0.9)) lines.push(`Host: ${g.pick(['x', 'evil:80', '127.0.0.1:1', ''])}`)
+  lines.push(auth.trim(), 'Connection: close')
+  const framing = g.int(10)
+  let payload = body
+  if (framing === 0) lines.push(`Content-Length: ${body.length}`, 'Transfer-Encoding: chunked')
+  else if (framing === 1) lines.push(`Content-Length: ${body.length}`, `Content-Length: ${body.length + 1}`)
+  else if (framing === 2) { lines.push('Transfer-Encoding: chunked'); payload = `${g.pick([body.length.toString(16), 'zz', '-1', '1;ext'])}\r\n${body}\r\n0\r\n\r\n` }
+  else if (framing === 3) lines.push(`Content-Length: ${body.length + g.int(20)}`) // body ends early: the request timeout ends it
+  else if (framing === 4) lines.push(`Content-Length: ${g.pick(['-1', '1e2', '0x10', ' ', 'abc', '99999999999999999999'])}`)
+  else if (framing === 5) lines.push(`Transfer-Encoding: ${g.pick(['gzip', 'chunked, gzip', 'identity', 'xchunked'])}`)
+  else lines.push(`Content-Length: ${body.length}`)
+  if (g.chance(0.3)) lines.push(g.pick(['X-Null: a\u0000b', 'Bad Header: 1', ': empty', 'X-Fold: a\r\n folded', 'X-Lf: a\nX-Other: b', `X-Big: ${'b'.repeat(70_000)}`]))
+  return lines.join('\r\n') + '\r\n\r\n' + payload
+}
+
+interface Outcome {
+  /** undefined: the connection closed before an answer */
+  status: number | undefined
+  headers: Record<string, string | string[] | undefined>
+  body: string
+  error?: string
+}
+
+async function viaHttp (url: string, agent: http.Agent, method: string, path: string, headers: Record<string, string>, body: string | Buffer | undefined): Promise<Outcome | 'client-refused'> {
+  return await new Promise((resolve, reject) => {
+    let req: http.ClientRequest
+    try {
+      // host and path apart: a URL string would have Node resolve `%2e%2e` before sending
+      const { hostname, port } = new URL(url)
+      req = http.request({ host: hostname, port, path, method, headers, agent, timeout: 20_000 })
+    } catch {
+      resolve('client-refused') // Node's client will not even send it (bad header value, unescaped path)
+      return
+    }
+    req.on('timeout', () => { req.destroy(new Error('no answer within 20 s')) })
+    req.on('response', (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }))
+      res.on('error', reject)
+      res.on('aborted', () => resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }))
+    })
+    req.on('error', (err: NodeJS.ErrnoException) => {
+      // The server may close a connection it refused (413, 401 with a body) before all was sent.
+      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') resolve({ status: undefined, headers: {}, body: '', error: err.code })
+      else reject(err)
+    })
+    try {
+      req.end(body)
+    } catch {
+      resolve('client-refused')
+    }
+  })
+}
+
+/**
+ * Statuses the gateway itself may answer with here: section 8 and what Node's HTTP parser answers.
+ * Not 502 or 504: every upstream of this fleet is up and fast, so those would mean the gateway
+ * broke a request on its way (as it did with a forwarded `Expect` header).
+ */
+const GATEWAY_STATUSES = new Set([200, 400, 401, 404, 408, 413, 417, 431, 503])
+/** Routes forwarded without a lease: the upstream's own answers come back as they are. */
+const FORWARDED_WITHOUT_LEASE = new Set(['/api/show', '/upload'])
+
+function check (path: string, method: string, outcome: Outcome, raw: boolean): string | undefined {
+  const { status, headers, body } = outcome
+  if (status === undefined) return undefined
+  const fromUpstream = headers['x-maestro-assignment'] != null
+  const route = path.split('?')[0].split('#')[0]
+  const known = KNOWN.has(`${method} ${route}`)
+  if (status === 500 && !fromUpstream) return `gateway error 500: ${body.slice(0, 200)}`
+  // Node's HTTP parser answers broken requests itself, before any route is known.
+  if (status === 417 && body === '') return undefined
+  if (!fromUpstream && !GATEWAY_STATUSES.has(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
+  if (status < 400 || fromUpstream || method === 'HEAD') return undefined
+  if (body === '' && raw && status === 400) return undefined // Node's own answer to a request without Host
+  let parsed: any
+  try { parsed = JSON.parse(body) } catch { return FORWARDED_WITHOUT_LEASE.has(route) ? undefined : `error body is not JSON: ${body.slice(0, 200)}` }
+  // Node's parser answers these before any route is known, so in the plain format.
+  if (typeof parsed?.error === 'string' && /^(request headers too large|request not received in time|malformed HTTP request)/.test(parsed.error)) return undefined
+  if (typeof parsed?.error === 'string') {
+    if (known && route.startsWith('/v1/')) return `ollama-style error on an OpenAI route: ${body.slice(0, 200)}`
+    if (known && ['/txt2img', '/img2img', '/upload'].includes(route) && parsed.detail !== parsed.error) return `diffusion error without detail: ${body.slice(0, 200)}`
+    return undefined
+  }
+  if (typeof parsed?.error?.message === 'string' && route.startsWith('/v1/')) return undefined
+  if (FORWARDED_WITHOUT_LEASE.has(route)) return undefined
+  return `error body not in the contract's format: ${body.slice(0, 200)}`
+}
+
+t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, every answer in the contract, every GPU free`, async (t) => {
+  t.comment(`seed ${SEED} (replay: FUZZ_SEED=${SEED} npx tap test/fuzz.test.ts)`)
+  const fleet = await startFleet(t, {
+    gpus: [1, 1, 1, 1],
+    upstreams: [
+      { model: 'm', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 5, models: ['m:latest'] } },
+      { model: 'big', gpus: [1, 2], simulator: { tokens: 3, tokenDelayMs: 5 } },
+      { model: 'm2', gpus: [2], simulator: { tokens: 3, tokenDelayMs: 5 } },
+      { model: 'sd', kind: 'diffusor', gpus: [3], simulator: { imageDelayMs: 5 } }
+    ],
+    options: { API_KEYS: API_KEY, ADMIN_TOKEN, BODY_LIMIT, QUEUE_TIMEOUT_MS: 4000, UPSTREAM_HEADERS_TIMEOUT_MS: 5000 }
+  })
+  // The standalone server's own timeouts, shortened, so requests cut short end within the budget.
+  const app = Fastify({ logger: false, ...httpServerOptions({ headersTimeoutMs: 2000, requestTimeoutMs: 3000, checkIntervalMs: 200 }) })
+  await app.register(maestro, { dotenv: false, ...fleet.options })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  t.teardown(async () => await app.close())
+  const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
+  const agent = new http.Agent({ keepAlive: true, maxSockets: WORKERS })
+  t.teardown(() => agent.destroy())
+
+  const failures: string[] = []
+  const statuses = new Map<string, number>()
+  let tried = 0
+  let refusedByClient = 0
+  let next = ONLY ?? 0
+  const deadline = performance.now() + BUDGET_MS
+
+  /** What request n was, for failures that surface as exceptions. */
+  const described = new Map<number, string>()
+  const one = async (index: number): Promise<void> => {
+    const g = new Gen(prng(SEED ^ Math.imul(index + 1, 0x9e3779b1)))
+    if (g.chance(0.15)) {
+      const request = rawFor(g)
+      const sentAt = performance.now()
+      const answer = await rawRequest(url, Buffer.from(request, 'latin1'), { timeoutMs: 10_000 })
+      if (process.env.FUZZ_DEBUG != null) process.stderr.write(`FUZZ #${index} ${sentAt.toFixed(0)}-${performance.now().toFixed(0)} RAW ${JSON.stringify(request.slice(0, 300))} → ${answer.responses.map((r) => r.status).join(',')}\n`)
+      tried++
+      const label = `#${index} raw ${JSON.stringify(request.slice(0, 80))}`
+      if (!answer.closed) failures.push(`${label}: no answer and not closed within 10 s`)
+      // Node closes a CONNECT without a word (no tunnels here); everything else gets an answer.
+      if (answer.responses.length === 0 && !request.startsWith('CONNECT ')) failures.push(`${label}: no answer ${JSON.stringify(answer.raw.slice(0, 120))}`)
+      for (const res of answer.responses.slice(0, 1) as RawResponse[]) {
+        statuses.set(`raw ${res.status}`, (statuses.get(`raw ${res.status}`) ?? 0) + 1)
+        const problem = check('/api/generate', 'POST', { status: res.status, headers: res.headers, body: res.body }, true)
+        if (problem != null) failures.push(`${label}: ${problem}`)
+      }
+      return
+    }
+    const method = g.pick(['POST', 'POST', 'POST', 'POST', 'GET', 'GET', 'HEAD', 'DELETE', 'PUT', 'OPTIONS', 'PATCH'])
+    const path = pathFor(g, method)
+    // GET with a body now and then (a declared length must come with that many bytes, or the
+    // next request on the connection would be read as its body)
+    const body = method === 'HEAD' || (method === 'GET' && !g.chance(0.1)) ? undefined : bodyFor(g, path.split('?')[0])
+    const headers = headersFor(g, method, path.split('?')[0], body)
+    described.set(index, `${method} ${path.slice(0, 60)} ${JSON.stringify(headers).slice(0, 200)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)}`)
+    const sentAt = performance.now()
+    const outcome = await viaHttp(url, agent, method, path, headers, body)
+    if (process.env.FUZZ_DEBUG != null) process.stderr.write(`FUZZ #${index} ${sentAt.toFixed(0)}-${performance.now().toFixed(0)} ${method} ${path.slice(0, 80)} ${JSON.stringify(headers).slice(0, 300)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 200) : body)} → ${outcome === 'client-refused' ? outcome : `${outcome.status ?? `closed (${outcome.error ?? ''})`}`}\n`)
+    if (outcome === 'client-refused') { refusedByClient++; return }
+    tried++
+    // Only a body the gateway refuses unread (too large, no key) may meet a closed connection
+    // while it is still being sent; anything else must get an answer.
+    if (outcome.status === undefined && (body === undefined || Buffer.byteLength(body) < 16_384) && headers['transfer-encoding'] == null && headers['x-long'] == null) {
+      failures.push(`#${index} ${described.get(index) ?? ''}: connection closed without an answer (${outcome.error ?? ''})`)
+    }
+    statuses.set(String(outcome.status ?? 'closed'), (statuses.get(String(outcome.status ?? 'closed')) ?? 0) + 1)
+    const problem = check(path, method, outcome, false)
+    if (problem != null) failures.push(`#${index} ${method} ${path.slice(0, 60)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)} → ${outcome.status}: ${problem}`)
+    // A reservation the fuzz made is handed back, as a client of the lease API would.
+    if (method === 'POST' && path.split(/[?#]/)[0] === '/gpu/reserve' && outcome.status === 200) {
+      const { leaseId } = JSON.parse(outcome.body) as { leaseId: string }
+      const released = await fetch(url + '/gpu/release', { method: 'POST', headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, body: JSON.stringify({ leaseId }) })
+      if (released.status !== 200) failures.push(`#${index}: could not release reservation ${leaseId}: ${released.status}`)
+    }
+  }
+
+  await Promise.all(Array.from({ length: ONLY != null ? 1 : WORKERS }, async () => {
+    while (performance.now() < deadline) {
+      const index = next++
+      try {
+        await one(index)
+      } catch (err) {
+        failures.push(`#${index} ${described.get(index) ?? ''}: ${(err as Error).message}`)
+      }
+      described.delete(index)
+      if (ONLY != null) return
+    }
+  }))
+
+  t.comment(`${tried} requests tried in ${BUDGET_MS} ms (${refusedByClient} more that Node's client would not send); statuses ${JSON.stringify(Object.fromEntries([...statuses].sort()))}`)
+  t.ok(tried > (ONLY != null ? 0 : 100), 'a meaningful number of requests')
+  t.same(failures.slice(0, 25), [], `${failures.length} answers outside the contract (first 25 shown; seed ${SEED})`)
+
+  const health = await fetch(url + '/health')
+  t.equal(health.status, 200, 'the gateway still answers')
+  const served = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"big","prompt":"x","stream":false}' })
+  t.equal(served.status, 200, 'and still serves')
+  let held = await fleet.heldGpus()
+  for (let i = 0; i < 100 && held.length > 0; i++) {
+    await sleep(100)
+    held = await fleet.heldGpus()
+  }
+  t.same(held, [], 'every GPU free')
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [], 'no GPU ran two requests at once')
+  for (const overlap of fleet.recorder.overlaps.slice(0, 3)) {
+    // What the upstreams received around it, to tell which requests ran together.
+    const near = fleet.upstreams.flatMap((u) => u.requests.filter((r) => Math.abs(r.at - overlap.at) < 300)
+      .map((r) => `${r.at.toFixed(0)} ${u.host} ${r.method} ${r.url} ${JSON.stringify(r.headers)} ${r.rawBody.slice(0, 120)}`))
+    t.comment(`overlap on GPU ${overlap.gpuId} at ${overlap.at.toFixed(0)}:\n${near.sort().join('\n')}`)
+  }
+})
