@@ -106,7 +106,10 @@ export interface LeaseStore {
   leave: (queue: string, member: string) => Promise<void>
   /** Release by token (compare-and-delete); grants freed GPUs to waiters. True if it was held. */
   release: (token: string, gpuIds?: string[]) => Promise<boolean>
-  /** Release whatever leases hold these GPUs (the original API's release by GPU id). */
+  /**
+   * Release the reservations holding these GPUs (the original API's release by GPU id). A GPU
+   * serving a request in flight is left alone: freeing it would hand it to a second request.
+   */
   releaseGpus: (gpuIds: string[]) => Promise<number>
   /** Renew in-flight leases, re-creating them if the store lost them; returns tokens now held by others. */
   renew: (leases: HeldLease[]) => Promise<string[]>

@@ -242,7 +242,7 @@ export class MemoryLeaseStore implements LeaseStore {
     let n = 0
     for (const g of gpuIds) {
       const token = this.gpuToken(g)
-      if (token != null) n += this.releaseToken(token, [g])
+      if (token != null && this.lease(token)?.info.purpose !== 'proxy') n += this.releaseToken(token, [g])
     }
     return n
   }

@@ -306,13 +306,16 @@ local n = release_token(ARGV[8], ARGV[9])
 return { n, unpack(GRANTS) }
 `
 
-// ARGV 8 gpus
+// ARGV 8 gpus: releases the reservations holding them (not leases of requests in flight)
 const RELEASE_GPUS = PRELUDE + `
 epoch_check()
 local n = 0
 for _, g in ipairs(split(ARGV[8], ',')) do
   local token = redis.call('GET', P .. 'gpu:' .. g)
-  if token then n = n + release_token(token, g) end
+  -- A GPU serving a request in flight is that request's until it ends: never freed from outside.
+  if token and redis.call('HGET', P .. 'lease:' .. token, 'purpose') ~= 'proxy' then
+    n = n + release_token(token, g)
+  end
 end
 return { n, unpack(GRANTS) }
 `

@@ -226,10 +226,13 @@ t.test('release by GPU ids frees the whole lease, also under an in-flight reques
   t.equal((await post(gw, '/gpu/release', { gpuIds: [g1, g2] })).status, 200, 'a free GPU among them is no error')
   t.same(await fleet.heldGpus(), [])
 
-  // An operator may free a GPU under a running request (the original API allowed it).
+  // A GPU serving a request in flight is not freed from outside: that would put a second request on it.
   const stream = await streaming(gw, 'small')
   t.equal(stream.gpus, g2)
-  t.equal((await post(gw, '/gpu/release', { gpuIds: [g2] })).status, 200)
+  const refused = await post(gw, '/gpu/release', { gpuIds: [g2] })
+  t.equal(refused.status, 409)
+  t.match(refused.body.error, /serving a request in flight/)
+  t.same(await fleet.heldGpus(), [g2], 'the request keeps its GPU')
   t.equal((await stream.done).trim().split('\n').length, 11, 'the request itself runs on')
   await fleet.recorder.whenIdle()
   await assertAllFree(t, gw)

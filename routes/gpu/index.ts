@@ -102,13 +102,14 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
       return { message: 'GPU released successfully' }
     }
     const ids = gpuIds as string[]
-    // Operators may free GPUs under an in-flight request, as the original allowed; say so loudly.
+    // A GPU serving a request in flight stays that request's until it ends: freeing it would put
+    // a second request on it. Only reservations are released by GPU id.
     const inFlight = (await fromStore(store.status(ids))).gpus.filter((g) => g.purpose === 'proxy').map((g) => g.gpuId)
     const freed = await fromStore(store.releaseGpus(ids))
-    if (freed === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
-    if (inFlight.length > 0) {
-      request.log.warn({ gpus: inFlight }, 'released GPUs held by an in-flight proxied request (operator override)')
+    if (freed === 0 && inFlight.length > 0) {
+      throw new GatewayError(409, `GPU ${inFlight.join(', ')} is serving a request in flight; it is freed when that request ends`)
     }
+    if (freed === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
     request.log.info({ gpus: ids, freed }, 'GPUs released')
     return { message: 'GPU released successfully' }
   })
