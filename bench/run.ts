@@ -12,7 +12,8 @@
  * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency).
  *
  * Options: --seconds N (measured window per run, default 4), --only a,b,c, --log-level L (the
- * gateway's LOG_LEVEL, default info as deployed), --profile DIR (write the gateway's .cpuprofile).
+ * gateway's LOG_LEVEL, default info as deployed), --profile DIR (write the gateway's .cpuprofile),
+ * --gateway-node-options "FLAGS" (node flags for the gateway process only).
  */
 import { fork, spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -36,7 +37,8 @@ const { values: args } = parseArgs({
     seconds: { type: 'string', default: '4' },
     only: { type: 'string', default: 'a,b,c' },
     'log-level': { type: 'string', default: 'info' },
-    profile: { type: 'string' }
+    profile: { type: 'string' },
+    'gateway-node-options': { type: 'string', default: '' }
   }
 })
 const windowMs = Math.round(Number(args.seconds) * 1000)
@@ -174,7 +176,8 @@ async function startGateway (dir: string, ports: number[]): Promise<{ child: Chi
     INVENTORY_FILE: inventory,
     LOG_LEVEL: args['log-level']
   })
-  const flags = args.profile != null ? ['--cpu-prof', '--cpu-prof-dir', resolve(args.profile)] : []
+  const flags = args['gateway-node-options'].split(' ').filter(Boolean)
+  if (args.profile != null) flags.push('--cpu-prof', '--cpu-prof-dir', resolve(args.profile))
   // cwd: an empty folder, so that no `.env` of the working tree changes what is measured.
   // stdout: a pipe, as under a container runtime; its log lines are counted, not kept.
   const child = spawn(process.execPath, [...flags, join(here, '..', 'server.js')], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
@@ -244,7 +247,9 @@ interface Run extends LoadResult {
   logBytesPerRequest: number
 }
 
-async function measure (targets: Target[], opts: { warmupMs: number, durationMs: number, onWindowStart?: () => Promise<void>, onWindowEnd?: () => Promise<void> }): Promise<Run> {
+let simulators: SimulatorProcess | undefined
+
+async function measure (targets: Target[], opts: { warmupMs: number, durationMs: number, onWindowEnd?: () => Promise<void> }): Promise<Run> {
   const meter = new CpuMeter()
   let cpu: CpuShare = {}
   let logged = 0
@@ -252,7 +257,8 @@ async function measure (targets: Target[], opts: { warmupMs: number, durationMs:
     targets,
     warmupMs: opts.warmupMs,
     durationMs: opts.durationMs,
-    onWindowStart: async () => { await opts.onWindowStart?.(); await meter.begin(); logged = logBytes },
+    // the recorder keeps every event: start each window with an empty one
+    onWindowStart: async () => { await simulators?.ask({ type: 'reset' }); await meter.begin(); logged = logBytes },
     onWindowEnd: async () => { cpu = await meter.end(); logged = logBytes - logged; await opts.onWindowEnd?.() }
   })
   if (result.errors > 0) throw new Error(`${result.errors} failed requests (first: ${result.firstError})`)
@@ -289,6 +295,7 @@ async function main (): Promise<void> {
   pids.redis = await redisPid()
   const dir = await mkdtemp(join(tmpdir(), 'maestro-bench-'))
   const sims = await SimulatorProcess.start(GPUS)
+  simulators = sims
   pids.simulators = sims.child.pid
   let gateway: Awaited<ReturnType<typeof startGateway>> | undefined
   const summary: Record<string, unknown> = {
@@ -344,13 +351,15 @@ async function main (): Promise<void> {
       const g = await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), {
         warmupMs: 1000,
         durationMs: windowMs,
-        onWindowStart: async () => { await sims.ask({ type: 'reset' }) },
         onWindowEnd: async () => { report = await sims.ask<'report'>({ type: 'report', gpuId: benchGpuId(0) }) }
       })
       if (report == null) throw new Error('no report from the simulators')
       if (report.overlaps > 0) throw new Error(`${report.overlaps} GPU overlaps: two requests were on one GPU at once`)
-      const service = mean(report.busy)
-      const cycle = g.windowMs / report.starts
+      // Strict FIFO: each client waits for the 15 others ahead of it, then is served itself, so its
+      // latency is 16 service times. The service time is what one request costs the GPU, measured:
+      // its work plus the handover to the next (the idle gap, which has goals of its own).
+      const busy = mean(report.busy)
+      const service = g.windowMs / report.starts
       const fifo = WAITERS * service
       const p99 = percentile(g.latencies, 99)
       const gapP50 = percentile(report.gaps, 50)
@@ -360,20 +369,23 @@ async function main (): Promise<void> {
         gapP50Ms: +fmt(gapP50, 3),
         gapP99Ms: +fmt(gapP99, 3),
         gapMeanMs: +fmt(mean(report.gaps), 3),
+        busyMs: +fmt(busy, 3),
         serviceMs: +fmt(service, 3),
         p50Ms: +fmt(percentile(g.latencies, 50)),
         p99Ms: +fmt(p99),
         strictFifoP99Ms: +fmt(fifo),
         fifoRatio: +fmt(p99 / fifo),
+        busyOnlyFifoRatio: +fmt(p99 / (WAITERS * busy)),
         cpuPercent: g.cpu
       }
       lines.push(
         `(b) one GPU, ${WAITERS} clients waiting on it (closed loop, through the gateway)`,
-        `  requests/s                 ${Math.round(g.requestsPerSecond)}  (GPU busy ${fmt(service, 3)} ms per request, one request every ${fmt(cycle, 3)} ms)`,
-        `  GPU idle gap ms            p50 ${fmt(gapP50, 3)}  p99 ${fmt(gapP99, 3)}  mean ${fmt(mean(report.gaps), 3)}  (${report.gaps.length} gaps)`,
+        `  requests/s                 ${Math.round(g.requestsPerSecond)}  (gateway CPU ${fmt((g.cpu.gateway ?? NaN) * 10 / g.requestsPerSecond * 1000, 0)} µs per request)`,
+        `  GPU per request ms         ${fmt(service, 3)} = busy ${fmt(busy, 3)} + idle gap ${fmt(mean(report.gaps), 3)} (means)`,
+        `  GPU idle gap ms            p50 ${fmt(gapP50, 3)}  p99 ${fmt(gapP99, 3)}  (${report.gaps.length} gaps)`,
         `  client latency ms          p50 ${fmt(percentile(g.latencies, 50))}  p99 ${fmt(p99)}`,
-        `  strict FIFO p99 ms         ${fmt(fifo)}  (${WAITERS} × GPU busy time)  → p99 is ${fmt(p99 / fifo)}× that`,
-        `  CPU: ${cpuText(g.cpu)}`,
+        `  strict FIFO ms             ${fmt(fifo)} (${WAITERS} × ${fmt(service, 3)})  → p99 is ${fmt(p99 / fifo)}× that; ${fmt(p99 / (WAITERS * busy))}× ${WAITERS} × busy alone`,
+        `  CPU % of a core: ${cpuText(g.cpu)}`,
         ''
       )
       goals.push(
