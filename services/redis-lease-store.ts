@@ -54,8 +54,10 @@ local function epoch_check ()
   if not e then
     e = ARGV[6]
     redis.call('SET', P .. 'epoch', e)
-    -- A replica that knew an epoch sees the store lost its data: hold grants until the
-    -- replicas holding leases have re-asserted them.
+    -- A replica that knew an epoch sees the store lost its data: hold grants for one ttl. By
+    -- then every lease that existed has been re-asserted by its holder's renewal, or its holder,
+    -- unable to renew it, has stopped its request (LeaseManager stops what it could not renew
+    -- for ttl/2, checking every ttl/3, so within 5/6 of a ttl).
     if ARGV[5] ~= '' then redis.call('SET', P .. 'pause', '1', 'PX', tonumber(ARGV[7])) end
   end
   redis.call('SET', P .. 'replica:' .. REPLICA, '1', 'PX', TTL)
@@ -501,7 +503,7 @@ export class RedisLeaseStore implements LeaseStore {
   private args (): Array<string | number> {
     return [
       this.prefix, this.opts.ttlMs, this.opts.starvationMs, this.replicaId, this.knownEpoch,
-      randomUUID(), Math.max(100, Math.ceil(this.opts.ttlMs / 3))
+      randomUUID(), this.opts.ttlMs
     ]
   }
 
