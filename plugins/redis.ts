@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import fastifyRedis from '@fastify/redis'
-import type { Redis } from 'ioredis'
+import { Redis } from 'ioredis'
 
 export interface LeaseRedis {
   /** Commands. Fails fast while disconnected: no request waits on an unreachable store. */
@@ -22,20 +22,24 @@ export default fp(async function redis (fastify) {
     fastify.decorate('leaseRedis', null)
     return
   }
-  // A namespace (`redis.maestro`) so a host app's own `redis` decorator stays its own.
-  await fastify.register(fastifyRedis, {
-    namespace: 'maestro',
-    url,
-    closeClient: true,
+  const client = new Redis(url, {
     enableOfflineQueue: false,
     maxRetriesPerRequest: 0,
     commandTimeout: 5000,
     retryStrategy: (times: number) => Math.min(times * 100, 1000)
   })
-  const client = (fastify as any).redis.maestro as Redis
+  client.on('error', (err) => fastify.log.debug({ err }, 'redis error'))
+  // A namespace (`redis.maestro`) so a host app's own `redis` decorator stays its own. The plugin
+  // waits for the connection at start; closing is ours (below).
+  await fastify.register(fastifyRedis, { namespace: 'maestro', client, closeClient: false })
   const subscriber = client.duplicate({ enableOfflineQueue: true })
   subscriber.on('error', (err) => fastify.log.debug({ err }, 'redis subscriber error'))
-  client.on('error', (err) => fastify.log.debug({ err }, 'redis error'))
   fastify.decorate('leaseRedis', { client, subscriber })
-  fastify.addHook('onClose', async () => { subscriber.disconnect() })
+  fastify.addHook('onClose', async () => {
+    subscriber.disconnect()
+    // QUIT needs a live connection (there is no offline queue): while Redis is away, and the
+    // client is reconnecting, it would fail the whole close; just drop the connection then.
+    if (client.status === 'ready') await client.quit().catch(() => client.disconnect())
+    else client.disconnect()
+  })
 }, { name: 'redis', dependencies: ['config'], fastify: '5.x' })
