@@ -400,7 +400,7 @@ t.test('an upstream that dies mid-stream or sends no headers frees its GPU at on
 t.test('Redis restarting during traffic: 503 while it is away, no GPU handed out twice, recovery by itself', async (t) => {
   const redis = await ownRedis(t)
   // Long enough that the reconnection (ioredis backs off up to 1 s) comes before a replica has to
-  // give up leases it could not renew (half the ttl).
+  // give up leases it could not renew (half the ttl). Grants pause for one ttl after the restart.
   const TTL = 3000
   const fleet = await startFleet(t, {
     gpus: [1, 1, 1],
@@ -446,7 +446,7 @@ t.test('Redis restarting during traffic: 503 while it is away, no GPU handed out
     const r = await until('service to resume', async () => {
       const res = await post(`${gw.url}/api/generate`, { model: 'quick', prompt: `after restart via ${gw.url}`, stream: false })
       return res.status === 200 ? res : undefined
-    }, 5000)
+    }, 3 * TTL)
     resumed.push(performance.now() - restartedAt)
     t.equal(r.status, 200)
   }))
@@ -510,6 +510,56 @@ t.test('a replica cut off from Redis stops its in-flight request before its leas
     'and serves again once Redis is back')
   await sleep(50)
   t.same(await fleet.heldGpus(), [], 'every GPU free')
+})
+
+t.test('Redis restarting while one replica cannot reach it: its GPU is not granted under its running request', async (t) => {
+  const redis = await ownRedis(t)
+  const TTL = 3000
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'm', gpus: [0], simulator: { tokens: 80, tokenDelayMs: 50 } }],
+    options: { REDIS_URL: redis.url, LEASE_TTL_MS: TTL }
+  })
+  const redisPort = Number(new URL(redis.url).port)
+  const proxy = await tcpProxy(t, { host: '127.0.0.1', port: redisPort })
+  const cutOff = await fleet.replica({ REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  // Replicas' timers run in phases of their own: start the other one part of a period later.
+  await sleep(500)
+  const other = await fleet.replica()
+  const store = await storeAt(t, redis.url, fleet.prefix)
+
+  const stream = streamGenerate(cutOff.url, 'm', 'on the replica that stays cut off')
+  await stream.first
+  await redis.kill()
+  await proxy.cut()
+  const killedAt = performance.now()
+  await sleep(200)
+  await redis.start()
+  // The other replica finds Redis empty; the holder of GPU 0 cannot tell it the GPU is taken.
+  const next = await until('the other replica to take a request again', async () => {
+    const r = post(`${other.url}/api/generate`, { model: 'm', prompt: 'on the other replica', stream: false, options: { num_predict: 1 } })
+    await sleep(100)
+    const settled = await Promise.race([r, sleep(1).then(() => undefined)])
+    return settled?.status === 503 ? undefined : r
+  }, 5000)
+  await sleep(TTL - (performance.now() - killedAt))
+  await proxy.restore()
+
+  const served = await next
+  const broken = await stream.done
+  t.equal(served.status, 200, 'the other replica\'s request was served')
+  const sim = fleet.upstreams[0]
+  const grantedAt = (sim.requests.find((r) => r.body?.prompt === 'on the other replica')?.at ?? NaN) - killedAt
+  const stoppedAt = (fleet.recorder.events.find((e) => e.type === 'end')?.at ?? NaN) - killedAt
+  t.comment(`the cut-off replica's stream ${broken.lines.length < 81 ? `stopped after ${broken.lines.length} lines` : 'ran to its end'}, ` +
+    `${Math.round(stoppedAt)} ms after Redis died; the other replica's request reached the GPU at ${Math.round(grantedAt)} ms`)
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
+  await until('every lease to be released', async () => (await heldGpusAt(redis.url, fleet.prefix)).length === 0, 3000)
+  t.equal(await queued(store, fleet), 0, 'no waiter left')
+
+  await proxy.cut()
+  await t.resolves(cutOff.close(), 'a replica whose Redis is unreachable still closes cleanly')
 })
 
 t.test('MariaDB going away: the last good inventory keeps serving, /health says so', async (t) => {
