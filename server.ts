@@ -31,7 +31,9 @@ const app = Fastify({
   genReqId: gatewayRequestId,
   // The gateway's own BODY_LIMIT applies inside; this only bounds what reaches the app's parsers.
   bodyLimit: 1024 * 1024 * 1024,
-  return503OnClosing: true,
+  // While draining, requests that need a GPU get the gateway's own 503 (contract format, Retry-After)
+  // from the lease manager; Fastify's generic closing answer would pre-empt it.
+  return503OnClosing: false,
   // Slow or endless requests are cut off (answers, however long they stream, are not); requests
   // Node cannot parse are answered in the gateway's error format.
   ...httpServerOptions()

@@ -685,6 +685,8 @@ t.test('replicas in child processes', async (t) => {
     const fresh = await post(`${gw.url}/api/generate`, { model: 'n', prompt: 'after SIGTERM', stream: false })
       .catch((err: Error) => ({ status: 0, headers: new Headers(), text: err.message }))
     t.equal(fresh.status, 503, 'a new request is not taken: 503')
+    t.match(JSON.parse(fresh.text), { error: 'gateway is shutting down' }, 'in the contract format')
+    t.ok(Number(fresh.headers.get('retry-after')) > 0, 'with Retry-After')
     t.notOk(fleet.upstreams[1].requests.length > 0, 'and never reached an upstream')
 
     const finished = await stream.done

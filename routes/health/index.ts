@@ -15,8 +15,6 @@ async function within<T> (promise: Promise<T>, ms: number): Promise<T> {
 }
 
 const healthRoutes: FastifyPluginAsync = async (fastify) => {
-  let draining = false
-  fastify.addHook('preClose', async () => { draining = true })
 
   // Probes come every few seconds: their lines in the log show at debug level only.
   fastify.get('/health', { config: { auth: 'open', accessLogLevel: 'debug' } }, async (_request, reply) => {
@@ -40,7 +38,7 @@ const healthRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.get('/health/live', { config: { auth: 'open', accessLogLevel: 'debug' } }, async () => ({ status: 'ok' }))
 
   fastify.get('/health/ready', { config: { auth: 'open', accessLogLevel: 'debug' } }, async (_request, reply) => {
-    if (draining) return reply.code(503).send({ status: 'draining' })
+    if (fastify.leases.draining) return reply.code(503).send({ status: 'draining' })
     if (!fastify.leases.store.available()) return reply.code(503).send({ status: 'lease store unavailable' })
     return { status: 'ready' }
   })
