@@ -44,9 +44,19 @@ declare module 'fastify' {
      */
     withLease: <T>(request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>) => Promise<T>
     /** Forward to a chosen upstream without a lease (model info, uploads). */
-    forwardTo: (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, body?: string) => FastifyReply
+    forwardTo: (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, opts?: ForwardOptions) => FastifyReply
   }
 }
+
+export interface ForwardOptions {
+  /** A JSON body to send instead of the client's (which is then streamed through as it comes). */
+  body?: string
+  /** Read a small JSON answer before it is passed on (e.g. to remember where an upload went). */
+  onJsonAnswer?: (answer: unknown, statusCode: number) => Promise<void>
+}
+
+/** Largest answer `onJsonAnswer` reads; anything bigger is passed on unread. */
+const INSPECT_LIMIT = 64 * 1024
 
 /** The upstream a `withLease` work runs against. */
 export interface LeasedUpstream {
@@ -122,7 +132,8 @@ export default fp(async function upstreamProxy (fastify) {
     })
   }
 
-  fastify.decorate('forwardTo', function (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, body?: string) {
+  fastify.decorate('forwardTo', function (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, opts: ForwardOptions = {}) {
+    const { body, onJsonAnswer } = opts
     return reply.from(assignment.url + path, {
       body,
       // the body was parsed as JSON, whatever Content-Type the client sent (curl -d sends form encoding)
@@ -130,6 +141,21 @@ export default fp(async function upstreamProxy (fastify) {
       queryString: () => '',
       rewriteRequestHeaders: requestHeaders(request, assignment),
       rewriteHeaders: (headers) => clientResponseHeaders(headers),
+      onResponse: onJsonAnswer == null
+        ? undefined
+        : (_request, reply, raw) => {
+            const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
+            if (Number(res.headers['content-length'] ?? INSPECT_LIMIT + 1) > INSPECT_LIMIT) {
+              reply.send(res.stream)
+              return
+            }
+            readAll(res.stream).then(async (bytes) => {
+              let answer: unknown
+              try { answer = JSON.parse(bytes.toString('utf8')) } catch { answer = undefined }
+              if (answer !== undefined) await onJsonAnswer(answer, res.statusCode)
+              reply.send(bytes)
+            }).catch((err) => reply.send(err))
+          },
       onError: (reply, { error }) => {
         // A streamed body (upload) cut off at BODY_LIMIT: the client's fault, not the upstream's.
         if ((error as UpstreamError).cause?.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.sendError(413, 'request body is too large')
@@ -288,6 +314,12 @@ export default fp(async function upstreamProxy (fastify) {
     }
   })
 }, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory'], fastify: '5.x' })
+
+async function readAll (stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  for await (const chunk of stream) chunks.push(chunk as Buffer)
+  return Buffer.concat(chunks)
+}
 
 /**
  * Pass a stream through; if the upstream breaks off, end it with one error record in the stream's

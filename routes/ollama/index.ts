@@ -26,7 +26,7 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
     if (model == null || model === '') throw new GatewayError(400, 'model is required')
     const [assignment] = fastify.inventory.current.candidates(model, 'llm')
     if (assignment == null) throw new GatewayError(404, `model '${model}' not found`)
-    return fastify.forwardTo(request, reply, assignment, '/api/show', request.rawBody)
+    return fastify.forwardTo(request, reply, assignment, '/api/show', { body: request.rawBody })
   })
 
   const llmUpstreams = () => distinctUpstreams(fastify.inventory.current.assignmentsOfKind('llm'))
