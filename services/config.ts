@@ -7,7 +7,7 @@ import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from './ollama-nor
 
 /** Every variable the gateway reads (CONTRACT section 2), with its default. */
 export const EnvSchema = Type.Object({
-  MARIADB_URL: Type.Optional(Type.String({ pattern: '^mysql://' })),
+  MARIADB_URL: Type.Optional(Type.String({ pattern: '^(mysql|mariadb)://' })),
   ConnectionStrings__MariaDb: Type.Optional(Type.String()),
   REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
   ConnectionStrings__Redis: Type.Optional(Type.String()),
