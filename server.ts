@@ -5,9 +5,6 @@ import { configSources, serverSettings, type ServerSettings } from './services/c
 import { gatewayRequestId } from './services/exchange.js'
 import { httpServerOptions } from './services/http-server.js'
 
-/** How long in-flight streams may take to finish after SIGTERM before the process exits anyway. */
-const GRACE_MS = Number(process.env.SHUTDOWN_GRACE_MS ?? 30000)
-
 function fail (message: string): never {
   process.stderr.write(`ai-maestro-proxy: ${message}\n`)
   process.exit(1)
@@ -49,7 +46,7 @@ try {
     : e.message.replace(/^env\//, ''))
 }
 
-closeWithGrace({ delay: GRACE_MS }, async ({ signal, err }) => {
+closeWithGrace({ delay: settings.shutdownGraceMs }, async ({ signal, err }) => {
   if (err != null) app.log.error({ err }, 'closing after an error')
   else app.log.info({ signal }, 'shutting down: finishing in-flight requests')
   // A keep-alive connection whose last answer has ended would hold the close until it times out.

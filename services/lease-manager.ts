@@ -68,8 +68,14 @@ export class LeaseManager {
   private readonly waiters = new Map<string, Waiter>()
   /** In-flight leases; `renewedAt`: when the store last set their expiry (a call's start, to be safe). */
   private readonly held = new Map<string, { lease: Lease, lost: AbortController, renewedAt: number }>()
-  /** Members settled recently: a duplicate grant notice for them is not an orphan. */
-  private readonly recent = new Set<string>()
+  /**
+   * Members settled recently, with the token they took (null: gave up). A second notice of that
+   * grant is a duplicate; any other grant to them is an orphan and is released at once, not left
+   * to expire (a sweep can pick up a grant that the member's leave then no longer finds).
+   */
+  private readonly settled = new Map<string, string | null>()
+  /** Queue leaves that could not reach the store yet: retried, so a ghost waiter cannot block a GPU. */
+  private readonly pendingLeaves = new Map<string, string>()
   /** Releases that could not reach the store yet; retried until they do. */
   private readonly pendingReleases = new Map<string, string[]>()
   private counter = 0
@@ -125,7 +131,7 @@ export class LeaseManager {
     try {
       result = await this.store.attempt({ member, queue: req.queue, candidates: req.candidates, info: req.info })
     } catch (err) {
-      this.forget(waiter)
+      this.forget(waiter, null)
       this.opts.log?.warn({ err }, 'lease store attempt failed')
       throw new LeaseError('lease store unavailable', 503, 1)
     }
@@ -140,7 +146,7 @@ export class LeaseManager {
         this.onGrant({ member, token: result.token, candidateIndex: result.candidateIndex })
         break
       case 'full':
-        this.forget(waiter)
+        this.forget(waiter, null)
         throw new LeaseError(`queue for model '${req.info.model}' is full`, 503, 5)
       default:
         if (this.waiters.has(member)) {
@@ -156,11 +162,9 @@ export class LeaseManager {
     const { req } = waiter
     const giveUp = (err: LeaseError): void => {
       if (!this.waiters.has(waiter.member)) return
-      this.forget(waiter)
+      this.forget(waiter, null)
       waiter.reject(err)
-      this.store.leave(req.queue, waiter.member).catch((error) => {
-        this.opts.log?.warn({ err: error }, 'leaving the queue failed; the waiter expires with this replica')
-      })
+      void this.leave(req.queue, waiter.member)
     }
     waiter.timer = setTimeout(() => {
       giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
@@ -168,17 +172,29 @@ export class LeaseManager {
     if (req.signal != null) {
       waiter.onAbort = () => giveUp(new LeaseError('client closed request', 499))
       req.signal.addEventListener('abort', waiter.onAbort, { once: true })
+      // The client may have left while the first attempt was on its way: 'abort' will not fire again.
+      if (req.signal.aborted) waiter.onAbort()
     }
   }
 
-  private forget (waiter: Waiter): void {
+  private async leave (queue: string, member: string): Promise<void> {
+    try {
+      await this.store.leave(queue, member)
+      this.pendingLeaves.delete(member)
+    } catch (err) {
+      this.pendingLeaves.set(member, queue)
+      this.opts.log?.warn({ err }, 'leaving the queue failed; will retry')
+    }
+  }
+
+  private forget (waiter: Waiter, token: string | null): void {
     this.waiters.delete(waiter.member)
     if (waiter.timer != null) clearTimeout(waiter.timer)
     if (waiter.onAbort != null) waiter.req.signal?.removeEventListener('abort', waiter.onAbort)
-    this.recent.add(waiter.member)
-    if (this.recent.size > RECENT_LIMIT) {
-      const oldest = this.recent.values().next().value as string
-      this.recent.delete(oldest)
+    this.settled.set(waiter.member, token)
+    if (this.settled.size > RECENT_LIMIT) {
+      const oldest = this.settled.keys().next().value as string
+      this.settled.delete(oldest)
     }
   }
 
@@ -186,15 +202,19 @@ export class LeaseManager {
     if (!grant.member.startsWith(this.store.replicaId + '|')) return
     const waiter = this.waiters.get(grant.member)
     if (waiter == null) {
-      if (this.held.has(grant.token) || this.recent.has(grant.member)) {
-        // A duplicate notice for a settled waiter; a waiter that gave up has left the queue,
-        // and leaving releases whatever it was granted meanwhile.
-        return
-      }
+      // A second notice of a grant already taken; anything else is nobody's: release it now.
+      if (this.held.has(grant.token) || this.settled.get(grant.member) === grant.token) return
       void this.releaseToken(grant.token, [])
       return
     }
-    this.forget(waiter)
+    if (waiter.req.signal?.aborted === true) {
+      // Granted just as its client left: the lease goes straight back.
+      this.forget(waiter, null)
+      waiter.reject(new LeaseError('client closed request', 499))
+      void this.releaseToken(grant.token, [])
+      return
+    }
+    this.forget(waiter, grant.token)
     const candidate = waiter.req.candidates[grant.candidateIndex]
     const lost = new AbortController()
     const now = performance.now()
@@ -245,6 +265,7 @@ export class LeaseManager {
     if (!this.store.available()) return
     try {
       for (const [token, gpuIds] of this.pendingReleases) await this.releaseToken(token, gpuIds)
+      for (const [member, queue] of this.pendingLeaves) await this.leave(queue, member)
       const queues = new Set<string>()
       for (const w of this.waiters.values()) queues.add(w.req.queue)
       const grants = await this.store.sweep([...queues], [...this.waiters.keys()])
@@ -319,6 +340,8 @@ export class LeaseManager {
     this.opts.log?.info({ leases: this.held.size, waiters: this.waiters.size }, 'lease store reconnected; re-asserting')
     await this.renew()
     for (const w of [...this.waiters.values()]) {
+      // Settled meanwhile, or its first attempt still on its way: re-enqueuing would make a ghost.
+      if (!this.waiters.has(w.member) || w.score == null) continue
       try {
         const r = await this.store.attempt({
           member: w.member, queue: w.req.queue, candidates: w.req.candidates, info: w.req.info, score: w.score
@@ -336,7 +359,7 @@ export class LeaseManager {
   private async refuseWaiters (): Promise<void> {
     this.closed = true
     for (const w of [...this.waiters.values()]) {
-      this.forget(w)
+      this.forget(w, null)
       w.refused = true
       w.reject(new LeaseError('gateway is shutting down', 503, 1))
       await this.store.leave(w.req.queue, w.member).catch(() => {})

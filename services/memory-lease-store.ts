@@ -178,7 +178,6 @@ export class MemoryLeaseStore implements LeaseStore {
     let w = this.waiter(input.member)
     if (w == null) {
       const q = this.queues.get(input.queue) ?? []
-      if (q.length >= this.opts.queueMax) return { status: 'full', epoch, grants: [] }
       const now = this.now()
       w = {
         member: input.member,
@@ -188,6 +187,12 @@ export class MemoryLeaseStore implements LeaseStore {
         candidates: input.candidates,
         info: input.info
       }
+      // Nobody waits for this model: a free candidate is taken at once (QUEUE_MAX bounds waiting only).
+      if (q.length === 0 && this.tryGrant(w)) {
+        const taken = this.takeGrant(w.member)
+        if (taken != null) return { status: 'granted', epoch, token: taken.token, candidateIndex: taken.index, grants: [] }
+      }
+      if (q.length >= this.opts.queueMax) return { status: 'full', epoch, grants: [] }
       q.push(w)
       q.sort((a, b) => a.score - b.score)
       this.queues.set(input.queue, q)
@@ -203,7 +208,11 @@ export class MemoryLeaseStore implements LeaseStore {
   }
 
   async sweep (queues: string[], members: string[]): Promise<Grant[]> {
-    // Expired leases free their GPUs lazily; serving the queues is what notices it.
+    // Expired leases free their GPUs lazily; serving the queues is what notices it. Records nobody
+    // will look up again (grants delivered by notification, reservations left to expire) go now.
+    const now = this.now()
+    for (const [member, w] of this.waiters) if (w.granted != null && w.granted.expiresAt <= now) this.waiters.delete(member)
+    for (const [token, l] of this.leases) if (l.expiresAt <= now) this.leases.delete(token)
     this.serve(queues)
     const grants: Grant[] = []
     for (const m of members) {

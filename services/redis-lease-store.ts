@@ -260,12 +260,12 @@ if not score then
   end
   redis.call('SADD', P .. 'queues', q)
 end
-if PAUSED then return { 'paused', e, tostring(score) } end
+if PAUSED then return { 'paused', e, string.format('%.0f', tonumber(score)) } end
 -- Just found every candidate busy, and a new waiter is not starving yet: serving would change nothing.
 if not tried or STARVE <= 0 then serve({ q }) end
 done = granted()
 if done then return done end
-return { 'waiting', e, tostring(redis.call('ZRANK', qkey, m)), tostring(score), unpack(GRANTS) }
+return { 'waiting', e, tostring(redis.call('ZRANK', qkey, m)), string.format('%.0f', tonumber(score)), unpack(GRANTS) }
 `
 
 // ARGV 8 number of queues, then the queues, then members: serve, then report its grants and the

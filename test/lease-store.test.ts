@@ -143,6 +143,21 @@ for (const [name, make] of Object.entries(clusters)) {
       t.same((await m.store.status(['1'])).gpus, [])
     })
 
+    t.test('a client that leaves while its first attempt is on its way leaves the queue at once', async (t) => {
+      const m = await (await make(t)({ queueTimeoutMs: 5000 })).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const ac = new AbortController()
+      const started = performance.now()
+      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), signal: ac.signal })
+      ac.abort() // before the store has answered the first attempt
+      t.equal((await gone.catch((e) => e)).statusCode, 499)
+      t.ok(performance.now() - started < 1000, 'not after the queue timeout')
+      await sleep(50)
+      t.same((await m.store.status(['1'])).queues, {}, 'its place in the queue is gone')
+      await m.release(held)
+      t.same((await m.store.status(['1'])).gpus, [], 'and it was not granted the GPU')
+    })
+
     t.test('a lease that is not renewed expires and waiters then proceed', async (t) => {
       const m = await (await make(t)({ ttlMs: 600 })).replica()
       // a reservation is renewed only by pings
@@ -242,4 +257,23 @@ t.test('redis: a dead replica\'s leases expire and its waiters stop blocking the
   t.not(l.token, held.token)
   await b.release(l)
   t.same((await b.store.status(['1'])).queues, {}, 'the dead replica\'s waiter is gone')
+})
+
+t.test('memory: records of served waiters and expired reservations do not pile up', async (t) => {
+  const s = { ...defaults, ttlMs: 300 }
+  const store = new MemoryLeaseStore(s)
+  const m = manager(t, store, s)
+  await m.start()
+  const first = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+  const queued = Array.from({ length: 30 }, async () => {
+    const l = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+    await m.release(l)
+  })
+  await sleep(20)
+  await m.release(first)
+  await Promise.all(queued)
+  await m.acquire({ queue: 'r', candidates: [cand('2', '2')], info: { ...info('r'), purpose: 'reservation' } })
+  await sleep(700) // past the ttl, and a sweep (every 200 ms here)
+  t.equal((store as any).waiters.size, 0, 'no waiter records left')
+  t.equal((store as any).leases.size, 0, 'no lease records left')
 })
