@@ -83,6 +83,9 @@ function timedOut (error: unknown): boolean {
   return e.code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT' || e.cause?.code === 'UND_ERR_HEADERS_TIMEOUT' || e.name === 'TimeoutError'
 }
 
+/** The upstream path is always the route's own: the client's query string is not passed on. */
+const noQueryString = (): string => ''
+
 function failureCode (error: unknown): string {
   const e = error as UpstreamError
   return e.cause?.code ?? e.code ?? 'failed'
@@ -138,9 +141,9 @@ export default fp(async function upstreamProxy (fastify) {
       body,
       // the body was parsed as JSON, whatever Content-Type the client sent (curl -d sends form encoding)
       contentType: body != null ? 'application/json' : undefined,
-      queryString: () => '',
+      queryString: noQueryString,
       rewriteRequestHeaders: requestHeaders(request, assignment),
-      rewriteHeaders: (headers) => clientResponseHeaders(headers),
+      rewriteHeaders: clientResponseHeaders,
       onResponse: onJsonAnswer == null
         ? undefined
         : (_request, reply, raw) => {
@@ -190,9 +193,10 @@ export default fp(async function upstreamProxy (fastify) {
       /** The next lease, or undefined when every candidate has been found unreachable. */
       async next (): Promise<Held | undefined> {
         const now = Date.now()
-        const untried = all.filter((a) => !tried.has(a.id))
+        // (the filters copy the list; most requests have tried nothing and nothing is cooling)
+        const untried = tried.size === 0 ? all : all.filter((a) => !tried.has(a.id))
         if (untried.length === 0) return undefined
-        const fresh = untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
+        const fresh = cooling.size === 0 ? untried : untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
         const choice = fresh.length > 0 ? fresh : untried
         const lease = await fastify.leases.acquire({
           queue,
@@ -218,7 +222,9 @@ export default fp(async function upstreamProxy (fastify) {
       /** The upstream was unreachable before it saw the request: sit it out, try the next. */
       unreachable (assignment: Assignment, error: unknown): void {
         tried.add(assignment.id)
-        cooling.set(assignment.id, Date.now() + COOLDOWN_MS)
+        const now = Date.now()
+        for (const [id, until] of cooling) if (until <= now) cooling.delete(id)
+        cooling.set(assignment.id, now + COOLDOWN_MS)
         lastFailure = ` (last: '${assignment.name}' ${failureCode(error)})`
         request.exchange.upstreamFailed(assignment.name, 'unreachable')
         fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream unreachable; trying the next candidate')
@@ -243,9 +249,9 @@ export default fp(async function upstreamProxy (fastify) {
       return reply.from(assignment.url + target.path, {
         body: target.body,
         contentType: 'application/json',
-        queryString: () => '',
+        queryString: noQueryString,
         rewriteRequestHeaders: requestHeaders(request, assignment),
-        rewriteHeaders: (headers) => clientResponseHeaders(headers),
+        rewriteHeaders: clientResponseHeaders,
         onResponse: (_request, reply, raw) => {
           const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
           const upstream = res.stream

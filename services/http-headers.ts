@@ -6,9 +6,12 @@ const HOP_BY_HOP = new Set([
   'transfer-encoding', 'upgrade', 'http2-settings'
 ])
 
-function connectionNamed (value: unknown): string[] {
-  if (typeof value !== 'string') return []
-  return value.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean)
+const NONE: ReadonlySet<string> = new Set()
+
+/** The headers a `Connection` header names (hop-by-hop too); most messages name none. */
+function connectionNamed (value: unknown): ReadonlySet<string> {
+  if (typeof value !== 'string') return NONE
+  return new Set(value.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean))
 }
 
 export interface UpstreamHeaderOptions {
@@ -21,7 +24,7 @@ export interface UpstreamHeaderOptions {
 
 /** The client's end-to-end headers, made fit for the upstream. */
 export function upstreamRequestHeaders (headers: IncomingHttpHeaders, opts: UpstreamHeaderOptions): Record<string, string | string[] | undefined> {
-  const drop = new Set(connectionNamed(headers.connection))
+  const drop = connectionNamed(headers.connection)
   const out: Record<string, string | string[] | undefined> = {}
   for (const [name, value] of Object.entries(headers)) {
     if (HOP_BY_HOP.has(name) || drop.has(name) || name === 'host' || name === 'x-request-id') continue
@@ -38,7 +41,7 @@ export function upstreamRequestHeaders (headers: IncomingHttpHeaders, opts: Upst
 
 /** The upstream's end-to-end headers for the client; the gateway's own `x-maestro-*` cannot be forged. */
 export function clientResponseHeaders (headers: Record<string, unknown>): IncomingHttpHeaders {
-  const drop = new Set(connectionNamed(headers.connection))
+  const drop = connectionNamed(headers.connection)
   const out: IncomingHttpHeaders = {}
   for (const [name, value] of Object.entries(headers)) {
     const lower = name.toLowerCase()

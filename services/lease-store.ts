@@ -137,9 +137,20 @@ export function assertSafeIds (candidates: Candidate[]): void {
   }
 }
 
+/** Queue names computed so far (one per model in use); emptied when full, as names come from clients. */
+const queueNames = new Map<string, string>()
+const QUEUE_NAMES_LIMIT = 1000
+
 /** Queue names carry user input (model names): hex keeps them from acting as key separators or globs. */
 export function queueName (kind: string, modelKey: string): string {
-  return Buffer.from(`${kind}:${modelKey}`, 'utf8').toString('hex')
+  const label = `${kind}:${modelKey}`
+  let name = queueNames.get(label)
+  if (name === undefined) {
+    name = Buffer.from(label, 'utf8').toString('hex')
+    if (queueNames.size >= QUEUE_NAMES_LIMIT) queueNames.clear()
+    queueNames.set(label, name)
+  }
+  return name
 }
 
 export function queueLabel (queue: string): string {
