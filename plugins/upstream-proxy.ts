@@ -213,7 +213,8 @@ export default fp(async function upstreamProxy (fastify) {
           request.exchange.released()
           void fastify.leases.release(lease)
         }
-        request.exchange.onClose(release)
+        // Not released when the client leaves: the upstream may still be working on the GPUs
+        // (a non-streamed answer, an image). Each way of using the lease says when it is done.
         reply.header('x-maestro-assignment', headerValue(assignment.name))
         reply.header('x-maestro-gpus', lease.gpuIds.join(','))
         reply.header('x-maestro-queue-ms', lease.queuedMs.toFixed(1))
@@ -245,13 +246,28 @@ export default fp(async function upstreamProxy (fastify) {
     }
 
     const send = ({ assignment, lease, release }: Held): FastifyReply => {
+      // The client left while the lease was on its way: nothing to send.
+      if (request.exchange.closed) {
+        release()
+        return reply
+      }
       lease.lost.addEventListener('abort', () => reply.raw.destroy(), { once: true })
+      // A client gone before the upstream's headers does not stop the upstream (reply-from has no
+      // way to): its GPUs stay leased until the headers come (the upstream then learns it is alone),
+      // or the headers timeout; a fallback timer bounds it whatever happens.
+      request.exchange.onClose(() => {
+        setTimeout(release, config.upstreamHeadersTimeoutMs + 5000).unref()
+      })
       return reply.from(assignment.url + target.path, {
         body: target.body,
         contentType: 'application/json',
         queryString: noQueryString,
         rewriteRequestHeaders: requestHeaders(request, assignment),
-        rewriteHeaders: clientResponseHeaders,
+        rewriteHeaders: (headers) => {
+          // From here, the client leaving ends the upstream answer too (its stream is destroyed).
+          request.exchange.onClose(release)
+          return clientResponseHeaders(headers)
+        },
         onResponse: (_request, reply, raw) => {
           const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
           const upstream = res.stream
@@ -297,12 +313,17 @@ export default fp(async function upstreamProxy (fastify) {
       if (held == null) throw new GatewayError(502, leases.exhausted())
       const { assignment, lease, release } = held
       const signal = AbortSignal.any([request.exchange.signal, lease.lost])
-      const post = async (path: string, body: unknown): Promise<Response> => await fetch(assignment.url + path, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId },
-        body: JSON.stringify(body),
-        signal: AbortSignal.any([signal, AbortSignal.timeout(config.upstreamHeadersTimeoutMs)])
-      })
+      // A call under way is not aborted when the client leaves (the upstream would work on, on GPUs
+      // released under it): it runs to its end, and no further call is made.
+      const post = async (path: string, body: unknown): Promise<Response> => {
+        if (request.exchange.closed) throw new LeaseError('client closed request', 499)
+        return await fetch(assignment.url + path, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId },
+          body: JSON.stringify(body),
+          signal: AbortSignal.any([lease.lost, AbortSignal.timeout(config.upstreamHeadersTimeoutMs)])
+        })
+      }
       try {
         return await work({ assignment, signal, post })
       } catch (error) {

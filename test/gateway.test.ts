@@ -197,3 +197,21 @@ t.test('the GPU goes to the next waiter right after the upstream ends (one repli
   t.ok(gaps.at(-1)! < 500, 'waiters are handed the GPU by the release, not by the fallback poll')
   t.same(fleet.recorder.overlaps, [])
 })
+
+t.test('a client that leaves before the upstream answers keeps its GPU leased until the upstream is done', async (t) => {
+  // stream:false: the upstream works for the whole answer before sending any header
+  const fleet = await startFleet(t, { gpus: [1], upstreams: [{ model: 'm', gpus: [0], simulator: { tokens: 8, tokenDelayMs: 50 } }] })
+  const gw = await fleet.replica()
+  const ac = new AbortController()
+  const gone = fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"m","prompt":"long","stream":false}', signal: ac.signal })
+  gone.catch(() => {})
+  await sleep(100)
+  ac.abort()
+  const next = await fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"m","prompt":"next","stream":false,"options":{"num_predict":1}}' })
+  t.equal(next.status, 200)
+  await next.text()
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [], 'the next request did not start while the first still ran on the GPU')
+  t.equal(fleet.recorder.events.filter((e) => e.type === 'start').length, 2)
+  t.same(await fleet.heldGpus(), [], 'and the lease was released once the upstream was done')
+})
