@@ -255,8 +255,9 @@ export default fp(async function upstreamProxy (fastify) {
       // A client gone before the upstream's headers does not stop the upstream (reply-from has no
       // way to): its GPUs stay leased until the headers come (the upstream then learns it is alone),
       // or the headers timeout; a fallback timer bounds it whatever happens.
+      let answered = false
       request.exchange.onClose(() => {
-        setTimeout(release, config.upstreamHeadersTimeoutMs + 5000).unref()
+        if (!answered) setTimeout(release, config.upstreamHeadersTimeoutMs + 5000).unref()
       })
       return reply.from(assignment.url + target.path, {
         body: target.body,
@@ -265,6 +266,7 @@ export default fp(async function upstreamProxy (fastify) {
         rewriteRequestHeaders: requestHeaders(request, assignment),
         rewriteHeaders: (headers) => {
           // From here, the client leaving ends the upstream answer too (its stream is destroyed).
+          answered = true
           request.exchange.onClose(release)
           return clientResponseHeaders(headers)
         },
