@@ -26,8 +26,6 @@ export interface LeasedForward extends LeaseTarget {
   body: string
   /** What a broken stream ends with, in the stream's own format. */
   streamError?: (message: string) => string
-  /** Called with the upstream's answer instead of streaming it through (e.g. to transform it). */
-  onUpstreamResponse?: (request: FastifyRequest, reply: FastifyReply, res: { statusCode: number, headers: Record<string, unknown>, stream: Readable }, done: () => void) => void
 }
 
 declare module 'fastify' {
@@ -277,10 +275,6 @@ export default fp(async function upstreamProxy (fastify) {
           upstream.once('end', release)
           upstream.once('close', release)
           upstream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
-          if (target.onUpstreamResponse != null) {
-            target.onUpstreamResponse(request, reply as FastifyReply, res, release)
-            return
-          }
           // An error record can only end an answer of open length (NDJSON, SSE: chunked). Appended to
           // one with a Content-Length it would leave the answer short (the client waits for the rest)
           // or long (it misreads the next answer): such an answer is cut off instead.

@@ -366,15 +366,15 @@ export class LeaseManager {
     }
   }
 
-  /**
-   * The first step of a shutdown: take no more requests, send the waiting ones away, and resolve
-   * once every in-flight request has released its lease. Renewal goes on meanwhile.
-   */
   /** True from the start of a drain: no new lease is granted. */
   get draining (): boolean {
     return this.closed
   }
 
+  /**
+   * The first step of a shutdown: take no more requests, send the waiting ones away, and resolve
+   * once every in-flight request has released its lease. Renewal goes on meanwhile.
+   */
   async drain (): Promise<void> {
     await this.refuseWaiters()
     if (this.held.size === 0) return
