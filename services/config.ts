@@ -22,7 +22,8 @@ export const EnvSchema = Type.Object({
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
-  API_KEYS: Type.Optional(Type.String())
+  API_KEYS: Type.Optional(Type.String()),
+  WARM_MODELS: Type.Optional(Type.String())
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -50,6 +51,8 @@ export interface GatewayConfig {
   upstreamHeadersTimeoutMs: number
   adminToken?: string
   apiKeys: string[]
+  /** Models loaded on each of their upstreams at start and when an upstream comes back. */
+  warmModels: string[]
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -119,7 +122,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     bodyLimit: env.BODY_LIMIT,
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
     adminToken: env.ADMIN_TOKEN,
-    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)
   }
 }
 

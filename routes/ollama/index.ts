@@ -2,7 +2,10 @@ import type { FastifyPluginAsync } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
 import { gatewayVersion } from '../../services/package-root.js'
 import { distinctUpstreams, fetchJson, fleetTags } from '../../services/upstream-catalog.js'
+import pullRoute from './pull.js'
+import refusals from './refusals.js'
 import { ModelRequest, ShowRequest } from './schemas.js'
+import { isUnloadRequest, unloadEverywhere } from './unload.js'
 
 /** Ollama's streaming format: a failure after the stream started is one more `{"error"}` line. */
 const ndjsonError = (message: string): string => JSON.stringify({ error: message }) + '\n'
@@ -13,12 +16,16 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
   for (const path of LEASED_PATHS) {
     fastify.post(path, { schema: { body: ModelRequest } }, async (request, reply) => {
       const body = request.body as { model: string } & Record<string, unknown>
+      if (isUnloadRequest(path, body)) return await unloadEverywhere(fastify, request, reply, path as '/api/generate' | '/api/chat', body.model)
       const { body: forwarded } = fastify.normalizeOllamaBody(request.rawBody as string, body)
       return await fastify.forwardLeased(request, reply, {
         kind: 'llm', model: body.model, path, body: forwarded, streamError: ndjsonError
       })
     })
   }
+
+  await fastify.register(pullRoute)
+  await fastify.register(refusals)
 
   fastify.post('/api/show', { schema: { body: ShowRequest } }, async (request, reply) => {
     const body = request.body as { model?: string, name?: string }

@@ -16,3 +16,11 @@ export const ShowRequest = Type.Object({
 
 export const ModelList = Type.Object({ models: Type.Array(Type.Object({}, { additionalProperties: true })) })
 export const Version = Type.Object({ version: Type.String() })
+
+/** `/api/pull`: `model` (or the legacy `name`); other fields are not passed on. */
+export const PullRequest = Type.Object({
+  model: Type.Optional(Type.String()),
+  name: Type.Optional(Type.String()),
+  insecure: Type.Optional(Type.Boolean()),
+  stream: Type.Optional(Type.Union([Type.Boolean(), Type.Null()]))
+}, { additionalProperties: true })

@@ -16,6 +16,7 @@ import { performance } from 'node:perf_hooks'
 import { createHash, randomUUID, randomInt } from 'node:crypto'
 import zlib from 'node:zlib'
 import { GpuRecorder } from './gpu-recorder.js'
+import { OLLAMA_EXTRA_ROUTES } from './ollama-extras.js'
 import type { EnterOptions } from './gpu-recorder.js'
 
 export { GpuRecorder }
@@ -636,7 +637,7 @@ export interface OllamaRoute {
 }
 
 /** Routes from other modules, tried before the built-in ones (they may replace one). */
-const EXTRA_OLLAMA_ROUTES: OllamaRoute[] = []
+const EXTRA_OLLAMA_ROUTES: OllamaRoute[] = [...OLLAMA_EXTRA_ROUTES]
 
 export async function startSimulator (opts: SimulatorOptions = {}): Promise<Simulator> {
   const st: OllamaState = {
@@ -850,7 +851,6 @@ const OLLAMA_INFO_ROUTES: OllamaRoute[] = [
       })
     }
   },
-  { method: 'POST', path: '/api/pull', work: false, handle: async kit => await pull(kit) },
   {
     method: ['GET', 'HEAD'],
     path: '/v1/models',
@@ -1019,25 +1019,6 @@ const embeddings: Handler = async (kit) => {
   if (prompt === '') return okJson(ex, { embedding: [] })
   await sleep(st.tokenDelayMs)
   okJson(ex, { embedding: embedVector(prompt, st.embedDims) })
-}
-
-async function pull ({ st, ctx, ex }: OllamaRouteKit): Promise<void> {
-  const body = bindNative(ex, ctx.text, 'api.PullRequest', { name: ['string', 'string'], insecure: ['bool', 'bool'] })
-  if (body === undefined) return
-  const model: string = body.model ?? body.name ?? ''
-  if (model === '') return errorJson(ex, 400, 'model is required')
-  if (!st.models.some(m => modelKey(m) === modelKey(model))) st.models.push(model)
-  const steps = ['pulling manifest', 'verifying sha256 digest', 'writing manifest']
-  if (body.stream === false) {
-    await sleep(st.tokenDelayMs)
-    return okJson(ex, { status: 'success' })
-  }
-  if (!ex.beginStream(NDJSON_TYPE)) return
-  for (const status of steps) {
-    await sleep(st.tokenDelayMs)
-    if (!ex.line(JSON.stringify({ status }) + '\n')) return
-  }
-  ex.endStream(JSON.stringify({ status: 'success' }) + '\n')
 }
 
 // --- OpenAI-compatible routes
