@@ -11,6 +11,9 @@ import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
+import warmModels from './plugins/warm-models.js'
+import anthropicRoutes from './routes/anthropic/index.js'
+import audioRoutes from './routes/audio/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -39,9 +42,12 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
+  await fastify.register(warmModels)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
+  await fastify.register(anthropicRoutes)
+  await fastify.register(audioRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)

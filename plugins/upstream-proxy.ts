@@ -23,7 +23,11 @@ export interface LeaseTarget {
 export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
   path: string
-  body: string
+  /**
+   * The JSON body to send; absent: the client's own body is streamed through as it arrives, with
+   * its Content-Type (an upload: it can be sent once only, so no other candidate is tried).
+   */
+  body?: string
   /** What a broken stream ends with, in the stream's own format. */
   streamError?: (message: string) => string
 }
@@ -259,7 +263,7 @@ export default fp(async function upstreamProxy (fastify) {
       })
       return reply.from(assignment.url + target.path, {
         body: target.body,
-        contentType: 'application/json',
+        contentType: target.body != null ? 'application/json' : undefined,
         queryString: noQueryString,
         rewriteRequestHeaders: requestHeaders(request, assignment),
         rewriteHeaders: (headers) => {
@@ -287,7 +291,9 @@ export default fp(async function upstreamProxy (fastify) {
         },
         onError: (reply, { error }) => {
           release()
-          if (unreachable(error) && !reply.sent && !request.exchange.closed) {
+          // A streamed upload cut off at BODY_LIMIT: the client's fault, not the upstream's.
+          if ((error as UpstreamError).cause?.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.sendError(413, 'request body is too large')
+          if (unreachable(error) && target.body != null && !reply.sent && !request.exchange.closed) {
             leases.unreachable(assignment, error)
             forward().catch((err) => reply.send(err))
             return

@@ -8,8 +8,20 @@ import { ImageGenerationRequest, Model, ModelList, ModelRequest } from './schema
 /** OpenAI's streaming format: a failure after the stream started is one more SSE event carrying an error. */
 const sseError = (message: string): string => `data: ${JSON.stringify(errorBody('openai', 502, message))}\n\n`
 
+/**
+ * The Responses API's way to end a broken stream: an `error` event (OpenAI's `ResponseErrorEvent`,
+ * no sequence number: the gateway does not count the upstream's events).
+ */
+const responsesError = (message: string): string =>
+  `event: error\ndata: ${JSON.stringify({ type: 'error', code: 'api_error', message, param: null })}\n\n`
+
 /** Ollama serves these itself; the gateway leases and forwards them, body untouched. */
-const LEASED_PATHS = ['/v1/chat/completions', '/v1/completions', '/v1/embeddings'] as const
+const LEASED_PATHS: Record<string, (message: string) => string> = {
+  '/v1/chat/completions': sseError,
+  '/v1/completions': sseError,
+  '/v1/embeddings': sseError,
+  '/v1/responses': responsesError
+}
 
 /** Ollama's owner of a model: the namespace in `[host/][namespace/]model[:tag]`, `library` when none. */
 function ownerOf (name: string): string {
@@ -38,12 +50,12 @@ type UpstreamAnswer = { images: string[] } | { failed: { status: number, content
 const openaiRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'openai' as const }
 
-  for (const path of LEASED_PATHS) {
+  for (const [path, streamError] of Object.entries(LEASED_PATHS)) {
     fastify.post(path, { schema: { body: ModelRequest }, config }, async (request, reply) => {
       const body = request.body as { model: string }
       // Unlike Ollama's native API, nothing is normalised: `stream` already defaults to false here.
       return await fastify.forwardLeased(request, reply, {
-        kind: 'llm', model: body.model, path, body: request.rawBody as string, streamError: sseError
+        kind: 'llm', model: body.model, path, body: request.rawBody as string, streamError
       })
     })
   }
