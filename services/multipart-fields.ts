@@ -52,11 +52,15 @@ export async function readLeadingField (body: Readable, boundary: string, name: 
   const chunks: Buffer[] = []
   let size = 0
   return await new Promise<LeadingField>((resolve, reject) => {
-    const finish = (value: string | undefined, ended: boolean): void => {
-      body.pause()
+    const stopListening = (): void => {
       body.off('data', onData)
       body.off('end', onEnd)
       body.off('error', onError)
+      body.off('close', onClose)
+    }
+    const finish = (value: string | undefined, ended: boolean): void => {
+      body.pause()
+      stopListening()
       const head = Buffer.concat(chunks)
       if (ended) {
         resolve({ value, body: Readable.from(head.length > 0 ? [head] : []) })
@@ -77,12 +81,14 @@ export async function readLeadingField (body: Readable, boundary: string, name: 
       finish(found.done ? found.value : undefined, true)
     }
     const onError = (err: Error): void => {
-      body.off('data', onData)
-      body.off('end', onEnd)
+      stopListening()
       reject(err)
     }
+    // the client went away mid-upload: no end, maybe no error either
+    const onClose = (): void => onError(Object.assign(new Error('client closed request'), { statusCode: 499 }))
     body.on('data', onData)
     body.once('end', onEnd)
     body.once('error', onError)
+    body.once('close', onClose)
   })
 }
