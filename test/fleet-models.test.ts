@@ -99,6 +99,26 @@ t.test('pull: 401 without the admin token, 404 for a model without an assignment
   for (const sim of fleet.upstreams) t.equal(sim.requests.filter((r) => r.path === '/api/pull').length, 0, 'no server was asked')
 })
 
+t.test('a * assignment serves any model: a model no assignment names is pulled on the * servers', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1],
+    upstreams: [
+      { model: 'qwen3', name: 'named', gpus: [0], simulator: { models: ['qwen3'], tokenDelayMs: 1 } },
+      { model: '*', name: 'any', gpus: [1], simulator: { models: ['llama3.2'], tokenDelayMs: 1 } }
+    ]
+  })
+  const gw = await fleet.replica()
+  const [named, any] = fleet.upstreams
+  const ollama = new Ollama({ host: gw.url })
+  t.same(await ollama.pull({ model: 'mistral' }), { status: 'success' })
+  t.equal(any.requests.filter((r) => r.path === '/api/pull').length, 1, 'the * server pulled it')
+  t.equal(named.requests.filter((r) => r.path === '/api/pull').length, 0, 'the server of another model did not')
+  t.ok((await tagsOf(any.url)).includes('mistral:latest'))
+  t.same(await ollama.pull({ model: 'qwen3' }), { status: 'success' })
+  t.equal(named.requests.filter((r) => r.path === '/api/pull').length, 1, 'a named model goes to its own servers')
+  t.equal(any.requests.filter((r) => r.path === '/api/pull').length, 1)
+})
+
 t.test('a client that leaves a pull cancels it on every server', async (t) => {
   const fleet = await pullFleet(t, 60)
   const gw = await fleet.replica()

@@ -236,6 +236,8 @@ async function viaHttp (url: string, agent: http.Agent, method: string, path: st
 const GATEWAY_STATUSES = new Set([200, 400, 401, 404, 408, 413, 417, 431, 503])
 /** Routes forwarded without a lease: the upstream's own answers come back as they are. */
 const FORWARDED_WITHOUT_LEASE = new Set(['/api/show', '/upload'])
+/** The model-store routes the gateway refuses for the whole fleet (501, contract section 14). */
+const REFUSED = new Set(['/api/delete', '/api/copy', '/api/create', '/api/push'])
 
 function check (path: string, method: string, outcome: Outcome, raw: boolean): string | undefined {
   const { status, headers, body } = outcome
@@ -246,7 +248,8 @@ function check (path: string, method: string, outcome: Outcome, raw: boolean): s
   if (status === 500 && !fromUpstream) return `gateway error 500: ${body.slice(0, 200)}`
   // Node's HTTP parser answers broken requests itself, before any route is known.
   if (status === 417 && body === '') return undefined
-  if (!fromUpstream && !GATEWAY_STATUSES.has(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
+  const refused = status === 501 && (REFUSED.has(route) || route.startsWith('/api/blobs/'))
+  if (!fromUpstream && !refused && !GATEWAY_STATUSES.has(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
   if (status < 400 || fromUpstream || method === 'HEAD') return undefined
   if (body === '' && raw && status === 400) return undefined // Node's own answer to a request without Host
   let parsed: any
