@@ -26,11 +26,13 @@ const audioRoutes: FastifyPluginAsync = async (fastify) => {
     return await fastify.forwardLeased(request, reply, { kind: 'speech', model: body.model, path: '/v1/audio/speech', body: request.rawBody as string })
   })
 
+  // Streamed through unread: an upload holds none of the gateway's body memory (BODY_MEMORY_LIMIT).
+  const uploadConfig = { ...config, streamedBody: true }
   await fastify.register(async (uploads) => {
     uploads.removeAllContentTypeParsers()
     uploads.addContentTypeParser('*', (_request, payload, done) => { done(null, payload) })
     for (const path of UPLOAD_PATHS) {
-      uploads.post(path, { config }, async (request, reply) => {
+      uploads.post(path, { config: uploadConfig }, async (request, reply) => {
         try {
           const boundary = multipartBoundary(request.headers['content-type'])
           if (boundary == null) throw new GatewayError(400, 'request body must be multipart/form-data with a boundary')
