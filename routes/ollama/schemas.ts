@@ -19,8 +19,9 @@ export const Version = Type.Object({ version: Type.String() })
 
 /** `/api/pull`: `model` (or the legacy `name`); other fields are not passed on. */
 export const PullRequest = Type.Object({
-  model: Type.Optional(Type.String()),
-  name: Type.Optional(Type.String()),
+  // the same name fields as /api/show (and their limits)
+  model: ShowRequest.properties.model,
+  name: ShowRequest.properties.name,
   insecure: Type.Optional(Type.Boolean()),
   stream: Type.Optional(Type.Union([Type.Boolean(), Type.Null()]))
 }, { additionalProperties: true })
