@@ -70,6 +70,7 @@ export async function startSpeechSimulator (opts: SimulatorOptions & { models?: 
     requests: [],
     behaviour: { kind: 'normal' },
     uploads: new Map(),
+    cancelDelayMs: opts.cancelDelayMs ?? 0,
     loads: [],
     unloads: [],
     resident: () => [],
@@ -106,7 +107,11 @@ export async function startSpeechSimulator (opts: SimulatorOptions & { models?: 
       running--
       id = null
     }
-    res.once('close', done)
+    // a request the client cancels keeps the GPU until the server notices (cancelDelayMs)
+    res.once('close', () => {
+      if (!res.writableFinished && sim.cancelDelayMs > 0) setTimeout(done, sim.cancelDelayMs)
+      else done()
+    })
 
     const chunks: Buffer[] = []
     let announced = false
