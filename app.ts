@@ -10,6 +10,7 @@ import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
+import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
@@ -37,6 +38,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
 
