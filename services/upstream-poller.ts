@@ -17,6 +17,7 @@
  */
 import type { Assignment } from './inventory.js'
 import { modelKey } from './model-name.js'
+import { gatewayVersion } from './package-root.js'
 import { fleetPs, fleetTags, validEntries, type OllamaModelEntry, type ServerListing } from './upstream-catalog.js'
 
 export type UpstreamHealth = 'up' | 'unreachable' | 'unknown'
@@ -63,6 +64,9 @@ interface ServerState {
 class PollError extends Error {}
 
 const DEFAULT_TIMEOUT_MS = 2500
+
+/** Says on the wire (and in an upstream's logs) that this is the gateway's poll, not a client's request. */
+const POLL_HEADERS = { 'user-agent': `ai-maestro-proxy/${gatewayVersion} upstream-poll` }
 
 export class UpstreamPoller {
   private readonly servers = new Map<string, ServerState>()
@@ -141,7 +145,7 @@ export class UpstreamPoller {
   }
 
   private async fetchJson (url: string): Promise<any> {
-    const res = await fetch(url, { redirect: 'manual', signal: AbortSignal.any([this.abort.signal, AbortSignal.timeout(this.timeoutMs)]) })
+    const res = await fetch(url, { redirect: 'manual', headers: POLL_HEADERS, signal: AbortSignal.any([this.abort.signal, AbortSignal.timeout(this.timeoutMs)]) })
     if (res.status !== 200) {
       await res.body?.cancel()
       // A redirect is never followed: it is this upstream's failure.
