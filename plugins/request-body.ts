@@ -1,5 +1,6 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import fp from 'fastify-plugin'
+import { Gauge } from 'prom-client'
 import type { FastifyRequest } from 'fastify'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
 import { ValueErrorType } from '@sinclair/typebox/errors'
@@ -43,6 +44,13 @@ export default fp(async function requestBody (fastify) {
     this.body = undefined
     this.rawBody = undefined
   })
+  // eslint-disable-next-line no-new
+  new Gauge({
+    name: 'maestro_body_memory_bytes',
+    help: 'Bytes of request bodies held right now by waiting and in-flight requests (bounded by BODY_MEMORY_LIMIT)',
+    registers: [fastify.metrics.registry],
+    collect () { this.set(budget.held) }
+  })
   fastify.addHook('onRequest', (request, reply, done) => {
     const hold = budget.hold()
     request.bodyHold = hold
@@ -83,7 +91,7 @@ export default fp(async function requestBody (fastify) {
   // refused before a byte is read; a chunked body is cut off where it crosses the limit. (Node
   // itself never delivers more than a declared Content-Length.)
   // BODY_MEMORY_LIMIT: a declared length is held before a byte is read, a chunked body chunk by
-  // chunk; past the budget the request gets 503 (and its connection is closed: the body is not read).
+  // chunk; past the budget the request gets 503 with Retry-After.
   fastify.addHook('preParsing', async (request, reply, payload) => {
     const declared = Number(request.headers['content-length'])
     if (declared > bodyLimit) {
@@ -91,10 +99,9 @@ export default fp(async function requestBody (fastify) {
       throw bodyTooLarge(bodyLimit)
     }
     const hold = request.routeOptions.config?.streamedBody === true ? undefined : request.bodyHold
-    if (declared > 0 && hold != null && !hold.add(declared)) {
-      reply.header('connection', 'close')
-      throw noBodyMemory()
-    }
+    // (The connection stays open: Node reads the unread body and drops it, holding nothing, so the
+    // client can finish sending and read the 503 instead of seeing its upload cut off.)
+    if (declared > 0 && hold != null && !hold.add(declared)) throw noBodyMemory()
     if (request.headers['transfer-encoding'] == null) return payload
     return payload.pipe(new LimitedBody(bodyLimit, hold, () => reply.header('connection', 'close')))
   })
@@ -112,7 +119,7 @@ export default fp(async function requestBody (fastify) {
       return { error }
     }
   })
-}, { name: 'request-body', dependencies: ['config'], fastify: '5.x' })
+}, { name: 'request-body', dependencies: ['config', 'metrics'], fastify: '5.x' })
 
 /** The error Fastify's own parsers give (413), so every route words it alike. */
 function bodyTooLarge (limit: number): Error {
