@@ -20,8 +20,9 @@ declare module 'fastify' {
     /** This request's bytes in BODY_MEMORY_LIMIT, given back when its response closes. */
     bodyHold: BodyHold
     /**
-     * Forget the parsed body and the raw text: a route that has taken what it forwards (and the
-     * few fields it reads) calls this before it waits for a lease, so a waiting request holds one copy.
+     * Forget the parsed body (all but its `model`) and the raw text: a route that has taken what it
+     * forwards (and the few fields it reads) calls this before it waits for a lease, so a waiting
+     * request holds one copy.
      */
     forgetBody: () => void
   }
@@ -41,7 +42,9 @@ export default fp(async function requestBody (fastify) {
   fastify.decorateRequest('rawBody', undefined)
   fastify.decorateRequest('bodyHold', null as unknown as BodyHold)
   fastify.decorateRequest('forgetBody', function (this: FastifyRequest) {
-    this.body = undefined
+    // Only the model stays (the access log names it, found or not).
+    const model = (this.body as { model?: unknown } | undefined)?.model
+    this.body = typeof model === 'string' ? { model } : undefined
     this.rawBody = undefined
   })
   // eslint-disable-next-line no-new
