@@ -4,9 +4,13 @@ import { MODEL_NAME_MAX, modelKey } from './model-name.js'
 /** How long an informational request to one upstream may take. */
 const INFO_TIMEOUT_MS = 2500
 
-/** GET a small JSON document from an upstream: bounded in time, never following a redirect (a 3xx is a failure). */
-export async function fetchJson (url: string, timeoutMs = INFO_TIMEOUT_MS): Promise<any> {
-  const res = await fetch(url, { redirect: 'manual', signal: AbortSignal.timeout(timeoutMs) })
+/**
+ * GET a small JSON document from an upstream: bounded in time, never following a redirect (a 3xx,
+ * like any status but 200, is a failure). The error's text names the URL: for logs only.
+ */
+export async function fetchJson (url: string, opts: { timeoutMs?: number, signal?: AbortSignal, headers?: Record<string, string> } = {}): Promise<any> {
+  const timeout = AbortSignal.timeout(opts.timeoutMs ?? INFO_TIMEOUT_MS)
+  const res = await fetch(url, { redirect: 'manual', headers: opts.headers, signal: opts.signal == null ? timeout : AbortSignal.any([opts.signal, timeout]) })
   if (res.status !== 200) {
     await res.body?.cancel()
     throw new Error(`${url} answered ${res.status}`)

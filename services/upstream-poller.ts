@@ -6,8 +6,9 @@
  *
  * API (all synchronous reads of the last poll):
  *  - `snapshot(assignmentId)` / `snapshots()`: per assignment, `health` (`up`: its server answered
- *    the last poll; `unreachable`: the last poll failed; `unknown`: not polled yet, or not an Ollama
- *    server), the models loaded there and `polledAt` (ms since the epoch of the last answer).
+ *    the last poll; `unreachable`: the last poll failed; `unknown`: not polled yet), the models loaded
+ *    there and `polledAt` (ms since the epoch of the last answer). Only llm (Ollama) assignments
+ *    are polled: `snapshot()` of any other is undefined.
  *  - `isLoaded(assignmentId, model)`: the model is resident on the assignment's server, from the
  *    last `/api/ps` and the gateway's own traffic since. False when unknown: no preference, never "down".
  *  - `noteServed(assignmentId, model)` / `noteUnloaded(assignmentId, model)`: the gateway's own
@@ -18,7 +19,7 @@
 import type { Assignment } from './inventory.js'
 import { modelKey } from './model-name.js'
 import { gatewayVersion } from './package-root.js'
-import { fleetPs, fleetTags, validEntries, type OllamaModelEntry, type ServerListing } from './upstream-catalog.js'
+import { fetchJson, fleetPs, fleetTags, validEntries, type OllamaModelEntry, type ServerListing } from './upstream-catalog.js'
 
 export type UpstreamHealth = 'up' | 'unreachable' | 'unknown'
 
@@ -59,9 +60,6 @@ interface ServerState {
   error?: string
   inFlight?: Promise<void>
 }
-
-/** A fetch failed in a way worth one log line (the text may hold ip:port: logs only). */
-class PollError extends Error {}
 
 const DEFAULT_TIMEOUT_MS = 2500
 
@@ -145,13 +143,7 @@ export class UpstreamPoller {
   }
 
   private async fetchJson (url: string): Promise<any> {
-    const res = await fetch(url, { redirect: 'manual', headers: POLL_HEADERS, signal: AbortSignal.any([this.abort.signal, AbortSignal.timeout(this.timeoutMs)]) })
-    if (res.status !== 200) {
-      await res.body?.cancel()
-      // A redirect is never followed: it is this upstream's failure.
-      throw new PollError(`${url} answered ${res.status}`)
-    }
-    return await res.json()
+    return await fetchJson(url, { timeoutMs: this.timeoutMs, signal: this.abort.signal, headers: POLL_HEADERS })
   }
 
   private serverOf (assignmentId: string): { assignment: Assignment, state?: ServerState } | undefined {
