@@ -10,6 +10,7 @@ import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
+import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import warmModels from './plugins/warm-models.js'
 import anthropicRoutes from './routes/anthropic/index.js'
@@ -40,6 +41,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
   await fastify.register(warmModels)

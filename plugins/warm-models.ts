@@ -4,15 +4,6 @@ import { queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import { distinctUpstreams } from '../services/upstream-catalog.js'
 
-/** What this plugin reads of the background poller of the upstreams, when the gateway has one. */
-interface PolledUpstreams {
-  snapshots: () => Array<{ assignmentId: string, health: string }>
-  noteServed?: (assignmentId: string, model: string) => void
-}
-
-/** How often the poller's health is looked at for an upstream that has come back (an in-memory read). */
-const COMEBACK_CHECK_MS = 1000
-
 /**
  * WARM_MODELS: each model is loaded on every server assigned it once the gateway is ready, and
  * again on a server that is reachable after being unreachable (a restarted Ollama has nothing
@@ -25,7 +16,6 @@ export default fp(async function warmModels (fastify) {
   const stopping = new AbortController()
   const running = new Set<string>()
   const keepAlive = config.keepAlive.mode === 'force' ? `,"keep_alive":${config.keepAlive.json}` : ''
-  const polled = (): PolledUpstreams | undefined => (fastify as unknown as { upstreams?: PolledUpstreams }).upstreams
 
   async function warm (assignment: Assignment, model: string): Promise<void> {
     const key = `${assignment.id}|${modelKey(model)}`
@@ -48,7 +38,7 @@ export default fp(async function warmModels (fastify) {
       })
       const text = await res.text()
       if (res.ok) {
-        polled()?.noteServed?.(assignment.id, model)
+        fastify.upstreams.noteServed(assignment.id, model)
         fastify.log.info({ model, assignment: assignment.name }, 'warm model loaded')
       } else {
         fastify.log.warn({ model, assignment: assignment.name, status: res.status, answer: text.slice(0, 200) }, 'warm model did not load')
@@ -70,18 +60,17 @@ export default fp(async function warmModels (fastify) {
     }
   }
 
-  // An upstream back from unreachable, as the poller saw it: warm it again.
+  // An upstream back from unreachable, as the poller saw it: warm it again. A poll's verdict stands
+  // until the next poll, so looking twice per poll period (an in-memory read) misses none.
   const lastHealth = new Map<string, string>()
   const comebacks = setInterval(() => {
-    const upstreams = polled()
-    if (upstreams == null) return
     const back = new Set<string>()
-    for (const { assignmentId, health } of upstreams.snapshots()) {
+    for (const { assignmentId, health } of fastify.upstreams.snapshots()) {
       if (health === 'up' && lastHealth.get(assignmentId) === 'unreachable') back.add(assignmentId)
       lastHealth.set(assignmentId, health)
     }
     if (back.size > 0) warmAll(back)
-  }, COMEBACK_CHECK_MS)
+  }, Math.max(50, Math.floor(config.upstreamPollMs / 2)))
   comebacks.unref()
 
   fastify.addHook('onReady', async () => { warmAll() })
@@ -89,4 +78,4 @@ export default fp(async function warmModels (fastify) {
     clearInterval(comebacks)
     stopping.abort()
   })
-}, { name: 'warm-models', dependencies: ['config', 'gpu-lease', 'inventory'], fastify: '5.x' })
+}, { name: 'warm-models', dependencies: ['config', 'gpu-lease', 'inventory', 'upstream-poller'], fastify: '5.x' })

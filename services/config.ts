@@ -21,6 +21,8 @@ export const EnvSchema = Type.Object({
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
+  BODY_MEMORY_LIMIT: Type.Integer({ default: 268435456, minimum: 1 }),
+  UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
   WARM_MODELS: Type.Optional(Type.String())
@@ -49,6 +51,10 @@ export interface GatewayConfig {
   keepAlive: KeepAlive
   bodyLimit: number
   upstreamHeadersTimeoutMs: number
+  /** Bytes of request bodies held at once by waiting and in-flight requests. */
+  bodyMemoryLimit: number
+  /** How often the Ollama upstreams' /api/ps, /api/tags and /api/version are read in the background. */
+  upstreamPollMs: number
   adminToken?: string
   apiKeys: string[]
   /** Models loaded on each of their upstreams at start and when an upstream comes back. */
@@ -121,6 +127,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
     bodyLimit: env.BODY_LIMIT,
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
+    bodyMemoryLimit: env.BODY_MEMORY_LIMIT,
+    upstreamPollMs: env.UPSTREAM_POLL_MS,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)

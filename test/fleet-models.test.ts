@@ -5,6 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Ollama } from 'ollama'
 import { assertAllFree, startFleet, type TestFleet } from './helpers/gateway.js'
 import { failPulls } from '../scripts/simulator/ollama-extras.js'
+import { startSimulator } from './helpers/upstream-simulator.js'
 
 const TOKEN = 'admin-secret'
 
@@ -193,6 +194,29 @@ t.test('WARM_MODELS loads each model on every server assigned it at start', asyn
     t.same(load?.body, { model: 'm', prompt: '', keep_alive: -1, stream: false }, 'an empty-prompt load with the gateway\'s keep_alive')
   }
   t.same(c.requests.filter((r) => r.method === 'POST'), [], 'a server not assigned a warm model is left alone')
+  await settled(t, fleet, gw)
+})
+
+t.test('WARM_MODELS loads again on a server that comes back from unreachable', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1],
+    upstreams: [
+      { model: 'm', name: 'a', gpus: [0], simulator: { models: ['m'] } },
+      { model: 'm', name: 'b', gpus: [1], simulator: { models: ['m'] } }
+    ],
+    options: { WARM_MODELS: 'm', UPSTREAM_POLL_MS: 100 }
+  })
+  const gw = await fleet.replica()
+  const [a, b] = fleet.upstreams
+  await until('m loaded on a and b', () => a.resident().length === 1 && b.resident().length === 1)
+  // a restarts: down for a few polls, then up with nothing loaded
+  await a.close()
+  await sleep(400)
+  const restarted = await startSimulator({ port: a.port, gpuIds: [fleet.gpuIds[0]], recorder: fleet.recorder, models: ['m'] })
+  t.teardown(restarted.close)
+  await until('m loaded again on the restarted server', () => restarted.resident().length === 1)
+  t.match(restarted.requests.find((r) => r.path === '/api/generate')?.body, { model: 'm', prompt: '' })
+  t.equal(b.requests.filter((r) => r.path === '/api/generate').length, 1, 'the server that stayed up was not loaded again')
   await settled(t, fleet, gw)
 })
 

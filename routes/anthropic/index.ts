@@ -16,10 +16,11 @@ const sseError = (message: string): string => `event: error\ndata: ${JSON.string
 const anthropicRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'anthropic' as const }
   fastify.post('/v1/messages', { schema: { body: ModelRequest }, config }, async (request, reply) => {
-    const body = request.body as { model: string }
-    return await fastify.forwardLeased(request, reply, {
-      kind: 'llm', model: body.model, path: '/v1/messages', body: request.rawBody as string, streamError: sseError
-    })
+    const { model } = request.body as { model: string }
+    const forwarded = request.rawBody as string
+    // One copy while it waits: the text it forwards.
+    request.forgetBody()
+    return await fastify.forwardLeased(request, reply, { kind: 'llm', model, path: '/v1/messages', body: forwarded, streamError: sseError })
   })
 }
 

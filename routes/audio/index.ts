@@ -22,8 +22,10 @@ const audioRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'openai' as const }
 
   fastify.post('/v1/audio/speech', { schema: { body: ModelRequest }, config }, async (request, reply) => {
-    const body = request.body as { model: string }
-    return await fastify.forwardLeased(request, reply, { kind: 'speech', model: body.model, path: '/v1/audio/speech', body: request.rawBody as string })
+    const { model } = request.body as { model: string }
+    const forwarded = request.rawBody as string
+    request.forgetBody()
+    return await fastify.forwardLeased(request, reply, { kind: 'speech', model, path: '/v1/audio/speech', body: forwarded })
   })
 
   // Streamed through unread: an upload holds none of the gateway's body memory (BODY_MEMORY_LIMIT).

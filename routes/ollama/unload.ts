@@ -1,13 +1,6 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Assignment } from '../../services/inventory.js'
-import { modelKey } from '../../services/model-name.js'
-import { distinctUpstreams, fetchJson } from '../../services/upstream-catalog.js'
-
-/** What the background poller of the upstreams (when the gateway has one) knows of residency. */
-interface Residency {
-  isLoaded: (assignmentId: string, model: string) => boolean
-  noteUnloaded?: (assignmentId: string, model: string) => void
-}
+import { distinctUpstreams } from '../../services/upstream-catalog.js'
 
 /** A Go duration string that is zero (`0`, `0s`, `0m0s`, `-0h`...): Ollama unloads at once. */
 const ZERO_DURATION = /^[-+]?(?:0+(?:\.0*)?(?:ns|us|µs|μs|ms|s|m|h)?)+$/
@@ -31,22 +24,9 @@ export function isUnloadRequest (path: string, body: Record<string, unknown>): b
   return false
 }
 
-/** The servers (one assignment each) among `candidates` that have `model` loaded now. */
-async function loadedOn (fastify: FastifyInstance, candidates: Assignment[], model: string): Promise<Assignment[]> {
-  const residency = (fastify as unknown as { upstreams?: Residency }).upstreams
-  if (residency != null) return candidates.filter((a) => residency.isLoaded(a.id, model))
-  // No poller: ask each server (an unload is rare, so one /api/ps per server is cheap enough).
-  const key = modelKey(model)
-  const found = await Promise.all(candidates.map(async (a) => {
-    try {
-      const ps = await fetchJson(`${a.url}/api/ps`) as { models?: Array<{ name?: unknown, model?: unknown }> }
-      return (ps.models ?? []).some((m) => modelKey(String(m.name ?? m.model ?? '')) === key)
-    } catch (err) {
-      fastify.log.warn({ err, assignment: a.name }, 'could not read /api/ps; the model is not unloaded there')
-      return false
-    }
-  }))
-  return candidates.filter((_, i) => found[i])
+/** The servers (one assignment each) among `candidates` that have `model` loaded, as last polled. */
+function loadedOn (fastify: FastifyInstance, candidates: Assignment[], model: string): Assignment[] {
+  return candidates.filter((a) => fastify.upstreams.isLoaded(a.id, model))
 }
 
 /**
@@ -57,16 +37,15 @@ async function loadedOn (fastify: FastifyInstance, candidates: Assignment[], mod
 export async function unloadEverywhere (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, path: '/api/generate' | '/api/chat', model: string): Promise<unknown> {
   const candidates = distinctUpstreams(fastify.inventory.current.candidates(model, 'llm'))
   if (candidates.length === 0) return reply.sendError(404, `model '${model}' not found`)
-  const residency = (fastify as unknown as { upstreams?: Residency }).upstreams
   const failures: string[] = []
-  for (const assignment of await loadedOn(fastify, candidates, model)) {
+  for (const assignment of loadedOn(fastify, candidates, model)) {
     const body = path === '/api/chat' ? { model, messages: [], keep_alive: 0 } : { model, prompt: '', keep_alive: 0 }
     try {
       const res = await fastify.withLease(request, reply, { kind: 'llm', model, candidates: [assignment] }, async (upstream) => await upstream.post(path, body))
       if (!res.ok) failures.push(`${assignment.name}: ${(await res.text()).slice(0, 200)} (HTTP ${res.status})`)
       else {
         await res.body?.cancel()
-        residency?.noteUnloaded?.(assignment.id, model)
+        fastify.upstreams.noteUnloaded(assignment.id, model)
         request.log.info({ model, assignment: assignment.name }, 'model unloaded')
       }
     } catch (err) {

@@ -71,6 +71,7 @@ export async function startSpeechSimulator (opts: SimulatorOptions & { models?: 
     behaviour: { kind: 'normal' },
     uploads: new Map(),
     cancelDelayMs: opts.cancelDelayMs ?? 0,
+    polls: [],
     loads: [],
     unloads: [],
     resident: () => [],

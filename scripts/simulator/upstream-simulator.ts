@@ -113,6 +113,8 @@ export interface Simulator {
   gpuIds: string[]
   recorder: GpuRecorder
   requests: RecordedRequest[]
+  /** The gateway's background polls (User-Agent ending `upstream-poll`), kept apart from `requests`. */
+  polls: RecordedRequest[]
   /** settable; applies to the lease-worthy POST routes */
   behaviour: Behaviour
   /** settable; see SimulatorOptions.cancelDelayMs */
@@ -335,7 +337,8 @@ async function startServer (
       const url = req.url ?? '/'
       const { path, query } = pathOf(url)
       const ctx: Ctx = { sim, req, res, method: req.method ?? 'GET', path, query, raw, text: raw.toString('utf8') }
-      sim.requests.push({ method: ctx.method, path, url, headers: req.headers, rawBody: ctx.text, body: parseBody(ctx), at })
+      const poll = /upstream-poll$/.test(req.headers['user-agent'] ?? '')
+      ;(poll ? sim.polls : sim.requests).push({ method: ctx.method, path, url, headers: req.headers, rawBody: ctx.text, body: parseBody(ctx), at })
       try {
         route(ctx)
       } catch (err) {
@@ -364,6 +367,7 @@ async function startServer (
     gpuIds: opts.gpuIds ?? [host],
     recorder: opts.recorder ?? new GpuRecorder(),
     requests: [],
+    polls: [],
     behaviour: { kind: 'normal' },
     cancelDelayMs: opts.cancelDelayMs ?? 0,
     uploads: new Map(),
