@@ -66,6 +66,13 @@ t.test('Anthropic Messages API: gateway-made errors in Anthropic\'s format; a br
   const bad = await fetch(`${gw.url}/v1/messages`, { method: 'POST', body: '{"max_tokens":1}' })
   t.equal(bad.status, 400)
   t.same(await bad.json(), { type: 'error', error: { type: 'invalid_request_error', message: 'model is required' } })
+  // the shared body rules hold here too: a case variant of model, a name over 256 characters
+  for (const body of ['{"model":"qwen3","MODEL":"other","max_tokens":1,"messages":[]}', JSON.stringify({ model: 'q'.repeat(300), max_tokens: 1, messages: [] })]) {
+    const refused = await fetch(`${gw.url}/v1/messages`, { method: 'POST', body })
+    t.equal(refused.status, 400)
+    t.match(await refused.json(), { type: 'error', error: { type: 'invalid_request_error', message: String } })
+  }
+  t.equal(fleet.upstreams[0].requests.length, 0, 'none of these reached the upstream')
 
   fleet.upstreams[0].behaviour = { kind: 'die-mid-stream', afterLines: 2 }
   const stream = client.messages.stream({ model: 'qwen3', max_tokens: 64, messages: [{ role: 'user', content: 'hi' }] })
