@@ -23,6 +23,7 @@ export const EnvSchema = Type.Object({
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
   BODY_MEMORY_LIMIT: Type.Integer({ default: 268435456, minimum: 1 }),
   UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
+  UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
   WARM_MODELS: Type.Optional(Type.String())
@@ -55,6 +56,8 @@ export interface GatewayConfig {
   bodyMemoryLimit: number
   /** How often the Ollama upstreams' /api/ps, /api/tags and /api/version are read in the background. */
   upstreamPollMs: number
+  /** After a client leaves mid-answer, how long its GPUs stay leased while the upstream notices. */
+  upstreamCancelGraceMs: number
   adminToken?: string
   apiKeys: string[]
   /** Models loaded on each of their upstreams at start and when an upstream comes back. */
@@ -129,6 +132,7 @@ export function resolveConfig (env: Env): GatewayConfig {
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
     bodyMemoryLimit: env.BODY_MEMORY_LIMIT,
     upstreamPollMs: env.UPSTREAM_POLL_MS,
+    upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)
