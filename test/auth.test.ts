@@ -108,7 +108,8 @@ const PASSED: Record<string, number> = {
   'POST /gpu/ping': 404,
   'POST /gpu/release': 404,
   'DELETE /gpu/cache': 200,
-  'DELETE /cache': 200
+  'DELETE /cache': 200,
+  'POST /api/pull': 404 // model 'nope' has no assignment
 }
 
 const KEYS = { API_KEYS: ' key-one , key-two ', ADMIN_TOKEN: 'admin-secret' }
