@@ -9,6 +9,7 @@ import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
 import { queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
+import type { ClientPass } from './clients.js'
 
 /** How long an assignment that refused a connection sits out before it is tried first again. */
 const COOLDOWN_MS = 5000
@@ -103,8 +104,6 @@ export default fp(async function upstreamProxy (fastify) {
   })
 
   const cooling = new Map<string, number>()
-  // The client's Authorization carries the gateway's own key or token: never pass it on.
-  const dropAuthorization = config.apiKeys.length > 0 || config.adminToken != null
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {
@@ -129,7 +128,8 @@ export default fp(async function upstreamProxy (fastify) {
     return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
       host: assignment.host,
       requestId: request.exchange.requestId,
-      dropAuthorization
+      // The client's Authorization carries the gateway's own key or token: never pass it on.
+      dropAuthorization: config.adminToken != null || fastify.apiKeys.configured
     })
   }
 
@@ -187,6 +187,7 @@ export default fp(async function upstreamProxy (fastify) {
     const queue = queueName(target.kind, modelKey(target.model))
     const tried = new Set<string>()
     let lastFailure = ''
+    let admitted: Promise<ClientPass> | undefined
     return {
       /** The next lease, or undefined when every candidate has been found unreachable. */
       async next (): Promise<Held | undefined> {
@@ -196,12 +197,17 @@ export default fp(async function upstreamProxy (fastify) {
         if (untried.length === 0) return undefined
         const fresh = cooling.size === 0 ? untried : untried.filter((a) => (cooling.get(a.id) ?? 0) <= now)
         const choice = fresh.length > 0 ? fresh : untried
-        const lease = await fastify.leases.acquire({
+        // the client's limits (403/429), checked once per request, held until the exchange ends
+        const pass = await (admitted ??= fastify.admitClient(request, target.model))
+        const acquire = {
           queue,
           candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
-          info: { model: target.model, kind: target.kind, purpose: 'proxy' },
-          signal: request.exchange.signal
-        })
+          info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+          signal: request.exchange.signal,
+          client: { id: request.client.id, priority: request.client.priority }
+        }
+        const lease = await fastify.leases.acquire(acquire)
+        pass.granted(lease.queuedMs)
         const assignment = choice[lease.candidateIndex]
         request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
         let released = false
