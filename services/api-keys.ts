@@ -396,10 +396,14 @@ export class ApiKeyStore {
     this.live = this.envKeys
   }
 
-  /** First read; a failure is kept (see `configured`) and retried every period. */
+  /**
+   * First read. A file that cannot be used stops the start (it is the operator's to fix); a table
+   * that cannot be read now is retried every period, refusing every key meanwhile (`configured`).
+   */
   async start (): Promise<void> {
     await this.reload()
     if (this.opts.backend == null) return
+    if (this.opts.backend.source === 'file' && this.lastError !== undefined) throw new Error(this.lastError)
     this.timer = setInterval(() => { void this.reload() }, Math.max(50, this.opts.refreshMs))
     this.timer.unref()
   }
