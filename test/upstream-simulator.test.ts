@@ -78,8 +78,12 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   const tags = await (await fetch(sim.url + '/api/tags')).json() as any
   t.same(tags.models.map((m: any) => m.name), ['llama3.2:latest', 'nomic-embed-text:latest'])
   t.match(tags.models[0], { model: 'llama3.2:latest', modified_at: String, size: Number, digest: /^[0-9a-f]{64}$/, details: { format: 'gguf', family: String, families: Array, parameter_size: String, quantization_level: String } })
+  // a fresh server has nothing loaded; /api/ps lists a model once a request has loaded it
+  t.same(await (await fetch(sim.url + '/api/ps')).json(), { models: [] })
+  t.equal((await post(sim, '/api/generate', { model: 'llama3.2', prompt: '' })).status, 200)
   const ps = await (await fetch(sim.url + '/api/ps')).json() as any
-  t.match(ps.models[0], { name: 'llama3.2:latest', size_vram: Number, expires_at: String, details: Object })
+  t.equal(ps.models.length, 1)
+  t.match(ps.models[0], { name: 'llama3.2:latest', model: 'llama3.2:latest', size_vram: Number, expires_at: String, context_length: 4096, details: Object })
 
   let res = await post(sim, '/api/show', { model: 'LLAMA3.2' })
   t.equal(res.status, 200)
@@ -90,11 +94,18 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   t.equal(res.status, 400)
   t.same(await res.json(), { error: 'model is required' })
 
-  for (const [method, path] of [['GET', '/nope'], ['GET', '/api/generate'], ['POST', '/api/version']]) {
+  for (const [method, path] of [['GET', '/nope'], ['POST', '/api/nope']]) {
     r = await raw(sim, method, path)
     t.equal(r.status, 404, `${method} ${path}`)
     t.equal(r.headers['content-type'], 'text/plain')
     t.equal(r.body.toString(), '404 page not found')
+  }
+  // gin with HandleMethodNotAllowed: a known path with the wrong method
+  for (const [method, path] of [['GET', '/api/generate'], ['POST', '/api/version'], ['HEAD', '/api/ps']]) {
+    r = await raw(sim, method, path)
+    t.equal(r.status, 405, `${method} ${path}`)
+    t.equal(r.headers['content-type'], 'text/plain')
+    if (method !== 'HEAD') t.equal(r.body.toString(), '405 method not allowed')
   }
 
   for (const host of ['evil.example.com', 'evil.example.com:11434', '8.8.8.8']) {
@@ -114,7 +125,8 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   t.same(await ollama.version(), { version: '0.33.0' })
   t.equal((await ollama.list()).models.length, 2)
   t.match(await ollama.show({ model: 'nomic-embed-text' }), { details: { format: 'gguf' } })
-  t.equal((await ollama.ps()).models.length, 2)
+  await ollama.embed({ model: 'nomic-embed-text', input: 'x' })
+  t.same((await ollama.ps()).models.map(m => m.name).sort(), ['llama3.2:latest', 'nomic-embed-text:latest'])
   t.ok(sim.requests.some(q => q.path === '/api/show' && q.body.model === 'LLAMA3.2'), 'requests are recorded')
 })
 
@@ -305,6 +317,93 @@ t.test('GpuRecorder: overlaps, sequential use, idle gaps', async t => {
   rec.reset()
   t.same([rec.events.length, rec.overlaps.length, rec.maxConcurrent], [0, 0, 0])
   await rec.whenIdle()
+})
+
+t.test('GpuRecorder: a capacity of N holds N works without an overlap, and records which models ran together', async t => {
+  const rec = new GpuRecorder()
+  const a = rec.enter(['g0'], 'a', { model: 'm1', capacity: 2 })
+  const b = rec.enter(['g0'], 'b', { model: 'm2', capacity: 2 })
+  t.equal(rec.overlaps.length, 0, 'two works within a capacity of 2')
+  t.equal(rec.peak('g0'), 2)
+  t.same(rec.together.map(x => x.models), [['m1', 'm2']])
+  const c = rec.enter(['g0'], 'c', { model: 'm1', capacity: 2 })
+  t.equal(rec.overlaps.length, 1, 'a third one is over capacity')
+  t.same(rec.overlaps[0].holders, ['a', 'b', 'c'])
+  t.equal(rec.peak('g0'), 3)
+  for (const w of [a, b, c]) rec.exit(w)
+  t.match(rec.events.filter(e => e.type === 'start').map(e => e.model), ['m1', 'm2', 'm1'])
+  rec.reset()
+  t.equal(rec.peak('g0'), 0)
+})
+
+t.test('Ollama numParallel: N requests run at once, the rest wait inside the server', async t => {
+  const sim = await startSimulator({ numParallel: 2, tokens: 3, tokenDelayMs: 40, loadMs: 0, resident: ['llama3.2'] })
+  t.teardown(sim.close)
+  const ollama = new Ollama({ host: sim.url })
+  const started = performance.now()
+  const ends: number[] = []
+  let maxRunning = 0
+  const poll = setInterval(() => { maxRunning = Math.max(maxRunning, sim.running()) }, 5)
+  await Promise.all([1, 2, 3].map(async i => {
+    await ollama.generate({ model: 'llama3.2', prompt: `p${i}` })
+    ends.push(performance.now() - started)
+  }))
+  clearInterval(poll)
+  t.equal(maxRunning, 2, 'never more than numParallel running')
+  ends.sort((x, y) => x - y)
+  // two finish together after ~3 tokens; the third waited for a slot, so it takes about twice as long
+  t.ok(ends[2] - ends[1] > (ends[0] * 0.5), `the third waited: ends ${ends.map(e => e.toFixed(0)).join(', ')} ms`)
+  await sim.recorder.whenIdle()
+  t.equal(sim.recorder.peak(sim.gpuIds[0]), 3, 'the recorder counts what the server was sent')
+  t.equal(sim.recorder.overlaps.length, 1, 'a third request at once is over the capacity of 2')
+})
+
+t.test('Ollama residency: load time, /api/ps, eviction, load-only and unload requests', async t => {
+  const sim = await startSimulator({ models: ['a', 'b', 'c'], loadMs: 120, maxLoadedModels: 2, tokens: 1, tokenDelayMs: 1 })
+  t.teardown(sim.close)
+  const ollama = new Ollama({ host: sim.url })
+  const timed = async (fn: () => Promise<unknown>): Promise<number> => { const t0 = performance.now(); await fn(); return performance.now() - t0 }
+
+  const cold = await timed(async () => await ollama.generate({ model: 'a', prompt: 'x' }))
+  const warm = await timed(async () => await ollama.generate({ model: 'a', prompt: 'x' }))
+  t.ok(cold >= 110, `a cold model takes its load time (${cold.toFixed(0)} ms)`)
+  t.ok(warm < cold - 60, `a resident one does not (${warm.toFixed(0)} ms)`)
+  t.same(sim.loads.map(l => l.model), ['a:latest'])
+
+  // streamed: the headers come with the first token, after the load
+  const t0 = performance.now()
+  const res = await fetch(sim.url + '/api/generate', { method: 'POST', body: JSON.stringify({ model: 'b', prompt: 'x' }) })
+  t.ok(performance.now() - t0 >= 110, 'no status line before the model has loaded')
+  await res.text()
+
+  let ps = await ollama.ps()
+  t.same(ps.models.map(m => m.name).sort(), ['a:latest', 'b:latest'])
+  t.ok(ps.models.every(m => m.size_vram > 0 && Date.parse(String(m.expires_at)) > Date.now() + 4 * 60_000), 'default keep-alive of 5 minutes')
+  t.equal((ps.models[0] as any).context_length, 4096)
+
+  // a third model evicts the least recently used (a)
+  await ollama.generate({ model: 'c', prompt: 'x', options: { num_ctx: 8192 } as any })
+  ps = await ollama.ps()
+  t.same(ps.models.map(m => m.name).sort(), ['b:latest', 'c:latest'])
+  t.equal((ps.models.find(m => m.name === 'c:latest') as any).context_length, 8192)
+  t.same(sim.unloads.map(u => u.model), ['a:latest'])
+
+  // empty prompt only loads; keep_alive 0 with it unloads; a negative keep_alive is forever
+  const load = await ollama.generate({ model: 'a', prompt: '', keep_alive: -1 })
+  t.match(load, { done: true, done_reason: 'load', response: '' })
+  t.same(sim.loads.map(l => l.model), ['a:latest', 'b:latest', 'c:latest', 'a:latest'])
+  ps = await ollama.ps()
+  t.ok(Date.parse(String(ps.models.find(m => m.name === 'a:latest')?.expires_at)) > Date.now() + 100 * 365 * 86_400_000, 'keep_alive -1: never expires')
+  const unload = await ollama.chat({ model: 'a', messages: [], keep_alive: 0 })
+  t.match(unload, { done: true, done_reason: 'unload' })
+  t.notOk(sim.resident().includes('a:latest'), 'unloaded')
+  t.equal(sim.loads.length, 4, 'unloading loads nothing')
+
+  // keep_alive on a real request: expires that long after it ends
+  await ollama.generate({ model: 'c', prompt: 'x', keep_alive: '150ms' })
+  t.ok(sim.resident().includes('c:latest'))
+  await sleep(250)
+  t.notOk(sim.resident().includes('c:latest'), 'expired after its keep_alive')
 })
 
 t.test('simulators sharing a recorder: concurrent requests on one GPU overlap, sequential ones do not', async t => {
