@@ -66,6 +66,9 @@ export interface LeasedUpstream {
   post: (path: string, body: unknown) => Promise<Response>
 }
 
+/** How much longer than UPSTREAM_HEADERS_TIMEOUT_MS a streamed answer's client connection may stay idle. */
+const CLIENT_IDLE_MARGIN_MS = 2000
+
 /** The upstream path is always the route's own: the client's query string is not passed on. */
 const noQueryString = (): string => ''
 
@@ -103,10 +106,12 @@ export default fp(async function upstreamProxy (fastify) {
 
   // A client that stops reading would keep a streamed answer's GPUs for ever (backpressure pauses
   // the upstream, so it never ends). Once an answer streams, a connection on which nothing moves
-  // for as long as a silent upstream is allowed is closed; that ends the exchange and its lease.
+  // for longer than a silent upstream is allowed is closed; that ends the exchange and its lease.
+  // Longer by a margin: a silent upstream must be given up first (undici's body timeout, whose
+  // timers are coarse), so that its stream can still end with an error record on this connection.
   fastify.addHook('onSend', async (_request, reply, payload) => {
     if (typeof (payload as { pipe?: unknown } | null)?.pipe === 'function') {
-      reply.raw.setTimeout(config.upstreamHeadersTimeoutMs, () => reply.raw.destroy())
+      reply.raw.setTimeout(config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS, () => reply.raw.destroy())
     }
     return payload
   })

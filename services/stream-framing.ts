@@ -16,14 +16,25 @@ export function frameAnswer (
 ): Readable {
   upstream.once('end', release)
   upstream.once('close', release)
-  // An error record can only end an answer of open length (NDJSON, SSE: chunked). Appended to
-  // one with a Content-Length it would leave the answer short (the client waits for the rest)
-  // or long (it misreads the next answer): such an answer is cut off instead.
-  if (streamError == null || headers['content-length'] != null) {
+  if (streamError == null || !recordFramed(headers)) {
     releaseAtLastByte(upstream, headers['content-length'], release)
     return upstream
   }
   return withStreamError(upstream, streamError)
+}
+
+/** Answers whose own format has records (NDJSON lines, SSE events). */
+const RECORD_TYPES = /^\s*(application\/x-ndjson|text\/event-stream)\s*(;|$)/i
+
+/**
+ * Whether a broken answer can end with an error record: only a stream of records (NDJSON, SSE)
+ * of open length. Any other answer (JSON, an image) is cut off, so the client sees a broken
+ * response, chunked or not: Ollama sends every JSON answer over 2 KB chunked. An error record
+ * appended to an answer with a Content-Length would leave it short (the client waits for the rest)
+ * or long (it misreads the next answer).
+ */
+function recordFramed (headers: Record<string, unknown>): boolean {
+  return headers['content-length'] == null && RECORD_TYPES.test(String(headers['content-type'] ?? ''))
 }
 
 /**

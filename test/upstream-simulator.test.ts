@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import http from 'node:http'
 import zlib from 'node:zlib'
 import { performance } from 'node:perf_hooks'
@@ -9,7 +9,8 @@ import {
   readPng,
   startDiffusionSimulator,
   startSimulator,
-  type Simulator
+  type Simulator,
+  type SimulatorOptions
 } from './helpers/upstream-simulator.js'
 
 const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
@@ -187,7 +188,7 @@ t.test('Ollama: the ollama client — streamed generate, chat, embed', async t =
   const e1 = await ollama.embed({ model: 'nomic-embed-text', input: 'hello' })
   t.equal(e1.model, 'nomic-embed-text')
   t.equal(e1.embeddings.length, 1)
-  t.equal(e1.embeddings[0].length, 4)
+  t.equal(e1.embeddings[0].length, 768, 'nomic-embed-text size by default')
   t.ok(Math.abs(Math.hypot(...e1.embeddings[0]) - 1) < 1e-6, 'unit vector')
   const e2 = await ollama.embed({ model: 'nomic-embed-text', input: ['hello', 'world'] })
   t.equal(e2.embeddings.length, 2)
@@ -459,11 +460,15 @@ t.test('simulators sharing a recorder: concurrent requests on one GPU overlap, s
 })
 
 t.test('behaviours', async t => {
-  const sim = await startSimulator({ tokenDelayMs: 5 })
-  t.teardown(sim.close)
-  const ollama = new Ollama({ host: sim.url })
+  // each subtest its own server: no behaviour, recorder or residency leaks from one to the next
+  const fresh = async (t: Test, opts: SimulatorOptions = {}): Promise<{ sim: Simulator, ollama: Ollama }> => {
+    const sim = await startSimulator({ tokenDelayMs: 5, ...opts })
+    t.teardown(sim.close)
+    return { sim, ollama: new Ollama({ host: sim.url }) }
+  }
 
   t.test('die-mid-stream truncates and drops the connection', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'die-mid-stream', afterLines: 2 }
     const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' })
     t.equal(res.status, 200)
@@ -487,10 +492,10 @@ t.test('behaviours', async t => {
     const nonStream = await post(sim, '/api/chat', { model: 'llama3.2', messages: [{ role: 'user', content: 'x' }], stream: false })
     await t.rejects(nonStream.text(), 'a non-streamed body is cut short too')
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('stall-headers holds the request without a status line', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'stall-headers' }
     let gotResponse = false
     const req = http.request({ host: '127.0.0.1', port: sim.port, method: 'POST', path: '/api/chat', agent: false }, () => { gotResponse = true })
@@ -504,10 +509,10 @@ t.test('behaviours', async t => {
     t.pass('the work ends when the client closes')
     await t.rejects(fetch(sim.url + '/api/generate', { method: 'POST', body: '{"model":"llama3.2","prompt":"x"}', signal: AbortSignal.timeout(100) }))
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('slow-body sends some lines then goes quiet', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'slow-body', afterLines: 1 }
     const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' }).catch(() => null)
     t.ok(res)
@@ -519,10 +524,10 @@ t.test('behaviours', async t => {
     t.equal(sim.recorder.busy().length, 1)
     await reader.cancel()
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('error answers with the given status and body', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'error', status: 503, body: { error: 'server busy, please try again.  maximum pending requests exceeded' } }
     const err = await ollama.chat({ model: 'llama3.2', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e) as any
     t.equal(err?.status_code, 503)
@@ -532,7 +537,65 @@ t.test('behaviours', async t => {
     await t.rejects(async () => {
       for await (const part of await ollama.generate({ model: 'llama3.2', prompt: 'x', stream: true })) void part
     }, /unexpectedly stopped/, 'error-mid-stream: the client throws on the error line')
-    sim.behaviour = { kind: 'normal' }
+  })
+
+  t.test('framing as Go sends it: chunked over 2 KB, Content-Length under it; a cut inside a chunked JSON answer', async t => {
+    const { sim } = await fresh(t, { models: ['llama3.2', 'nomic-embed-text'] })
+    const body = (o: unknown): string => JSON.stringify(o)
+    let r = await raw(sim, 'POST', '/api/generate', {}, body({ model: 'llama3.2', prompt: 'x', stream: false }))
+    const gen = JSON.parse(r.body.toString())
+    t.ok(gen.context.length >= 256 && gen.context.every(Number.isInteger), `context of ${gen.context.length as number} ints`)
+    t.ok(r.body.length > 2048, `${r.body.length} bytes`)
+    t.equal(r.headers['transfer-encoding'], 'chunked', 'a generate answer over 2 KB is chunked')
+    t.equal(r.headers['content-length'], undefined)
+    r = await raw(sim, 'POST', '/api/embed', {}, body({ model: 'nomic-embed-text', input: 'x' }))
+    t.equal(r.headers['transfer-encoding'], 'chunked', 'so is every embedding')
+    t.equal(JSON.parse(r.body.toString()).embeddings[0].length, 768)
+    r = await raw(sim, 'POST', '/api/chat', {}, body({ model: 'llama3.2', messages: [{ role: 'user', content: 'x' }], stream: false }))
+    t.equal(r.headers['content-length'], String(r.body.length), 'a short answer has a Content-Length')
+    r = await raw(sim, 'POST', '/api/generate', {}, body({ model: 'nope', prompt: 'x' }))
+    t.equal(r.headers['content-length'], String(r.body.length), 'so has an error')
+
+    sim.behaviour = { kind: 'die-mid-stream', afterLines: 1 }
+    const cut = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x', stream: false })
+    t.equal(cut.headers.get('transfer-encoding'), 'chunked')
+    t.equal(cut.headers.get('content-type'), 'application/json; charset=utf-8')
+    await t.rejects(cut.text(), 'the chunked answer is cut short')
+  })
+
+  t.test('a cut inside a line (midLine)', async t => {
+    const { sim } = await fresh(t)
+    sim.behaviour = { kind: 'die-mid-stream', afterLines: 2, midLine: true }
+    const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' })
+    let text = ''
+    const reader = res.body!.getReader()
+    const err = await (async () => {
+      for (;;) {
+        const { done, value } = await reader.read()
+        if (done) return null
+        text += new TextDecoder().decode(value)
+      }
+    })().catch((e: unknown) => e)
+    t.ok(err instanceof Error, 'the body read fails')
+    const lines = text.split('\n')
+    t.equal(lines.length, 3, 'two whole lines and a piece')
+    t.ok(lines[2].length > 0 && lines[2].startsWith('{'), `the last piece is half a line: ${lines[2]}`)
+    t.throws(() => JSON.parse(lines[2]))
+  })
+
+  t.test('a cancelled request keeps its GPU until the server notices (cancelDelayMs)', async t => {
+    const { sim } = await fresh(t, { tokens: 50, tokenDelayMs: 10, cancelDelayMs: 150, resident: ['llama3.2'] })
+    const ac = new AbortController()
+    const res = await fetch(sim.url + '/api/generate', { method: 'POST', body: '{"model":"llama3.2","prompt":"x"}', signal: ac.signal })
+    await res.body!.getReader().read()
+    const cancelled = performance.now()
+    ac.abort()
+    await sleep(60)
+    t.equal(sim.recorder.active(), 1, 'still busy 60 ms after the client left')
+    await sim.recorder.whenIdle(2000)
+    const held = performance.now() - cancelled
+    t.ok(held >= 140, `the GPU was held ${held.toFixed(0)} ms after the cancel`)
+    t.equal(sim.running(), 0, 'the runner slot is free again')
   })
 })
 

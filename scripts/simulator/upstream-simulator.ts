@@ -23,14 +23,17 @@ export type { GpuOverlap, GpuEvent, GpuTogether } from './gpu-recorder.js'
 
 export type Behaviour =
   | { kind: 'normal' }
-  /** stream `afterLines` lines (non-streamed bodies: headers and half the body, or nothing if 0) then close the socket */
-  | { kind: 'die-mid-stream', afterLines: number }
+  /**
+   * stream `afterLines` lines (non-streamed bodies: headers and half the body, or nothing if 0) then
+   * close the socket; `midLine`: first half of the next line too, so the cut falls inside a line
+   */
+  | { kind: 'die-mid-stream', afterLines: number, midLine?: boolean }
   /** accept the request and never send a status line, until the client or close() ends it */
   | { kind: 'stall-headers' }
   /** answer with that status and JSON body */
   | { kind: 'error', status: number, body: unknown }
   /** like die-mid-stream, but stall without ending instead of closing */
-  | { kind: 'slow-body', afterLines: number }
+  | { kind: 'slow-body', afterLines: number, midLine?: boolean }
   /** Ollama only: stream `afterLines` lines then write `{"error":message}` and end the stream, status staying 200 */
   | { kind: 'error-mid-stream', afterLines: number, message: string }
 
@@ -47,7 +50,7 @@ export interface SimulatorOptions {
   tokens?: number
   /** delay before each token (default 10) */
   tokenDelayMs?: number
-  /** default 4 */
+  /** default 768 (nomic-embed-text's size; with 4-byte floats, far over Go's 2 KB before chunking) */
   embedDims?: number
   /** default '0.33.0' */
   version?: string
@@ -67,6 +70,12 @@ export interface SimulatorOptions {
   resident?: string[]
   /** Ollama: routes tried before the built-in ones (see OllamaRoute) */
   routes?: OllamaRoute[]
+  /**
+   * How long a request whose client went away keeps its GPU before the server notices (Ollama's
+   * runner at its next token: default tokenDelayMs; the diffusion pipeline finishes its image:
+   * default imageDelayMs). Settable later as `sim.cancelDelayMs`.
+   */
+  cancelDelayMs?: number
 }
 
 /** A model load (or unload) on an Ollama simulator. */
@@ -105,6 +114,8 @@ export interface Simulator {
   requests: RecordedRequest[]
   /** settable; applies to the lease-worthy POST routes */
   behaviour: Behaviour
+  /** settable; see SimulatorOptions.cancelDelayMs */
+  cancelDelayMs: number
   /** Stable Diffusion only: files received by /upload, by file_id */
   uploads: Map<string, UploadedFile>
   /** Ollama: every model load so far (its name as first requested), in order */
@@ -161,14 +172,19 @@ class Work {
 /** One request/response, with the simulator's behaviour applied to successful answers. */
 export class Exchange {
   closed = false
+  /** complete answers longer than this go out chunked (Go's net/http); uvicorn/Starlette always sends a Content-Length */
+  chunkedOver = GO_BUFFER
   private stopped = false
   private lines = 0
   private streamType = ''
 
-  constructor (readonly res: ServerResponse, readonly behaviour: Behaviour, private readonly work: Work | null) {
+  constructor (readonly res: ServerResponse, readonly behaviour: Behaviour, private readonly work: Work | null, cancelDelayMs = 0) {
     res.once('close', () => {
       this.closed = true
-      this.work?.done()
+      // a client gone mid-answer: the server notices a little later, its GPU busy until then
+      const work = this.work
+      if (work !== null && cancelDelayMs > 0 && !res.writableFinished) setTimeout(() => work.done(), cancelDelayMs)
+      else work?.done()
     })
   }
 
@@ -187,8 +203,14 @@ export class Exchange {
     if (!this.alive) return
     const buf = typeof body === 'string' ? Buffer.from(body) : body
     this.work?.done()
-    this.res.writeHead(status, { ...headers, 'Content-Length': buf.length })
-    this.res.end(buf)
+    this.res.writeHead(status, this.framed(headers, buf))
+    if (buf.length > this.chunkedOver) this.res.write(buf) // written before end(): chunked, as Go sends it
+    this.res.end(buf.length > this.chunkedOver ? undefined : buf)
+  }
+
+  /** The answer's framing as the server chooses it: Content-Length up to `chunkedOver` bytes, chunked beyond. */
+  private framed (headers: OutgoingHttpHeaders, body: Buffer): OutgoingHttpHeaders {
+    return body.length > this.chunkedOver ? headers : { ...headers, 'Content-Length': body.length }
   }
 
   /** A complete successful answer: die-mid-stream / slow-body cut it in half. */
@@ -197,7 +219,7 @@ export class Exchange {
     const buf = typeof body === 'string' ? Buffer.from(body) : body
     const b = this.behaviour
     if (b.kind === 'die-mid-stream' || b.kind === 'slow-body') {
-      this.res.writeHead(status, { ...headers, 'Content-Length': buf.length })
+      this.res.writeHead(status, this.framed(headers, buf))
       if (b.afterLines > 0) this.res.write(buf.subarray(0, Math.floor(buf.length / 2)))
       else this.res.flushHeaders()
       this.stop()
@@ -222,6 +244,12 @@ export class Exchange {
   /** Writes one line (or SSE event); false once the stream must not go on. */
   line (chunk: string): boolean {
     if (!this.alive) return false
+    const b = this.behaviour
+    if ((b.kind === 'die-mid-stream' || b.kind === 'slow-body') && b.midLine === true && this.lines >= b.afterLines) {
+      this.res.write(chunk.slice(0, Math.max(1, Math.floor(chunk.length / 2))))
+      this.stop()
+      return false
+    }
     this.res.write(chunk)
     this.lines++
     this.check()
@@ -239,6 +267,7 @@ export class Exchange {
   private check (): void {
     const b = this.behaviour
     if ((b.kind === 'die-mid-stream' || b.kind === 'slow-body' || b.kind === 'error-mid-stream') && this.lines >= b.afterLines) {
+      if (b.kind !== 'error-mid-stream' && b.midLine === true) return // cut inside the next line
       if (!this.res.headersSent) this.res.flushHeaders()
       if (b.kind === 'error-mid-stream') {
         this.work?.done()
@@ -263,6 +292,9 @@ export class Exchange {
     else socket.end(() => socket.destroy())
   }
 }
+
+/** Go's net/http buffers this much of an answer: a longer one without Content-Length goes out chunked. */
+const GO_BUFFER = 2048
 
 function pathOf (url: string): { path: string, query: URLSearchParams } {
   const q = url.indexOf('?')
@@ -332,6 +364,7 @@ async function startServer (
     recorder: opts.recorder ?? new GpuRecorder(),
     requests: [],
     behaviour: { kind: 'normal' },
+    cancelDelayMs: opts.cancelDelayMs ?? 0,
     uploads: new Map(),
     loads: [],
     unloads: [],
@@ -355,7 +388,7 @@ function beginWork (ctx: Ctx, route: string, model: string, capacity = 1): Excha
   const { sim } = ctx
   const behaviour = sim.behaviour
   const work = new Work(sim.recorder, sim.gpuIds, `${sim.host} ${route} ${model === '' ? '-' : model} #${++workSeq}`, { model, capacity })
-  return new Exchange(ctx.res, behaviour, work)
+  return new Exchange(ctx.res, behaviour, work, sim.cancelDelayMs)
 }
 
 /** Applies error / stall-headers; true when the request has been dealt with. */
@@ -510,6 +543,13 @@ function keepAliveMs (v: unknown): number | undefined {
   return undefined
 }
 
+/** The token ids of a generate's prompt template and answer: hundreds of ints, as a real `context` is. */
+function contextTokens (prompt: string, answered: number): number[] {
+  const n = 256 + promptTokens(prompt) + answered
+  const h = createHash('sha256').update(prompt).digest()
+  return Array.from({ length: n }, (_, i) => 128000 + ((h[i % h.length] * 257 + i * 7919) % 100000))
+}
+
 const WORDS = ['The', ' sky', ' is', ' blue', ' because', ' of', ' Rayleigh', ' scattering', ' of', ' sunlight', '.']
 
 function tokensFor (limit: number | undefined, total: number): { words: string[], reason: 'stop' | 'length' } {
@@ -643,7 +683,7 @@ export async function startSimulator (opts: SimulatorOptions = {}): Promise<Simu
     models: [...(opts.models ?? ['llama3.2:latest'])],
     tokens: opts.tokens ?? 5,
     tokenDelayMs: opts.tokenDelayMs ?? 10,
-    embedDims: opts.embedDims ?? 4,
+    embedDims: opts.embedDims ?? 768,
     version: opts.version ?? '0.33.0',
     hostCheck: opts.hostCheck ?? true,
     numParallel: Math.max(1, opts.numParallel ?? 1),
@@ -658,7 +698,7 @@ export async function startSimulator (opts: SimulatorOptions = {}): Promise<Simu
   }
   for (const m of opts.resident ?? []) st.resident.set(modelKey(m), { name: residentName(st, m), expiresAt: Infinity, contextLength: 4096, busy: 0, lastUsed: 0 })
   const routes = [...(opts.routes ?? []), ...EXTRA_OLLAMA_ROUTES, ...OLLAMA_ROUTES]
-  const sim = await startServer(opts, ctx => tryJson(ctx.text), ctx => ollamaRoute(st, routes, ctx))
+  const sim = await startServer({ ...opts, cancelDelayMs: opts.cancelDelayMs ?? st.tokenDelayMs }, ctx => tryJson(ctx.text), ctx => ollamaRoute(st, routes, ctx))
   sim.loads = st.loads
   sim.unloads = st.unloads
   sim.resident = () => { expire(st); return [...st.resident.values()].map(r => r.name) }
@@ -930,7 +970,7 @@ const generate: Handler = async (kit) => {
     response: '',
     done: true,
     done_reason: reason,
-    context: words.map((_, i) => i + 1),
+    context: contextTokens(prompt, words.length),
     ...durations(st, words.length, promptTokens(prompt))
   })
   if (body.stream === false) {
@@ -1383,6 +1423,7 @@ const SD_JSON = 'application/json'
 
 export async function startDiffusionSimulator (opts: SimulatorOptions = {}): Promise<Simulator> {
   const imageDelayMs = opts.imageDelayMs ?? 20
+  opts = { ...opts, cancelDelayMs: opts.cancelDelayMs ?? imageDelayMs }
   let queue: Promise<unknown> = Promise.resolve()
   /** the pipeline: one image at a time */
   const serialised = async <T>(job: () => Promise<T>): Promise<T> => {
@@ -1429,6 +1470,7 @@ export async function startDiffusionSimulator (opts: SimulatorOptions = {}): Pro
     const parsed = tryJson(ctx.text) as Record<string, unknown> | undefined
     const model = parsed !== null && typeof parsed === 'object' && typeof parsed.model === 'string' ? parsed.model : 'sd'
     const ex = beginWork(ctx, path, model)
+    ex.chunkedOver = Infinity
     const detail = (status: number, d: unknown): void => ex.plain(status, { server: 'uvicorn', 'Content-Type': SD_JSON }, JSON.stringify({ detail: d }))
     if (preempted(ex, SD_JSON)) return
     const read = fastApiJson(ctx)
