@@ -8,7 +8,7 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
@@ -201,7 +201,7 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
       const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
       const acquire = {
         queue,
-        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+        candidates: candidatesOf(choice),
         info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
         signal: request.exchange.signal,
         client: { id: request.client.id, priority: request.client.priority }

@@ -9,13 +9,11 @@
  * between replicas; the memory store does the same for one process. No Fastify here.
  */
 import { randomUUID } from 'node:crypto'
-import { readFileSync } from 'node:fs'
-import { join } from 'node:path'
 import type { Redis } from 'ioredis'
 import type { ClientLimits, Priority } from './api-keys.js'
 import { GatewayError } from './errors.js'
 import { modelKey } from './model-name.js'
-import { packageRoot } from './package-root.js'
+import { loadLuaScripts } from './lua-scripts.js'
 
 /** Who a request is, as the lease engine and the limits see it. */
 export interface Client {
@@ -274,38 +272,30 @@ export class MemoryClientLimitStore implements ClientLimitStore {
 /* Redis                                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
-/** `services/lua/<name>-<numberOfKeys>.lua`, read once at start (the package ships the folder). */
-export function readLuaScript (file: string): { lua: string, numberOfKeys: number } {
-  const match = /-(\d+)\.lua$/.exec(file)
-  if (match == null) throw new Error(`Lua script ${file}: its name must end in -<numberOfKeys>.lua`)
-  return { lua: readFileSync(join(packageRoot, 'services', 'lua', file), 'utf8'), numberOfKeys: Number(match[1]) }
-}
+const SCRIPT_FILES = ['client-admit-3', 'client-granted-2', 'client-release-2', 'client-renew-2']
 
-const SCRIPTS = {
-  maestroClientAdmit: 'client-admit-3.lua',
-  maestroClientGranted: 'client-granted-2.lua',
-  maestroClientRelease: 'client-release-2.lua',
-  maestroClientRenew: 'client-renew-2.lua'
-} as const
-
-type ScriptClient = Redis & {
-  [K in keyof typeof SCRIPTS]: (...args: Array<string | number>) => Promise<unknown>
-}
+type Command = (...args: Array<string | number>) => Promise<unknown>
 
 /** Client ids carry key names and addresses: hex keeps them from acting as key separators or globs. */
 const clientPart = (id: string): string => Buffer.from(id, 'utf8').toString('hex')
 
 export class RedisClientLimitStore implements ClientLimitStore {
   readonly kind = 'redis' as const
-  private readonly client: ScriptClient
+  private readonly admitScript: Command
+  private readonly grantedScript: Command
+  private readonly releaseScript: Command
+  private readonly renewScript: Command
 
   constructor (client: Redis, private readonly prefix: string) {
-    this.client = client as ScriptClient
-    for (const [command, file] of Object.entries(SCRIPTS)) {
-      if (typeof (this.client as any)[command] === 'function') continue
-      const { lua, numberOfKeys } = readLuaScript(file)
-      this.client.defineCommand(command, { lua, numberOfKeys })
+    const commands = client as unknown as Record<string, Command>
+    for (const { name, numberOfKeys, lua } of loadLuaScripts(SCRIPT_FILES)) {
+      if (typeof commands[name] !== 'function') client.defineCommand(name, { lua, numberOfKeys })
     }
+    const bound = (name: string): Command => commands[name].bind(client)
+    this.admitScript = bound('client-admit')
+    this.grantedScript = bound('client-granted')
+    this.releaseScript = bound('client-release')
+    this.renewScript = bound('client-renew')
   }
 
   private keys (clientId: string): [string, string, string] {
@@ -314,7 +304,7 @@ export class RedisClientLimitStore implements ClientLimitStore {
   }
 
   async admit (clientId: string, token: string, limits: ClientLimits, ttlMs: number): Promise<Admission> {
-    const reply = await this.client.maestroClientAdmit(...this.keys(clientId), token, ttlMs,
+    const reply = await this.admitScript(...this.keys(clientId), token, ttlMs,
       limits.maxConcurrent ?? 0, limits.maxQueued ?? 0, limits.rpm ?? 0) as [number, string?, number?]
     if (Number(reply[0]) === 0) return { admitted: true }
     return { admitted: false, limit: reply[1] as 'rpm', retryAfterMs: Number(reply[2]) }
@@ -322,16 +312,16 @@ export class RedisClientLimitStore implements ClientLimitStore {
 
   async granted (clientId: string, token: string, ttlMs: number): Promise<void> {
     const [active, waiting] = this.keys(clientId)
-    await this.client.maestroClientGranted(active, waiting, token, ttlMs)
+    await this.grantedScript(active, waiting, token, ttlMs)
   }
 
   async release (clientId: string, token: string): Promise<void> {
     const [active, waiting] = this.keys(clientId)
-    await this.client.maestroClientRelease(active, waiting, token)
+    await this.releaseScript(active, waiting, token)
   }
 
   async renew (clientId: string, tokens: string[], ttlMs: number): Promise<void> {
     const [active, waiting] = this.keys(clientId)
-    await this.client.maestroClientRenew(active, waiting, ttlMs, ...tokens)
+    await this.renewScript(active, waiting, ttlMs, ...tokens)
   }
 }

@@ -52,6 +52,13 @@ async function columnLength (query: Query, table: string, column: string): Promi
   return rows.length === 0 ? undefined : Number(rows[0].len)
 }
 
+async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
+  return await columnLength(query, table, column) !== undefined
+}
+
+/** MySQL/MariaDB error number meaning the column exists already (another replica got there first). */
+const ER_DUP_FIELDNAME = 1060
+
 async function hasIndex (query: Query, table: string, index: string): Promise<boolean> {
   const rows = await query(
     'SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?',
@@ -89,8 +96,20 @@ export const MIGRATIONS: readonly Migration[] = [
     }
   },
   {
+    // Parallel slots per assignment (OLLAMA_NUM_PARALLEL); NULL or < 1 means 1. The original ignores it.
+    name: '003-assignments-max-parallel',
+    async up (query) {
+      if (await hasColumn(query, 'assignments', 'max_parallel')) return
+      try {
+        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+      }
+    }
+  },
+  {
     // The gateway's own API keys (CONTRACT 12.3): the secret is never stored, only its SHA-256.
-    name: '003-create-api-keys',
+    name: '004-create-api-keys',
     async up (query) {
       await query(CREATE_API_KEYS_TABLE)
     }
