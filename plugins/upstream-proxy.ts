@@ -181,7 +181,7 @@ export default fp(async function upstreamProxy (fastify) {
    * leased route, so choice, queueing, headers and release work the same everywhere.
    */
   function candidateLeases (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-    const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
+    const all = target.candidates ?? fastify.inventory.current.candidateList(target.model, target.kind)
     if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
     request.exchange.model = target.model
     const queue = queueName(target.kind, modelKey(target.model))
