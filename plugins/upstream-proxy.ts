@@ -18,7 +18,7 @@ export interface LeaseTarget {
   kind: ModelKind
   model: string
   /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
+  candidates?: readonly Assignment[]
 }
 
 export interface LeasedForward extends LeaseTarget {
@@ -186,7 +186,7 @@ interface Held {
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-  const all = target.candidates ?? proxy.fastify.inventory.current.candidates(target.model, target.kind)
+  const all = target.candidates ?? proxy.fastify.inventory.current.candidateList(target.model, target.kind)
   if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))

@@ -84,7 +84,7 @@ export class Inventory {
   /** every assignment by kind, in preference order */
   readonly #byKind = new Map<ModelKind, Assignment[]>()
   readonly #kindByKey = new Map<string, ModelKind>()
-  /** candidates() answers the same array for the same question while this inventory lasts. */
+  /** candidateList() answers the same array for the same question while this inventory lasts. */
   readonly #answers = new Map<string, Assignment[]>()
 
   constructor (snapshot: InventorySnapshot) {
@@ -123,6 +123,14 @@ export class Inventory {
    * (unless the model is known to be of another kind).
    */
   candidates (model: string, kind: ModelKind): Assignment[] {
+    return [...this.candidateList(model, kind)]
+  }
+
+  /**
+   * `candidates()` without the copy: the same array for the same question while this inventory
+   * lasts (the lease stores recognise a candidate list by its array). Never modify it.
+   */
+  candidateList (model: string, kind: ModelKind): readonly Assignment[] {
     if (typeof model !== 'string' || model === '') return []
     const key = modelKey(model)
     const asked = `${kind}\n${key}`
