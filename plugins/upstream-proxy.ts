@@ -8,8 +8,9 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
+import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
 import { limitSlowReader } from '../services/slow-reader.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
@@ -18,7 +19,7 @@ export interface LeaseTarget {
   kind: ModelKind
   model: string
   /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
+  candidates?: readonly Assignment[]
 }
 
 export interface LeasedForward extends LeaseTarget {
@@ -82,7 +83,7 @@ interface Proxy {
   config: FastifyInstance['maestroConfig']
   cooldowns: Cooldowns
   /** The client's Authorization carries the gateway's own key or token: never pass it on. */
-  dropAuthorization: boolean
+  dropAuthorization: () => boolean
 }
 
 export default fp(async function upstreamProxy (fastify) {
@@ -97,7 +98,7 @@ export default fp(async function upstreamProxy (fastify) {
     },
     disableRequestLogging: true
   })
-  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: config.apiKeys.length > 0 || config.adminToken != null }
+  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: () => config.adminToken != null || fastify.apiKeys.configured }
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {
@@ -138,7 +139,7 @@ function requestHeaders (proxy: Proxy, request: FastifyRequest, assignment: Assi
   return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
     host: assignment.host,
     requestId: request.exchange.requestId,
-    dropAuthorization: proxy.dropAuthorization
+    dropAuthorization: proxy.dropAuthorization()
   })
 }
 
@@ -193,22 +194,28 @@ interface Held {
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-  const all = target.candidates ?? proxy.fastify.inventory.current.candidates(target.model, target.kind)
+  const all = target.candidates ?? proxy.fastify.inventory.current.candidateList(target.model, target.kind)
   if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))
   const round = new CandidateRound(all, proxy.cooldowns, target.model)
+  let admitted: Promise<ClientPass> | undefined
   return {
     /** The next lease, or undefined when every candidate has been found unreachable. */
     async next (): Promise<Held | undefined> {
       const choice = round.next()
       if (choice === undefined) return undefined
-      const lease = await proxy.fastify.leases.acquire({
+      // the client's limits (403/429), checked once per request, held until the exchange ends
+      const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
+      const acquire = {
         queue,
-        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' },
-        signal: request.exchange.signal
-      })
+        candidates: candidatesOf(choice),
+        info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+        signal: request.exchange.signal,
+        client: { id: request.client.id, priority: request.client.priority }
+      }
+      const lease = await proxy.fastify.leases.acquire(acquire)
+      pass.granted(lease.queuedMs)
       const assignment = choice[lease.candidateIndex]
       request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false

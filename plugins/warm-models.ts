@@ -25,7 +25,7 @@ export default fp(async function warmModels (fastify) {
     try {
       lease = await fastify.leases.acquire({
         queue: queueName('llm', modelKey(model)),
-        candidates: [{ assignmentId: assignment.id, gpuIds: assignment.gpuIds }],
+        candidates: [{ assignmentId: assignment.id, gpuIds: assignment.gpuIds, capacity: assignment.capacity }],
         info: { model, kind: 'llm', purpose: 'proxy' },
         signal: stopping.signal
       })

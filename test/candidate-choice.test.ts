@@ -5,9 +5,9 @@ import type { Assignment } from '../services/inventory.js'
 
 const assignment = (id: string): Assignment => ({
   id, name: `a${id}`, model: 'm', modelKey: 'm', kind: 'llm', ip: '127.0.0.1', port: 1000 + Number(id),
-  url: `http://127.0.0.1:${1000 + Number(id)}`, host: `127.0.0.1:${1000 + Number(id)}`, gpuIds: [id], weight: 0, computerName: 'box'
+  url: `http://127.0.0.1:${1000 + Number(id)}`, host: `127.0.0.1:${1000 + Number(id)}`, gpuIds: [id], weight: 0, capacity: 1, computerName: 'box'
 })
-const ids = (list: Assignment[] | undefined): string[] | undefined => list?.map((a) => a.id)
+const ids = (list: readonly Assignment[] | undefined): string[] | undefined => list?.map((a) => a.id)
 const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' })
 
 t.test('an unreachable candidate is not tried again by the same request, and sits out its cooldown for the others', async (t) => {
