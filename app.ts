@@ -2,6 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
 import auth from './plugins/auth.js'
 import config, { type ConfigOptions } from './plugins/config.js'
+import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
@@ -11,6 +12,7 @@ import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
+import adminRoutes from './routes/admin/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -39,6 +41,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
+  await fastify.register(docs)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
@@ -46,6 +49,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
+  await fastify.register(adminRoutes)
 }
 
 export default maestro

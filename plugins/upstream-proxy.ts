@@ -182,7 +182,13 @@ export default fp(async function upstreamProxy (fastify) {
    */
   function candidateLeases (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
     const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
-    if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
+    if (all.length === 0) {
+      // Every server of the model drained by an operator: it exists, it is just not taking work.
+      if (fastify.inventory.current.candidates(target.model, target.kind, { drained: true }).length > 0) {
+        throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
+      }
+      throw new GatewayError(404, `model '${target.model}' not found`)
+    }
     request.exchange.model = target.model
     const queue = queueName(target.kind, modelKey(target.model))
     const tried = new Set<string>()

@@ -26,6 +26,7 @@ const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_migrations (
 
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
+const ER_DUP_FIELDNAME = 1060
 
 async function columnLength (query: Query, table: string, column: string): Promise<number | undefined> {
   const rows = await query(
@@ -70,6 +71,32 @@ export const MIGRATIONS: readonly Migration[] = [
     async up (query) {
       await createIndex(query, 'assignments', 'idx_assignments_model_name',
         'CREATE INDEX idx_assignments_model_name ON assignments (model_name)')
+    }
+  },
+  {
+    // Drained assignments (POST /admin/assignments/:id/drain) take no new lease; a table of the
+    // gateway's own, so the original tables keep their meaning for the original services.
+    name: '003-assignment-drains',
+    async up (query) {
+      await query(`CREATE TABLE IF NOT EXISTS maestro_assignment_drains (
+  assignment_id INT NOT NULL,
+  drained_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (assignment_id),
+  FOREIGN KEY (assignment_id) REFERENCES assignments (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`)
+    }
+  },
+  {
+    // How many requests one assignment's server runs at once (PATCH /admin/assignments/:id
+    // maxParallel); NULL reads as 1, what the original proxy assumed.
+    name: '004-assignments-max-parallel',
+    async up (query) {
+      if (await columnLength(query, 'assignments', 'max_parallel') !== undefined) return
+      try {
+        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+      }
     }
   }
 ]
