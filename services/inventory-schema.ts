@@ -217,7 +217,7 @@ export function fieldPath (pointer: string, root = 'the inventory'): string {
 export function explain (error: ValueError, root = 'the inventory'): string {
   const path = fieldPath(error.path, root)
   const got = ` (got ${show(error.value)})`
-  const schema = error.schema as TSchema & { description?: string, properties?: Record<string, unknown>, minItems?: number }
+  const schema = error.schema as TSchema & { type?: string, description?: string, properties?: Record<string, unknown>, minItems?: number }
   switch (error.type) {
     case ValueErrorType.ObjectAdditionalProperties: {
       const slash = error.path.lastIndexOf('/')
@@ -225,6 +225,10 @@ export function explain (error: ValueError, root = 'the inventory'): string {
       const allowed = schema.properties == null ? '' : ` (expected ${Object.keys(schema.properties).join(', ')})`
       return `${fieldPath(error.path.slice(0, slash), root)} has unknown field ${JSON.stringify(key)}${allowed}`
     }
+    case ValueErrorType.ObjectRequiredProperty:
+      if (schema.type === 'array') return `${path} must be an array${got}`
+      if (schema.type === 'object') return `${path} must be an object${got}`
+      return `${path} must be ${schema.description ?? 'given'}${got}`
     case ValueErrorType.Object:
       return `${path} must be an object${got}`
     case ValueErrorType.Array:
