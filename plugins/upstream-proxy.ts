@@ -7,7 +7,7 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 
 /** How long an assignment that refused a connection sits out before it is tried first again. */
@@ -204,7 +204,7 @@ export default fp(async function upstreamProxy (fastify) {
         const choice = fresh.length > 0 ? fresh : untried
         const lease = await fastify.leases.acquire({
           queue,
-          candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+          candidates: candidatesOf(choice),
           info: { model: target.model, kind: target.kind, purpose: 'proxy' },
           signal: request.exchange.signal
         })

@@ -48,8 +48,16 @@ export interface Assignment {
   /** AVG(gpus.weight) over the assignment's GPUs, NULL counting as 0. */
   weight: number
   computerName: string
+  /** Requests it runs at once (parallel slots, >= 1): `assignments.max_parallel`, a file's `"parallel"`. */
+  capacity: number
   /** Drained by an operator (POST /admin/assignments/:id/drain): takes no new lease; what runs finishes. */
   drained?: boolean
+}
+
+/** NULL, missing or below 1: one request at a time, as in the original proxy. */
+export function capacityFrom (v: unknown): number {
+  const n = typeof v === 'number' ? v : Number(v)
+  return v === null || v === undefined || !Number.isInteger(n) || n < 1 ? 1 : n
 }
 
 export interface InventorySnapshot {
@@ -79,6 +87,8 @@ export class Inventory {
   /** every assignment by kind, in preference order */
   readonly #byKind = new Map<ModelKind, Assignment[]>()
   readonly #kindByKey = new Map<string, ModelKind>()
+  /** candidates() answers the same array for the same question while this inventory lasts. */
+  readonly #answers = new Map<string, Assignment[]>()
 
   constructor (snapshot: InventorySnapshot) {
     this.snapshot = {
@@ -119,9 +129,22 @@ export class Inventory {
   candidates (model: string, kind: ModelKind, opts: { drained?: boolean } = {}): Assignment[] {
     if (typeof model !== 'string' || model === '') return []
     const key = modelKey(model)
+    const drained = opts.drained === true
+    const asked = `${kind}\n${drained ? 'd' : ''}\n${key}`
+    let answer = this.#answers.get(asked)
+    if (answer === undefined) {
+      answer = this.#candidates(key, kind, drained)
+      // the names come from clients: bounded
+      if (this.#answers.size >= 1000) this.#answers.clear()
+      this.#answers.set(asked, answer)
+    }
+    return answer
+  }
+
+  #candidates (key: string, kind: ModelKind, drained: boolean): Assignment[] {
     if (key === WILDCARD) return []
     // drained ones only when asked for (to tell "all drained" from "not found")
-    const usable = (a: Assignment): boolean => opts.drained === true || a.drained !== true
+    const usable = (a: Assignment): boolean => drained || a.drained !== true
     const named = this.#byModelKey.get(key)
     if (named !== undefined) return named.filter(a => a.kind === kind && usable(a))
     const known = this.#kindByKey.get(key)
@@ -191,7 +214,7 @@ interface Facts {
   gpus: Array<{ id: string, name: string, vramSize: number, weight: number | null, computerId: string }>
   /** in listing order; a model listed twice keeps its first kind */
   models: Array<{ name: string, kind: ModelKind }>
-  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind, drained?: boolean }>
+  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind, capacity?: number, drained?: boolean }>
 }
 
 const TABLE_OF_KIND: Record<ModelKind, string> = { llm: 'llms', diffusor: 'diffusors', speech: 'speech_models' }
@@ -312,6 +335,7 @@ function buildSnapshot (facts: Facts): InventorySnapshot {
       gpuIds: own.map(g => g.id),
       weight,
       computerName: computer.name,
+      capacity: capacityFrom(raw.capacity),
       ...(raw.drained === true ? { drained: true } : {})
     })
   }
@@ -331,7 +355,8 @@ const SQL_MODELS =
   "SELECT 'llm' AS kind, l.name FROM llms l " +
   "UNION ALL SELECT 'diffusor' AS kind, d.name FROM diffusors d " +
   "UNION ALL SELECT 'speech' AS kind, s.name FROM speech_models s"
-const SQL_ASSIGNMENTS = 'SELECT a.id, a.name, a.model_name, a.port FROM assignments a ORDER BY a.id'
+// Every column: max_parallel exists only once `npm run migrate` has run (absent = capacity 1).
+const SQL_ASSIGNMENTS = 'SELECT a.* FROM assignments a ORDER BY a.id'
 const SQL_ASSIGNMENT_GPUS =
   'SELECT ag.assignment_id, ag.gpu_id FROM assignment_gpus ag ' +
   'JOIN assignments a ON a.id = ag.assignment_id JOIN gpus g ON g.id = ag.gpu_id ' +
@@ -398,6 +423,7 @@ export async function loadInventoryFromDatabase (query: Query): Promise<Inventor
       model: text(r.model_name),
       port: num(r.port),
       gpuIds: gpusOf.get(text(r.id)) ?? [],
+      capacity: capacityFrom(r.max_parallel),
       drained: drained.has(text(r.id))
     }))
   })
@@ -506,7 +532,7 @@ export function parseInventoryFile (json: unknown, source: string): InventorySna
       computerId = on
       gpuIds.push(gpuId)
     })
-    assignments.push({ id, name: a.name, model: a.model, port: a.port, gpuIds, kind, drained: a.drained === true })
+    assignments.push({ id, name: a.name, model: a.model, port: a.port, gpuIds, kind, capacity: a.parallel, drained: a.drained === true })
   })
 
   return buildSnapshot({ computers, gpus, models, assignments })

@@ -26,7 +26,6 @@ const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_migrations (
 
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
-const ER_DUP_FIELDNAME = 1060
 
 async function columnLength (query: Query, table: string, column: string): Promise<number | undefined> {
   const rows = await query(
@@ -36,6 +35,13 @@ async function columnLength (query: Query, table: string, column: string): Promi
   )
   return rows.length === 0 ? undefined : Number(rows[0].len)
 }
+
+async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
+  return await columnLength(query, table, column) !== undefined
+}
+
+/** MySQL/MariaDB error number meaning the column exists already (another replica got there first). */
+const ER_DUP_FIELDNAME = 1060
 
 async function hasIndex (query: Query, table: string, index: string): Promise<boolean> {
   const rows = await query(
@@ -74,9 +80,21 @@ export const MIGRATIONS: readonly Migration[] = [
     }
   },
   {
+    // Parallel slots per assignment (OLLAMA_NUM_PARALLEL); NULL or < 1 means 1. The original ignores it.
+    name: '003-assignments-max-parallel',
+    async up (query) {
+      if (await hasColumn(query, 'assignments', 'max_parallel')) return
+      try {
+        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+      }
+    }
+  },
+  {
     // Drained assignments (POST /admin/assignments/:id/drain) take no new lease; a table of the
     // gateway's own, so the original tables keep their meaning for the original services.
-    name: '003-assignment-drains',
+    name: '004-assignment-drains',
     async up (query) {
       await query(`CREATE TABLE IF NOT EXISTS maestro_assignment_drains (
   assignment_id INT NOT NULL,
@@ -84,19 +102,6 @@ export const MIGRATIONS: readonly Migration[] = [
   PRIMARY KEY (assignment_id),
   FOREIGN KEY (assignment_id) REFERENCES assignments (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`)
-    }
-  },
-  {
-    // How many requests one assignment's server runs at once (PATCH /admin/assignments/:id
-    // maxParallel); NULL reads as 1, what the original proxy assumed.
-    name: '004-assignments-max-parallel',
-    async up (query) {
-      if (await columnLength(query, 'assignments', 'max_parallel') !== undefined) return
-      try {
-        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
-      } catch (err) {
-        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
-      }
     }
   }
 ]

@@ -61,6 +61,8 @@ t.test('embedded mode: the file is written atomically and used at once', async t
   const gpu = await call(gw, 'POST', '/admin/gpus', { name: 'second GPU', vramGb: 12, computerId: 1, weight: 2 })
   t.equal(gpu.status, 201)
   t.equal(gpu.body.id, 2)
+  // (the new file was made while the old one existed, so it cannot have the old inode; later ones may reuse it)
+  t.not((await stat(file)).ino, inodeBefore, 'replaced by a rename, not rewritten in place')
   t.equal((await call(gw, 'POST', '/admin/assignments', { name: 'phi', model: 'phi3', port: second.port, gpuIds: [2] })).status, 400,
     'a model the file does not list needs a kind')
   const made = await call(gw, 'POST', '/admin/assignments', { name: 'phi', model: 'phi3', kind: 'llm', port: second.port, gpuIds: [2], maxParallel: 3 })
@@ -78,7 +80,6 @@ t.test('embedded mode: the file is written atomically and used at once', async t
   await reader
   t.ok(reads > 0, `the file was read ${reads} times during the writes`)
   t.equal(torn, 0, 'never half-written')
-  t.not((await stat(file)).ino, inodeBefore, 'replaced by a rename, not rewritten in place')
   t.same((await readdir(dirname(file))).filter((f) => f !== 'inventory.json'), [], 'no temp file left behind')
 
   const written = JSON.parse(await readFile(file, 'utf8'))

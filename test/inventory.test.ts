@@ -84,7 +84,8 @@ t.test('database: preference order, names, kinds', async t => {
     host: '10.0.0.1:11437',
     gpuIds: ['1', '10'],
     weight: 2,
-    computerName: 'box-a'
+    computerName: 'box-a',
+    capacity: 1
   }, 'gpu ids sorted numerically, weight = average')
   t.equal(inv.assignment('3')?.model, 'M-Small:latest', 'model as stored')
   t.equal(inv.assignment('3')?.modelKey, 'm-small')
@@ -242,7 +243,8 @@ t.test('file: wildcard and kinds', async t => {
     host: '127.0.0.1:11434',
     gpuIds: ['1'],
     weight: 1,
-    computerName: 'box'
+    computerName: 'box',
+    capacity: 1
   })
   t.same(inv.assignment('2')?.gpuIds, ['1', '2'])
   t.equal(inv.assignment('2')?.weight, 0.5)

@@ -45,7 +45,7 @@ t.test('original schema → migrate applies everything once', async t => {
   const inventoryBefore = await loadInventoryFromDatabase(db.query)
 
   t.same(await migrate(db.query), ALL, 'first run applies every migration')
-  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignment-drains', '004-assignments-max-parallel'])
+  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-assignment-drains'])
 
   const after = await columns(db.query)
   const afterIndexes = await indexes(db.query)
