@@ -170,8 +170,10 @@ export class MemoryLeaseStore implements LeaseStore {
   }
 
   private effective (w: WaiterRecord, now: number): number {
-    const aged = w.level > 0 && now - w.since >= this.opts.priorityAgingMs
-    return w.score - (aged ? LEVEL : 0)
+    // one level higher for every PRIORITY_AGING_MS waited (low: normal, then high)
+    const aging = this.opts.priorityAgingMs
+    const up = aging > 0 ? Math.min(w.level, Math.floor((now - w.since) / aging)) : w.level
+    return w.score - up * LEVEL
   }
 
   /** The next waiter of a line: best (effective level, tag). */
@@ -274,7 +276,8 @@ export class MemoryLeaseStore implements LeaseStore {
     if (done != null) return { status: 'granted', token: done.token, candidateIndex: done.index, grants: [] }
     const list = this.listKey(input.candidates)
     for (const c of input.candidates) this.assignments.set(c.assignmentId, { capacity: capacityOf(c), gpuIds: c.gpuIds })
-    const key = `${input.queue}\n${list}`
+    // a whole-assignment waiter waits in a line of its own: it must not hold up single slots
+    const key = `${input.queue}\n${list}\n${input.info.purpose}`
     let w = this.waiters.get(input.member)
     if (w == null) {
       const existing = this.lines.get(key)

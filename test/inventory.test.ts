@@ -266,7 +266,7 @@ t.test('file: capacity, drained assignments and API keys (schemas shared with th
   f.assignments[1].parallel = 4
   f.assignments[1].drained = true
   f.assignments[1]._note = 'comments are allowed in entries too'
-  f.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low', maxConcurrent: 2, maxQueued: 0, rpm: 60, models: ['llama3'] }]
+  f.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low', maxConcurrent: 2, maxQueued: 1, rpm: 60, createdAt: '2026-12-01T09:00:00.000Z', models: ['llama3'] }]
   const inv = new Inventory(parseInventoryFile(f, 'x'))
   t.same(ids(inv.candidates('special', 'llm')), [], 'a drained assignment is no candidate')
   t.same(ids(inv.candidates('special', 'llm', { drained: true })), ['2'], 'unless asked for')
@@ -312,7 +312,7 @@ t.test('file: validation errors name the source and the field', async t => {
     ['gpus on two computers', f => { f.assignments[1].gpus = [1, 3] }, /assignments\[1\]\.gpus must all be on one computer/],
     ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be an integer from 1 to 1024 .*\(got 0\)/],
     ['drained not a boolean', f => { f.assignments[1].drained = 'yes' }, /assignments\[1\]\.drained must be true or false/],
-    ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in lower-case hex/],
+    ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in hex/],
     ['api key with a secret in clear', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), key: 'sk-1' }] }, /apiKeys\[0\] has unknown field "key"/],
     ['api key priority', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), priority: 'urgent' }] }, /apiKeys\[0\]\.priority must be one of "high", "normal", "low"/]
   ]
