@@ -1,10 +1,10 @@
 import { Type } from '@sinclair/typebox'
 import {
-  AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, ModelKind, ModelName, ModelRecord
+  ApiKeyRecord, AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, KeyName, ModelKind, ModelName, ModelRecord
 } from '../../services/inventory-schema.js'
 
 export {
-  AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
+  ApiKeyCreate, ApiKeyCreated, ApiKeyPatch, ApiKeyRecord, AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
   GpuCreate, GpuPatch, GpuRecord, ModelCreate, ModelRecord
 } from '../../services/inventory-schema.js'
 
@@ -14,6 +14,9 @@ export const IdParams = Type.Object({
 })
 
 export const ModelParams = Type.Object({ kind: ModelKind, name: ModelName })
+
+export const KeyParams = Type.Object({ name: KeyName })
+export const ApiKeys = Type.Array(ApiKeyRecord)
 
 export const Computers = Type.Array(ComputerRecord)
 export const Gpus = Type.Array(GpuRecord)
