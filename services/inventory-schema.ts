@@ -228,7 +228,14 @@ function withoutComments (v: unknown): unknown {
 export function checkInventoryFile (json: unknown): InventoryFile {
   const value = withoutComments(json)
   if (checkFile.Check(value)) return value
-  const first = checkFile.Errors(value).First()
+  // An unknown field first: a misspelt one also makes the field it meant "missing".
+  let first: ValueError | undefined
+  let seen = 0
+  for (const error of checkFile.Errors(value)) {
+    first ??= error
+    if (error.type === ValueErrorType.ObjectAdditionalProperties) { first = error; break }
+    if (++seen >= 50) break
+  }
   throw new Error(first == null ? 'the inventory is invalid' : explain(first))
 }
 
