@@ -185,6 +185,8 @@ interface Held {
  */
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
+const isDrained = (proxy: Proxy, a: Assignment): boolean => proxy.fastify.inventory.current.assignment(a.id)?.drained === true
+
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
   const inventory = proxy.fastify.inventory.current
   const all = target.candidates ?? inventory.candidates(target.model, target.kind)
@@ -202,20 +204,29 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
   return {
     /** The next lease, or undefined when every candidate has been found unreachable. */
     async next (): Promise<Held | undefined> {
-      const choice = round.next()
+      let choice = round.next()
       if (choice === undefined) return undefined
       // the client's limits (403/429), checked once per request, held until the exchange ends
       const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
-      const acquire = {
-        queue,
-        candidates: candidatesOf(choice),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
-        signal: request.exchange.signal,
-        client: { id: request.client.id, priority: request.client.priority }
+      let lease: Lease
+      let assignment: Assignment
+      for (;;) {
+        lease = await proxy.fastify.leases.acquire({
+          queue,
+          candidates: candidatesOf(choice),
+          info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+          signal: request.exchange.signal,
+          client: { id: request.client.id, priority: request.client.priority }
+        })
+        assignment = choice[lease.candidateIndex]
+        // Drained while this request waited (its candidates were chosen before): give the lease
+        // back unused and wait for the others.
+        if (!isDrained(proxy, assignment)) break
+        void proxy.fastify.leases.release(lease)
+        choice = choice.filter((a) => !isDrained(proxy, a))
+        if (choice.length === 0) throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
       }
-      const lease = await proxy.fastify.leases.acquire(acquire)
       pass.granted(lease.queuedMs)
-      const assignment = choice[lease.candidateIndex]
       request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false
       const release = (): void => {

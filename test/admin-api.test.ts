@@ -300,3 +300,35 @@ t.test('an unmigrated database: drain and maxParallel ask for the migration', as
   t.same((await call(gw, 'GET', '/admin/assignments/1')).body.maxParallel, 1, 'reads as 1 without the column')
   t.equal((await generate(gw, 'llama3')).status, 200, 'and the gateway serves on as before')
 })
+
+t.test('a request already waiting when its candidate is drained is not given the drained server', async t => {
+  // llama-x (preferred) answers in ~250 ms, llama-y in ~1 s.
+  const fleet = await startFleet(t, {
+    gpus: [2, 1],
+    migrate: true,
+    upstreams: [
+      { model: 'llama3', gpus: [0], name: 'llama-x', simulator: { tokens: 10, tokenDelayMs: 25 } },
+      { model: 'llama3', gpus: [1], name: 'llama-y', simulator: { tokens: 40, tokenDelayMs: 25 } }
+    ],
+    options: { ADMIN_TOKEN: TOKEN }
+  })
+  const a = await fleet.replica()
+  const b = await fleet.replica()
+  const deadline = performance.now() + 2000
+  const busyX = generate(a, 'llama3', 'first')
+  while ((await fleet.heldGpus()).length < 1 && performance.now() < deadline) await sleep(5)
+  const busyY = generate(a, 'llama3', 'second')
+  while ((await fleet.heldGpus()).length < 2 && performance.now() < deadline) await sleep(5)
+  t.equal((await fleet.heldGpus()).length, 2, 'both servers busy')
+  const waiter = generate(b, 'llama3', 'waiting')
+  await sleep(50)
+  const status = await (await fetch(`${a.url}/gpu/status`)).json() as { waiting: Array<{ depth: number }> }
+  t.same(status.waiting.map((w) => w.depth), [1], 'one request waiting for either server')
+  t.equal((await call(a, 'POST', '/admin/assignments/1/drain')).status, 200, 'llama-x drained while it waits')
+  t.equal((await busyX).headers.get('x-maestro-assignment'), 'llama-x', 'llama-x frees first')
+  const served = await waiter
+  t.equal(served.status, 200)
+  t.equal(served.headers.get('x-maestro-assignment'), 'llama-y', 'the waiter is served by the server still taking work')
+  t.equal((await busyY).status, 200)
+  t.same(fleet.upstreams[0].requests.filter((r) => r.path === '/api/generate').map((r) => r.body.prompt), ['first'], 'llama-x got no new request')
+})
