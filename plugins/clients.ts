@@ -1,6 +1,6 @@
 import { isIP } from 'node:net'
 import fp from 'fastify-plugin'
-import { Counter, Histogram } from 'prom-client'
+import { Counter, Histogram, type Registry } from 'prom-client'
 import type { FastifyRequest } from 'fastify'
 import type { ApiKey } from '../services/api-keys.js'
 import { ClientLimiter, MemoryClientLimitStore, RedisClientLimitStore, type Client, type LimitName } from '../services/client-limits.js'
@@ -46,6 +46,39 @@ export function clientAddress (request: Pick<FastifyRequest, 'headers' | 'raw'>,
   return plainAddress(request.raw.socket?.remoteAddress)
 }
 
+/** Per-client instruments, labelled by key name (never a secret), at most CLIENT_LABEL_LIMIT names. */
+function clientMetrics (registry: Registry) {
+  const registers = [registry]
+  const names = new Set<string>()
+  return {
+    label: (client: Client): string => {
+      if (names.has(client.name)) return client.name
+      if (names.size >= CLIENT_LABEL_LIMIT) return 'other'
+      names.add(client.name)
+      return client.name
+    },
+    requests: new Counter({
+      name: 'maestro_client_requests_total',
+      help: 'Model requests by client (API key name, or address when no keys are set) and status, refused ones included',
+      labelNames: ['client', 'status'] as const,
+      registers
+    }),
+    queueWait: new Histogram({
+      name: 'maestro_client_queue_wait_seconds',
+      help: 'Time a client\'s granted requests waited for their lease',
+      labelNames: ['client'] as const,
+      buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+      registers
+    }),
+    refused: new Counter({
+      name: 'maestro_client_limited_total',
+      help: 'Requests refused by a client limit: 429 for maxConcurrent, maxQueued, rpm; 403 for models',
+      labelNames: ['client', 'limit'] as const,
+      registers
+    })
+  }
+}
+
 const ADMIN_CLIENT: Client = { id: 'admin', name: 'admin', priority: 'normal', limits: {} }
 
 export default fp(async function clients (fastify) {
@@ -60,33 +93,7 @@ export default fp(async function clients (fastify) {
     return client
   }
 
-  const labels = new Set<string>()
-  const clientLabel = (client: Client): string => {
-    if (labels.has(client.name)) return client.name
-    if (labels.size >= CLIENT_LABEL_LIMIT) return 'other'
-    labels.add(client.name)
-    return client.name
-  }
-  const registers = [fastify.metrics.registry]
-  const requests = new Counter({
-    name: 'maestro_client_requests_total',
-    help: 'Model requests by client (API key name, or address when no keys are set) and status, refused ones included',
-    labelNames: ['client', 'status'] as const,
-    registers
-  })
-  const queueWait = new Histogram({
-    name: 'maestro_client_queue_wait_seconds',
-    help: 'Time a client\'s granted requests waited for their lease',
-    labelNames: ['client'] as const,
-    buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
-    registers
-  })
-  const refused = new Counter({
-    name: 'maestro_client_limited_total',
-    help: 'Requests refused by a client limit: 429 for maxConcurrent, maxQueued, rpm; 403 for models',
-    labelNames: ['client', 'limit'] as const,
-    registers
-  })
+  const metrics = clientMetrics(fastify.metrics.registry)
 
   const limiter = new ClientLimiter(
     fastify.leaseRedis != null
@@ -95,7 +102,7 @@ export default fp(async function clients (fastify) {
     {
       ttlMs: config.leaseTtlMs,
       log: fastify.log,
-      onRefused: (client: Client, limit: LimitName) => { refused.inc({ client: clientLabel(client), limit }) }
+      onRefused: (client: Client, limit: LimitName) => { metrics.refused.inc({ client: metrics.label(client), limit }) }
     }
   )
   limiter.start()
@@ -115,7 +122,7 @@ export default fp(async function clients (fastify) {
     request.client = credential === 'admin' ? ADMIN_CLIENT : credential != null ? keyClient(credential) : addressClient(request)
     reply.raw.once('close', () => {
       if (!admitted.has(request)) return
-      requests.inc({ client: clientLabel(request.client), status: String(exchangeStatus(reply.statusCode, reply.raw.headersSent)) })
+      metrics.requests.inc({ client: metrics.label(request.client), status: String(exchangeStatus(reply.statusCode, reply.raw.headersSent)) })
     })
     done()
   })
@@ -128,7 +135,7 @@ export default fp(async function clients (fastify) {
     return {
       granted: (queuedMs: number) => {
         ticket.granted()
-        queueWait.observe({ client: clientLabel(client) }, queuedMs / 1000)
+        metrics.queueWait.observe({ client: metrics.label(client) }, queuedMs / 1000)
       }
     }
   })

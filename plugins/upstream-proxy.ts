@@ -18,7 +18,7 @@ export interface LeaseTarget {
   kind: ModelKind
   model: string
   /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
+  candidates?: readonly Assignment[]
 }
 
 export interface LeasedForward extends LeaseTarget {
@@ -189,10 +189,10 @@ const isDrained = (proxy: Proxy, a: Assignment): boolean => proxy.fastify.invent
 
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
   const inventory = proxy.fastify.inventory.current
-  const all = target.candidates ?? inventory.candidates(target.model, target.kind)
+  const all = target.candidates ?? inventory.candidateList(target.model, target.kind)
   if (all.length === 0) {
     // Every server of the model drained by an operator: it exists, it is just not taking work.
-    if (inventory.candidates(target.model, target.kind, { drained: true }).length > 0) {
+    if (inventory.candidateList(target.model, target.kind, { drained: true }).length > 0) {
       throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
     }
     throw new GatewayError(404, `model '${target.model}' not found`)

@@ -147,6 +147,9 @@ export class RedisLeaseStore implements LeaseStore {
       }
     })
     this.client.on('ready', () => {
+      // A new connection may reach a restarted Redis (whose data, run id key included, may come
+      // from a snapshot): the next script compares the stored run id with the server's own.
+      this.knownRun = ''
       // ioredis resends nothing for us after a reconnect: let the manager re-assert its state.
       if (this.wasReady) events.onReconnect()
       this.wasReady = true

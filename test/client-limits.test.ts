@@ -108,11 +108,16 @@ t.test('maxQueued: with a request of the key waiting, the next is 429 at once; t
   t.ok(performance.now() - started < 1000, 'at once, not after waiting')
   t.ok(Number(over.retryAfter) >= 1)
   t.match(onlyError(over.body), /maxQueued 1/)
-  const openai = await new Ollama({ host: gw.url, headers: { Authorization: 'Bearer secret-queue' } })
-    
+  const ollama = await new Ollama({ host: gw.url, headers: { Authorization: 'Bearer secret-queue' } })
     .generate({ model: 'm', prompt: 'x', options: { num_predict: 1 } }).catch((err) => err)
-  t.equal(openai.status_code, 429, 'the ollama client sees the 429')
-  t.match(openai.error, /maxQueued/)
+  t.equal(ollama.status_code, 429, 'the ollama client sees the 429')
+  t.match(ollama.error, /maxQueued/)
+  const openai = await new OpenAI({ baseURL: gw.url + '/v1', apiKey: 'secret-queue', maxRetries: 0 })
+    .chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }], max_tokens: 1 }).catch((err) => err)
+  t.ok(openai instanceof OpenAI.RateLimitError && Number(retryAfterOf(openai)) >= 1, 'the openai client: RateLimitError with Retry-After')
+  t.match(openai.error?.message, /maxQueued/)
+  const image = await post(gw, 'secret-queue', '/txt2img', { model: 'sd', prompt: 'x' })
+  t.ok(image.status === 429 && image.body.detail === image.body.error && /maxQueued/.test(image.body.error), 'diffusion format (the limit is the key\'s, across models)')
   t.equal(await waiting(gw), 1, 'the refused requests never queued')
 
   await busy.finish()
@@ -179,7 +184,7 @@ t.test('models: a model outside the key\'s list is 403 in each format; names mat
   t.equal(fleet.upstreams[0].requests.length, 1, 'no refused request reached an upstream')
 })
 
-t.test('a hold on the limits is released on completion, client abort (in flight and queued), queue timeout and upstream failure', async (t) => {
+t.test('a hold on the limits is released on completion, client abort (in flight and queued), queue timeout, upstream failure and an unreachable upstream', async (t) => {
   const fleet = await fleetOf(t)
   await insertKey(fleet.db.query, 'rel', 's-rel', { maxConcurrent: 1, maxQueued: 1 })
   await insertKey(fleet.db.query, 'other', 's-other')
@@ -226,4 +231,8 @@ t.test('a hold on the limits is released on completion, client abort (in flight 
   await busy.finish()
   t.equal((await post(gw, 's-rel', '/api/generate', generate)).status, 200, 'and its one slot is usable again')
   t.ok(await free())
+
+  await fleet.upstreams[0].close()
+  t.equal((await post(gw, 's-rel', '/api/generate', generate)).status, 502, 'the only upstream unreachable')
+  t.ok(await free(), 'released after the upstream could not be reached')
 })

@@ -63,6 +63,7 @@ t.test('original schema → migrate applies everything once', async t => {
   t.same(after.filter(c => c.table === 'api_keys').map(c => c.column),
     ['id', 'name', 'secret_sha256', 'priority', 'max_concurrent', 'max_queued', 'rpm', 'models', 'created_at', 'revoked_at'], 'api_keys created')
   t.ok(afterIndexes.includes('api_keys.uq_api_keys_name.1.name'), 'key names are unique')
+  t.match(after.find(c => c.table === 'assignments' && c.column === 'max_parallel'), { type: /^int/, nullable: 'YES' }, 'max_parallel INT NULL')
   t.ok(afterIndexes.includes('assignments.idx_assignments_model_name.1.model_name'))
   t.same(await loadInventoryFromDatabase(db.query), inventoryBefore, 'inventory loads identically after migrating')
 
