@@ -46,7 +46,7 @@ export const ModelKind = Type.Union([Type.Literal('llm'), Type.Literal('diffusor
 
 export const GpuIds = Type.Array(RecordId, { minItems: 1, maxItems: 64, description: 'a list of GPU ids, at least one, all on one computer' })
 
-export const Parallel = Type.Integer({ minimum: 1, maximum: 1024, description: 'an integer from 1 to 1024 (requests the server runs at once)' })
+export const Parallel = Type.Integer({ minimum: 1, maximum: 1024, description: 'a whole number of at least 1 (requests the server runs at once; at most 1024)' })
 
 export const Priority = Type.Union([Type.Literal('high'), Type.Literal('normal'), Type.Literal('low')], {
   description: 'one of "high", "normal", "low"'

@@ -341,7 +341,7 @@ t.test('file: validation errors name the source and the field', async t => {
     ['unknown gpu', f => { f.assignments[1].gpus = [1, 9] }, /assignments\[1\]\.gpus\[1\] names gpu 9, which is not in gpus/],
     ['gpu twice', f => { f.assignments[1].gpus = [1, '1'] }, /assignments\[1\]\.gpus\[1\] names gpu 1 twice/],
     ['gpus on two computers', f => { f.assignments[1].gpus = [1, 3] }, /assignments\[1\]\.gpus must all be on one computer/],
-    ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be an integer from 1 to 1024 .*\(got 0\)/],
+    ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be a whole number of at least 1 .*\(got 0\)/],
     ['drained not a boolean', f => { f.assignments[1].drained = 'yes' }, /assignments\[1\]\.drained must be true or false/],
     ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in hex/],
     ['api key with a secret in clear', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), key: 'sk-1' }] }, /apiKeys\[0\] has unknown field "key"/],
