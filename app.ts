@@ -15,7 +15,6 @@ import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import adminRoutes from './routes/admin/index.js'
-import adminApiKeyRoutes from './routes/admin/api-keys.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -55,7 +54,6 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
   await fastify.register(adminRoutes)
-  await fastify.register(adminApiKeyRoutes)
 }
 
 export default maestro

@@ -5,6 +5,7 @@ import t from 'tap'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Ollama } from 'ollama'
+import { insertKey } from './helpers/api-keys.js'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 
 const TOKEN = 'admin-token-for-key-tests'
@@ -114,4 +115,14 @@ t.test('API keys through the admin API', async t => {
   t.notOk(lines.join('\n').includes(secret), 'the secret is in no log line')
   t.notOk(metrics.includes(secret), 'nor in a metric')
   t.ok(lines.some((l) => l.includes('API key created') && l.includes('team-a')), 'the log names the key')
+
+  // Keys in use but no ADMIN_TOKEN: a key holder may not rewrite the fleet or mint keys.
+  await insertKey(fleet.db.query, 'ops', 'ops-secret')
+  const open = await fleet.replica({ ADMIN_TOKEN: undefined })
+  t.equal((await admin(open, 'GET', '/admin/computers', undefined, null)).status, 401, 'no credentials: 401')
+  const withKey = await admin(open, 'POST', '/admin/api-keys', { name: 'escalated' }, 'ops-secret')
+  t.equal(withKey.status, 403, 'an API key: 403')
+  t.match(withKey.body.error, /ADMIN_TOKEN/)
+  t.equal((await generate(open, 'ops-secret')).status, 200, 'the key still works where keys belong')
+  t.notOk((await admin(a, 'GET', '/admin/api-keys')).body.some((k: any) => k.name === 'escalated'), 'no key was made')
 })
