@@ -2,7 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import { ApiKeyError, type ApiKeyInfo, type KeyChange } from '../../services/api-keys.js'
 import { GatewayError } from '../../services/errors.js'
 import type { ApiKeyCreate, ApiKeyPatch, ApiKeyRecord } from '../../services/inventory-schema.js'
-import { ApiKeyCreated, ApiKeys, ApiKeyCreate as CreateSchema, ApiKeyPatch as PatchSchema, ApiKeyRecord as RecordSchema, errorAnswers, KeyParams } from './schemas.js'
+import { ApiKeyCreated, ApiKeys, ApiKeyCreate as CreateSchema, ApiKeyPatch as PatchSchema, ApiKeyRecord as RecordSchema, Deleted, errorAnswers, KeyParams } from './schemas.js'
 
 const adminOnly = { auth: 'admin', errorStyle: 'ollama' } as const
 const tags = ['admin: API keys']
@@ -59,7 +59,7 @@ const apiKeyRoutes: FastifyPluginAsync = async (fastify) => {
   })
 
   fastify.delete<{ Params: { name: string } }>('/admin/api-keys/:name', {
-    schema: { tags, params: KeyParams, response: errorAnswers, description: 'Revokes the key: it stops working on every replica within a second.' },
+    schema: { tags, params: KeyParams, response: { 204: Deleted, ...errorAnswers }, description: 'Revokes the key: it stops working on every replica within a second.' },
     config: adminOnly
   }, async (request, reply) => {
     await keyStore(keys.revoke(request.params.name))

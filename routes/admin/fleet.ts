@@ -5,7 +5,7 @@ import type { AssignmentRecord } from '../../services/inventory-schema.js'
 import type { ModelKind } from '../../services/inventory.js'
 import {
   AssignmentCreate, AssignmentPatch, AssignmentRecord as AssignmentSchema, Assignments, ComputerCreate, ComputerPatch,
-  ComputerRecord, Computers, errorAnswers, GpuCreate, GpuPatch, GpuRecord, Gpus, IdParams, ModelCreate, ModelParams,
+  ComputerRecord, Computers, Deleted, errorAnswers, GpuCreate, GpuPatch, GpuRecord, Gpus, IdParams, ModelCreate, ModelParams,
   ModelRecord, Models
 } from './schemas.js'
 
@@ -25,7 +25,7 @@ const fleetRoutes: FastifyPluginAsync = async (fastify) => {
 
   const context: rules.RuleContext = {
     // Tables list every model, '*' included; a file lists named models and gives '*' assignments a kind.
-    wildcardModels: store.source === 'mariadb',
+    modelsInTables: store.source === 'mariadb',
     async inFlight (assignment: AssignmentRecord) {
       const status = await leases.status(assignment.gpuIds.map(String)).catch((err: unknown) => {
         fastify.log.warn({ err }, 'lease store call failed')
@@ -64,7 +64,7 @@ const fleetRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.patch<IdRequest & { Body: { name?: string, ip?: string } }>('/admin/computers/:id',
     { schema: schema({ params: IdParams, body: ComputerPatch, response: { 200: ComputerRecord, ...errorAnswers } }, computer.tag), config: adminOnly },
     async (request) => await change((f) => rules.updateComputer(f, request.params.id, request.body)))
-  fastify.delete<IdRequest>('/admin/computers/:id', { schema: schema({ params: IdParams, response: errorAnswers }, computer.tag), config: adminOnly },
+  fastify.delete<IdRequest>('/admin/computers/:id', { schema: schema({ params: IdParams, response: { 204: Deleted, ...errorAnswers } }, computer.tag), config: adminOnly },
     async (request, reply) => { await change((f) => rules.deleteComputer(f, request.params.id)); return gone(reply) })
 
   /* gpus ------------------------------------------------------------------------------------- */
@@ -79,7 +79,7 @@ const fleetRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.patch<IdRequest & { Body: GpuPatch }>('/admin/gpus/:id',
     { schema: schema({ params: IdParams, body: GpuPatch, response: { 200: GpuRecord, ...errorAnswers } }, gpu.tag), config: adminOnly },
     async (request) => await change((f) => rules.updateGpu(f, request.params.id, request.body)))
-  fastify.delete<IdRequest>('/admin/gpus/:id', { schema: schema({ params: IdParams, response: errorAnswers }, gpu.tag), config: adminOnly },
+  fastify.delete<IdRequest>('/admin/gpus/:id', { schema: schema({ params: IdParams, response: { 204: Deleted, ...errorAnswers } }, gpu.tag), config: adminOnly },
     async (request, reply) => { await change((f) => rules.deleteGpu(f, request.params.id)); return gone(reply) })
 
   /* models ----------------------------------------------------------------------------------- */
@@ -90,7 +90,7 @@ const fleetRoutes: FastifyPluginAsync = async (fastify) => {
     { schema: schema({ body: ModelCreate, response: { 201: ModelRecord, ...errorAnswers } }, model.tag), config: adminOnly },
     async (request, reply) => created(reply, await change((f) => rules.createModel(f, request.body, context))))
   fastify.delete<{ Params: { kind: ModelKind, name: string } }>('/admin/models/:kind/:name',
-    { schema: schema({ params: ModelParams, response: errorAnswers }, model.tag), config: adminOnly },
+    { schema: schema({ params: ModelParams, response: { 204: Deleted, ...errorAnswers } }, model.tag), config: adminOnly },
     async (request, reply) => { await change((f) => rules.deleteModel(f, request.params.kind, request.params.name)); return gone(reply) })
 
   /* assignments ------------------------------------------------------------------------------ */
@@ -105,7 +105,7 @@ const fleetRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.patch<IdRequest & { Body: AssignmentPatch }>('/admin/assignments/:id',
     { schema: schema({ params: IdParams, body: AssignmentPatch, response: { 200: AssignmentSchema, ...errorAnswers } }, assignment.tag), config: adminOnly },
     async (request) => await change(async (f) => await rules.updateAssignment(f, request.params.id, request.body, context)))
-  fastify.delete<IdRequest>('/admin/assignments/:id', { schema: schema({ params: IdParams, response: errorAnswers }, assignment.tag), config: adminOnly },
+  fastify.delete<IdRequest>('/admin/assignments/:id', { schema: schema({ params: IdParams, response: { 204: Deleted, ...errorAnswers } }, assignment.tag), config: adminOnly },
     async (request, reply) => { await change(async (f) => { await rules.deleteAssignment(f, request.params.id, context) }); return gone(reply) })
   for (const [action, drained] of [['drain', true], ['undrain', false]] as const) {
     fastify.post<IdRequest>(`/admin/assignments/:id/${action}`, {

@@ -25,6 +25,9 @@ export const Assignments = Type.Array(AssignmentRecord)
 
 export const AdminError = Type.Object({ error: Type.String() })
 
+/** A delete's answer: nothing. */
+export const Deleted = Type.Null({ description: 'deleted (no body)' })
+
 /** The answers every admin write may give besides its own. */
 export const errorAnswers = {
   400: AdminError,
