@@ -31,7 +31,7 @@ import { loadLuaScripts } from './lua-scripts.js'
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
  *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
- *   qw:<queue> zset m->arrival      a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
+ *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   queues     zset queue->touched  models with waiters, for the status
  * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
  * inventory change. Every script that grants returns its grants in its reply; the store hands
