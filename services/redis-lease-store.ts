@@ -41,9 +41,9 @@ import { loadLuaScripts } from './lua-scripts.js'
  * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
  * of a list, waiters of a line): nothing scans the candidates, the queues or the waiters.
  */
-const SCRIPTS = loadLuaScripts([
-  'attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1'
-])
+const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
+/** Read once, when the first Redis store is made (embedded mode never needs them). */
+let scripts: ReturnType<typeof loadLuaScripts> | undefined
 
 type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status'
 const COMMAND: Record<ScriptName, string> = {
@@ -118,7 +118,8 @@ export class RedisLeaseStore implements LeaseStore {
       priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
     }
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
-    for (const script of SCRIPTS) {
+    scripts ??= loadLuaScripts(SCRIPT_FILES)
+    for (const script of scripts) {
       const name = COMMAND[script.name === 'release-gpus' ? 'releaseGpus' : script.name as ScriptName]
       if (typeof this.client[name] !== 'function') {
         this.client.defineCommand(name, { numberOfKeys: script.numberOfKeys, lua: script.lua })
