@@ -10,6 +10,7 @@ import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
 import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
+import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
 
@@ -77,7 +78,7 @@ interface Proxy {
   config: FastifyInstance['maestroConfig']
   cooldowns: Cooldowns
   /** The client's Authorization carries the gateway's own key or token: never pass it on. */
-  dropAuthorization: boolean
+  dropAuthorization: () => boolean
 }
 
 export default fp(async function upstreamProxy (fastify) {
@@ -92,7 +93,7 @@ export default fp(async function upstreamProxy (fastify) {
     },
     disableRequestLogging: true
   })
-  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: config.apiKeys.length > 0 || config.adminToken != null }
+  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: () => config.adminToken != null || fastify.apiKeys.configured }
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {
@@ -130,7 +131,7 @@ function requestHeaders (proxy: Proxy, request: FastifyRequest, assignment: Assi
   return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
     host: assignment.host,
     requestId: request.exchange.requestId,
-    dropAuthorization: proxy.dropAuthorization
+    dropAuthorization: proxy.dropAuthorization()
   })
 }
 
@@ -190,17 +191,23 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))
   const round = new CandidateRound(all, proxy.cooldowns, target.model)
+  let admitted: Promise<ClientPass> | undefined
   return {
     /** The next lease, or undefined when every candidate has been found unreachable. */
     async next (): Promise<Held | undefined> {
       const choice = round.next()
       if (choice === undefined) return undefined
-      const lease = await proxy.fastify.leases.acquire({
+      // the client's limits (403/429), checked once per request, held until the exchange ends
+      const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
+      const acquire = {
         queue,
         candidates: candidatesOf(choice),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' },
-        signal: request.exchange.signal
-      })
+        info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+        signal: request.exchange.signal,
+        client: { id: request.client.id, priority: request.client.priority }
+      }
+      const lease = await proxy.fastify.leases.acquire(acquire)
+      pass.granted(lease.queuedMs)
       const assignment = choice[lease.candidateIndex]
       request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false

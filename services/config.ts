@@ -25,7 +25,8 @@ export const EnvSchema = Type.Object({
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
   UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
-  API_KEYS: Type.Optional(Type.String())
+  API_KEYS: Type.Optional(Type.String()),
+  TRUST_PROXY: Type.Boolean({ default: false })
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -59,6 +60,8 @@ export interface GatewayConfig {
   upstreamCancelGraceMs: number
   adminToken?: string
   apiKeys: string[]
+  /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
+  trustProxy: boolean
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -131,7 +134,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
     upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     adminToken: env.ADMIN_TOKEN,
-    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    trustProxy: env.TRUST_PROXY
   }
 }
 
