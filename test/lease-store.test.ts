@@ -250,7 +250,8 @@ for (const [name, make] of Object.entries(clusters)) {
     t.test('issue 14.5: renewing a partly lost multi-GPU lease re-creates nothing and frees what it still had', async (t) => {
       const cluster = await make(t)({ ttlMs: 400 })
       const frozen = await cluster.replica()
-      const m = await cluster.replica()
+      // another replica takes GPU 2 (the memory store has one manager: the same, frozen one)
+      const m = name === 'redis' ? await cluster.replica() : frozen
       const a = await frozen.acquire({ queue: 'pair', candidates: [cand('12', '1', '2')], info: info('pair') })
       freeze(frozen) // the holder stops renewing past the ttl
       await sleep(600)
