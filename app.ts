@@ -1,6 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
 import auth from './plugins/auth.js'
+import bodyMemory from './plugins/body-memory.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
@@ -38,6 +39,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(bodyMemory)
   await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
