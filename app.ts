@@ -1,7 +1,9 @@
 import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
+import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
 import bodyMemory from './plugins/body-memory.js'
+import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
@@ -42,7 +44,9 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(bodyMemory)
   await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
+  await fastify.register(apiKeys)
   await fastify.register(auth)
+  await fastify.register(clients)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)

@@ -8,8 +8,9 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
+import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
 import { limitSlowReader } from '../services/slow-reader.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
@@ -18,7 +19,7 @@ export interface LeaseTarget {
   kind: ModelKind
   model: string
   /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
+  candidates?: readonly Assignment[]
 }
 
 export interface LeasedForward extends LeaseTarget {
@@ -78,7 +79,7 @@ interface Proxy {
   config: FastifyInstance['maestroConfig']
   cooldowns: Cooldowns
   /** The client's Authorization carries the gateway's own key or token: never pass it on. */
-  dropAuthorization: boolean
+  dropAuthorization: () => boolean
 }
 
 export default fp(async function upstreamProxy (fastify) {
@@ -93,7 +94,7 @@ export default fp(async function upstreamProxy (fastify) {
     },
     disableRequestLogging: true
   })
-  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: config.apiKeys.length > 0 || config.adminToken != null }
+  const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: () => config.adminToken != null || fastify.apiKeys.configured }
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {
@@ -134,7 +135,7 @@ function requestHeaders (proxy: Proxy, request: FastifyRequest, assignment: Assi
   return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
     host: assignment.host,
     requestId: request.exchange.requestId,
-    dropAuthorization: proxy.dropAuthorization
+    dropAuthorization: proxy.dropAuthorization()
   })
 }
 
@@ -189,22 +190,30 @@ interface Held {
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-  const all = target.candidates ?? proxy.fastify.inventory.current.candidates(target.model, target.kind)
+  const all = target.candidates ?? proxy.fastify.inventory.current.candidateList(target.model, target.kind)
   if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))
   const round = new CandidateRound(all, proxy.cooldowns, target.model)
+  let admitted: Promise<ClientPass> | undefined
   return {
     /** The next lease, or undefined when every candidate has been found unreachable. */
     async next (): Promise<Held | undefined> {
       const choice = round.next()
       if (choice === undefined) return undefined
-      const lease = await proxy.fastify.leases.acquire({
+      // the client's limits (403/429), checked once per request, held until the exchange ends
+      const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
+      const acquire = {
         queue,
-        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' },
-        signal: request.exchange.signal
-      })
+        candidates: candidatesOf(choice),
+        info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+        signal: request.exchange.signal,
+        client: { id: request.client.id, priority: request.client.priority },
+        // warm servers first among the free ones (the background poll and the gateway's own traffic)
+        preferred: target.kind === 'llm' ? choice.filter((a) => proxy.fastify.upstreams.isLoaded(a.id, target.model)).map((a) => a.id) : undefined
+      }
+      const lease = await proxy.fastify.leases.acquire(acquire)
+      pass.granted(lease.queuedMs)
       const assignment = choice[lease.candidateIndex]
       request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false
@@ -264,6 +273,16 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
   request.exchange.onClose(() => {
     if (!answered) setTimeout(release, proxy.config.upstreamHeadersTimeoutMs + 5000).unref()
   })
+  // A client gone mid-answer destroys the upstream's stream, but the upstream goes on computing
+  // until it notices (Ollama's runner: at its next token): its GPUs stay leased a little longer.
+  let complete = false
+  let graced = false
+  const releaseAnswered = (): void => {
+    if (complete || !request.exchange.closed) return release()
+    if (graced) return
+    graced = true
+    setTimeout(release, proxy.config.upstreamCancelGraceMs).unref()
+  }
   return reply.from(assignment.url + target.path, {
     body: target.body,
     contentType: 'application/json',
@@ -272,15 +291,16 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
     rewriteHeaders: (headers) => {
       // From here, the client leaving ends the upstream answer too (its stream is destroyed).
       answered = true
-      request.exchange.onClose(release)
+      request.exchange.onClose(releaseAnswered)
       return clientResponseHeaders(headers)
     },
     onResponse: (_request, reply, raw) => {
       const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
+      res.stream.once('end', () => { complete = true })
       res.stream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
       // The model answered on that server: it is loaded there now (the scheduler's warm preference).
       if (target.kind === 'llm' && res.statusCode === 200) proxy.fastify.upstreams.noteServed(assignment.id, target.model)
-      reply.send(frameAnswer(res.stream, res.headers, release, target.streamError))
+      reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {
       release()

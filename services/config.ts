@@ -16,6 +16,8 @@ export const EnvSchema = Type.Object({
   INVENTORY_REFRESH_MS: Type.Integer({ default: 10000, minimum: 100 }),
   LEASE_TTL_MS: Type.Integer({ default: 30000, minimum: 300 }),
   QUEUE_MAX: Type.Integer({ default: 1000, minimum: 0 }),
+  QUEUE_MAX_TOTAL: Type.Integer({ default: 10000, minimum: 0 }),
+  PRIORITY_AGING_MS: Type.Integer({ default: 30000, minimum: 0 }),
   QUEUE_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 0 }),
   STARVATION_MS: Type.Integer({ default: 10000, minimum: 0 }),
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
@@ -23,8 +25,10 @@ export const EnvSchema = Type.Object({
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
   BODY_MEMORY_LIMIT: Type.Integer({ default: 268435456, minimum: 1 }),
   UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
+  UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
-  API_KEYS: Type.Optional(Type.String())
+  API_KEYS: Type.Optional(Type.String()),
+  TRUST_PROXY: Type.Boolean({ default: false })
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -45,6 +49,10 @@ export interface GatewayConfig {
   inventoryRefreshMs: number
   leaseTtlMs: number
   queueMax: number
+  /** Waiters across every model's queue. */
+  queueMaxTotal: number
+  /** A waiter that has waited this long is served as one priority level higher. */
+  priorityAgingMs: number
   queueTimeoutMs: number
   starvationMs: number
   keepAlive: KeepAlive
@@ -54,8 +62,12 @@ export interface GatewayConfig {
   bodyMemoryLimit: number
   /** How often the Ollama upstreams' /api/ps, /api/tags and /api/version are read in the background. */
   upstreamPollMs: number
+  /** After a client leaves mid-answer, how long its GPUs stay leased while the upstream notices. */
+  upstreamCancelGraceMs: number
   adminToken?: string
   apiKeys: string[]
+  /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
+  trustProxy: boolean
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -119,6 +131,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     inventoryRefreshMs: env.INVENTORY_REFRESH_MS,
     leaseTtlMs: env.LEASE_TTL_MS,
     queueMax: env.QUEUE_MAX,
+    queueMaxTotal: env.QUEUE_MAX_TOTAL,
+    priorityAgingMs: env.PRIORITY_AGING_MS,
     queueTimeoutMs: env.QUEUE_TIMEOUT_MS,
     starvationMs: env.STARVATION_MS,
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
@@ -126,8 +140,10 @@ export function resolveConfig (env: Env): GatewayConfig {
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
     bodyMemoryLimit: env.BODY_MEMORY_LIMIT,
     upstreamPollMs: env.UPSTREAM_POLL_MS,
+    upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     adminToken: env.ADMIN_TOKEN,
-    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    trustProxy: env.TRUST_PROXY
   }
 }
 

@@ -24,6 +24,22 @@ const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_migrations (
   PRIMARY KEY (name)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
 
+const CREATE_API_KEYS_TABLE = `CREATE TABLE IF NOT EXISTS api_keys (
+  id             INT NOT NULL AUTO_INCREMENT,
+  name           VARCHAR(64) NOT NULL,
+  secret_sha256  CHAR(64) NOT NULL,
+  priority       ENUM('high', 'normal', 'low') NOT NULL DEFAULT 'normal',
+  max_concurrent INT NULL,
+  max_queued     INT NULL,
+  rpm            INT NULL,
+  models         TEXT NULL,
+  created_at     TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  revoked_at     TIMESTAMP NULL DEFAULT NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_api_keys_name (name),
+  UNIQUE KEY uq_api_keys_secret_sha256 (secret_sha256)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
 
@@ -35,6 +51,13 @@ async function columnLength (query: Query, table: string, column: string): Promi
   )
   return rows.length === 0 ? undefined : Number(rows[0].len)
 }
+
+async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
+  return await columnLength(query, table, column) !== undefined
+}
+
+/** MySQL/MariaDB error number meaning the column exists already (another replica got there first). */
+const ER_DUP_FIELDNAME = 1060
 
 async function hasIndex (query: Query, table: string, index: string): Promise<boolean> {
   const rows = await query(
@@ -70,6 +93,25 @@ export const MIGRATIONS: readonly Migration[] = [
     async up (query) {
       await createIndex(query, 'assignments', 'idx_assignments_model_name',
         'CREATE INDEX idx_assignments_model_name ON assignments (model_name)')
+    }
+  },
+  {
+    // Parallel slots per assignment (OLLAMA_NUM_PARALLEL); NULL or < 1 means 1. The original ignores it.
+    name: '003-assignments-max-parallel',
+    async up (query) {
+      if (await hasColumn(query, 'assignments', 'max_parallel')) return
+      try {
+        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+      }
+    }
+  },
+  {
+    // The gateway's own API keys (CONTRACT 12.3): the secret is never stored, only its SHA-256.
+    name: '004-create-api-keys',
+    async up (query) {
+      await query(CREATE_API_KEYS_TABLE)
     }
   }
 ]

@@ -84,10 +84,11 @@ t.test('chat, completions and embeddings reach Ollama\'s /v1 routes with the bod
   const packed = await client.embeddings.create({ model: 'm-small', input: ['a', 'b'] })
   t.equal(upstreamSaw().path, '/v1/embeddings')
   t.equal(upstreamSaw().body.encoding_format, 'base64')
-  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 4), embedVector('b', 4)])
+  // 768: the simulator's default size (nomic-embed-text)
+  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 768), embedVector('b', 768)])
   const floats = await client.embeddings.create({ model: 'm-small', input: 'a', encoding_format: 'float' })
   t.equal(upstreamSaw().body.encoding_format, 'float')
-  t.same(floats.data[0].embedding, embedVector('a', 4))
+  t.same(floats.data[0].embedding, embedVector('a', 768))
   t.equal(upstreamSaw().rawBody, sent.at(-1))
 
   await settled(t, fleet)
@@ -298,7 +299,7 @@ t.test('a full queue answers 503 with Retry-After in OpenAI\'s envelope', async 
   const waiting = client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'wait' }], max_tokens: 1 })
   waiting.catch(() => {}) // awaited below; a failure before then must not be unhandled
   const { client: redis } = await redisClients(t)
-  const queueKey = `${fleet.prefix}q:${queueName('llm', modelKey('m'))}`
+  const queueKey = `${fleet.prefix}qw:${queueName('llm', modelKey('m'))}`
   await until('the second request to queue', async () => await redis.zcard(queueKey) === 1)
   // ...and the next one is turned away.
   const err = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e)

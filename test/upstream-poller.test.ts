@@ -15,7 +15,7 @@ async function simulator (t: Test, options: Parameters<typeof startSimulator>[0]
 }
 
 const assignment = (id: string, model: string, url: string, port: number): Assignment => ({
-  id, name: `as-${id}`, model, modelKey: model, kind: 'llm', ip: '127.0.0.1', port, url, host: `127.0.0.1:${port}`, gpuIds: [id], weight: 1, computerName: 'localhost'
+  id, name: `as-${id}`, model, modelKey: model, kind: 'llm', ip: '127.0.0.1', port, url, host: `127.0.0.1:${port}`, gpuIds: [id], weight: 1, capacity: 1, computerName: 'localhost'
 })
 
 t.test('the poller: residency from /api/ps and the gateway\'s own traffic; a failed poll is unreachable, never a warm preference', async (t) => {
