@@ -2,6 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
 import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
+import bodyMemory from './plugins/body-memory.js'
 import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import docs from './plugins/docs.js'
@@ -45,6 +46,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(bodyMemory)
   await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
   await fastify.register(apiKeys)

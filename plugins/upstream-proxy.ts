@@ -224,7 +224,9 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
           candidates: candidatesOf(choice),
           info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
           signal: request.exchange.signal,
-          client: { id: request.client.id, priority: request.client.priority }
+          client: { id: request.client.id, priority: request.client.priority },
+          // warm servers first among the free ones (the background poll and the gateway's own traffic)
+          preferred: target.kind === 'llm' ? choice.filter((a) => proxy.fastify.upstreams.isLoaded(a.id, target.model)).map((a) => a.id) : undefined
         })
         assignment = choice[lease.candidateIndex]
         // Drained while this request waited (its candidates were chosen before): give the lease

@@ -408,7 +408,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
       failures.push(`#${index} ${described.get(index) ?? ''}: connection closed without an answer (${outcome.error ?? ''})`)
     }
     statuses.set(String(outcome.status ?? 'closed'), (statuses.get(String(outcome.status ?? 'closed')) ?? 0) + 1)
-    const problem = check(path, method, outcome, false) ?? forwardedWhatItMustNot(path, method, outcome, body) ?? getProblem(method, path, headers, body, outcome)
+    const problem = check(path, method, outcome, false) ?? getProblem(method, path, headers, body, outcome) ?? forwardedWhatItMustNot(path, method, outcome, body)
     if (problem != null) failures.push(`#${index} ${method} ${path.slice(0, 60)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)} → ${outcome.status}: ${problem}`)
     // A reservation the fuzz made is handed back, as a client of the lease API would.
     if (method === 'POST' && path.split(/[?#]/)[0] === '/gpu/reserve' && outcome.status === 200) {

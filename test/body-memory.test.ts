@@ -1,0 +1,138 @@
+// Request bodies held in memory (issue 15): BODY_MEMORY_LIMIT bounds the bytes of waiting and
+// in-flight requests' bodies, a waiting request keeps one copy, and every body's bytes are given
+// back once when its request ends. Both tests fail on the tree before the fix.
+import t, { type Test } from 'tap'
+import net from 'node:net'
+import { spawn } from 'node:child_process'
+import { mkdtemp, rm, readFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { embeddedEnv, startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
+import { startSimulator, type Simulator } from './helpers/upstream-simulator.js'
+
+async function post (url: string, body: string | Buffer): Promise<{ status: number, headers: Headers }> {
+  const res = await fetch(url, { method: 'POST', body: body as BodyInit })
+  await res.text()
+  return { status: res.status, headers: res.headers }
+}
+
+async function simulator (t: Test, options: Parameters<typeof startSimulator>[0] = {}): Promise<Simulator> {
+  const sim = await startSimulator(options)
+  t.teardown(() => sim.close())
+  return sim
+}
+
+const metricLine = (text: string, name: string): number => {
+  const line = text.split('\n').find((l) => l.startsWith(name + ' ') || l.startsWith(name + '{'))
+  return line == null ? NaN : Number(line.slice(line.lastIndexOf(' ') + 1))
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+const SERVER = fileURLToPath(new URL('../server.ts', import.meta.url))
+const HEAP_PROBE = fileURLToPath(new URL('./helpers/heap-peak.mjs', import.meta.url))
+
+/** The standalone server in its own process (its heap measured apart from the test's), embedded mode. */
+async function spawnServer (t: Test, env: Record<string, string>, nodeOptions: string[]): Promise<{ url: string, alive: () => boolean, peakFile: string }> {
+  const loader = process.execArgv.filter((a) => a.includes('@tapjs/typescript') || a === '--enable-source-maps')
+  const dir = await mkdtemp(join(tmpdir(), 'maestro-heap-'))
+  t.teardown(async () => { await rm(dir, { recursive: true, force: true }) })
+  const peakFile = join(dir, 'peak')
+  const clean = embeddedEnv()
+  delete clean.NODE_OPTIONS
+  const child = spawn(process.execPath, [...nodeOptions, ...loader, `--import=${HEAP_PROBE}`, SERVER], {
+    cwd: dir,
+    env: { ...clean, ...env, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', HEAP_PEAK_FILE: peakFile },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
+  t.teardown(async () => { if (child.exitCode == null && child.signalCode == null) child.kill('SIGKILL'); await exited })
+  let stderr = ''
+  child.stderr.on('data', (d: Buffer) => { stderr += d.toString() })
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString()
+      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(out)
+      if (m != null) resolve(m[1])
+    })
+    child.once('exit', (code) => reject(new Error(`server exited (${String(code)}): ${stderr}`)))
+  })
+  return { url, alive: () => child.exitCode == null && child.signalCode == null, peakFile }
+}
+
+t.test('twelve 40 MB bodies behind a busy GPU: each answered 200 or 503, the process alive, its heap within the budget', async (t) => {
+  const MB = 1024 * 1024
+  const budget = 100 * MB
+  const sim = await simulator(t, { models: ['m'], tokens: 15, tokenDelayMs: 100 })
+  const file = await writeInventoryFile(t, [{ name: 'only', model: '*', port: sim.port, gpus: [1] }])
+  // The heap limit the issue saw die at (768 MB), and a budget well inside it.
+  const t0 = performance.now()
+  const gw = await spawnServer(t, { INVENTORY_FILE: file, BODY_MEMORY_LIMIT: String(budget) }, ['--max-old-space-size=768'])
+  t.comment(`server up in ${(performance.now() - t0).toFixed(0)} ms`)
+  const baseline = Number(await readFile(gw.peakFile, 'utf8'))
+
+  const slow = fetch(gw.url + '/api/generate', { method: 'POST', body: '{"model":"m","prompt":"hold the GPU"}' }).then(async (r) => { await r.text(); return r.status })
+  await sleep(300)
+  const prefix = '{"model":"m","stream":false,"prompt":"'
+  const big = Buffer.alloc(40 * MB, 'a')
+  big.write(prefix, 0)
+  big.write('"}', big.length - 2)
+  const answers = await Promise.all(Array.from({ length: 12 }, async () => {
+    try {
+      const res = await fetch(gw.url + '/api/generate', { method: 'POST', body: big as BodyInit })
+      const text = await res.text()
+      return { status: res.status, retryAfter: res.headers.get('retry-after'), text: text.slice(0, 200) }
+    } catch (err) {
+      return { status: 0, retryAfter: null, text: String((err as Error).cause ?? err) }
+    }
+  }))
+  t.comment(`burst answered at ${(performance.now() - t0).toFixed(0)} ms`)
+  t.equal(await slow, 200, 'the request holding the GPU finished')
+  const statuses = answers.map((a) => a.status)
+  t.comment(`statuses: ${statuses.join(' ')}`)
+  t.ok(statuses.every((s) => s === 200 || s === 503), 'every burst request answered 200 or 503')
+  t.ok(statuses.includes(200), 'some were served')
+  t.ok(statuses.includes(503), 'some were refused for lack of body memory')
+  for (const a of answers.filter((a) => a.status === 503)) {
+    t.match(a.retryAfter, /^\d+$/, '503 with Retry-After')
+    t.match(a.text, /BODY_MEMORY_LIMIT/)
+  }
+  t.ok(gw.alive(), 'the process is alive')
+  const peak = Number(await readFile(gw.peakFile, 'utf8'))
+  t.comment(`heap: ${(baseline / MB).toFixed(0)} MB at rest, peak ${(peak / MB).toFixed(0)} MB, budget ${budget / MB} MB`)
+  // Parsing a body makes short-lived copies (the text, the parsed object) on top of the one held:
+  // twice the budget over the resting heap leaves room for those, and is far below 12 x 40 MB.
+  t.ok(peak - baseline < 2 * budget, `heap growth ${((peak - baseline) / MB).toFixed(0)} MB within twice the ${budget / MB} MB budget`)
+
+  const metrics = await (await fetch(gw.url + '/metrics')).text()
+  t.equal(metricLine(metrics, 'maestro_body_memory_bytes'), 0, 'every body released once its request ended')
+  t.equal((await post(gw.url + '/api/generate', big)).status, 200, 'and a 40 MB body is taken again')
+  t.equal(metricLine(await (await fetch(gw.url + '/metrics')).text(), 'maestro_body_memory_bytes'), 0, 'released again')
+})
+
+t.test('a chunked body is counted as it arrives, and a request cut off midway gives its bytes back', async (t) => {
+  const sim = await simulator(t, { models: ['m'] })
+  const file = await writeInventoryFile(t, [{ name: 'only', model: '*', port: sim.port, gpus: [1] }])
+  const gw = await startEmbeddedGateway(t, { INVENTORY_FILE: file, BODY_MEMORY_LIMIT: 100_000 })
+  const held = async (): Promise<number> => metricLine(await (await fetch(gw.url + '/metrics')).text(), 'maestro_body_memory_bytes')
+  const { port } = new URL(gw.url)
+  // A chunked body that stops halfway and then the client leaves.
+  const socket = net.connect(Number(port), '127.0.0.1')
+  socket.write('POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n')
+  const chunk = '{"model":"m","prompt":"' + 'y'.repeat(60_000)
+  socket.write(`${chunk.length.toString(16)}\r\n${chunk}\r\n`)
+  await sleep(200)
+  t.equal(await held(), chunk.length, 'the bytes received so far are held')
+  const refused = await post(gw.url + '/api/generate', JSON.stringify({ model: 'm', prompt: 'z'.repeat(50_000), stream: false }))
+  t.equal(refused.status, 503, 'a body that would pass the budget is refused')
+  t.ok(Number(refused.headers.get('retry-after')) > 0, 'with Retry-After')
+  socket.destroy()
+  await sleep(200)
+  t.equal(await held(), 0, 'the cut-off request gave its bytes back')
+  t.equal((await post(gw.url + '/api/generate', JSON.stringify({ model: 'm', prompt: 'z'.repeat(50_000), stream: false }))).status, 200)
+  t.equal(await held(), 0)
+})
+
