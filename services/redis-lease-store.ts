@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import type { Redis } from 'ioredis'
+import type { Cluster, Redis } from 'ioredis'
 import type {
   AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, StoreEvents,
   StoreStatus
@@ -12,6 +12,7 @@ import { assertSafeIds } from './lease-store.js'
  *   boot), 6 a fresh epoch to create if none exists, 7 how long grants pause after a lost epoch.
  * Keys (all under the prefix; queue names are hex, ids are checked against SAFE_ID):
  *   epoch, pause, fence, seq             store generation, grant pause, lease counter, tie-breaker
+ *   server          = run_id             the Redis server that last ran a script on this data
  *   replica:<id>                         alive while that replica heart-beats (PX ttl)
  *   gpu:<id>        = token              the lease holding a GPU (PX ttl)
  *   hold:<id>       = member             GPU held back for a starving waiter (PX ttl)
@@ -51,6 +52,14 @@ end
 
 local function epoch_check ()
   local e = redis.call('GET', P .. 'epoch')
+  -- Another server than the one that wrote this data (a Sentinel failover, a restart from a
+  -- snapshot): asynchronous replication may have lost the last grants, so pause as for data loss.
+  local server = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  local wrote = redis.call('GET', P .. 'server')
+  if wrote ~= server then
+    redis.call('SET', P .. 'server', server)
+    if wrote and e then redis.call('SET', P .. 'pause', '1', 'PX', tonumber(ARGV[7])) end
+  end
   if not e then
     e = ARGV[6]
     redis.call('SET', P .. 'epoch', e)
@@ -423,13 +432,13 @@ const SCRIPTS = {
 } as const
 
 type ScriptName = keyof typeof SCRIPTS
-type ScriptClient = Redis & Record<ScriptName, (...args: Array<string | number>) => Promise<any>>
+type ScriptClient = (Redis | Cluster) & Record<ScriptName, (...args: Array<string | number>) => Promise<any>>
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   /** Commands; made to fail fast while disconnected so no request waits on a dead store. */
-  client: Redis
+  client: Redis | Cluster
   /** A second connection for pub/sub (a subscribed connection can run nothing else). */
-  subscriber: Redis
+  subscriber: Redis | Cluster
   prefix: string
   replicaId?: string
 }
@@ -450,7 +459,7 @@ export class RedisLeaseStore implements LeaseStore {
   readonly kind = 'redis' as const
   readonly replicaId: string
   private readonly client: ScriptClient
-  private readonly subscriber: Redis
+  private readonly subscriber: Redis | Cluster
   private readonly prefix: string
   private readonly opts: LeaseStoreOptions
   private knownEpoch = ''
@@ -465,7 +474,8 @@ export class RedisLeaseStore implements LeaseStore {
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
     for (const [name, lua] of Object.entries(SCRIPTS)) {
       if (typeof (this.client as any)[name] !== 'function') {
-        this.client.defineCommand(name, { numberOfKeys: 0, lua })
+        // KEYS[1] (the epoch key) routes each script to the node holding the prefix's slot on a Cluster.
+        this.client.defineCommand(name, { numberOfKeys: 1, lua })
       }
     }
   }
@@ -502,7 +512,7 @@ export class RedisLeaseStore implements LeaseStore {
 
   private args (): Array<string | number> {
     return [
-      this.prefix, this.opts.ttlMs, this.opts.starvationMs, this.replicaId, this.knownEpoch,
+      this.prefix + 'epoch', this.prefix, this.opts.ttlMs, this.opts.starvationMs, this.replicaId, this.knownEpoch,
       randomUUID(), this.opts.ttlMs
     ]
   }
