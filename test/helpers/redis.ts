@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { Cluster, Redis } from 'ioredis'
 import { clusterKeyPrefix } from '../../services/config.js'
+import { parseHostPortList, type HostPort } from '../../services/connection-strings.js'
 import { redisConnections, type RedisConnection } from '../../services/redis-connections.js'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -11,6 +12,8 @@ export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 export const TEST_CLUSTER_NODES = process.env.TEST_REDIS_CLUSTER_NODES
 
 type Teardown = { teardown: (fn: () => unknown) => void }
+
+const clusterNodes = (list: string): HostPort[] => parseHostPortList(list, 6379)
 
 /** A unique key prefix for one test, with every key under it removed afterwards. */
 export function testPrefix (t: Teardown): string {
@@ -31,9 +34,10 @@ async function deleteOn (client: Redis, prefix: string): Promise<void> {
 
 export async function deleteKeys (prefix: string): Promise<void> {
   if (TEST_CLUSTER_NODES != null) {
-    const { client } = await redisClients({ teardown: () => {} })
+    const client = new Cluster(clusterNodes(TEST_CLUSTER_NODES), { redisOptions: { maxRetriesPerRequest: 1 } })
     try {
-      await Promise.all((client as Cluster).nodes('master').map(async (node) => { await deleteOn(node, prefix) }))
+      await new Promise((resolve) => client.once('ready', resolve))
+      await Promise.all(client.nodes('master').map(async (node) => { await deleteOn(node, prefix) }))
     } finally {
       client.disconnect()
     }
@@ -51,7 +55,7 @@ export async function deleteKeys (prefix: string): Promise<void> {
 /** Connections as the gateway makes them: commands fail fast while Redis is away. */
 export async function redisClients (t: Teardown): Promise<{ client: RedisConnection, subscriber: RedisConnection }> {
   if (TEST_CLUSTER_NODES != null) {
-    const nodes = TEST_CLUSTER_NODES.split(',').map((a) => ({ host: a.split(':')[0], port: Number(a.split(':')[1]) }))
+    const nodes = clusterNodes(TEST_CLUSTER_NODES)
     const { client, subscriber } = redisConnections({ kind: 'cluster', nodes, auth: { tls: false, sentinelTls: false } })
     t.teardown(() => { client.disconnect(); subscriber.disconnect() })
     await Promise.all([client, subscriber].map(async (c) => await new Promise((resolve) => c.once('ready', resolve))))
