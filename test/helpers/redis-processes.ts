@@ -32,11 +32,12 @@ function randomPort (): number {
   return 20000 + Math.floor(Math.random() * 9000)
 }
 
-async function answers (port: number): Promise<boolean> {
+/** The process `pid` answers on `port` (not another test's Redis that got there first). */
+async function answers (port: number, pid: number | undefined): Promise<boolean> {
   const c = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
   try {
     await c.connect()
-    return await c.ping() === 'PONG'
+    return (await c.info('server')).includes(`process_id:${pid ?? -1}\r\n`)
   } catch {
     return false
   } finally {
@@ -69,8 +70,8 @@ async function startProcess (t: Teardown, binary: string, config: (port: number,
       rmSync(dir, { recursive: true, force: true })
     })
     const deadline = Date.now() + 10_000
-    while (Date.now() < deadline && proc.exitCode == null && !(await answers(port))) await sleep(20)
-    if (proc.exitCode == null && await answers(port)) return { port, proc, dir, kill }
+    while (Date.now() < deadline && proc.exitCode == null && !(await answers(port, proc.pid))) await sleep(20)
+    if (proc.exitCode == null && await answers(port, proc.pid)) return { port, proc, dir, kill }
     await kill()
     if (!/Address already in use/i.test(output)) throw new Error(`${binary} did not start: ${output.slice(-500)}`)
   }
