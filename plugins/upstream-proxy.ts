@@ -8,7 +8,7 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import { frameAnswer } from '../services/stream-framing.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
@@ -17,7 +17,7 @@ export interface LeaseTarget {
   kind: ModelKind
   model: string
   /** Restrict the choice (e.g. the server that holds an uploaded file); default: every assignment of the model. */
-  candidates?: Assignment[]
+  candidates?: readonly Assignment[]
 }
 
 export interface LeasedForward extends LeaseTarget {
@@ -185,7 +185,7 @@ interface Held {
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-  const all = target.candidates ?? proxy.fastify.inventory.current.candidates(target.model, target.kind)
+  const all = target.candidates ?? proxy.fastify.inventory.current.candidateList(target.model, target.kind)
   if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))
@@ -197,7 +197,7 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
       if (choice === undefined) return undefined
       const lease = await proxy.fastify.leases.acquire({
         queue,
-        candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+        candidates: candidatesOf(choice),
         info: { model: target.model, kind: target.kind, purpose: 'proxy' },
         signal: request.exchange.signal
       })

@@ -32,10 +32,10 @@ export class CandidateRound {
   private readonly tried = new Set<string>()
   private lastFailure = ''
 
-  constructor (private readonly all: Assignment[], private readonly cooldowns: Cooldowns, private readonly model: string) {}
+  constructor (private readonly all: readonly Assignment[], private readonly cooldowns: Cooldowns, private readonly model: string) {}
 
   /** The candidates to lease among next (in preference order), or undefined when every one has failed. */
-  next (now = Date.now()): Assignment[] | undefined {
+  next (now = Date.now()): readonly Assignment[] | undefined {
     // (the filters copy the list; most requests have tried nothing and nothing is cooling)
     const untried = this.tried.size === 0 ? this.all : this.all.filter((a) => !this.tried.has(a.id))
     if (untried.length === 0) return undefined

@@ -47,6 +47,14 @@ export interface Assignment {
   /** AVG(gpus.weight) over the assignment's GPUs, NULL counting as 0. */
   weight: number
   computerName: string
+  /** Requests it runs at once (parallel slots, >= 1): `assignments.max_parallel`, a file's `"parallel"`. */
+  capacity: number
+}
+
+/** NULL, missing or below 1: one request at a time, as in the original proxy. */
+export function capacityFrom (v: unknown): number {
+  const n = typeof v === 'number' ? v : Number(v)
+  return v === null || v === undefined || !Number.isInteger(n) || n < 1 ? 1 : n
 }
 
 export interface InventorySnapshot {
@@ -76,6 +84,8 @@ export class Inventory {
   /** every assignment by kind, in preference order */
   readonly #byKind = new Map<ModelKind, Assignment[]>()
   readonly #kindByKey = new Map<string, ModelKind>()
+  /** candidateList() answers the same array for the same question while this inventory lasts. */
+  readonly #answers = new Map<string, Assignment[]>()
 
   constructor (snapshot: InventorySnapshot) {
     this.snapshot = {
@@ -113,8 +123,28 @@ export class Inventory {
    * (unless the model is known to be of another kind).
    */
   candidates (model: string, kind: ModelKind): Assignment[] {
+    return [...this.candidateList(model, kind)]
+  }
+
+  /**
+   * `candidates()` without the copy: the same array for the same question while this inventory
+   * lasts (the lease stores recognise a candidate list by its array). Never modify it.
+   */
+  candidateList (model: string, kind: ModelKind): readonly Assignment[] {
     if (typeof model !== 'string' || model === '') return []
     const key = modelKey(model)
+    const asked = `${kind}\n${key}`
+    let answer = this.#answers.get(asked)
+    if (answer === undefined) {
+      answer = this.#candidates(key, kind)
+      // the names come from clients: bounded
+      if (this.#answers.size >= 1000) this.#answers.clear()
+      this.#answers.set(asked, answer)
+    }
+    return answer
+  }
+
+  #candidates (key: string, kind: ModelKind): Assignment[] {
     if (key === WILDCARD) return []
     const named = this.#byModelKey.get(key)
     if (named !== undefined) return named.filter(a => a.kind === kind)
@@ -185,7 +215,7 @@ interface Facts {
   gpus: Array<{ id: string, name: string, vramSize: number, weight: number | null, computerId: string }>
   /** in listing order; a model listed twice keeps its first kind */
   models: Array<{ name: string, kind: ModelKind }>
-  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind }>
+  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind, capacity?: number }>
 }
 
 const TABLE_OF_KIND: Record<ModelKind, string> = { llm: 'llms', diffusor: 'diffusors', speech: 'speech_models' }
@@ -305,7 +335,8 @@ function buildSnapshot (facts: Facts): InventorySnapshot {
       host,
       gpuIds: own.map(g => g.id),
       weight,
-      computerName: computer.name
+      computerName: computer.name,
+      capacity: capacityFrom(raw.capacity)
     })
   }
   assignments.sort((a, b) => compareIds(a.id, b.id))
@@ -324,7 +355,8 @@ const SQL_MODELS =
   "SELECT 'llm' AS kind, l.name FROM llms l " +
   "UNION ALL SELECT 'diffusor' AS kind, d.name FROM diffusors d " +
   "UNION ALL SELECT 'speech' AS kind, s.name FROM speech_models s"
-const SQL_ASSIGNMENTS = 'SELECT a.id, a.name, a.model_name, a.port FROM assignments a ORDER BY a.id'
+// Every column: max_parallel exists only once `npm run migrate` has run (absent = capacity 1).
+const SQL_ASSIGNMENTS = 'SELECT a.* FROM assignments a ORDER BY a.id'
 const SQL_ASSIGNMENT_GPUS =
   'SELECT ag.assignment_id, ag.gpu_id FROM assignment_gpus ag ' +
   'JOIN assignments a ON a.id = ag.assignment_id JOIN gpus g ON g.id = ag.gpu_id ' +
@@ -375,7 +407,8 @@ export async function loadInventoryFromDatabase (query: Query): Promise<Inventor
       name: text(r.name),
       model: text(r.model_name),
       port: num(r.port),
-      gpuIds: gpusOf.get(text(r.id)) ?? []
+      gpuIds: gpusOf.get(text(r.id)) ?? [],
+      capacity: capacityFrom(r.max_parallel)
     }))
   })
 }
@@ -513,7 +546,7 @@ export function parseInventoryFile (json: unknown, source: string): InventorySna
   const assignmentNames = new Map<string, number>()
   c.array(root.assignments, 'assignments').forEach((raw, i) => {
     const path = `assignments[${i}]`
-    const o = c.object(raw, path, ['id', 'name', 'model', 'kind', 'port', 'gpus'])
+    const o = c.object(raw, path, ['id', 'name', 'model', 'kind', 'port', 'gpus', 'parallel'])
     const id = c.id(o.id, `${path}.id`)
     const seen = assignmentIndex.get(id)
     if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of assignments[${seen}]`)
@@ -562,7 +595,10 @@ export function parseInventoryFile (json: unknown, source: string): InventorySna
       computerId = on
       gpuIds.push(gpuId)
     })
-    assignments.push({ id, name, model, port, gpuIds, kind })
+    if (o.parallel !== undefined && (typeof o.parallel !== 'number' || !Number.isInteger(o.parallel) || o.parallel < 1)) {
+      c.fail(`${path}.parallel`, `must be a whole number of at least 1 (got ${show(o.parallel)})`)
+    }
+    assignments.push({ id, name, model, port, gpuIds, kind, capacity: o.parallel as number | undefined })
   })
 
   return buildSnapshot({ computers, gpus, models, assignments })

@@ -8,6 +8,7 @@ import {
   parseInventoryFile,
   type Query
 } from '../services/inventory.js'
+import { migrate } from '../services/migrations.js'
 import { createTestDatabase, seedInventory } from './helpers/database.js'
 
 const ids = (list: Array<{ id: string }>): string[] => list.map(a => a.id)
@@ -84,8 +85,9 @@ t.test('database: preference order, names, kinds', async t => {
     host: '10.0.0.1:11437',
     gpuIds: ['1', '10'],
     weight: 2,
-    computerName: 'box-a'
-  }, 'gpu ids sorted numerically, weight = average')
+    computerName: 'box-a',
+    capacity: 1
+  }, 'gpu ids sorted numerically, weight = average; capacity 1 without max_parallel')
   t.equal(inv.assignment('3')?.model, 'M-Small:latest', 'model as stored')
   t.equal(inv.assignment('3')?.modelKey, 'm-small')
   t.equal(inv.assignment('7')?.weight, 1, '(2 + NULL) / 2')
@@ -184,6 +186,36 @@ t.test('database: addresses, wildcard rows, GPUs on two computers', async t => {
   t.same(inv.modelNames('llm'), ['m'])
 })
 
+t.test('capacity: assignments.max_parallel (after migrate), NULL or < 1 meaning 1; a file\'s "parallel"', async t => {
+  const db = await createTestDatabase(t)
+  await seedInventory(db.query, {
+    computers: [{ name: 'box', ip: '10.0.0.1' }],
+    gpus: [{ name: 'g', computer: 'box' }],
+    llms: ['m'],
+    assignments: [
+      { name: 'four', model: 'm', port: 1, gpus: [1] },
+      { name: 'null', model: 'm', port: 2, gpus: [1] },
+      { name: 'zero', model: 'm', port: 3, gpus: [1] },
+      { name: 'minus', model: 'm', port: 4, gpus: [1] }
+    ]
+  })
+  await migrate(db.query)
+  await db.query("UPDATE assignments SET max_parallel = CASE name WHEN 'four' THEN 4 WHEN 'zero' THEN 0 WHEN 'minus' THEN -3 ELSE NULL END")
+  const inv = new Inventory(await loadInventoryFromDatabase(db.query))
+  t.same(inv.snapshot.assignments.map(a => [a.name, a.capacity]), [['four', 4], ['null', 1], ['zero', 1], ['minus', 1]])
+
+  const file = (parallel: unknown): unknown => ({
+    computers: [{ id: 1, name: 'box', ip: '10.0.0.1' }],
+    gpus: [{ id: 1, computer: 1 }],
+    assignments: [{ id: 1, name: 'a', model: 'm', kind: 'llm', port: 1, gpus: [1], parallel }]
+  })
+  t.equal(parseInventoryFile(file(4), 'f.json').assignments[0].capacity, 4)
+  t.equal(parseInventoryFile(file(undefined), 'f.json').assignments[0].capacity, 1, 'absent: 1')
+  for (const bad of [0, 1.5, '4', -1]) {
+    t.throws(() => parseInventoryFile(file(bad), 'f.json'), /assignments\[0\]\.parallel must be a whole number of at least 1/)
+  }
+})
+
 t.test('database down: the test fails, it is not skipped', async t => {
   const saved = process.env.MARIADB_URL
   process.env.MARIADB_URL = 'mysql://root@127.0.0.1:1'
@@ -242,7 +274,8 @@ t.test('file: wildcard and kinds', async t => {
     host: '127.0.0.1:11434',
     gpuIds: ['1'],
     weight: 1,
-    computerName: 'box'
+    computerName: 'box',
+    capacity: 1
   })
   t.same(inv.assignment('2')?.gpuIds, ['1', '2'])
   t.equal(inv.assignment('2')?.weight, 0.5)

@@ -45,7 +45,7 @@ t.test('original schema → migrate applies everything once', async t => {
   const inventoryBefore = await loadInventoryFromDatabase(db.query)
 
   t.same(await migrate(db.query), ALL, 'first run applies every migration')
-  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name'])
+  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel'])
 
   const after = await columns(db.query)
   const afterIndexes = await indexes(db.query)
@@ -57,7 +57,9 @@ t.test('original schema → migrate applies everything once', async t => {
       t.same(now, col, `${col.table}.${col.column} unchanged`)
     }
   }
-  t.same(after.filter(c => c.table !== 'maestro_migrations').length, before.length, 'no column added to the original tables')
+  t.same(after.filter(c => c.table !== 'maestro_migrations' && !(c.table === 'assignments' && c.column === 'max_parallel')).length,
+    before.length, 'no column added to the original tables but assignments.max_parallel')
+  t.match(after.find(c => c.table === 'assignments' && c.column === 'max_parallel'), { type: /^int/, nullable: 'YES' }, 'max_parallel INT NULL')
   t.ok(afterIndexes.includes('assignments.idx_assignments_model_name.1.model_name'))
   t.same(await loadInventoryFromDatabase(db.query), inventoryBefore, 'inventory loads identically after migrating')
 
