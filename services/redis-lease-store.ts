@@ -146,6 +146,10 @@ export class RedisLeaseStore implements LeaseStore {
         })
       }
     })
+    // Forget the run id as soon as the connection is lost, not only at 'ready': ioredis emits
+    // 'ready' a tick after the status turns ready, and a script sent in that tick with the old run
+    // id would skip the check on a promoted replica and hand the old id back (no pause after a failover).
+    this.client.on('close', () => { this.knownRun = '' })
     this.client.on('ready', () => {
       // A new connection may reach a restarted Redis (whose data, run id key included, may come
       // from a snapshot): the next script compares the stored run id with the server's own.
