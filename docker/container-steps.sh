@@ -46,13 +46,14 @@ step "3. run stage: production install, dist/, default inventory"
 cp "$work/context/package.json" "$work/context/package-lock.json" "$work/context/inventory.default.json" "$work/app/"
 (cd "$work/app" && npm ci --omit=dev --no-audit --no-fund ${NPM_FLAGS:-} >"$work/npm-run.log" 2>&1) || { tail -n 30 "$work/npm-run.log" >&2; fail "npm ci --omit=dev (run stage)"; }
 cp -R "$work/context/dist" "$work/app/dist"
+mkdir -p "$work/app/services" && cp -R "$work/context/services/lua" "$work/app/services/lua"
 [[ ! -e "$work/app/node_modules/typescript" ]] || fail "a dev dependency (typescript) is in the production install"
 
 port=${PORT:-$(node -e "const s = require('node:net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close() })")}
 step "4. start: node dist/server.js on port $port (NODE_ENV=production, embedded mode)"
 cd "$work/app"
-env -u MARIADB_URL -u REDIS_URL -u ConnectionStrings__MariaDb -u ConnectionStrings__Redis \
-  NODE_ENV=production PORT="$port" HOST=127.0.0.1 ${INVENTORY_FILE:+INVENTORY_FILE="$INVENTORY_FILE"} \
+env -u MARIADB_URL -u REDIS_URL -u ConnectionStrings__MariaDb -u ConnectionStrings__Redis -u REDIS_SENTINELS -u REDIS_CLUSTER_NODES \
+  NODE_ENV=production LEASE_STORE=memory PORT="$port" HOST=127.0.0.1 ${INVENTORY_FILE:+INVENTORY_FILE="$INVENTORY_FILE"} \
   node dist/server.js >"$work/server.log" 2>&1 &
 server_pid=$!
 
