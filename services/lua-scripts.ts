@@ -15,7 +15,8 @@ export interface LuaScript {
 }
 
 function luaDir (): string {
-  // From sources (tests) the folder sits beside this file; from dist/ it is the package's own.
+  // Beside this file: in services/ (sources, tests) and in dist/services/ (`npm run build` copies
+  // them there, so dist/ is complete on its own, as in the container image); else the package's.
   const here = join(dirname(fileURLToPath(import.meta.url)), 'lua')
   return existsSync(here) ? here : join(packageRoot, 'services', 'lua')
 }

@@ -31,7 +31,7 @@ import { loadLuaScripts } from './lua-scripts.js'
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
  *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
- *   qw:<queue> zset m->arrival      a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
+ *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   queues     zset queue->touched  models with waiters, for the status
  * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
  * inventory change. Every script that grants returns its grants in its reply; the store hands
@@ -41,9 +41,9 @@ import { loadLuaScripts } from './lua-scripts.js'
  * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
  * of a list, waiters of a line): nothing scans the candidates, the queues or the waiters.
  */
-const SCRIPTS = loadLuaScripts([
-  'attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1'
-])
+const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
+/** Read once, when the first Redis store is made (embedded mode never needs them). */
+let scripts: ReturnType<typeof loadLuaScripts> | undefined
 
 type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status'
 const COMMAND: Record<ScriptName, string> = {
@@ -118,7 +118,8 @@ export class RedisLeaseStore implements LeaseStore {
       priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
     }
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
-    for (const script of SCRIPTS) {
+    scripts ??= loadLuaScripts(SCRIPT_FILES)
+    for (const script of scripts) {
       const name = COMMAND[script.name === 'release-gpus' ? 'releaseGpus' : script.name as ScriptName]
       if (typeof this.client[name] !== 'function') {
         this.client.defineCommand(name, { numberOfKeys: script.numberOfKeys, lua: script.lua })

@@ -4,10 +4,7 @@ import http from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
 import OpenAI from 'openai'
 import { Ollama } from 'ollama'
-import { modelKey } from '../services/model-name.js'
-import { queueName } from '../services/lease-store.js'
 import { startFleet, type TestFleet } from './helpers/gateway.js'
-import { redisClients } from './helpers/redis.js'
 import { embedVector, makePng, readPng } from './helpers/upstream-simulator.js'
 
 const clientFor = (url: string, fetchImpl?: typeof fetch): OpenAI =>
@@ -84,10 +81,11 @@ t.test('chat, completions and embeddings reach Ollama\'s /v1 routes with the bod
   const packed = await client.embeddings.create({ model: 'm-small', input: ['a', 'b'] })
   t.equal(upstreamSaw().path, '/v1/embeddings')
   t.equal(upstreamSaw().body.encoding_format, 'base64')
-  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 4), embedVector('b', 4)])
+  // 768: the simulator's default size (nomic-embed-text)
+  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 768), embedVector('b', 768)])
   const floats = await client.embeddings.create({ model: 'm-small', input: 'a', encoding_format: 'float' })
   t.equal(upstreamSaw().body.encoding_format, 'float')
-  t.same(floats.data[0].embedding, embedVector('a', 4))
+  t.same(floats.data[0].embedding, embedVector('a', 768))
   t.equal(upstreamSaw().rawBody, sent.at(-1))
 
   await settled(t, fleet)
@@ -297,9 +295,12 @@ t.test('a full queue answers 503 with Retry-After in OpenAI\'s envelope', async 
   // One waiter fills the queue...
   const waiting = client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'wait' }], max_tokens: 1 })
   waiting.catch(() => {}) // awaited below; a failure before then must not be unhandled
-  const { client: redis } = await redisClients(t)
-  const queueKey = `${fleet.prefix}q:${queueName('llm', modelKey('m'))}`
-  await until('the second request to queue', async () => await redis.zcard(queueKey) === 1)
+  // (read as every replica sees it: the lease store's status, not its key layout)
+  const depth = async (): Promise<number> => {
+    const status = await (await fetch(`${gw.url}/gpu/status`)).json() as { waiting: Array<{ model: string, depth: number }> }
+    return status.waiting.find((w) => w.model === 'm')?.depth ?? 0
+  }
+  await until('the second request to queue', async () => await depth() === 1)
   // ...and the next one is turned away.
   const err = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e)
   t.ok(err instanceof OpenAI.InternalServerError, '503 reaches the client as an API error')

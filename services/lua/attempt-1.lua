@@ -59,8 +59,10 @@ if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) ==
   end
 end
 
--- Room in a full index is made by dropping the gone waiters among its oldest few.
+-- Room in a full index: entries not kept alive by their replica's sweep are gone; then the gone
+-- waiters among the first few are dropped.
 local function room (key, max)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
   if redis.call('ZCARD', key) < max then return true end
   for _, o in ipairs(redis.call('ZRANGE', key, 0, 7)) do
     if not live(o) then drop_waiter(o) redis.call('ZREM', key, o) end
@@ -85,8 +87,9 @@ if not score then
   redis.call('ZADD', lkey, score, m)
   if level == 1 then redis.call('ZADD', P .. 'age1:' .. ln, since, m) end
   if level == 2 then redis.call('ZADD', P .. 'age2:' .. ln, since, m) end
-  redis.call('ZADD', P .. 'qw:' .. q, since, m)
-  redis.call('ZADD', P .. 'allw', since, m)
+  redis.call('ZADD', P .. 'qw:' .. q, NOW + LINE_TTL, m)
+  redis.call('PEXPIRE', P .. 'qw:' .. q, LINE_TTL)
+  redis.call('ZADD', P .. 'allw', NOW + LINE_TTL, m)
   redis.call('ZADD', P .. 'queues', NOW, q)
   redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)
   redis.call('HSET', wkey, 'line', ln, 'list', l, 'queue', q, 'level', level, 'score', score, 'since', since,

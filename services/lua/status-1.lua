@@ -33,6 +33,7 @@ out[#out + 1] = '--'
 redis.call('ZREMRANGEBYSCORE', P .. 'queues', '-inf', NOW - 3 * TTL)
 for _, q in ipairs(redis.call('ZREVRANGE', P .. 'queues', 0, tonumber(ARGV[9]) - 1)) do
   local key = P .. 'qw:' .. q
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
   for _, m in ipairs(redis.call('ZRANGE', key, 0, 7)) do
     if not live(m) then drop_waiter(m) redis.call('ZREM', key, m) end
   end

@@ -30,11 +30,13 @@ for i = 9, 8 + n do
 end
 serve_freed()
 serve(lists)
+-- models nobody has waited for lately leave the status's index
+redis.call('ZREMRANGEBYSCORE', P .. 'queues', '-inf', NOW - 3 * TTL)
 local body, unknown = {}, {}
 for i = 9 + n, #ARGV do
   local m = ARGV[i]
   local wkey = P .. 'w:' .. m
-  local w = redis.call('HMGET', wkey, 'token', 'index', 'line')
+  local w = redis.call('HMGET', wkey, 'token', 'index', 'line', 'queue')
   if w[1] then
     redis.call('DEL', wkey)
     body[#body + 1] = m
@@ -42,6 +44,9 @@ for i = 9 + n, #ARGV do
     body[#body + 1] = tostring(w[2])
   elseif w[3] then
     redis.call('PEXPIRE', wkey, LINE_TTL)
+    redis.call('ZADD', P .. 'qw:' .. w[4], 'XX', NOW + LINE_TTL, m)
+    redis.call('PEXPIRE', P .. 'qw:' .. w[4], LINE_TTL)
+    redis.call('ZADD', P .. 'allw', 'XX', NOW + LINE_TTL, m)
   else
     unknown[#unknown + 1] = m
   end

@@ -9,8 +9,9 @@
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
                  held; token, index once granted (PX)
-  qw:<queue>     zset member -> arrival    a model's waiters (QUEUE_MAX)
-  allw           zset member -> arrival    every waiter (QUEUE_MAX_TOTAL)
+  qw:<queue>     zset member -> expiry     a model's waiters (QUEUE_MAX)
+  allw           zset member -> expiry     every waiter (QUEUE_MAX_TOTAL)
+                 (expiry: 3 ttl ahead, pushed on by the waiter's replica's sweep)
   queues         zset queue -> last touch  models with waiters, for the status
   Line keys live 3 ttl unless touched: each replica's sweep touches the lines of its waiters.
 ]]
