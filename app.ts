@@ -1,6 +1,8 @@
 import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
+import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
+import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
@@ -10,7 +12,11 @@ import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
+import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
+import warmModels from './plugins/warm-models.js'
+import anthropicRoutes from './routes/anthropic/index.js'
+import audioRoutes from './routes/audio/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -37,11 +43,17 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metrics)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
+  await fastify.register(apiKeys)
   await fastify.register(auth)
+  await fastify.register(clients)
+  await fastify.register(warmModels)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
+  await fastify.register(anthropicRoutes)
+  await fastify.register(audioRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)

@@ -488,7 +488,8 @@ function show (v: unknown): string {
  */
 export function parseInventoryFile (json: unknown, source: string): InventorySnapshot {
   const c: Checker = new Checker(source) // explicitly typed, so that c.fail() (never) narrows
-  const root = c.object(json, 'the inventory', ['computers', 'gpus', 'models', 'assignments'])
+  // `apiKeys` (embedded mode's API keys) is read and checked by the key store (services/api-keys.ts)
+  const root = c.object(json, 'the inventory', ['computers', 'gpus', 'models', 'assignments', 'apiKeys'])
 
   const computers: Facts['computers'] = []
   const computerIndex = new Map<string, number>()

@@ -5,7 +5,7 @@ import type { Assignment } from '../services/inventory.js'
 
 const assignment = (id: string): Assignment => ({
   id, name: `a${id}`, model: 'm', modelKey: 'm', kind: 'llm', ip: '127.0.0.1', port: 1000 + Number(id),
-  url: `http://127.0.0.1:${1000 + Number(id)}`, host: `127.0.0.1:${1000 + Number(id)}`, gpuIds: [id], weight: 0, computerName: 'box', capacity: 1
+  url: `http://127.0.0.1:${1000 + Number(id)}`, host: `127.0.0.1:${1000 + Number(id)}`, gpuIds: [id], weight: 0, capacity: 1, computerName: 'box'
 })
 const ids = (list: readonly Assignment[] | undefined): string[] | undefined => list?.map((a) => a.id)
 const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' })

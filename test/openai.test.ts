@@ -4,7 +4,10 @@ import http from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
 import OpenAI from 'openai'
 import { Ollama } from 'ollama'
+import { modelKey } from '../services/model-name.js'
+import { queueName } from '../services/lease-store.js'
 import { startFleet, type TestFleet } from './helpers/gateway.js'
+import { redisClients } from './helpers/redis.js'
 import { embedVector, makePng, readPng } from './helpers/upstream-simulator.js'
 
 const clientFor = (url: string, fetchImpl?: typeof fetch): OpenAI =>
@@ -295,12 +298,9 @@ t.test('a full queue answers 503 with Retry-After in OpenAI\'s envelope', async 
   // One waiter fills the queue...
   const waiting = client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'wait' }], max_tokens: 1 })
   waiting.catch(() => {}) // awaited below; a failure before then must not be unhandled
-  // (read as every replica sees it: the lease store's status, not its key layout)
-  const depth = async (): Promise<number> => {
-    const status = await (await fetch(`${gw.url}/gpu/status`)).json() as { waiting: Array<{ model: string, depth: number }> }
-    return status.waiting.find((w) => w.model === 'm')?.depth ?? 0
-  }
-  await until('the second request to queue', async () => await depth() === 1)
+  const { client: redis } = await redisClients(t)
+  const queueKey = `${fleet.prefix}qw:${queueName('llm', modelKey('m'))}`
+  await until('the second request to queue', async () => await redis.zcard(queueKey) === 1)
   // ...and the next one is turned away.
   const err = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e)
   t.ok(err instanceof OpenAI.InternalServerError, '503 reaches the client as an API error')

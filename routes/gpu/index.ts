@@ -174,6 +174,8 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   const clearCache = async (): Promise<{ removed: number }> => {
     const shared = await fromStore(fastify.inventory.clearShared())
     await fastify.inventory.reload()
+    // A key revoked in the table stops working here before the answer (other replicas: below).
+    await fastify.apiKeys.reload()
     // Every other replica reads its source again too (this one hears it as well; a second read is harmless).
     await fromStore(store.publishInventoryChanged())
     const health = fastify.inventory.health()
