@@ -107,7 +107,8 @@ t.test('SIGKILL of the Sentinel master under load: no GPU twice, service back by
   const arrivals = (): number[] => fleet.upstreams.flatMap((u) => u.requests.map((r) => r.at)).filter((at) => at > killedAt)
   await until('an upstream to see a new request', async () => arrivals().length > 0, 30_000)
   const backAt = Math.min(...arrivals())
-  await sleep(1000)
+  // Service goes on: ten requests sent after that are answered (bounded, for a busy machine).
+  await until('ten more requests to be served', async () => results.filter((r) => r.status === 200 && r.sentAt > backAt).length >= 10, 15_000).catch(() => {})
   stop = true
   await load
   const longStatus = await longRequest
@@ -123,7 +124,7 @@ t.test('SIGKILL of the Sentinel master under load: no GPU twice, service back by
   const others = results.filter((r) => r.status !== 200 && r.status !== 503)
   t.same(others, [], 'every request answered 200, or 503 while no master was known')
   const served = results.filter((r) => r.status === 200 && r.sentAt > backAt).length
-  t.ok(served > 10, `requests served again after the failover (${served})`)
+  t.ok(served >= 10, `requests served again after the failover (${served})`)
   t.comment(`${results.length} requests: ${results.filter((r) => r.status === 200).length} served, ` +
     `${afterKill.filter((r) => r.status === 503).length} turned away with 503 during the failover; ` +
     `${inFlightAtKill.reduce((a, b) => a + b, 0)} upstream requests before the kill`)
