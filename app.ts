@@ -4,6 +4,7 @@ import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
 import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
+import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
@@ -15,6 +16,7 @@ import requestBody from './plugins/request-body.js'
 import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import warmModels from './plugins/warm-models.js'
+import adminRoutes from './routes/admin/index.js'
 import anthropicRoutes from './routes/anthropic/index.js'
 import audioRoutes from './routes/audio/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
@@ -49,6 +51,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(auth)
   await fastify.register(clients)
   await fastify.register(warmModels)
+  await fastify.register(docs)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
@@ -58,6 +61,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
+  await fastify.register(adminRoutes)
 }
 
 export default maestro

@@ -3,7 +3,7 @@ import fp from 'fastify-plugin'
 import { Gauge } from 'prom-client'
 import type { FastifyRequest } from 'fastify'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
-import { ValueErrorType } from '@sinclair/typebox/errors'
+import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import type { TSchema } from '@sinclair/typebox'
 import { BodyBudget, type BodyHold } from '../services/body-budget.js'
 import { caseVariantKey } from '../services/case-variant-keys.js'
@@ -118,7 +118,7 @@ export default fp(async function requestBody (fastify) {
         ? 'invalid request'
         : first.type === ValueErrorType.StringMaxLength
           ? `${first.path.slice(1).replace(/\//g, '.')} is longer than ${(first.schema as unknown as { maxLength: number }).maxLength} characters`
-          : describe(first.path, first.message))
+          : describe(first))
       return { error }
     }
   })
@@ -163,8 +163,12 @@ class LimitedBody extends Transform {
   }
 }
 
-function describe (path: string, message: string): string {
-  if (path === '' || path === '/') return 'request body must be a JSON object'
+/** The first schema error as `<field>: <what is wrong>`; a union (an id, a weight) says what it takes. */
+function describe ({ path, message, type, schema }: ValueError): string {
+  const root = path === '' || path === '/'
+  if (root && type === ValueErrorType.ObjectMinProperties) return 'request body must name at least one field'
+  if (root) return 'request body must be a JSON object'
+  if (type === ValueErrorType.Union && typeof schema.description === 'string') message = `must be ${schema.description}`
   if (path === '/model') return 'model is required'
   return `${path.slice(1).replace(/\//g, '.')}: ${message}`
 }

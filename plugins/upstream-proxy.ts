@@ -193,9 +193,18 @@ interface Held {
  */
 type CandidateLeases = ReturnType<typeof candidateLeases>
 
+const isDrained = (proxy: Proxy, a: Assignment): boolean => proxy.fastify.inventory.current.assignment(a.id)?.drained === true
+
 function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
-  const all = target.candidates ?? proxy.fastify.inventory.current.candidateList(target.model, target.kind)
-  if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
+  const inventory = proxy.fastify.inventory.current
+  const all = target.candidates ?? inventory.candidateList(target.model, target.kind)
+  if (all.length === 0) {
+    // Every server of the model drained by an operator: it exists, it is just not taking work.
+    if (inventory.candidateList(target.model, target.kind, { drained: true }).length > 0) {
+      throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
+    }
+    throw new GatewayError(404, `model '${target.model}' not found`)
+  }
   request.exchange.model = target.model
   const queue = queueName(target.kind, modelKey(target.model))
   const round = new CandidateRound(all, proxy.cooldowns, target.model)
@@ -203,20 +212,29 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
   return {
     /** The next lease, or undefined when every candidate has been found unreachable. */
     async next (): Promise<Held | undefined> {
-      const choice = round.next()
+      let choice = round.next()
       if (choice === undefined) return undefined
       // the client's limits (403/429), checked once per request, held until the exchange ends
       const pass = await (admitted ??= proxy.fastify.admitClient(request, target.model))
-      const acquire = {
-        queue,
-        candidates: candidatesOf(choice),
-        info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
-        signal: request.exchange.signal,
-        client: { id: request.client.id, priority: request.client.priority }
+      let lease: Lease
+      let assignment: Assignment
+      for (;;) {
+        lease = await proxy.fastify.leases.acquire({
+          queue,
+          candidates: candidatesOf(choice),
+          info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
+          signal: request.exchange.signal,
+          client: { id: request.client.id, priority: request.client.priority }
+        })
+        assignment = choice[lease.candidateIndex]
+        // Drained while this request waited (its candidates were chosen before): give the lease
+        // back unused and wait for the others.
+        if (!isDrained(proxy, assignment)) break
+        void proxy.fastify.leases.release(lease)
+        choice = choice.filter((a) => !isDrained(proxy, a))
+        if (choice.length === 0) throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
       }
-      const lease = await proxy.fastify.leases.acquire(acquire)
       pass.granted(lease.queuedMs)
-      const assignment = choice[lease.candidateIndex]
       request.exchange.leased(assignment.name, lease.gpuIds, lease.queuedMs)
       let released = false
       const release = (): void => {

@@ -113,6 +113,19 @@ export const MIGRATIONS: readonly Migration[] = [
     async up (query) {
       await query(CREATE_API_KEYS_TABLE)
     }
+  },
+  {
+    // Drained assignments (POST /admin/assignments/:id/drain) take no new lease; a table of the
+    // gateway's own, so the original tables keep their meaning for the original services.
+    name: '005-assignment-drains',
+    async up (query) {
+      await query(`CREATE TABLE IF NOT EXISTS maestro_assignment_drains (
+  assignment_id INT NOT NULL,
+  drained_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (assignment_id),
+  FOREIGN KEY (assignment_id) REFERENCES assignments (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`)
+    }
   }
 ]
 
