@@ -53,8 +53,8 @@ mkdir -p "$work/app/services" && cp -R "$work/context/services/lua" "$work/app/s
 port=${PORT:-$(node -e "const s = require('node:net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close() })")}
 step "4. start: node dist/server.js on port $port (NODE_ENV=production, embedded mode)"
 cd "$work/app"
-env -u MARIADB_URL -u REDIS_URL -u ConnectionStrings__MariaDb -u ConnectionStrings__Redis \
-  NODE_ENV=production PORT="$port" HOST=127.0.0.1 ${INVENTORY_FILE:+INVENTORY_FILE="$INVENTORY_FILE"} \
+env -u MARIADB_URL -u REDIS_URL -u ConnectionStrings__MariaDb -u ConnectionStrings__Redis -u REDIS_SENTINELS -u REDIS_CLUSTER_NODES \
+  NODE_ENV=production LEASE_STORE=memory PORT="$port" HOST=127.0.0.1 ${INVENTORY_FILE:+INVENTORY_FILE="$INVENTORY_FILE"} \
   node dist/server.js >"$work/server.log" 2>&1 &
 server_pid=$!
 

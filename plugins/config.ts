@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import fastifyEnv from '@fastify/env'
-import { configSources, EnvSchema, resolveConfig, type Env, type GatewayConfig } from '../services/config.js'
+import { configSources, EnvSchema, resolveConfig, unknownVariables, type Env, type GatewayConfig } from '../services/config.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -13,11 +13,14 @@ declare module 'fastify' {
 export type ConfigOptions = Partial<Record<keyof Env, string | number | boolean>> & { dotenv?: boolean }
 
 export default fp<ConfigOptions>(async function config (fastify, opts) {
+  const sources = configSources(opts as Record<string, unknown>)
   await fastify.register(fastifyEnv, {
     confKey: 'maestroEnv',
     schema: structuredClone(EnvSchema),
     env: false,
-    data: Object.assign({}, ...configSources(opts as Record<string, unknown>))
+    data: Object.assign({}, ...sources)
   })
   fastify.decorate('maestroConfig', resolveConfig(fastify.maestroEnv))
+  const unknown = unknownVariables(sources)
+  if (unknown.length > 0) fastify.log.warn({ variables: unknown }, `ignored, not gateway settings: ${unknown.join(', ')}`)
 }, { name: 'config', fastify: '5.x' })

@@ -25,7 +25,7 @@ export default fp(async function gpuLease (fastify) {
     store = new RedisLeaseStore({ ...settings, ...fastify.leaseRedis, prefix: config.redisKeyPrefix })
   } else {
     store = new MemoryLeaseStore(settings)
-    fastify.log.info('no REDIS_URL: leases are kept in process memory (correct for a single replica only)')
+    fastify.log.info('no Redis (REDIS_URL, REDIS_SENTINELS, REDIS_CLUSTER_NODES) or LEASE_STORE=memory: leases are kept in process memory (correct for a single replica only)')
   }
   const leases = new LeaseManager(store, {
     ttlMs: config.leaseTtlMs,

@@ -9,7 +9,7 @@
  * between replicas; the memory store does the same for one process. No Fastify here.
  */
 import { randomUUID } from 'node:crypto'
-import type { Redis } from 'ioredis'
+import type { Cluster, Redis } from 'ioredis'
 import type { ClientLimits, Priority } from './api-keys.js'
 import { GatewayError } from './errors.js'
 import { modelKey } from './model-name.js'
@@ -286,7 +286,7 @@ export class RedisClientLimitStore implements ClientLimitStore {
   private readonly releaseScript: Command
   private readonly renewScript: Command
 
-  constructor (client: Redis, private readonly prefix: string) {
+  constructor (client: Redis | Cluster, private readonly prefix: string) {
     const commands = client as unknown as Record<string, Command>
     for (const { name, numberOfKeys, lua } of loadLuaScripts(SCRIPT_FILES)) {
       if (typeof commands[name] !== 'function') client.defineCommand(name, { lua, numberOfKeys })

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs'
 import { parseEnv } from 'node:util'
 import { Type, type Static } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { mariaDbUrlFromEnv, parseLegacyRedis } from './connection-strings.js'
+import { mariaDbUrlFromEnv, parseHostPortList, parseLegacyRedis, type HostPort } from './connection-strings.js'
 import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from './ollama-normalizer.js'
 
 /** Every variable the gateway reads (CONTRACT section 2), with its default. */
@@ -11,7 +11,18 @@ export const EnvSchema = Type.Object({
   ConnectionStrings__MariaDb: Type.Optional(Type.String()),
   REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
   ConnectionStrings__Redis: Type.Optional(Type.String()),
+  REDIS_SENTINELS: Type.Optional(Type.String()),
+  REDIS_SENTINEL_MASTER: Type.String({ default: 'mymaster', minLength: 1 }),
+  REDIS_CLUSTER_NODES: Type.Optional(Type.String()),
+  REDIS_USERNAME: Type.Optional(Type.String()),
+  REDIS_PASSWORD: Type.Optional(Type.String()),
+  REDIS_SENTINEL_USERNAME: Type.Optional(Type.String()),
+  REDIS_SENTINEL_PASSWORD: Type.Optional(Type.String()),
+  REDIS_TLS: Type.Boolean({ default: false }),
+  REDIS_SENTINEL_TLS: Type.Boolean({ default: false }),
   REDIS_KEY_PREFIX: Type.String({ default: 'maestro:', minLength: 1, maxLength: 100 }),
+  LEASE_STORE: Type.Optional(Type.Union([Type.Literal('redis'), Type.Literal('memory')])),
+  NODE_ENV: Type.Optional(Type.String()),
   INVENTORY_FILE: Type.Optional(Type.String()),
   INVENTORY_REFRESH_MS: Type.Integer({ default: 10000, minimum: 100 }),
   LEASE_TTL_MS: Type.Integer({ default: 30000, minimum: 300 }),
@@ -35,16 +46,33 @@ export type Env = Static<typeof EnvSchema>
 
 /** The variables only the standalone server reads (the embeddable app never listens or logs by itself). */
 export const ServerEnvSchema = Type.Object({
-  NODE_ENV: Type.Optional(Type.String()),
   PORT: Type.Optional(Type.Integer({ minimum: 0, maximum: 65535 })),
   HOST: Type.String({ default: '0.0.0.0' }),
   SHUTDOWN_GRACE_MS: Type.Integer({ default: 30000, minimum: 0 }),
   LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)), { default: 'info' })
 })
 
+/** Credentials and TLS for the Redis data nodes (and the sentinels), from the REDIS_* variables. */
+export interface RedisAuth {
+  username?: string
+  password?: string
+  sentinelUsername?: string
+  sentinelPassword?: string
+  tls: boolean
+  sentinelTls: boolean
+}
+
+/** Which Redis holds the leases: one server, a Sentinel-watched master, or a Cluster. */
+export type RedisTopology =
+  | { kind: 'standalone', url: string, auth: RedisAuth }
+  | { kind: 'sentinel', sentinels: HostPort[], master: string, auth: RedisAuth }
+  | { kind: 'cluster', nodes: HostPort[], auth: RedisAuth }
+
 export interface GatewayConfig {
   mariadbUrl?: string
-  redisUrl?: string
+  /** Where leases live; undefined = process memory (`LEASE_STORE=memory`, or no Redis outside production). */
+  redis?: RedisTopology
+  /** The prefix every key and channel starts with; on a Cluster it carries one hash tag (`{maestro}:`). */
   redisKeyPrefix: string
   inventoryFile?: string
   inventoryRefreshMs: number
@@ -118,18 +146,89 @@ function wrap<T> (variable: string, fn: () => T): T {
   }
 }
 
+/**
+ * Redis Cluster runs a script only on keys of one slot: the prefix gets a hash tag so every key
+ * and channel of the fleet hashes alike. `maestro:` becomes `{maestro}:`; a prefix that already
+ * has a non-empty `{...}` is kept as it is.
+ */
+export function clusterKeyPrefix (prefix: string): string {
+  if (/\{[^}]+\}/.test(prefix)) return prefix
+  const [, body, colons] = /^(.*?)(:*)$/.exec(prefix) as RegExpExecArray
+  return `{${body === '' ? prefix : body}}${body === '' ? '' : colons}`
+}
+
+/** The one Redis topology the variables name, or undefined; naming two is an error. */
+function redisTopology (env: Env): RedisTopology | undefined {
+  const auth: RedisAuth = {
+    username: env.REDIS_USERNAME,
+    password: env.REDIS_PASSWORD,
+    sentinelUsername: env.REDIS_SENTINEL_USERNAME,
+    sentinelPassword: env.REDIS_SENTINEL_PASSWORD,
+    tls: env.REDIS_TLS,
+    sentinelTls: env.REDIS_SENTINEL_TLS
+  }
+  const url = env.REDIS_URL ??
+    (env.ConnectionStrings__Redis != null
+      ? wrap('ConnectionStrings__Redis', () => parseLegacyRedis(env.ConnectionStrings__Redis as string))
+      : undefined)
+  const named = [
+    url != null ? (env.REDIS_URL != null ? 'REDIS_URL' : 'ConnectionStrings__Redis') : undefined,
+    env.REDIS_SENTINELS != null ? 'REDIS_SENTINELS' : undefined,
+    env.REDIS_CLUSTER_NODES != null ? 'REDIS_CLUSTER_NODES' : undefined
+  ].filter((n) => n != null)
+  if (named.length > 1) throw new ConfigError(named[1], `set only one of ${named.join(', ')}: each names a different Redis`)
+  if (env.REDIS_SENTINELS != null) {
+    const sentinels = wrap('REDIS_SENTINELS', () => parseHostPortList(env.REDIS_SENTINELS as string, 26379))
+    return { kind: 'sentinel', sentinels, master: env.REDIS_SENTINEL_MASTER, auth }
+  }
+  if (env.REDIS_CLUSTER_NODES != null) {
+    return { kind: 'cluster', nodes: wrap('REDIS_CLUSTER_NODES', () => parseHostPortList(env.REDIS_CLUSTER_NODES as string, 6379)), auth }
+  }
+  return url != null ? { kind: 'standalone', url, auth } : undefined
+}
+
+/**
+ * Leases in process memory are right for one replica only. In production that must be said
+ * (`LEASE_STORE=memory`): a fleet that lost its Redis setting would otherwise start every replica
+ * with its own leases and hand the same GPU out twice.
+ */
+function leaseRedis (env: Env): RedisTopology | undefined {
+  const topology = redisTopology(env)
+  if (env.LEASE_STORE === 'memory') return undefined
+  if (topology == null && env.LEASE_STORE === 'redis') {
+    throw new ConfigError('LEASE_STORE', 'redis needs REDIS_URL, REDIS_SENTINELS or REDIS_CLUSTER_NODES')
+  }
+  if (topology == null && env.NODE_ENV === 'production') {
+    throw new ConfigError('LEASE_STORE', 'NODE_ENV=production with no Redis: set REDIS_URL, REDIS_SENTINELS or REDIS_CLUSTER_NODES for a fleet, or LEASE_STORE=memory for a single replica')
+  }
+  return topology
+}
+
+/**
+ * `REDIS_*` and `MARIADB_*` variables the gateway does not read (a typo, or one of those
+ * Kubernetes injects for a Service named `redis`: `REDIS_SERVICE_HOST`, `REDIS_PORT=tcp://...`).
+ * Named in a warning at start, never an error. Names only: values may be secrets.
+ */
+export function unknownVariables (sources: Array<Record<string, unknown>>): string[] {
+  const known = new Set([...Object.keys(EnvSchema.properties), ...Object.keys(ServerEnvSchema.properties)])
+  const names = new Set<string>()
+  for (const source of sources) {
+    for (const name of Object.keys(source)) {
+      if (/^(REDIS|MARIADB)_/.test(name) && !known.has(name)) names.add(name)
+    }
+  }
+  return [...names].sort()
+}
+
 /** Turn validated variables into the settings the gateway runs on. */
 export function resolveConfig (env: Env): GatewayConfig {
   const mariadbUrl = wrap(env.MARIADB_URL != null ? 'MARIADB_URL' : 'ConnectionStrings__MariaDb',
     () => mariaDbUrlFromEnv(env as unknown as NodeJS.ProcessEnv))
-  const redisUrl = env.REDIS_URL ??
-    (env.ConnectionStrings__Redis != null
-      ? wrap('ConnectionStrings__Redis', () => parseLegacyRedis(env.ConnectionStrings__Redis as string))
-      : undefined)
+  const redis = leaseRedis(env)
   return {
     mariadbUrl,
-    redisUrl,
-    redisKeyPrefix: env.REDIS_KEY_PREFIX,
+    redis,
+    redisKeyPrefix: redis?.kind === 'cluster' ? clusterKeyPrefix(env.REDIS_KEY_PREFIX) : env.REDIS_KEY_PREFIX,
     inventoryFile: env.INVENTORY_FILE,
     inventoryRefreshMs: env.INVENTORY_REFRESH_MS,
     leaseTtlMs: env.LEASE_TTL_MS,
@@ -171,6 +270,6 @@ export function serverSettings (sources: Array<Record<string, unknown>>): Server
   const error = Value.Errors(ServerEnvSchema, value).First()
   if (error != null) throw new ConfigError(error.path.slice(1), `${error.message} (got ${JSON.stringify(picked[error.path.slice(1)])})`)
   const env = value as Static<typeof ServerEnvSchema>
-  const production = env.NODE_ENV === 'production'
+  const production = merged.NODE_ENV === 'production'
   return { port: env.PORT ?? (production ? 8080 : 5000), host: env.HOST, logLevel: env.LOG_LEVEL, production, shutdownGraceMs: env.SHUTDOWN_GRACE_MS }
 }

@@ -197,3 +197,35 @@ export function mariaDbUrlFromEnv (env: NodeJS.ProcessEnv): string | undefined {
   }
   return undefined
 }
+
+export interface HostPort {
+  host: string
+  port: number
+}
+
+/**
+ * `host:port,host:port` (IPv6 as `[::1]:26379`; a missing port is `defaultPort`), as
+ * `REDIS_SENTINELS` and `REDIS_CLUSTER_NODES` take them. Throws an Error saying what is wrong.
+ */
+export function parseHostPortList (s: string, defaultPort: number): HostPort[] {
+  const out: HostPort[] = []
+  for (const raw of s.split(',')) {
+    const item = raw.trim()
+    if (item === '') continue
+    const bracketed = /^\[([^\]]+)\](?::(.*))?$/.exec(item)
+    let host = item
+    let port = defaultPort
+    if (bracketed !== null) {
+      host = bracketed[1]
+      if (bracketed[2] !== undefined) port = parsePort(bracketed[2], `the port of ${item}`)
+    } else if ((item.match(/:/g) ?? []).length === 1) {
+      host = item.slice(0, item.indexOf(':'))
+      port = parsePort(item.slice(item.indexOf(':') + 1), `the port of ${item}`)
+    }
+    if (host === '') throw new Error(`${JSON.stringify(item)} names no host`)
+    checkHost(host, JSON.stringify(item))
+    out.push({ host, port })
+  }
+  if (out.length === 0) throw new Error('expected host:port,host:port (got no address)')
+  return out
+}

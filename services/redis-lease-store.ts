@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto'
-import type { Redis } from 'ioredis'
+import type { Cluster, Redis } from 'ioredis'
 import type {
   AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
   StoreEvents, StoreStatus, SweepResult
@@ -60,9 +60,9 @@ const COMMAND: Record<ScriptName, string> = {
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   /** Commands; made to fail fast while disconnected so no request waits on a dead store. */
-  client: Redis
+  client: Redis | Cluster
   /** A second connection for pub/sub (a subscribed connection can run nothing else). */
-  subscriber: Redis
+  subscriber: Redis | Cluster
   prefix: string
   replicaId?: string
 }
@@ -93,8 +93,8 @@ function clientField (id: string): string {
 export class RedisLeaseStore implements LeaseStore {
   readonly kind = 'redis' as const
   readonly replicaId: string
-  private readonly client: Redis & Record<string, (...args: Array<string | number>) => Promise<unknown[]>>
-  private readonly subscriber: Redis
+  private readonly client: (Redis | Cluster) & Record<string, (...args: Array<string | number>) => Promise<unknown[]>>
+  private readonly subscriber: Redis | Cluster
   private readonly prefix: string
   private readonly opts: Required<LeaseStoreOptions>
   private knownEpoch = ''
@@ -147,6 +147,10 @@ export class RedisLeaseStore implements LeaseStore {
         })
       }
     })
+    // Forget the run id as soon as the connection is lost, not only at 'ready': ioredis emits
+    // 'ready' a tick after the status turns ready, and a script sent in that tick with the old run
+    // id would skip the check on a promoted replica and hand the old id back (no pause after a failover).
+    this.client.on('close', () => { this.knownRun = '' })
     this.client.on('ready', () => {
       // A new connection may reach a restarted Redis (whose data, run id key included, may come
       // from a snapshot): the next script compares the stored run id with the server's own.

@@ -1,6 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify'
 
-type Check = 'ok' | 'down' | 'unused'
+type Check = 'ok' | 'down' | 'unused' | 'failing-over'
 
 const HEALTH_TIMEOUT_MS = 2000
 
@@ -25,11 +25,16 @@ const healthRoutes: FastifyPluginAsync = async (fastify) => {
       redis == null ? 'unused' : within(redis.client.ping(), HEALTH_TIMEOUT_MS).then(() => 'ok' as const, () => 'down' as const)
     ])
     const inventory = fastify.inventory.health()
-    const down = mariadb === 'down' || redisState === 'down'
+    const topology = redis?.topology()
+    // A Sentinel or Cluster switching masters: grants pause until replicas have re-asserted.
+    const redisCheck: Check = topology?.failingOver === true ? 'failing-over' : redisState
+    const down = mariadb === 'down' || redisCheck !== 'ok' && redisCheck !== 'unused'
     return reply.code(down ? 503 : 200).send({
       status: down ? 'degraded' : 'ok',
       mariadb,
-      redis: redisState,
+      redis: redisCheck,
+      redisTopology: topology?.kind ?? 'memory',
+      ...(topology?.master != null ? { redisMaster: topology.master } : {}),
       // An open route: a word, never the loader's text (file contents, driver messages), which is in the log.
       inventory: { source: inventory.source, ok: inventory.ok, loadedAt: inventory.loadedAt, error: inventory.ok ? undefined : 'last refresh failed' },
       leases: { held: fastify.leases.leases().length, waiting: fastify.leases.waiting(), store: fastify.leases.store.kind }
