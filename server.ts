@@ -4,6 +4,7 @@ import maestro from './app.js'
 import { configSources, serverSettings, type ServerSettings } from './services/config.js'
 import { gatewayRequestId } from './services/exchange.js'
 import { httpServerOptions } from './services/http-server.js'
+import { asyncStdout } from './services/log-destination.js'
 
 function fail (message: string): never {
   process.stderr.write(`ai-maestro-proxy: ${message}\n`)
@@ -20,8 +21,10 @@ try {
 const app = Fastify({
   logger: {
     level: settings.logLevel,
-    // Pretty lines for a person at a terminal, JSON for everything else.
-    ...(process.stdout.isTTY ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l', singleLine: true } } } : {})
+    // Pretty lines for a person at a terminal, JSON for everything else (written in batches).
+    ...(process.stdout.isTTY
+      ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l', singleLine: true } } }
+      : { stream: asyncStdout() })
   },
   // The gateway logs one line per finished request itself, instead of Fastify's two.
   logController: new LogController({ disableRequestLogging: true }),

@@ -8,7 +8,9 @@
  *                  inventory from a file (the inventory is cached and not on the request path)
  *   redis-server   the one at REDIS_URL, under a key prefix of its own, deleted afterwards
  *
- * Scenarios: (a) 64 GPUs and 64 clients, direct vs gateway; (b) one GPU with 16 clients waiting
+ *   nginx          a plain reverse proxy to the same simulators (one worker), the yardstick
+ *
+ * Scenarios: (a) 64 GPUs and 64 clients, direct vs nginx vs gateway; (b) one GPU with 16 clients waiting
  * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency);
  * (d) the lease engine with 2,048 candidates (4 free) vs 64; (e) one GPU with 1,000 waiters vs 16,
  * and 1,000 waiters in 1,000 queues vs one queue (the engine alone, in this process); (f) a
@@ -30,11 +32,12 @@ import { Redis } from 'ioredis'
 import { WIDE_TOKEN_MS, WIDE_TOKENS, benchGpuId, benchModel, inventoryFile, type SimulatorCommand, type SimulatorReply } from './fleet.js'
 import { closedLoop, mean, percentile, sleep, type LoadResult, type Target } from './load.js'
 import { handoffRate, type EngineCase } from './engine.js'
+import { startNginx, stopNginx } from './nginx.js'
 
 const GPUS = 64
 const WAITERS = 16
 const WARMUP_MS = 3000
-const GOALS = { gapP50Ms: 0.3, gapP99Ms: 2, fifoRatio: 2, addedP50Ms: 0.5, costRatio: 0.8, capacityRatio: 0.9 }
+const GOALS = { nginxRatio: 0.35, gapP50Ms: 0.3, gapP99Ms: 1.5, fifoRatio: 2, addedP50Ms: 0.4, costRatio: 0.8, capacityRatio: 0.9 }
 /** (f): the capacity-4 server's model and GPU, after the 64 single-GPU ones */
 const WIDE = GPUS
 
@@ -76,6 +79,19 @@ async function cpuMs (pid: number | undefined): Promise<number | undefined> {
   }
 }
 
+/** CPU time of a process and its children (nginx's master and its workers), ms. */
+async function treeCpuMs (pid: number | undefined): Promise<number | undefined> {
+  const own = await cpuMs(pid)
+  if (own === undefined || pid === process.pid) return own
+  let children: number[] = []
+  try {
+    children = (await readFile(`/proc/${pid}/task/${pid}/children`, 'utf8')).trim().split(/\s+/).filter(Boolean).map(Number)
+  } catch {}
+  let total = own
+  for (const child of children) total += await cpuMs(child) ?? 0
+  return total
+}
+
 /** CPU time the whole machine spent busy so far, ms (all cores); undefined off Linux. */
 async function machineBusyMs (): Promise<number | undefined> {
   try {
@@ -87,7 +103,7 @@ async function machineBusyMs (): Promise<number | undefined> {
   }
 }
 
-type Role = 'clients' | 'simulators' | 'gateway' | 'redis'
+type Role = 'clients' | 'simulators' | 'gateway' | 'redis' | 'nginx'
 /** CPU use in percent of one core: the benchmark's processes, and everything else on the machine. */
 type CpuShare = Partial<Record<Role | 'others', number>>
 const pids: Partial<Record<Role, number>> = { clients: process.pid }
@@ -100,7 +116,7 @@ class CpuMeter {
   async begin (): Promise<void> {
     this.startedAt = performance.now()
     this.machineStart = await machineBusyMs()
-    for (const role of Object.keys(pids) as Role[]) this.start.set(role, await cpuMs(pids[role]))
+    for (const role of Object.keys(pids) as Role[]) this.start.set(role, await treeCpuMs(pids[role]))
   }
 
   async end (): Promise<CpuShare> {
@@ -109,7 +125,7 @@ class CpuMeter {
     let ours = 0
     for (const role of Object.keys(pids) as Role[]) {
       const a = this.start.get(role)
-      const b = await cpuMs(pids[role])
+      const b = await treeCpuMs(pids[role])
       if (a !== undefined && b !== undefined) {
         out[role] = Math.round((b - a) / wall * 100)
         ours += b - a
@@ -244,7 +260,7 @@ async function redisPid (): Promise<number | undefined> {
 // scenarios
 
 const generate = (url: string, i: number): Target => ({
-  url: new URL('/api/generate', url),
+  url: new URL(url + '/api/generate'),
   body: JSON.stringify({ model: benchModel(i), prompt: 'Why is the sky blue?', stream: false })
 })
 
@@ -279,7 +295,7 @@ function merged (runs: Run[]): Run {
     return v.length === 0 ? undefined : Math.round(v.reduce((a, b) => a + b, 0) / v.length)
   }
   const cpu: CpuShare = {}
-  for (const role of ['clients', 'simulators', 'gateway', 'redis', 'others'] as const) cpu[role] = avg((r) => r.cpu[role])
+  for (const role of ['clients', 'simulators', 'gateway', 'redis', 'nginx', 'others'] as const) cpu[role] = avg((r) => r.cpu[role])
   const windowMs = runs.reduce((a, r) => a + r.windowMs, 0)
   const completed = runs.reduce((a, r) => a + r.completed, 0)
   return {
@@ -295,7 +311,7 @@ function merged (runs: Run[]): Run {
 
 const fmt = (n: number, digits = 2): string => Number.isFinite(n) ? n.toFixed(digits) : '—'
 const cpuText = (cpu: CpuShare): string =>
-  (['clients', 'simulators', 'gateway', 'redis', 'others'] as const).map((r) => `${r} ${cpu[r] ?? '?'}%`).join(', ')
+  (['clients', 'simulators', 'gateway', 'redis', 'nginx', 'others'] as const).filter((r) => cpu[r] !== undefined).map((r) => `${r} ${cpu[r]}%`).join(', ')
 
 async function main (): Promise<void> {
   pids.redis = await redisPid()
@@ -304,6 +320,7 @@ async function main (): Promise<void> {
   simulators = sims
   pids.simulators = sims.child.pid
   let gateway: Awaited<ReturnType<typeof startGateway>> | undefined
+  let nginx: Awaited<ReturnType<typeof startNginx>> | undefined
   const summary: Record<string, unknown> = {
     machine: { cpus: cpus().length, loadavg1m: Number(loadavg()[0].toFixed(2)), node: process.version },
     gateway: { process: 'child', leases: 'redis', inventory: 'file', logLevel: args['log-level'] },
@@ -316,6 +333,9 @@ async function main (): Promise<void> {
     pids.gateway = gateway.child.pid
     const gw = gateway.url
     const direct = (i: number): string => `http://127.0.0.1:${sims.ports[i]}`
+    nginx = await startNginx(join(dir, 'nginx'), await freePort(), sims.ports.map((port, i) => ({ name: `sim-${i}`, port })))
+    pids.nginx = nginx.child.pid
+    const viaNginx = (i: number): string => `${nginx!.url}/sim-${i}`
     process.stderr.write(`bench: ${GPUS} simulators, gateway at ${gw} (pid ${pids.gateway}), Redis ${redisUrl} (pid ${pids.redis ?? '?'}), load ${loadavg()[0].toFixed(2)}\n`)
 
     // A gateway runs for days: measure it with its code optimised, not while the JIT is still at work.
@@ -323,32 +343,47 @@ async function main (): Promise<void> {
     const all = Array.from({ length: GPUS }, (_, i) => i)
     await measure(all.map((i) => generate(gw, i)), { warmupMs: 0, durationMs: WARMUP_MS })
     await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+    await measure(all.map((i) => generate(viaNginx(i), i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
     await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
 
     if (only.has('a')) {
       process.stderr.write(`bench: (a) ${GPUS} GPUs, ${GPUS} clients\n`)
-      // Alternate direct and gateway runs, so that a change in the machine's load falls on both alike.
-      const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
+      // Alternate direct, nginx and gateway runs, so that a change in the machine's load falls on all alike.
+      const runs: { direct: Run[], nginx: Run[], gateway: Run[] } = { direct: [], nginx: [], gateway: [] }
       for (let r = 0; r < 2; r++) {
         runs.direct.push(await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        runs.nginx.push(await measure(all.map((i) => generate(viaNginx(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
         runs.gateway.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
       }
       const d = merged(runs.direct)
+      const n = merged(runs.nginx)
       const g = merged(runs.gateway)
       const row = (r: Run): object => ({ rps: Math.round(r.requestsPerSecond), p50Ms: +fmt(percentile(r.latencies, 50)), p99Ms: +fmt(percentile(r.latencies, 99)), cpuPercent: r.cpu })
-      summary.a = { direct: row(d), gateway: { ...row(g), logBytesPerRequest: Math.round(g.logBytesPerRequest) } }
       const gatewayCpuPerRequest = (g.cpu.gateway ?? NaN) * 10 / g.requestsPerSecond
+      const nginxCpuPerRequest = (n.cpu.nginx ?? NaN) * 10 / n.requestsPerSecond
+      const toNginx = g.requestsPerSecond / n.requestsPerSecond
+      const toDirect = g.requestsPerSecond / d.requestsPerSecond
+      summary.a = {
+        direct: row(d),
+        nginx: { ...row(n), cpuPerRequestUs: Math.round(nginxCpuPerRequest * 1000) },
+        gateway: { ...row(g), cpuPerRequestUs: Math.round(gatewayCpuPerRequest * 1000), logBytesPerRequest: Math.round(g.logBytesPerRequest) },
+        gatewayToNginx: +fmt(toNginx, 3),
+        gatewayToDirect: +fmt(toDirect, 3)
+      }
+      const col = (x: string, w = 10): string => x.padStart(w)
       lines.push(
         `(a) ${GPUS} single-GPU assignments, ${GPUS} concurrent clients, non-streamed /api/generate`,
-        '                      direct     gateway',
-        `  requests/s        ${String(Math.round(d.requestsPerSecond)).padStart(8)}  ${String(Math.round(g.requestsPerSecond)).padStart(10)}`,
-        `  p50 latency ms    ${fmt(percentile(d.latencies, 50)).padStart(8)}  ${fmt(percentile(g.latencies, 50)).padStart(10)}`,
-        `  p99 latency ms    ${fmt(percentile(d.latencies, 99)).padStart(8)}  ${fmt(percentile(g.latencies, 99)).padStart(10)}`,
+        '                      direct       nginx     gateway   gateway/nginx  gateway/direct',
+        `  requests/s        ${col(String(Math.round(d.requestsPerSecond)), 8)}  ${col(String(Math.round(n.requestsPerSecond)))}  ${col(String(Math.round(g.requestsPerSecond)))}  ${col(fmt(toNginx) + '×', 14)}  ${col(fmt(toDirect) + '×', 14)}`,
+        `  p50 latency ms    ${col(fmt(percentile(d.latencies, 50)), 8)}  ${col(fmt(percentile(n.latencies, 50)))}  ${col(fmt(percentile(g.latencies, 50)))}`,
+        `  p99 latency ms    ${col(fmt(percentile(d.latencies, 99)), 8)}  ${col(fmt(percentile(n.latencies, 99)))}  ${col(fmt(percentile(g.latencies, 99)))}`,
         `  CPU % of a core, direct:  ${cpuText(d.cpu)}`,
+        `  CPU % of a core, nginx:   ${cpuText(n.cpu)}`,
         `  CPU % of a core, gateway: ${cpuText(g.cpu)}`,
-        `  gateway CPU per request: ${fmt(gatewayCpuPerRequest * 1000, 0)} µs; log ${Math.round(g.logBytesPerRequest)} bytes per request`,
+        `  proxy CPU per request: nginx ${fmt(nginxCpuPerRequest * 1000, 0)} µs, gateway ${fmt(gatewayCpuPerRequest * 1000, 0)} µs (${fmt(gatewayCpuPerRequest / nginxCpuPerRequest, 1)}×); gateway log ${Math.round(g.logBytesPerRequest)} bytes per request`,
         ''
       )
+      goals.push({ goal: 'throughput vs nginx (a)', target: `≥ ${GOALS.nginxRatio}×`, reached: `${fmt(toNginx)}×`, pass: toNginx >= GOALS.nginxRatio })
     }
 
     if (only.has('b')) {
@@ -404,22 +439,25 @@ async function main (): Promise<void> {
     if (only.has('c')) {
       process.stderr.write('bench: (c) one client\n')
       // Alternate short runs so that a change in the machine's load falls on both sides alike.
-      const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
+      const runs: { direct: Run[], nginx: Run[], gateway: Run[] } = { direct: [], nginx: [], gateway: [] }
       const per = Math.max(500, Math.round(windowMs / 2))
       for (let r = 0; r < 3; r++) {
         runs.direct.push(await measure([generate(direct(0), 0)], { warmupMs: 200, durationMs: per }))
+        runs.nginx.push(await measure([generate(viaNginx(0), 0)], { warmupMs: 200, durationMs: per }))
         runs.gateway.push(await measure([generate(gw, 0)], { warmupMs: 200, durationMs: per }))
       }
       const d = merged(runs.direct).latencies
+      const n = merged(runs.nginx).latencies
+      const [n50, n99] = [percentile(n, 50), percentile(n, 99)]
       const gr = merged(runs.gateway)
       const g = gr.latencies
       const [d50, d99, g50, g99] = [percentile(d, 50), percentile(d, 99), percentile(g, 50), percentile(g, 99)]
-      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), requests: { direct: d.length, gateway: g.length }, cpuPercent: gr.cpu }
+      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu }
       lines.push(
         '(c) one client, one request at a time',
-        '                      direct     gateway     added',
-        `  p50 latency ms    ${fmt(d50, 3).padStart(8)}  ${fmt(g50, 3).padStart(10)}  ${fmt(g50 - d50, 3).padStart(8)}`,
-        `  p99 latency ms    ${fmt(d99, 3).padStart(8)}  ${fmt(g99, 3).padStart(10)}  ${fmt(g99 - d99, 3).padStart(8)}`,
+        '                      direct       nginx     gateway   added by nginx  added by gateway',
+        `  p50 latency ms    ${fmt(d50, 3).padStart(8)}  ${fmt(n50, 3).padStart(10)}  ${fmt(g50, 3).padStart(10)}  ${fmt(n50 - d50, 3).padStart(14)}  ${fmt(g50 - d50, 3).padStart(16)}`,
+        `  p99 latency ms    ${fmt(d99, 3).padStart(8)}  ${fmt(n99, 3).padStart(10)}  ${fmt(g99, 3).padStart(10)}  ${fmt(n99 - d99, 3).padStart(14)}  ${fmt(g99 - d99, 3).padStart(16)}`,
         `  (${d.length} direct and ${g.length} gateway requests; gateway CPU ${fmt((gr.cpu.gateway ?? NaN) * 10 / gr.requestsPerSecond * 1000, 0)} µs per request)`,
         `  CPU % of a core, gateway runs: ${cpuText(gr.cpu)}`,
         ''
@@ -477,6 +515,7 @@ async function main (): Promise<void> {
     }
   } finally {
     if (gateway != null) await stopGateway(gateway.child)
+    if (nginx != null) await stopNginx(nginx.child)
     await sims.close()
     await deleteKeys()
     await rm(dir, { recursive: true, force: true })

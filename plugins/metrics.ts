@@ -180,15 +180,28 @@ export default fp(async function metrics (fastify) {
     lost: (lease: Lease) => { leaseExpiries.inc({ kind: lease.info.kind }) }
   }
 
+  // The children of one label set, looked up once: prom-client hashes the label object on every
+  // inc/observe otherwise, on every request. Bounded: routes × MODEL_LABEL_LIMIT models × statuses.
+  const perLabels = new Map<string, { requests: Counter.Internal, duration: Histogram.Internal<'route' | 'model' | 'status'> }>()
+  const childrenOf = (route: string, model: string, status: string) => {
+    const key = `${route}\u0000${model}\u0000${status}`
+    let children = perLabels.get(key)
+    if (children === undefined) {
+      children = { requests: requests.labels(route, model, status), duration: requestDuration.labels(route, model, status) }
+      perLabels.set(key, children)
+    }
+    return children
+  }
+
   const observe = (request: FastifyRequest, reply: FastifyReply, startedAt: number): void => {
     const exchange = request.exchange as typeof request.exchange | null
-    const labels = {
-      route: request.routeOptions.url ?? UNMATCHED_ROUTE,
-      model: modelLabel(exchange?.model),
-      status: String(exchangeStatus(reply.statusCode, reply.raw.headersSent))
-    }
-    requests.inc(labels)
-    requestDuration.observe(labels, (performance.now() - startedAt) / 1000)
+    const children = childrenOf(
+      request.routeOptions.url ?? UNMATCHED_ROUTE,
+      modelLabel(exchange?.model),
+      String(exchangeStatus(reply.statusCode, reply.raw.headersSent))
+    )
+    children.requests.inc()
+    children.duration.observe((performance.now() - startedAt) / 1000)
     for (const failure of exchange?.upstreamFailures ?? []) upstreamErrors.inc(failure)
   }
 
