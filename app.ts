@@ -3,11 +3,13 @@ import accessLog from './plugins/access-log.js'
 import auth from './plugins/auth.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import errors from './plugins/errors.js'
+import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
 import mariadb from './plugins/mariadb.js'
 import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
+import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
@@ -17,6 +19,7 @@ import healthRoutes from './routes/health/index.js'
 import metricsRoutes from './routes/metrics/index.js'
 import ollamaRoutes from './routes/ollama/index.js'
 import openaiRoutes from './routes/openai/index.js'
+import uiRoutes from './routes/ui/index.js'
 
 export type MaestroOptions = ConfigOptions
 
@@ -33,8 +36,10 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(redis)
   await fastify.register(gpuLease)
   await fastify.register(inventory)
+  await fastify.register(recentRequests)
   await fastify.register(accessLog)
   await fastify.register(metrics)
+  await fastify.register(fleetEvents)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
@@ -46,6 +51,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
+  await fastify.register(uiRoutes)
 }
 
 export default maestro

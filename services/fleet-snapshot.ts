@@ -1,0 +1,211 @@
+import type { InventorySnapshot } from './inventory.js'
+import { queueLabel, type StoreStatus } from './lease-store.js'
+import type { RecentRequest } from './recent-requests.js'
+
+/*
+ * What the console shows, as `GET /gpu/events` sends it: one snapshot, then changes. Times are
+ * epoch milliseconds (the page counts "since" itself, so a lease that goes on sends nothing).
+ * Fields marked optional are filled when the part of the gateway that knows them is present.
+ */
+
+export type GpuState = 'idle' | 'leased' | 'held'
+export type UpstreamHealthState = 'up' | 'cooling' | 'unreachable' | 'unknown'
+
+export interface Slots { used: number, capacity: number }
+
+export interface ComputerView { id: string, name: string, ip: string, gpuIds: string[] }
+
+export interface GpuView {
+  id: string
+  name: string
+  computerId: string
+  vramGb: number
+  /** held: kept free for a request that has waited past STARVATION_MS */
+  state: GpuState
+  /** the fields below only while leased */
+  model?: string
+  assignmentId?: string
+  assignment?: string
+  purpose?: string
+  since?: number
+  /** the leasing assignment's slots */
+  slots?: Slots
+}
+
+export interface AssignmentView {
+  id: string
+  name: string
+  model: string
+  kind: string
+  host: string
+  port: number
+  gpuIds: string[]
+  slots: Slots
+  health?: UpstreamHealthState
+  /** models the upstream has in memory (its `/api/ps`) */
+  loaded?: string[]
+  polledAt?: number
+  drained?: boolean
+}
+
+export interface QueueView {
+  /** `<kind>:<model key>` */
+  id: string
+  kind: string
+  model: string
+  depth: number
+  /** arrival time of the oldest live waiter */
+  oldestSince?: number
+}
+
+/** A gateway replica alive now (it heart-beat within the last few seconds). */
+export interface ReplicaView { id: string, host?: string, pid?: number }
+
+export interface FleetSnapshot {
+  at: number
+  /** the replica that built it */
+  replica: string
+  store: 'redis' | 'memory'
+  computers: ComputerView[]
+  gpus: GpuView[]
+  assignments: AssignmentView[]
+  queues: QueueView[]
+  replicas: ReplicaView[]
+  /** newest first */
+  recent: RecentRequest[]
+}
+
+export const KEYED_SECTIONS = ['computers', 'gpus', 'assignments', 'queues', 'replicas'] as const
+export type KeyedSection = typeof KEYED_SECTIONS[number]
+
+/** What changed between two snapshots: records added or changed (whole), ids gone, the recent list when it moved. */
+export interface FleetChange {
+  at: number
+  set: Partial<Record<KeyedSection, Array<{ id: string }>>>
+  remove: Partial<Record<KeyedSection, string[]>>
+  recent?: RecentRequest[]
+}
+
+export interface UpstreamHealth {
+  health: UpstreamHealthState
+  loaded?: string[]
+  polledAt?: number
+}
+
+export interface FleetInputs {
+  inventory: InventorySnapshot
+  status: StoreStatus
+  recent: RecentRequest[]
+  replicas: ReplicaView[]
+  replica: string
+  store: 'redis' | 'memory'
+  now: number
+  /** per assignment, from the upstream poller when there is one */
+  upstreamHealth?: (assignmentId: string) => UpstreamHealth | undefined
+  /** per queue name, when the lease store tells */
+  queueSince?: Record<string, number>
+  /** how many requests an assignment serves at once (1 unless the inventory says more) */
+  capacityOf?: (assignmentId: string) => number
+  drained?: (assignmentId: string) => boolean
+}
+
+export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
+  const { inventory, status } = inputs
+  const names = new Map(inventory.assignments.map((a) => [a.id, a.name]))
+  const leaseByGpu = new Map(status.gpus.map((g) => [g.gpuId, g]))
+
+  // Slots in use per assignment: its distinct leases (a lease takes every GPU of its assignment).
+  const tokensOf = new Map<string, Set<string>>()
+  for (const g of status.gpus) {
+    if (g.assignmentId == null) continue
+    let set = tokensOf.get(g.assignmentId)
+    if (set === undefined) tokensOf.set(g.assignmentId, set = new Set())
+    set.add(g.token)
+  }
+  const slotsOf = (id: string): Slots => ({ used: tokensOf.get(id)?.size ?? 0, capacity: Math.max(1, inputs.capacityOf?.(id) ?? 1) })
+
+  const computers = new Map<string, ComputerView>()
+  const gpus: GpuView[] = inventory.gpus.map((gpu) => {
+    let computer = computers.get(gpu.computerId)
+    if (computer === undefined) {
+      computers.set(gpu.computerId, computer = { id: gpu.computerId, name: gpu.computerName, ip: gpu.ip, gpuIds: [] })
+    }
+    computer.gpuIds.push(gpu.id)
+    const base = { id: gpu.id, name: gpu.name, computerId: gpu.computerId, vramGb: gpu.vramSize }
+    const lease = leaseByGpu.get(gpu.id)
+    if (lease == null) return { ...base, state: status.holds[gpu.id] != null ? 'held' : 'idle' }
+    return {
+      ...base,
+      state: 'leased',
+      model: lease.model,
+      assignmentId: lease.assignmentId,
+      assignment: lease.assignmentId == null ? undefined : names.get(lease.assignmentId) ?? lease.assignmentId,
+      purpose: lease.purpose,
+      since: lease.since,
+      slots: lease.assignmentId == null ? undefined : slotsOf(lease.assignmentId)
+    }
+  })
+
+  const assignments: AssignmentView[] = inventory.assignments.map((a) => {
+    const health = inputs.upstreamHealth?.(a.id)
+    return {
+      id: a.id,
+      name: a.name,
+      model: a.model,
+      kind: a.kind,
+      host: a.host,
+      port: a.port,
+      gpuIds: a.gpuIds,
+      slots: slotsOf(a.id),
+      health: health?.health,
+      loaded: health?.loaded,
+      polledAt: health?.polledAt,
+      drained: inputs.drained?.(a.id) === true ? true : undefined
+    }
+  })
+
+  const queues: QueueView[] = Object.entries(status.queues).map(([queue, depth]) => {
+    // `<kind>:<model key>`; the model key may itself hold colons (tags).
+    const label = queueLabel(queue)
+    const colon = label.indexOf(':')
+    return { id: label, kind: label.slice(0, colon), model: label.slice(colon + 1), depth, oldestSince: inputs.queueSince?.[queue] }
+  }).sort((x, y) => x.id < y.id ? -1 : x.id > y.id ? 1 : 0)
+
+  return {
+    at: inputs.now,
+    replica: inputs.replica,
+    store: inputs.store,
+    computers: [...computers.values()],
+    gpus,
+    assignments,
+    queues,
+    replicas: inputs.replicas,
+    recent: inputs.recent
+  }
+}
+
+/** JSON with `undefined` fields dropped, which is also what goes on the wire. */
+const same = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b)
+
+/** The change from `prev` to `next`, or null when the two show the same fleet. */
+export function diffSnapshots (prev: FleetSnapshot, next: FleetSnapshot): FleetChange | null {
+  const change: FleetChange = { at: next.at, set: {}, remove: {} }
+  let changed = false
+  for (const section of KEYED_SECTIONS) {
+    const before = new Map<string, { id: string }>(prev[section].map((r) => [r.id, r]))
+    const set: Array<{ id: string }> = []
+    for (const record of next[section]) {
+      const old = before.get(record.id)
+      before.delete(record.id)
+      if (old === undefined || !same(old, record)) set.push(record)
+    }
+    if (set.length > 0) change.set[section] = set
+    if (before.size > 0) change.remove[section] = [...before.keys()]
+    changed ||= set.length > 0 || before.size > 0
+  }
+  if (!same(prev.recent, next.recent)) {
+    change.recent = next.recent
+    changed = true
+  }
+  return changed ? change : null
+}
