@@ -60,6 +60,9 @@ export default fp(async function fleetEvents (fastify) {
     onError: (err) => fastify.log.debug({ err }, 'replica presence not written')
   })
   const upstreamHealth = upstreamHealthSource(fastify)
+  // The admin API comes with its own plugin; the page offers changes only where it is.
+  const admin = { available: false, token: config.adminToken != null || config.apiKeys.length > 0 }
+  fastify.addHook('onRoute', (route) => { if (route.url.endsWith('/admin/computers')) admin.available = true })
 
   const hub = new FleetEventHub({
     build: async () => {
@@ -76,6 +79,7 @@ export default fp(async function fleetEvents (fastify) {
         replicas,
         replica: store.replicaId,
         store: store.kind,
+        admin,
         now: Date.now(),
         upstreamHealth,
         capacityOf: (id) => (inventory.assignment(id) as { capacity?: number } | undefined)?.capacity ?? 1

@@ -37,8 +37,8 @@ export interface AssignmentView {
   name: string
   model: string
   kind: string
-  host: string
-  port: number
+  /** `ip:port` of the upstream server */
+  address: string
   gpuIds: string[]
   slots: Slots
   health?: UpstreamHealthState
@@ -66,6 +66,8 @@ export interface FleetSnapshot {
   /** the replica that built it */
   replica: string
   store: 'redis' | 'memory'
+  /** whether this gateway has the admin API, and whether it wants a token for it */
+  admin: { available: boolean, token: boolean }
   computers: ComputerView[]
   gpus: GpuView[]
   assignments: AssignmentView[]
@@ -99,6 +101,7 @@ export interface FleetInputs {
   replicas: ReplicaView[]
   replica: string
   store: 'redis' | 'memory'
+  admin: FleetSnapshot['admin']
   now: number
   /** per assignment, from the upstream poller when there is one */
   upstreamHealth?: (assignmentId: string) => UpstreamHealth | undefined
@@ -153,8 +156,7 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
       name: a.name,
       model: a.model,
       kind: a.kind,
-      host: a.host,
-      port: a.port,
+      address: a.host,
       gpuIds: a.gpuIds,
       slots: slotsOf(a.id),
       health: health?.health,
@@ -175,6 +177,7 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
     at: inputs.now,
     replica: inputs.replica,
     store: inputs.store,
+    admin: inputs.admin,
     computers: [...computers.values()],
     gpus,
     assignments,

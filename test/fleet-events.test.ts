@@ -127,6 +127,7 @@ const snapshot = (n: number): FleetSnapshot => ({
   at: n,
   replica: 'r',
   store: 'memory',
+  admin: { available: false, token: false },
   computers: [],
   gpus: [{ id: '1', name: 'gpu', computerId: '1', vramGb: 8, state: n % 2 === 0 ? 'idle' : 'leased' }],
   assignments: [],

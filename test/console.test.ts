@@ -1,0 +1,144 @@
+// The operator console (CONTRACT 13) in a real browser: Debian's Chromium driven by playwright-core,
+// against two replicas on real MariaDB and Redis with simulated upstreams.
+import t from 'tap'
+import { execFileSync } from 'node:child_process'
+import { mkdirSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { join } from 'node:path'
+import { startFleet, type Gateway } from './helpers/gateway.js'
+import { startBrowser } from './helpers/browser.js'
+import { packageRoot } from '../services/package-root.js'
+
+const ARTIFACTS = join(packageRoot, 'test', 'artifacts')
+
+// The page's scripts, compiled as `npm run build` does (the gateway reads them when it starts).
+const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
+execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
+mkdirSync(ARTIFACTS, { recursive: true })
+
+async function post (gw: Gateway, path: string, body: unknown): Promise<{ status: number, body: any }> {
+  const res = await fetch(gw.url + path, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })
+  return { status: res.status, body: await res.json() }
+}
+
+const generate = async (gw: Gateway, model: string): Promise<Response> =>
+  await fetch(`${gw.url}/api/generate`, { method: 'POST', body: JSON.stringify({ model, prompt: 'x', stream: false }) })
+
+t.test('the console shows the fleet and follows the other replica live', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1, 1],
+    upstreams: [{ model: 'qwq', gpus: [0] }, { model: 'llama3', gpus: [1, 2] }]
+  })
+  const [one, two] = [await fleet.replica(), await fleet.replica()]
+  const context = await startBrowser(t)
+  const page = await context.newPage()
+  const errors: string[] = []
+  const foreign: string[] = []
+  page.on('pageerror', (err) => errors.push(err.message))
+  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()) })
+  const origin = new URL(one.url).origin
+  page.on('request', (request) => {
+    const url = new URL(request.url())
+    if (url.protocol !== 'data:' && url.origin !== origin) foreign.push(request.url())
+  })
+
+  const response = await page.goto(`${one.url}/ui/`)
+  t.equal(response?.status(), 200)
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 5000 })
+
+  // every GPU, by name, on its computer
+  for (const [i, id] of fleet.gpuIds.entries()) {
+    t.equal(await page.locator(`[data-gpu="${id}"] .gpu-name`).textContent(), `GPU ${id}`, `GPU ${i + 1} named`)
+    t.equal(await page.locator(`[data-gpu="${id}"] .gpu-state`).textContent(), 'idle')
+  }
+  t.equal(await page.locator('.computer-name').allTextContents().then((n) => n.join()), 'box')
+  t.same((await page.locator('#assignment-rows .a-name').allTextContents()).sort(), ['llama3-2', 'qwq-1'])
+  t.equal(await page.locator('#replica-count').textContent(), '2 replicas alive')
+
+  const gpu = `[data-gpu="${fleet.gpuIds[0]}"]`
+  const isState = (state: string) => async (): Promise<number> => {
+    const started = performance.now()
+    await page.waitForSelector(`${gpu}.state-${state}`, { timeout: 1000 })
+    return performance.now() - started
+  }
+
+  // a lease taken on the other replica
+  const leasing = performance.now()
+  const reserved = await post(two, '/gpu/reserve', { outputType: 'text', model: 'qwq' })
+  t.equal(reserved.status, 200)
+  await isState('leased')()
+  const shownMs = performance.now() - leasing
+  t.ok(shownMs < 1000, `lease on the other replica shown after ${shownMs.toFixed(0)} ms`)
+  t.equal(await page.locator(`${gpu} .gpu-state`).textContent(), 'leased')
+  t.match(await page.locator(`${gpu} .gpu-detail`).textContent(), /qwq · on qwq-1 · reserved/)
+  t.match(await page.locator(`${gpu} .gpu-slots`).textContent(), 'slots 1/1')
+
+  // three requests wait behind it: a queue of three
+  const waiting = [generate(two, 'qwq'), generate(one, 'qwq'), generate(two, 'qwq')]
+  await page.waitForFunction(() => document.querySelector('#queue-rows tr[data-key="llm:qwq"] .queue-depth')?.textContent === '3', undefined, { timeout: 3000 })
+  t.equal(await page.locator('#queue-rows tr[data-key="llm:qwq"] .queue-model').textContent(), 'qwq')
+  t.ok(await page.locator('#queues-empty').isHidden(), 'no "nobody waiting" while three wait')
+  await page.screenshot({ path: join(ARTIFACTS, 'console.png'), fullPage: true })
+
+  // its end, on the other replica
+  const releasing = performance.now()
+  t.equal((await post(two, '/gpu/release', { leaseId: reserved.body.leaseId })).status, 200)
+  for (const res of await Promise.all(waiting)) t.equal(res.status, 200)
+  await isState('idle')()
+  const endMs = performance.now() - releasing
+  t.ok(endMs < 1000, `release and the three requests shown ended after ${endMs.toFixed(0)} ms`)
+  await page.waitForSelector('#queues-empty:not([hidden])', { timeout: 1000 })
+  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length >= 4, undefined, { timeout: 2000 })
+  const models = await page.locator('#recent-rows .r-model').allTextContents()
+  t.same(models.slice(0, 3), ['qwq', 'qwq', 'qwq'], 'the last requests, newest first')
+  t.same((await page.locator('#recent-rows .r-status').allTextContents()).slice(0, 3), ['200', '200', '200'])
+
+  // the page updates in place: the GPU's element is the one that was there at load
+  t.equal(await page.locator(gpu).evaluate((node) => (node as HTMLElement & { marked?: boolean }).marked), undefined)
+  await page.locator(gpu).evaluate((node) => { (node as HTMLElement & { marked?: boolean }).marked = true })
+  const again = await post(one, '/gpu/reserve', { outputType: 'text', model: 'qwq' })
+  await isState('leased')()
+  t.equal(await page.locator(gpu).evaluate((node) => (node as HTMLElement & { marked?: boolean }).marked), true, 'same element, changed in place (no redraw)')
+  await post(one, '/gpu/release', { leaseId: again.body.leaseId })
+  await isState('idle')()
+
+  t.same(errors, [], 'no page errors')
+  t.same(foreign, [], 'no request to any other host')
+})
+
+t.test('on a phone, and under a prefix', async (t) => {
+  const fleet = await startFleet(t, { gpus: [1, 1], upstreams: [{ model: 'qwq', gpus: [0, 1] }] })
+  // The gateway embedded in a host app under /maestro: every URL the page uses is relative.
+  const Fastify = (await import('fastify')).default
+  const maestro = (await import('../app.js')).default
+  const host = Fastify({ logger: false, forceCloseConnections: true })
+  await host.register(maestro, { prefix: '/maestro', dotenv: false, ...fleet.options })
+  await host.listen({ port: 0, host: '127.0.0.1' })
+  t.teardown(async () => { await host.close() })
+  const address = host.server.address()
+  const base = `http://127.0.0.1:${typeof address === 'object' && address != null ? address.port : 0}/maestro`
+
+  const context = await startBrowser(t, { viewport: { width: 390, height: 844 } })
+  const page = await context.newPage()
+  const errors: string[] = []
+  page.on('pageerror', (err) => errors.push(err.message))
+  const paths: string[] = []
+  page.on('request', (request) => { const u = new URL(request.url()); if (u.protocol !== 'data:') paths.push(u.pathname) })
+  await page.goto(`${base}/ui`)
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 5000 })
+  t.equal(new URL(page.url()).pathname, '/maestro/ui/', '/ui leads to /ui/ under the prefix')
+  t.ok(paths.every((p) => p.startsWith('/maestro/')), `every request under the prefix: ${paths.join(' ')}`)
+  t.ok(paths.includes('/maestro/gpu/events'))
+  t.equal(await page.locator('.gpu').count(), 2)
+  // a request, then a reservation, so the phone shows rows of every kind
+  const served = await fetch(`${base}/api/generate`, { method: 'POST', body: JSON.stringify({ model: 'qwq', prompt: 'x', stream: false }) })
+  t.equal(served.status, 200)
+  const reserved = await fetch(`${base}/gpu/reserve`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ outputType: 'text', model: 'qwq' }) })
+  t.equal(reserved.status, 200)
+  await page.waitForSelector('.gpu.state-leased', { timeout: 1000 })
+  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length === 2, undefined, { timeout: 2000 })
+  const width = await page.evaluate(() => document.documentElement.scrollWidth)
+  t.ok(width <= 390, `nothing wider than the phone (${width} px)`)
+  await page.screenshot({ path: join(ARTIFACTS, 'console-phone.png'), fullPage: true })
+  t.same(errors, [])
+})
