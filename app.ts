@@ -2,6 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
 import auth from './plugins/auth.js'
 import config, { type ConfigOptions } from './plugins/config.js'
+import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
 import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
@@ -13,6 +14,7 @@ import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
+import adminRoutes from './routes/admin/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -44,6 +46,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
   await fastify.register(auth)
+  await fastify.register(docs)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
@@ -51,6 +54,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
+  await fastify.register(adminRoutes)
   await fastify.register(uiRoutes)
 }
 

@@ -49,7 +49,8 @@ export default fp(async function accessLog (fastify) {
       ms: round(performance.now() - startedAt),
       bytes
     }
-    if (fields.model != null) {
+    // Clients' requests for a model (the operator's own calls — admin API, reservations — are not).
+    if (fields.model != null && request.routeOptions.config?.auth !== 'admin') {
       fastify.recentRequests.add({
         at: new Date().toISOString(),
         route: fields.route,

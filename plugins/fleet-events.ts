@@ -60,9 +60,12 @@ export default fp(async function fleetEvents (fastify) {
     onError: (err) => fastify.log.debug({ err }, 'replica presence not written')
   })
   const upstreamHealth = upstreamHealthSource(fastify)
-  // The admin API comes with its own plugin; the page offers changes only where it is.
-  const admin = { available: false, token: config.adminToken != null || config.apiKeys.length > 0 }
-  fastify.addHook('onRoute', (route) => { if (route.url.endsWith('/admin/computers')) admin.available = true })
+  // The admin API comes with its own routes; the page offers the changes this gateway has.
+  const admin = { resources: [] as string[], token: config.adminToken != null || config.apiKeys.length > 0 }
+  fastify.addHook('onRoute', (route) => {
+    const resource = /\/admin\/([a-z-]+)$/.exec(route.url)?.[1]
+    if (resource !== undefined && route.method === 'GET' && !admin.resources.includes(resource)) admin.resources.push(resource)
+  })
 
   const hub = new FleetEventHub({
     build: async () => {
@@ -81,8 +84,7 @@ export default fp(async function fleetEvents (fastify) {
         store: store.kind,
         admin,
         now: Date.now(),
-        upstreamHealth,
-        capacityOf: (id) => (inventory.assignment(id) as { capacity?: number } | undefined)?.capacity ?? 1
+        upstreamHealth
       })
     },
     onError: (err) => fastify.log.warn({ err }, 'fleet state could not be read for the console')

@@ -13,7 +13,13 @@ declare module 'fastify' {
 
 export default fp(async function gpuLease (fastify) {
   const config = fastify.maestroConfig
-  const settings = { ttlMs: config.leaseTtlMs, queueMax: config.queueMax, starvationMs: config.starvationMs }
+  const settings = {
+    ttlMs: config.leaseTtlMs,
+    queueMax: config.queueMax,
+    queueMaxTotal: config.queueMaxTotal,
+    starvationMs: config.starvationMs,
+    priorityAgingMs: config.priorityAgingMs
+  }
   let store: LeaseStore
   if (fastify.leaseRedis != null) {
     store = new RedisLeaseStore({ ...settings, ...fastify.leaseRedis, prefix: config.redisKeyPrefix })

@@ -3,11 +3,16 @@ import fp from 'fastify-plugin'
 import { InventoryCache, type SharedSnapshot } from '../services/inventory-cache.js'
 import { loadInventoryFromDatabase, loadInventoryFromFile } from '../services/inventory.js'
 import { packageRoot } from '../services/package-root.js'
+import { databaseFleetStore, fileFleetStore, type FleetStore } from '../services/fleet-store.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
     /** The fleet: which assignments serve which model on which GPUs. */
     inventory: InventoryCache
+    /** Where the admin API's changes go: MariaDB, or the inventory file in embedded mode. */
+    fleetStore: FleetStore
+    /** After a change: this replica reads the inventory again now, every other replica when told. */
+    inventoryChanged: () => Promise<void>
   }
 }
 
@@ -36,5 +41,12 @@ export default fp(async function inventory (fastify) {
   // Another replica cleared the cache: read the source again.
   fastify.leases.onInventoryChanged = () => { void cache.reload() }
   fastify.decorate('inventory', cache)
+  // The package's own default file is not the operator's to rewrite.
+  fastify.decorate('fleetStore', db != null ? databaseFleetStore(db) : fileFleetStore(file, { writable: config.inventoryFile != null }))
+  fastify.decorate('inventoryChanged', async () => {
+    await cache.clearShared()
+    await cache.reload()
+    await fastify.leases.store.publishInventoryChanged()
+  })
   fastify.addHook('onClose', async () => { cache.close() })
 }, { name: 'inventory', dependencies: ['config', 'mariadb', 'redis', 'gpu-lease'], fastify: '5.x' })

@@ -24,8 +24,37 @@ async function timedQuery (pool: Pool, sql: string, params?: unknown[]): Promise
   }
 }
 
+async function inTransaction<T> (pool: Pool, work: (query: Query) => Promise<T>): Promise<T> {
+  const connection = await pool.getConnection()
+  let broken = false
+  const query: Query = async (sql, params) => {
+    try {
+      const [rows] = await connection.query({ sql, timeout: QUERY_TIMEOUT_MS }, params)
+      return rows as any[]
+    } catch (err) {
+      if ((err as { code?: string }).code === 'PROTOCOL_SEQUENCE_TIMEOUT') broken = true
+      throw err
+    }
+  }
+  try {
+    await connection.beginTransaction()
+    const result = await work(query)
+    await connection.commit()
+    return result
+  } catch (err) {
+    if (!broken) await connection.rollback().catch(() => { broken = true })
+    throw err
+  } finally {
+    // A connection that lost an answer (or its rollback) is dropped: the server ends its transaction.
+    if (broken) connection.destroy()
+    else connection.release()
+  }
+}
+
 export interface InventoryDb {
   query: Query
+  /** `work` on one connection between BEGIN and COMMIT, rolled back when it throws (admin writes). */
+  transaction: <T>(work: (query: Query) => Promise<T>) => Promise<T>
   /** Cheap round trip for /health. */
   ping: () => Promise<void>
 }
@@ -55,6 +84,7 @@ export default fp(async function mariadb (fastify) {
   const pool = (fastify as any).mysql.maestro.pool as Pool
   fastify.decorate('inventoryDb', {
     query: async (sql: string, params?: unknown[]) => await timedQuery(pool, sql, params) as any[],
-    ping: async () => { await timedQuery(pool, 'SELECT 1') }
+    ping: async () => { await timedQuery(pool, 'SELECT 1') },
+    transaction: async (work) => await inTransaction(pool, work)
   })
 }, { name: 'mariadb', dependencies: ['config'], fastify: '5.x' })

@@ -73,6 +73,16 @@ export default fp(async function metrics (fastify) {
           queueDepth.set({ kind: label.slice(0, colon), model: label.slice(colon + 1) }, depth)
         }
         gpusLeased.set(status.gpus.length)
+        // Slots count once per assignment (its GPUs all show the same leases).
+        const seen = new Set<string>()
+        let used = 0
+        for (const g of status.gpus) {
+          if (g.assignmentId == null || seen.has(g.assignmentId)) continue
+          seen.add(g.assignmentId)
+          used += g.slotsUsed
+        }
+        slotsInUse.set(used)
+        slotCapacity.set(fastify.inventory.current.snapshot.assignments.reduce((n, a) => n + (a.capacity ?? 1), 0))
         gpus.set(gpuIds.length)
         leaseStoreUp.set(1)
       } catch (err) {
@@ -136,6 +146,18 @@ export default fp(async function metrics (fastify) {
     collect: readStore
   })
   const gpus = new Gauge({ name: 'maestro_gpus', help: 'GPUs in the inventory', registers, collect: readStore })
+  const slotsInUse = new Gauge({
+    name: 'maestro_slots_in_use',
+    help: 'Leases running right now (one per request in flight; a reservation takes every slot), across all replicas',
+    registers,
+    collect: readStore
+  })
+  const slotCapacity = new Gauge({
+    name: 'maestro_slot_capacity',
+    help: 'Parallel slots of every assignment of the inventory together (assignments sharing GPUs never run at once)',
+    registers,
+    collect: readStore
+  })
   const leaseStoreUp = new Gauge({
     name: 'maestro_lease_store_up',
     help: '1 when the lease store answered this scrape\'s status read, else 0',

@@ -2,6 +2,7 @@ import { Transform, type TransformCallback } from 'node:stream'
 import fp from 'fastify-plugin'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
 import type { TSchema } from '@sinclair/typebox'
+import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -56,7 +57,7 @@ export default fp(async function requestBody (fastify) {
     return (data: unknown) => {
       if (check.Check(data)) return { value: data }
       const first = check.Errors(data).First()
-      const error = new Error(first == null ? 'invalid request' : describe(first.path, first.message))
+      const error = new Error(first == null ? 'invalid request' : describe(first))
       return { error }
     }
   })
@@ -87,8 +88,12 @@ class LimitedBody extends Transform {
   }
 }
 
-function describe (path: string, message: string): string {
-  if (path === '' || path === '/') return 'request body must be a JSON object'
+/** The first schema error as `<field>: <what is wrong>`; a union (an id, a weight) says what it takes. */
+function describe ({ path, message, type, schema }: ValueError): string {
+  const root = path === '' || path === '/'
+  if (root && type === ValueErrorType.ObjectMinProperties) return 'request body must name at least one field'
+  if (root) return 'request body must be a JSON object'
+  if (type === ValueErrorType.Union && typeof schema.description === 'string') message = `must be ${schema.description}`
   if (path === '/model') return 'model is required'
   return `${path.slice(1).replace(/\//g, '.')}: ${message}`
 }

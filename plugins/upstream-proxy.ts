@@ -7,7 +7,7 @@ import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 
 /** How long an assignment that refused a connection sits out before it is tried first again. */
@@ -182,7 +182,13 @@ export default fp(async function upstreamProxy (fastify) {
    */
   function candidateLeases (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget) {
     const all = target.candidates ?? fastify.inventory.current.candidates(target.model, target.kind)
-    if (all.length === 0) throw new GatewayError(404, `model '${target.model}' not found`)
+    if (all.length === 0) {
+      // Every server of the model drained by an operator: it exists, it is just not taking work.
+      if (fastify.inventory.current.candidates(target.model, target.kind, { drained: true }).length > 0) {
+        throw new GatewayError(503, `every server of model '${target.model}' is drained`, 5)
+      }
+      throw new GatewayError(404, `model '${target.model}' not found`)
+    }
     request.exchange.model = target.model
     const queue = queueName(target.kind, modelKey(target.model))
     const tried = new Set<string>()
@@ -198,7 +204,7 @@ export default fp(async function upstreamProxy (fastify) {
         const choice = fresh.length > 0 ? fresh : untried
         const lease = await fastify.leases.acquire({
           queue,
-          candidates: choice.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+          candidates: candidatesOf(choice),
           info: { model: target.model, kind: target.kind, purpose: 'proxy' },
           signal: request.exchange.signal
         })

@@ -16,6 +16,8 @@ export const EnvSchema = Type.Object({
   INVENTORY_REFRESH_MS: Type.Integer({ default: 10000, minimum: 100 }),
   LEASE_TTL_MS: Type.Integer({ default: 30000, minimum: 300 }),
   QUEUE_MAX: Type.Integer({ default: 1000, minimum: 0 }),
+  QUEUE_MAX_TOTAL: Type.Integer({ default: 10000, minimum: 0 }),
+  PRIORITY_AGING_MS: Type.Integer({ default: 30000, minimum: 0 }),
   QUEUE_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 0 }),
   STARVATION_MS: Type.Integer({ default: 10000, minimum: 0 }),
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
@@ -43,6 +45,10 @@ export interface GatewayConfig {
   inventoryRefreshMs: number
   leaseTtlMs: number
   queueMax: number
+  /** Waiters across every model's queue. */
+  queueMaxTotal: number
+  /** A waiter that has waited this long is served as one priority level higher. */
+  priorityAgingMs: number
   queueTimeoutMs: number
   starvationMs: number
   keepAlive: KeepAlive
@@ -113,6 +119,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     inventoryRefreshMs: env.INVENTORY_REFRESH_MS,
     leaseTtlMs: env.LEASE_TTL_MS,
     queueMax: env.QUEUE_MAX,
+    queueMaxTotal: env.QUEUE_MAX_TOTAL,
+    priorityAgingMs: env.PRIORITY_AGING_MS,
     queueTimeoutMs: env.QUEUE_TIMEOUT_MS,
     starvationMs: env.STARVATION_MS,
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),

@@ -66,8 +66,8 @@ export interface FleetSnapshot {
   /** the replica that built it */
   replica: string
   store: 'redis' | 'memory'
-  /** whether this gateway has the admin API, and whether it wants a token for it */
-  admin: { available: boolean, token: boolean }
+  /** the admin API's record kinds this gateway has (`computers`, `api-keys`...), and whether it wants a token */
+  admin: { resources: string[], token: boolean }
   computers: ComputerView[]
   gpus: GpuView[]
   assignments: AssignmentView[]
@@ -107,9 +107,6 @@ export interface FleetInputs {
   upstreamHealth?: (assignmentId: string) => UpstreamHealth | undefined
   /** per queue name, when the lease store tells */
   queueSince?: Record<string, number>
-  /** how many requests an assignment serves at once (1 unless the inventory says more) */
-  capacityOf?: (assignmentId: string) => number
-  drained?: (assignmentId: string) => boolean
 }
 
 export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
@@ -117,15 +114,11 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
   const names = new Map(inventory.assignments.map((a) => [a.id, a.name]))
   const leaseByGpu = new Map(status.gpus.map((g) => [g.gpuId, g]))
 
-  // Slots in use per assignment: its distinct leases (a lease takes every GPU of its assignment).
-  const tokensOf = new Map<string, Set<string>>()
+  // Slots in use per assignment, as the lease store counts them on its GPUs.
+  const slotsUsed = new Map<string, number>()
   for (const g of status.gpus) {
-    if (g.assignmentId == null) continue
-    let set = tokensOf.get(g.assignmentId)
-    if (set === undefined) tokensOf.set(g.assignmentId, set = new Set())
-    set.add(g.token)
+    if (g.assignmentId != null) slotsUsed.set(g.assignmentId, Math.max(slotsUsed.get(g.assignmentId) ?? 0, g.slotsUsed))
   }
-  const slotsOf = (id: string): Slots => ({ used: tokensOf.get(id)?.size ?? 0, capacity: Math.max(1, inputs.capacityOf?.(id) ?? 1) })
 
   const computers = new Map<string, ComputerView>()
   const gpus: GpuView[] = inventory.gpus.map((gpu) => {
@@ -145,7 +138,7 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
       assignment: lease.assignmentId == null ? undefined : names.get(lease.assignmentId) ?? lease.assignmentId,
       purpose: lease.purpose,
       since: lease.since,
-      slots: lease.assignmentId == null ? undefined : slotsOf(lease.assignmentId)
+      slots: { used: lease.slotsUsed, capacity: lease.capacity }
     }
   })
 
@@ -158,11 +151,11 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
       kind: a.kind,
       address: a.host,
       gpuIds: a.gpuIds,
-      slots: slotsOf(a.id),
+      slots: { used: slotsUsed.get(a.id) ?? 0, capacity: a.capacity },
       health: health?.health,
       loaded: health?.loaded,
       polledAt: health?.polledAt,
-      drained: inputs.drained?.(a.id) === true ? true : undefined
+      drained: a.drained === true ? true : undefined
     }
   })
 

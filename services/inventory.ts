@@ -8,6 +8,7 @@
  */
 import { readFile } from 'node:fs/promises'
 import { isIP } from 'node:net'
+import { checkInventoryFile, show, type InventoryFile } from './inventory-schema.js'
 import { modelKey } from './model-name.js'
 
 export type ModelKind = 'llm' | 'diffusor' | 'speech'
@@ -47,6 +48,16 @@ export interface Assignment {
   /** AVG(gpus.weight) over the assignment's GPUs, NULL counting as 0. */
   weight: number
   computerName: string
+  /** Requests it runs at once (parallel slots, >= 1): `assignments.max_parallel`, a file's `"parallel"`. */
+  capacity: number
+  /** Drained by an operator (POST /admin/assignments/:id/drain): takes no new lease; what runs finishes. */
+  drained?: boolean
+}
+
+/** NULL, missing or below 1: one request at a time, as in the original proxy. */
+export function capacityFrom (v: unknown): number {
+  const n = typeof v === 'number' ? v : Number(v)
+  return v === null || v === undefined || !Number.isInteger(n) || n < 1 ? 1 : n
 }
 
 export interface InventorySnapshot {
@@ -76,6 +87,8 @@ export class Inventory {
   /** every assignment by kind, in preference order */
   readonly #byKind = new Map<ModelKind, Assignment[]>()
   readonly #kindByKey = new Map<string, ModelKind>()
+  /** candidates() answers the same array for the same question while this inventory lasts. */
+  readonly #answers = new Map<string, Assignment[]>()
 
   constructor (snapshot: InventorySnapshot) {
     this.snapshot = {
@@ -110,17 +123,33 @@ export class Inventory {
   /**
    * The assignments that serve `model` as a model of `kind`, best first: highest weight, then
    * lowest id. A model no assignment names is served by the wildcard assignments of its kind
-   * (unless the model is known to be of another kind).
+   * (unless the model is known to be of another kind). Drained assignments are left out unless
+   * `drained` is set.
    */
-  candidates (model: string, kind: ModelKind): Assignment[] {
+  candidates (model: string, kind: ModelKind, opts: { drained?: boolean } = {}): Assignment[] {
     if (typeof model !== 'string' || model === '') return []
     const key = modelKey(model)
+    const drained = opts.drained === true
+    const asked = `${kind}\n${drained ? 'd' : ''}\n${key}`
+    let answer = this.#answers.get(asked)
+    if (answer === undefined) {
+      answer = this.#candidates(key, kind, drained)
+      // the names come from clients: bounded
+      if (this.#answers.size >= 1000) this.#answers.clear()
+      this.#answers.set(asked, answer)
+    }
+    return answer
+  }
+
+  #candidates (key: string, kind: ModelKind, drained: boolean): Assignment[] {
     if (key === WILDCARD) return []
+    // drained ones only when asked for (to tell "all drained" from "not found")
+    const usable = (a: Assignment): boolean => drained || a.drained !== true
     const named = this.#byModelKey.get(key)
-    if (named !== undefined) return named.filter(a => a.kind === kind)
+    if (named !== undefined) return named.filter(a => a.kind === kind && usable(a))
     const known = this.#kindByKey.get(key)
     if (known !== undefined && known !== kind) return []
-    return [...(this.#wildcards.get(kind) ?? [])]
+    return (this.#wildcards.get(kind) ?? []).filter(usable)
   }
 
   /** The kind of a model listed in the inventory (llms, diffusors, speech_models), if any. */
@@ -185,7 +214,7 @@ interface Facts {
   gpus: Array<{ id: string, name: string, vramSize: number, weight: number | null, computerId: string }>
   /** in listing order; a model listed twice keeps its first kind */
   models: Array<{ name: string, kind: ModelKind }>
-  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind }>
+  assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind, capacity?: number, drained?: boolean }>
 }
 
 const TABLE_OF_KIND: Record<ModelKind, string> = { llm: 'llms', diffusor: 'diffusors', speech: 'speech_models' }
@@ -305,7 +334,9 @@ function buildSnapshot (facts: Facts): InventorySnapshot {
       host,
       gpuIds: own.map(g => g.id),
       weight,
-      computerName: computer.name
+      computerName: computer.name,
+      capacity: capacityFrom(raw.capacity),
+      ...(raw.drained === true ? { drained: true } : {})
     })
   }
   assignments.sort((a, b) => compareIds(a.id, b.id))
@@ -324,11 +355,26 @@ const SQL_MODELS =
   "SELECT 'llm' AS kind, l.name FROM llms l " +
   "UNION ALL SELECT 'diffusor' AS kind, d.name FROM diffusors d " +
   "UNION ALL SELECT 'speech' AS kind, s.name FROM speech_models s"
-const SQL_ASSIGNMENTS = 'SELECT a.id, a.name, a.model_name, a.port FROM assignments a ORDER BY a.id'
+// Every column: max_parallel exists only once `npm run migrate` has run (absent = capacity 1).
+const SQL_ASSIGNMENTS = 'SELECT a.* FROM assignments a ORDER BY a.id'
 const SQL_ASSIGNMENT_GPUS =
   'SELECT ag.assignment_id, ag.gpu_id FROM assignment_gpus ag ' +
   'JOIN assignments a ON a.id = ag.assignment_id JOIN gpus g ON g.id = ag.gpu_id ' +
   'ORDER BY ag.assignment_id, ag.gpu_id'
+
+/** The gateway's own table (migration 003): assignments drained by an operator. */
+const SQL_DRAINED = 'SELECT d.assignment_id FROM maestro_assignment_drains d'
+const ER_NO_SUCH_TABLE = 1146
+
+/** Drained assignment ids; none on a database the gateway's migrations have not touched. */
+async function drainedIds (query: Query): Promise<Set<string>> {
+  try {
+    return new Set((await query(SQL_DRAINED)).map(r => text(r.assignment_id)))
+  } catch (err) {
+    if ((err as { errno?: number }).errno === ER_NO_SUCH_TABLE) return new Set()
+    throw err
+  }
+}
 
 const KIND_ORDER: Record<ModelKind, number> = { llm: 0, diffusor: 1, speech: 2 }
 
@@ -343,12 +389,13 @@ function num (v: unknown): number {
 }
 
 export async function loadInventoryFromDatabase (query: Query): Promise<InventorySnapshot> {
-  const [computers, gpus, models, assignments, links] = await Promise.all([
+  const [computers, gpus, models, assignments, links, drained] = await Promise.all([
     query(SQL_COMPUTERS),
     query(SQL_GPUS),
     query(SQL_MODELS),
     query(SQL_ASSIGNMENTS),
-    query(SQL_ASSIGNMENT_GPUS)
+    query(SQL_ASSIGNMENT_GPUS),
+    drainedIds(query)
   ])
   const gpusOf = new Map<string, string[]>()
   for (const row of links) {
@@ -375,7 +422,9 @@ export async function loadInventoryFromDatabase (query: Query): Promise<Inventor
       name: text(r.name),
       model: text(r.model_name),
       port: num(r.port),
-      gpuIds: gpusOf.get(text(r.id)) ?? []
+      gpuIds: gpusOf.get(text(r.id)) ?? [],
+      capacity: capacityFrom(r.max_parallel),
+      drained: drained.has(text(r.id))
     }))
   })
 }
@@ -384,185 +433,106 @@ export async function loadInventoryFromDatabase (query: Query): Promise<Inventor
 /* From a JSON file (embedded mode)                                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-const MODEL_LISTS: Array<[string, ModelKind]> = [['llms', 'llm'], ['diffusors', 'diffusor'], ['speech', 'speech']]
-const ID_PATTERN = /^[A-Za-z0-9._-]{1,100}$/
-
-class Checker {
-  constructor (readonly source: string) {}
-
-  fail (path: string, message: string): never {
-    throw new Error(`inventory ${this.source}: ${path} ${message}`)
-  }
-
-  object (v: unknown, path: string, allowed: string[]): Record<string, unknown> {
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) this.fail(path, `must be an object (got ${show(v)})`)
-    const o = v as Record<string, unknown>
-    for (const k of Object.keys(o)) {
-      if (k.startsWith('_') || k.startsWith('$')) continue // comments, $schema
-      if (!allowed.includes(k)) this.fail(path, `has unknown field ${JSON.stringify(k)} (expected ${allowed.join(', ')})`)
-    }
-    return o
-  }
-
-  array (v: unknown, path: string): unknown[] {
-    if (!Array.isArray(v)) this.fail(path, `must be an array (got ${show(v)})`)
-    return v
-  }
-
-  string (v: unknown, path: string): string {
-    if (typeof v !== 'string' || v === '') this.fail(path, `must be a non-empty string (got ${show(v)})`)
-    return v
-  }
-
-  id (v: unknown, path: string): string {
-    if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return String(v)
-    if (typeof v === 'string' && ID_PATTERN.test(v)) return v
-    this.fail(path, `must be a whole number or a string of letters, digits, '.', '_' or '-' (got ${show(v)})`)
-  }
-
-  number (v: unknown, path: string, min = -Infinity): number {
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < min) {
-      this.fail(path, `must be a number${min === -Infinity ? '' : ` of at least ${min}`} (got ${show(v)})`)
-    }
-    return v
-  }
-
-  port (v: unknown, path: string): number {
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 65535) this.fail(path, `must be an integer from 1 to 65535 (got ${show(v)})`)
-    return v
-  }
-
-  kind (v: unknown, path: string): ModelKind {
-    if (typeof v !== 'string' || !(MODEL_KINDS as readonly string[]).includes(v)) {
-      this.fail(path, `must be one of ${MODEL_KINDS.map(k => JSON.stringify(k)).join(', ')} (got ${show(v)})`)
-    }
-    return v as ModelKind
-  }
-}
-
-function show (v: unknown): string {
-  if (v === undefined) return 'nothing'
-  if (Array.isArray(v)) return 'an array'
-  if (v === null) return 'null'
-  if (typeof v === 'object') return 'an object'
-  const s = JSON.stringify(v)
-  return s.length > 60 ? `${s.slice(0, 57)}...` : s
-}
+const MODEL_LISTS: Array<['llms' | 'diffusors' | 'speech', ModelKind]> = [['llms', 'llm'], ['diffusors', 'diffusor'], ['speech', 'speech']]
 
 /**
- * Checks an embedded-mode inventory (already parsed from JSON) and turns it into a snapshot.
- * Throws an Error naming `source` and the offending field on anything wrong.
+ * Checks an embedded-mode inventory (already parsed from JSON) and turns it into a snapshot: its
+ * shape by the record schemas (services/inventory-schema.ts), then what a schema cannot say (ids
+ * unique, references that resolve, one computer per assignment). Throws an Error naming `source`
+ * and the offending field on anything wrong.
  */
 export function parseInventoryFile (json: unknown, source: string): InventorySnapshot {
-  const c: Checker = new Checker(source) // explicitly typed, so that c.fail() (never) narrows
-  const root = c.object(json, 'the inventory', ['computers', 'gpus', 'models', 'assignments'])
+  const fail = (path: string, message: string): never => {
+    throw new Error(`inventory ${source}: ${path} ${message}`)
+  }
+  let file: InventoryFile
+  try {
+    file = checkInventoryFile(json)
+  } catch (err) {
+    throw new Error(`inventory ${source}: ${(err as Error).message}`)
+  }
+
+  /** `id` unique among `seen` (ids compare as strings: `1` and `"1"` are the same). */
+  const uniqueId = (seen: Map<string, number>, list: string, i: number, raw: string | number): string => {
+    const id = String(raw)
+    const at = seen.get(id)
+    if (at !== undefined) fail(`${list}[${i}].id`, `${id} is already the id of ${list}[${at}]`)
+    seen.set(id, i)
+    return id
+  }
 
   const computers: Facts['computers'] = []
   const computerIndex = new Map<string, number>()
-  c.array(root.computers, 'computers').forEach((raw, i) => {
-    const path = `computers[${i}]`
-    const o = c.object(raw, path, ['id', 'name', 'ip'])
-    const id = c.id(o.id, `${path}.id`)
-    const seen = computerIndex.get(id)
-    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of computers[${seen}]`)
-    computerIndex.set(id, i)
-    const name = c.string(o.name, `${path}.name`)
-    const ip = c.string(o.ip, `${path}.ip`)
-    if (normaliseAddress(ip) === undefined) c.fail(`${path}.ip`, `must be an IPv4 or IPv6 address or a host name (got ${show(ip)})`)
-    computers.push({ id, name, ip })
+  file.computers.forEach((c, i) => {
+    const id = uniqueId(computerIndex, 'computers', i, c.id)
+    if (normaliseAddress(c.ip) === undefined) fail(`computers[${i}].ip`, `must be an IPv4 or IPv6 address or a host name (got ${show(c.ip)})`)
+    computers.push({ id, name: c.name, ip: c.ip })
   })
 
   const gpus: Facts['gpus'] = []
   const gpuIndex = new Map<string, number>()
-  c.array(root.gpus, 'gpus').forEach((raw, i) => {
-    const path = `gpus[${i}]`
-    const o = c.object(raw, path, ['id', 'name', 'vram', 'computer', 'weight'])
-    const id = c.id(o.id, `${path}.id`)
-    const seen = gpuIndex.get(id)
-    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of gpus[${seen}]`)
-    gpuIndex.set(id, i)
-    const name = o.name === undefined ? `GPU ${id}` : c.string(o.name, `${path}.name`)
-    const vramSize = o.vram === undefined ? 0 : c.number(o.vram, `${path}.vram`, 0)
-    const weight = o.weight === undefined || o.weight === null ? null : c.number(o.weight, `${path}.weight`)
-    const computerId = c.id(o.computer, `${path}.computer`)
-    if (!computerIndex.has(computerId)) c.fail(`${path}.computer`, `names computer ${computerId}, which is not in computers`)
-    gpus.push({ id, name, vramSize, weight, computerId })
+  file.gpus.forEach((g, i) => {
+    const id = uniqueId(gpuIndex, 'gpus', i, g.id)
+    const computerId = String(g.computer)
+    if (!computerIndex.has(computerId)) fail(`gpus[${i}].computer`, `names computer ${computerId}, which is not in computers`)
+    gpus.push({ id, name: g.name ?? `GPU ${id}`, vramSize: g.vram ?? 0, weight: g.weight ?? null, computerId })
   })
 
   const models: Facts['models'] = []
   const listed = new Map<string, { kind: ModelKind, path: string }>()
-  if (root.models !== undefined) {
-    const m = c.object(root.models, 'models', MODEL_LISTS.map(([list]) => list))
-    for (const [list, kind] of MODEL_LISTS) {
-      if (m[list] === undefined) continue
-      c.array(m[list], `models.${list}`).forEach((raw, i) => {
-        const path = `models.${list}[${i}]`
-        const name = c.string(raw, path)
-        if (name === WILDCARD) c.fail(path, "must name a model ('*' belongs in an assignment, with a kind)")
-        const key = modelKey(name)
-        const seen = listed.get(key)
-        if (seen !== undefined) c.fail(path, `${JSON.stringify(name)} is already listed as ${seen.path}`)
-        listed.set(key, { kind, path })
-        models.push({ name, kind })
-      })
-    }
+  for (const [list, kind] of MODEL_LISTS) {
+    (file.models?.[list] ?? []).forEach((name, i) => {
+      const path = `models.${list}[${i}]`
+      if (name === WILDCARD) fail(path, "must name a model ('*' belongs in an assignment, with a kind)")
+      const key = modelKey(name)
+      const seen = listed.get(key)
+      if (seen !== undefined) fail(path, `${JSON.stringify(name)} is already listed as ${seen.path}`)
+      listed.set(key, { kind, path })
+      models.push({ name, kind })
+    })
   }
 
   const assignments: Facts['assignments'] = []
   const assignmentIndex = new Map<string, number>()
   const assignmentNames = new Map<string, number>()
-  c.array(root.assignments, 'assignments').forEach((raw, i) => {
+  file.assignments.forEach((a, i) => {
     const path = `assignments[${i}]`
-    const o = c.object(raw, path, ['id', 'name', 'model', 'kind', 'port', 'gpus'])
-    const id = c.id(o.id, `${path}.id`)
-    const seen = assignmentIndex.get(id)
-    if (seen !== undefined) c.fail(`${path}.id`, `${id} is already the id of assignments[${seen}]`)
-    assignmentIndex.set(id, i)
-    const name = c.string(o.name, `${path}.name`)
-    const sameName = assignmentNames.get(name)
-    if (sameName !== undefined) c.fail(`${path}.name`, `${JSON.stringify(name)} is already the name of assignments[${sameName}]`)
-    assignmentNames.set(name, i)
-    const model = c.string(o.model, `${path}.model`)
-    const explicit = o.kind === undefined ? undefined : c.kind(o.kind, `${path}.kind`)
+    const id = uniqueId(assignmentIndex, 'assignments', i, a.id)
+    const sameName = assignmentNames.get(a.name)
+    if (sameName !== undefined) fail(`${path}.name`, `${JSON.stringify(a.name)} is already the name of assignments[${sameName}]`)
+    assignmentNames.set(a.name, i)
     let kind: ModelKind
-    if (model === WILDCARD) {
-      if (explicit === undefined) c.fail(`${path}.kind`, "is required when the model is '*' (one of \"llm\", \"diffusor\", \"speech\")")
-      kind = explicit
+    if (a.model === WILDCARD) {
+      kind = a.kind ?? fail(`${path}.kind`, "is required when the model is '*' (one of \"llm\", \"diffusor\", \"speech\")")
     } else {
-      const key = modelKey(model)
+      const key = modelKey(a.model)
       const known = listed.get(key)
       if (known !== undefined) {
-        if (explicit !== undefined && explicit !== known.kind) {
-          c.fail(`${path}.kind`, `is ${JSON.stringify(explicit)} but model ${JSON.stringify(model)} is ${known.kind} (${known.path})`)
+        if (a.kind !== undefined && a.kind !== known.kind) {
+          fail(`${path}.kind`, `is ${JSON.stringify(a.kind)} but model ${JSON.stringify(a.model)} is ${known.kind} (${known.path})`)
         }
         kind = known.kind
       } else {
-        if (explicit === undefined) {
-          c.fail(`${path}.model`, `${JSON.stringify(model)} is in none of models.llms, models.diffusors, models.speech: list it there or give the assignment a kind`)
-        }
-        kind = explicit
+        kind = a.kind ?? fail(`${path}.model`, `${JSON.stringify(a.model)} is in none of models.llms, models.diffusors, models.speech: list it there or give the assignment a kind`)
         listed.set(key, { kind, path: `${path}.kind` })
-        models.push({ name: model, kind })
+        models.push({ name: a.model, kind })
       }
     }
-    const port = c.port(o.port, `${path}.port`)
     const gpuIds: string[] = []
-    const list = c.array(o.gpus, `${path}.gpus`)
-    if (list.length === 0) c.fail(`${path}.gpus`, 'must name at least one GPU')
     let computerId: string | undefined
-    list.forEach((g, j) => {
-      const gpuId = c.id(g, `${path}.gpus[${j}]`)
+    a.gpus.forEach((raw, j) => {
+      const gpuId = String(raw)
       const at = gpuIndex.get(gpuId)
-      if (at === undefined) c.fail(`${path}.gpus[${j}]`, `names gpu ${gpuId}, which is not in gpus`)
-      if (gpuIds.includes(gpuId)) c.fail(`${path}.gpus[${j}]`, `names gpu ${gpuId} twice`)
-      const on = gpus[at].computerId
+      if (at === undefined) fail(`${path}.gpus[${j}]`, `names gpu ${gpuId}, which is not in gpus`)
+      if (gpuIds.includes(gpuId)) fail(`${path}.gpus[${j}]`, `names gpu ${gpuId} twice`)
+      const on = gpus[at as number].computerId
       if (computerId !== undefined && on !== computerId) {
-        c.fail(`${path}.gpus`, `must all be on one computer (gpu ${gpuIds[0]} is on computer ${computerId}, gpu ${gpuId} on computer ${on})`)
+        fail(`${path}.gpus`, `must all be on one computer (gpu ${gpuIds[0]} is on computer ${computerId}, gpu ${gpuId} on computer ${on})`)
       }
       computerId = on
       gpuIds.push(gpuId)
     })
-    assignments.push({ id, name, model, port, gpuIds, kind })
+    assignments.push({ id, name: a.name, model: a.model, port: a.port, gpuIds, kind, capacity: a.parallel, drained: a.drained === true })
   })
 
   return buildSnapshot({ computers, gpus, models, assignments })

@@ -1,5 +1,6 @@
 import { performance } from 'node:perf_hooks'
-import type { Candidate, Grant, HeldLease, LeaseInfo, LeaseStore } from './lease-store.js'
+import type { Candidate, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from './lease-store.js'
+import { capacityOf } from './lease-store.js'
 
 /** Errors a waiting request can end with; each maps to one HTTP answer. */
 export class LeaseError extends Error {
@@ -25,6 +26,10 @@ export interface AcquireRequest {
   queue: string
   candidates: Candidate[]
   info: LeaseInfo
+  /** Fair share and priority are between clients; absent: one anonymous normal client. */
+  client?: ClientRef
+  /** Assignment ids that have the model loaded: tried first among the free candidates, never waited for. */
+  preferred?: string[]
   /** Aborting it (client gone) leaves the queue at once. */
   signal?: AbortSignal
 }
@@ -41,7 +46,8 @@ interface Waiter {
   member: string
   req: AcquireRequest
   startedAt: number
-  score?: number
+  /** Its place in the line once queued: a re-enqueue keeps it. */
+  place?: Place
   timer?: NodeJS.Timeout
   onAbort?: () => void
   /** Sent away by a shutdown (possibly while its first attempt was still running). */
@@ -77,7 +83,12 @@ export class LeaseManager {
   /** Queue leaves that could not reach the store yet: retried, so a ghost waiter cannot block a GPU. */
   private readonly pendingLeaves = new Map<string, string>()
   /** Releases that could not reach the store yet; retried until they do. */
-  private readonly pendingReleases = new Map<string, string[]>()
+  private readonly pendingReleases = new Set<string>()
+  /**
+   * Reservations granted here, with when they were last known renewed: after the store lost its
+   * data they are re-created (their holders may still be working) until they would have expired.
+   */
+  private readonly reservations = new Map<string, { lease: HeldLease, renewedAt: number }>()
   private counter = 0
   private sweepTimer?: NodeJS.Timeout
   private renewTimer?: NodeJS.Timeout
@@ -129,9 +140,11 @@ export class LeaseManager {
     const waiter = this.waiters.get(member) as Waiter
     let result
     try {
-      result = await this.store.attempt({ member, queue: req.queue, candidates: req.candidates, info: req.info })
+      result = await this.store.attempt(this.attemptInput(waiter))
     } catch (err) {
       this.forget(waiter, null)
+      // The call may have run in the store after all (a timeout): leave, or it stays a ghost.
+      void this.leave(req.queue, member)
       this.opts.log?.warn({ err }, 'lease store attempt failed')
       throw new LeaseError('lease store unavailable', 503, 1)
     }
@@ -140,21 +153,43 @@ export class LeaseManager {
       case 'granted':
         if (waiter.refused === true) {
           // Sent away while its first attempt ran (shutdown): the store granted it anyway, give it back.
-          void this.releaseToken(result.token, [])
+          void this.releaseToken(result.token)
           break
         }
         this.onGrant({ member, token: result.token, candidateIndex: result.candidateIndex })
         break
       case 'full':
         this.forget(waiter, null)
-        throw new LeaseError(`queue for model '${req.info.model}' is full`, 503, 5)
+        throw this.fullError(req, result.scope)
       default:
         if (this.waiters.has(member)) {
-          waiter.score = result.score
+          waiter.place = result.place
           this.watch(waiter)
+        } else {
+          // Settled while the attempt was on its way (shutdown): nobody will wait in that place.
+          void this.leave(req.queue, member)
         }
     }
     return await promise
+  }
+
+  private attemptInput (w: Waiter): Parameters<LeaseStore['attempt']>[0] {
+    const { req } = w
+    return {
+      member: w.member,
+      queue: req.queue,
+      candidates: req.candidates,
+      info: req.info,
+      client: req.client,
+      preferred: req.preferred,
+      place: w.place
+    }
+  }
+
+  private fullError (req: AcquireRequest, scope: 'queue' | 'total'): LeaseError {
+    return scope === 'total'
+      ? new LeaseError('too many requests are waiting for a GPU', 503, 5)
+      : new LeaseError(`queue for model '${req.info.model}' is full`, 503, 5)
   }
 
   /** Start the timeout and the client-abort listener of a request that has to wait. */
@@ -204,14 +239,14 @@ export class LeaseManager {
     if (waiter == null) {
       // A second notice of a grant already taken; anything else is nobody's: release it now.
       if (this.held.has(grant.token) || this.settled.get(grant.member) === grant.token) return
-      void this.releaseToken(grant.token, [])
+      void this.releaseToken(grant.token)
       return
     }
     if (waiter.req.signal?.aborted === true) {
       // Granted just as its client left: the lease goes straight back.
       this.forget(waiter, null)
       waiter.reject(new LeaseError('client closed request', 499))
-      void this.releaseToken(grant.token, [])
+      void this.releaseToken(grant.token)
       return
     }
     this.forget(waiter, grant.token)
@@ -222,6 +257,7 @@ export class LeaseManager {
       token: grant.token,
       gpuIds: candidate.gpuIds,
       assignmentId: candidate.assignmentId,
+      slots: waiter.req.info.purpose === 'reservation' ? capacityOf(candidate) : 1,
       queue: waiter.req.queue,
       info: waiter.req.info,
       candidateIndex: grant.candidateIndex,
@@ -230,6 +266,7 @@ export class LeaseManager {
       lost: lost.signal
     }
     if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost, renewedAt: now })
+    else this.noteReservation(lease, now)
     this.stats.grants++
     this.observer?.granted(lease)
     waiter.resolve(lease)
@@ -243,20 +280,44 @@ export class LeaseManager {
     this.stats.releases++
     this.observer?.released(lease)
     this.noteDrained()
-    await this.releaseToken(lease.token, lease.gpuIds)
+    await this.releaseToken(lease.token)
+  }
+
+  private noteReservation (lease: HeldLease, at: number): void {
+    this.reservations.set(lease.token, { lease, renewedAt: at })
+    const now = performance.now()
+    for (const [token, r] of this.reservations) {
+      if (now - r.renewedAt >= this.opts.ttlMs) this.reservations.delete(token)
+      else break // in order of renewal
+    }
+  }
+
+  /** Renew a reservation (`/gpu/ping`); undefined when it has expired. */
+  async ping (token: string): Promise<HeldLease | undefined> {
+    const startedAt = performance.now()
+    const lease = await this.store.ping(token)
+    this.reservations.delete(token)
+    if (lease != null) this.noteReservation(lease, startedAt)
+    return lease
+  }
+
+  /** Release a reservation (`/gpu/release`); false when it was not held. */
+  async releaseReservation (token: string): Promise<boolean> {
+    this.reservations.delete(token)
+    return await this.store.release(token)
   }
 
   private noteDrained (): void {
     if (this.closed && this.held.size === 0) this.drained?.()
   }
 
-  private async releaseToken (token: string, gpuIds: string[]): Promise<void> {
+  private async releaseToken (token: string): Promise<void> {
     try {
-      await this.store.release(token, gpuIds)
+      await this.store.release(token)
       this.pendingReleases.delete(token)
     } catch (err) {
       // The store is unreachable; the lease's ttl frees it anyway, but retry so waiters need not wait.
-      this.pendingReleases.set(token, gpuIds)
+      this.pendingReleases.add(token)
       this.opts.log?.warn({ err, token }, 'release failed; will retry')
     }
   }
@@ -264,12 +325,12 @@ export class LeaseManager {
   private async sweep (): Promise<void> {
     if (!this.store.available()) return
     try {
-      for (const [token, gpuIds] of this.pendingReleases) await this.releaseToken(token, gpuIds)
-      for (const [member, queue] of this.pendingLeaves) await this.leave(queue, member)
-      const queues = new Set<string>()
-      for (const w of this.waiters.values()) queues.add(w.req.queue)
-      const grants = await this.store.sweep([...queues], [...this.waiters.keys()])
+      for (const token of [...this.pendingReleases]) await this.releaseToken(token)
+      for (const [member, queue] of [...this.pendingLeaves]) await this.leave(queue, member)
+      const { grants, unknown } = await this.store.sweep([...this.waiters.keys()])
       for (const g of grants) this.onGrant(g)
+      // Dropped by the store while this replica seemed dead (a network cut past the ttl): queue again.
+      if (unknown.length > 0) await this.requeue(unknown)
     } catch (err) {
       this.opts.log?.warn({ err }, 'lease sweep failed')
     }
@@ -319,7 +380,7 @@ export class LeaseManager {
       if (now - h.renewedAt < this.opts.ttlMs / 2) continue
       this.stop(token, `lease not renewed for ${Math.round(now - h.renewedAt)} ms (lease store unreachable); stopping its request before the lease can expire`)
       // Should the store come back before the ttl, free the GPUs at once (compare-and-delete: harmless otherwise).
-      this.pendingReleases.set(token, h.lease.gpuIds)
+      this.pendingReleases.add(token)
     }
   }
 
@@ -335,24 +396,56 @@ export class LeaseManager {
     this.noteDrained()
   }
 
-  /** The store lost its data or came back: re-create our leases, re-take our places in the queues. */
+  /** The store lost its data, came back, or had judged this replica dead: re-create our leases, re-take our places. */
   private async reassert (): Promise<void> {
-    this.opts.log?.info({ leases: this.held.size, waiters: this.waiters.size }, 'lease store reconnected; re-asserting')
-    await this.renew()
-    for (const w of [...this.waiters.values()]) {
+    if (this.reasserting) return
+    this.reasserting = true
+    try {
+      this.opts.log?.info({ leases: this.held.size, waiters: this.waiters.size }, 'lease store reconnected; re-asserting')
+      await this.renew()
+      await this.renewReservations()
+      await this.requeue([...this.waiters.keys()])
+    } finally {
+      this.reasserting = false
+    }
+  }
+
+  private reasserting = false
+
+  /** Reservations granted here that have not expired yet are re-created (their holders may still work). */
+  private async renewReservations (): Promise<void> {
+    const now = performance.now()
+    const live = [...this.reservations.values()].filter((r) => now - r.renewedAt < this.opts.ttlMs).map((r) => r.lease)
+    if (live.length === 0) return
+    try {
+      const lost = new Set(await this.store.renew(live))
+      for (const l of live) if (lost.has(l.token)) this.reservations.delete(l.token)
+    } catch (err) {
+      this.opts.log?.warn({ err }, 'reservation re-assert failed')
+    }
+  }
+
+  /** Queue these members again at their old places (a no-op for those still queued). */
+  private async requeue (members: string[]): Promise<void> {
+    for (const member of members) {
+      const w = this.waiters.get(member)
       // Settled meanwhile, or its first attempt still on its way: re-enqueuing would make a ghost.
-      if (!this.waiters.has(w.member) || w.score == null) continue
+      if (w == null || w.place == null) continue
       try {
-        const r = await this.store.attempt({
-          member: w.member, queue: w.req.queue, candidates: w.req.candidates, info: w.req.info, score: w.score
-        })
+        const r = await this.store.attempt(this.attemptInput(w))
         for (const g of r.grants) this.onGrant(g)
-        if (r.status === 'granted') this.onGrant({ member: w.member, token: r.token, candidateIndex: r.candidateIndex })
+        if (r.status === 'granted') this.onGrant({ member, token: r.token, candidateIndex: r.candidateIndex })
+        else if (r.status === 'full') {
+          this.forget(w, null)
+          w.reject(this.fullError(w.req, r.scope))
+        } else if (!this.waiters.has(member)) {
+          // Gave up while the call was on its way: its leave may have run first.
+          void this.leave(w.req.queue, member)
+        }
       } catch (err) {
         this.opts.log?.warn({ err }, 're-enqueue failed; the next sweep retries')
       }
     }
-    await this.sweep()
   }
 
   /** New requests and those still waiting get 503 and leave the queue (they can go to another replica). */
@@ -362,7 +455,7 @@ export class LeaseManager {
       this.forget(w, null)
       w.refused = true
       w.reject(new LeaseError('gateway is shutting down', 503, 1))
-      await this.store.leave(w.req.queue, w.member).catch(() => {})
+      await this.leave(w.req.queue, w.member)
     }
   }
 

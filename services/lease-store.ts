@@ -1,24 +1,45 @@
 /**
  * The lease store: where GPU leases and the wait queues live. Two implementations share these
- * semantics — Redis (many replicas, Lua scripts) and memory (one process) — and one test suite.
+ * semantics — Redis (many replicas, Lua scripts in `services/lua/`) and memory (one process) — and
+ * one rule suite (test/lease-rules.ts).
  *
  * Vocabulary:
- * - queue: one per model and kind; waiters are served strictly in arrival order within it.
+ * - assignment: one upstream server on some GPUs, with a capacity (parallel slots, >= 1).
+ * - slot lease: one request on an assignment; up to `capacity` at once. The GPUs of an assignment
+ *   that runs anything belong to it: no other assignment gets them until its last slot ends.
+ * - candidate list: the assignments a request may use, in preference order (a model's, or a
+ *   restricted one). A waiter waits in the line of its queue (model) and list: everyone in one
+ *   line wants the same candidates, so nobody waits behind a waiter pinned to a busy server.
+ * - within a line: by priority (high, normal, low; a waiter that has waited `priorityAgingMs`
+ *   counts one level higher), then round-robin between clients (start-time fair queuing), each
+ *   client in its own arrival order. Across lines: the one whose next waiter arrived first.
  * - member: one waiter, `<replicaId>|<n>`; a member whose replica stops heart-beating is dead.
- * - candidate: one assignment the waiter could use, with all its GPU ids; taken all or nothing.
  * - token: one lease, `<member>#<fence>`; the fence grows with every grant.
  */
 
 export interface Candidate {
   assignmentId: string
   gpuIds: string[]
+  /** Parallel slots (>= 1, default 1). */
+  capacity?: number
+}
+
+export type Priority = 'high' | 'normal' | 'low'
+
+/** Who asks: fair share and priority apply between clients. Absent: one anonymous normal client. */
+export interface ClientRef {
+  id: string
+  priority: Priority
 }
 
 /** What a lease is for, kept with it so `/gpu/status` can say who holds what. */
 export interface LeaseInfo {
   model: string
   kind: string
-  /** 'proxy' leases are renewed by the replica while in flight; 'reservation' ones only by ping. */
+  /**
+   * 'proxy' leases are renewed by the replica while in flight; 'reservation' ones only by ping,
+   * and take every slot of their assignment.
+   */
   purpose: 'proxy' | 'reservation'
 }
 
@@ -28,45 +49,66 @@ export interface Grant {
   candidateIndex: number
 }
 
+/** A waiter's place in its line: kept so that it can be queued again in the same order. */
+export interface Place {
+  score: number
+  since: number
+}
+
 export type AttemptResult =
-  | { status: 'granted', token: string, candidateIndex: number, epoch: string, grants: Grant[] }
-  | { status: 'waiting', position: number, score: number, epoch: string, grants: Grant[] }
-  | { status: 'paused', score: number, epoch: string, grants: Grant[] }
-  | { status: 'full', epoch: string, grants: Grant[] }
+  | { status: 'granted', token: string, candidateIndex: number, grants: Grant[] }
+  | { status: 'waiting', position: number, place: Place, grants: Grant[] }
+  | { status: 'paused', place: Place, grants: Grant[] }
+  | { status: 'full', scope: 'queue' | 'total', grants: Grant[] }
 
 export interface AttemptInput {
   member: string
   queue: string
   candidates: Candidate[]
   info: LeaseInfo
+  client?: ClientRef
+  /** Assignment ids to try first among the free candidates (model loaded there); never waited for. */
+  preferred?: string[]
   /** Set when the waiter was queued before and lost its place (store restarted): keeps its order. */
-  score?: number
+  place?: Place
 }
 
 export interface HeldLease {
   token: string
   gpuIds: string[]
   assignmentId: string
+  /** Slots this lease holds: 1, or the capacity for a reservation. */
+  slots: number
   queue: string
   info: LeaseInfo
 }
 
 export interface GpuLeaseState {
   gpuId: string
+  /** One of the leases running on the GPU. */
   token: string
   assignmentId?: string
   model?: string
   purpose?: string
   since?: number
   expiresAt?: number
+  slotsUsed: number
+  capacity: number
 }
 
 export interface StoreStatus {
   gpus: GpuLeaseState[]
-  /** Live waiters per queue (dead replicas' waiters are pruned on the way). */
+  /** Live waiters per queue (the most recently active queues only). */
   queues: Record<string, number>
   /** GPUs held back for a starving waiter: gpu id → member. */
   holds: Record<string, string>
+}
+
+export interface SweepResult {
+  /** Grants to the given members (lost notifications included). */
+  grants: Grant[]
+  /** Given members the store does not know (dropped while this replica seemed dead): queue them again. */
+  unknown: string[]
 }
 
 export interface StoreEvents {
@@ -79,15 +121,25 @@ export interface StoreEvents {
   onGrant: (grant: Grant) => void
   /** Another part of the cluster asked every replica to read the inventory again. */
   onInventoryChanged: () => void
-  /** The store came back after being unreachable: re-assert leases, re-enqueue waiters. */
+  /**
+   * The store came back after being unreachable, lost its data, or had judged this replica dead:
+   * re-assert leases, re-enqueue waiters.
+   */
   onReconnect: () => void
 }
 
 export interface LeaseStoreOptions {
   ttlMs: number
   queueMax: number
+  /** Waiters across every queue (QUEUE_MAX_TOTAL); default 10000. */
+  queueMaxTotal?: number
   starvationMs: number
+  /** PRIORITY_AGING_MS; default 30000. */
+  priorityAgingMs?: number
 }
+
+export const DEFAULT_QUEUE_MAX_TOTAL = 10_000
+export const DEFAULT_PRIORITY_AGING_MS = 30_000
 
 export interface LeaseStore {
   readonly kind: 'redis' | 'memory'
@@ -95,34 +147,46 @@ export interface LeaseStore {
   readonly replicaId: string
   /** Subscribe to grants and other cluster events. */
   start: (events: StoreEvents) => Promise<void>
-  /** Enqueue (when new) and serve the queue; answers whether this member now holds a lease. */
+  /** Enqueue (when new) and serve the line; answers whether this member now holds a lease. */
   attempt: (input: AttemptInput) => Promise<AttemptResult>
   /**
-   * Heartbeat and fallback poll in one round trip: keeps this replica alive, serves the given
-   * queues, and reports leases already granted to the given members (lost notifications).
+   * Heartbeat and fallback poll in one round trip: keeps this replica and its waiters alive,
+   * serves their lines, reports grants already made to them and the members it no longer knows.
    */
-  sweep: (queues: string[], members: string[]) => Promise<Grant[]>
+  sweep: (members: string[]) => Promise<SweepResult>
   /** Leave the queue; a lease granted meanwhile is released. */
   leave: (queue: string, member: string) => Promise<void>
-  /** Release by token (compare-and-delete); grants freed GPUs to waiters. True if it was held. */
-  release: (token: string, gpuIds?: string[]) => Promise<boolean>
+  /** Release by token (compare-and-delete); grants freed slots to waiters. True if it was held. */
+  release: (token: string) => Promise<boolean>
   /**
-   * Release the reservations holding these GPUs (the original API's release by GPU id). A GPU
-   * serving a request in flight is left alone: freeing it would hand it to a second request.
+   * Release the reservations holding these GPUs (the original API's release by GPU id), each once.
+   * A GPU serving a request in flight is left alone: freeing it would hand it to a second request.
    */
-  releaseGpus: (gpuIds: string[]) => Promise<number>
-  /** Renew in-flight leases, re-creating them if the store lost them; returns tokens now held by others. */
+  releaseGpus: (gpuIds: string[]) => Promise<{ released: number, inFlight: string[] }>
+  /**
+   * Renew leases, re-creating those the store lost where their slots are still free; returns the
+   * tokens lost (taken by others, or released).
+   */
   renew: (leases: HeldLease[]) => Promise<string[]>
-  /** Renew one lease only if it still exists (reservations); false when it expired. */
+  /** Renew one lease only if it still exists (reservations); undefined when it expired. */
   ping: (token: string) => Promise<HeldLease | undefined>
-  /** The lease holding each GPU, for a ping or release by GPU id. */
-  tokensOf: (gpuIds: string[]) => Promise<Array<string | undefined>>
+  /** The leases running on each GPU, for a ping by GPU id. */
+  tokensOf: (gpuIds: string[]) => Promise<string[][]>
   status: (gpuIds: string[]) => Promise<StoreStatus>
   /** Tell every replica to reload the inventory. */
   publishInventoryChanged: () => Promise<void>
   /** False while the store cannot be reached: no lease can be proven free then. */
   available: () => boolean
   close: () => Promise<void>
+}
+
+/** Most queues a status reports (it is on an open route). */
+export const STATUS_QUEUES_LIMIT = 200
+
+export const PRIORITY_LEVEL: Record<Priority, number> = { high: 0, normal: 1, low: 2 }
+
+export function capacityOf (c: Candidate): number {
+  return Number.isInteger(c.capacity) && (c.capacity as number) >= 1 ? c.capacity as number : 1
 }
 
 /** GPU and assignment ids become parts of store keys: keep them to a safe alphabet. */
@@ -160,4 +224,26 @@ export function queueLabel (queue: string): string {
 export function memberOf (token: string): string {
   const i = token.lastIndexOf('#')
   return i < 0 ? token : token.slice(0, i)
+}
+
+/** What the inventory's assignments give a lease: an id, GPUs, a capacity. */
+export interface CandidateSource {
+  id: string
+  gpuIds: string[]
+  capacity?: number
+}
+
+const candidateLists = new WeakMap<readonly CandidateSource[], Candidate[]>()
+
+/**
+ * The candidates of a list of assignments, the same array each time for the same list: the
+ * stores recognise a list they have seen by its array, and send the Redis store only its id.
+ */
+export function candidatesOf (assignments: readonly CandidateSource[]): Candidate[] {
+  let list = candidateLists.get(assignments)
+  if (list == null) {
+    list = assignments.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds, capacity: a.capacity ?? 1 }))
+    candidateLists.set(assignments, list)
+  }
+  return list
 }

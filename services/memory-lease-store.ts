@@ -1,83 +1,109 @@
 import { randomUUID } from 'node:crypto'
+import { performance } from 'node:perf_hooks'
 import type {
-  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, StoreEvents,
-  StoreStatus
+  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
+  StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
-import { assertSafeIds } from './lease-store.js'
+import {
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf
+} from './lease-store.js'
 
 /*
- * The lease store for one replica (embedded mode): the same rules as the Redis store's Lua
- * scripts — strict arrival order per queue, oldest head first across queues, all GPUs of a
- * candidate or none, holds for starving waiters, ttl expiry — kept in process memory.
+ * The lease store for one replica (embedded mode): the rules of the Redis store's scripts — slots
+ * per assignment, a GPU running one assignment at a time, lines per (queue, candidate list), fair
+ * share and priority with aging inside a line, oldest next waiter first across lines, holds for
+ * starving waiters, ttl expiry — kept in process memory. Times are monotonic (performance.now()):
+ * a wall-clock step never expires or extends a lease.
  */
+
+const LEVEL = 2 ** 40
+
+interface Slot { token: string, n: number, expiresAt: number }
 
 interface LeaseRecord extends HeldLease {
   since: number
-  expiresAt: number
+}
+
+interface Line {
+  key: string
+  queue: string
+  candidates: Candidate[]
+  waiters: Set<WaiterRecord>
+  /** Fair queuing: the tag last served, and each client's last tag. */
+  served: number
+  clients: Map<string, number>
 }
 
 interface WaiterRecord {
   member: string
-  queue: string
+  line: Line
+  level: number
   score: number
   since: number
-  candidates: Candidate[]
   info: LeaseInfo
+  preferred: string[]
+  held?: { assignmentId: string, gpuIds: string[] }
   granted?: { token: string, index: number, expiresAt: number }
 }
 
 export class MemoryLeaseStore implements LeaseStore {
   readonly kind = 'memory' as const
   readonly replicaId = randomUUID().slice(0, 12)
-  private readonly gpus = new Map<string, { token: string, expiresAt: number }>()
+  private readonly opts: Required<LeaseStoreOptions>
+  private readonly assignments = new Map<string, { capacity: number, gpuIds: string[] }>()
+  private readonly slots = new Map<string, Map<string, Slot>>()
+  private readonly owners = new Map<string, string>()
   private readonly holds = new Map<string, { member: string, expiresAt: number }>()
   private readonly leases = new Map<string, LeaseRecord>()
-  private readonly queues = new Map<string, WaiterRecord[]>()
+  private readonly lines = new Map<string, Line>()
   private readonly waiters = new Map<string, WaiterRecord>()
+  private readonly queued = new Map<string, number>()
+  private readonly listKeys = new WeakMap<Candidate[], string>()
   private events?: StoreEvents
   private fence = 0
-  private seq = 0
 
-  constructor (private readonly opts: LeaseStoreOptions) {}
+  constructor (opts: LeaseStoreOptions) {
+    this.opts = {
+      ttlMs: opts.ttlMs,
+      queueMax: opts.queueMax,
+      queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
+      starvationMs: opts.starvationMs,
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+    }
+  }
 
   async start (events: StoreEvents): Promise<void> {
     this.events = events
   }
 
   private now (): number {
-    return Date.now()
+    return performance.now()
   }
 
-  private gpuToken (gpuId: string): string | undefined {
-    const g = this.gpus.get(gpuId)
-    if (g == null) return undefined
-    if (g.expiresAt <= this.now()) {
-      this.gpus.delete(gpuId)
-      return undefined
-    }
-    return g.token
+  /** A monotonic time as wall-clock milliseconds (for display only). */
+  private wall (t: number): number {
+    return Date.now() - (this.now() - t)
   }
 
-  private lease (token: string): LeaseRecord | undefined {
-    const l = this.leases.get(token)
-    if (l != null && l.expiresAt <= this.now()) {
-      this.leases.delete(token)
-      return undefined
+  private used (a: string): number {
+    const s = this.slots.get(a)
+    if (s == null) return 0
+    const now = this.now()
+    let n = 0
+    for (const [token, slot] of s) {
+      if (slot.expiresAt <= now) {
+        s.delete(token)
+        this.leases.delete(token)
+      } else {
+        n += slot.n
+      }
     }
-    return l
-  }
-
-  private waiter (member: string): WaiterRecord | undefined {
-    const w = this.waiters.get(member)
-    if (w?.granted != null && w.granted.expiresAt <= this.now()) {
-      this.waiters.delete(member)
-      return undefined
-    }
-    return w
+    if (s.size === 0) this.slots.delete(a)
+    return n
   }
 
   private holdValid (member: string): boolean {
-    const w = this.waiter(member)
+    const w = this.waiters.get(member)
     return w != null && w.granted == null
   }
 
@@ -91,198 +117,305 @@ export class MemoryLeaseStore implements LeaseStore {
     return h.member
   }
 
-  private dropWaiter (queue: string, member: string): void {
-    const q = this.queues.get(queue)
-    if (q != null) {
-      const i = q.findIndex((w) => w.member === member)
-      if (i >= 0) q.splice(i, 1)
-      if (q.length === 0) this.queues.delete(queue)
+  private usable (a: string, member: string | undefined, want: number | 'all'): boolean {
+    const def = this.assignments.get(a)
+    if (def == null) return false
+    const n = this.used(a)
+    if (n + (want === 'all' ? def.capacity : want) > def.capacity) return false
+    for (const g of def.gpuIds) {
+      const o = this.owners.get(g)
+      if (o != null && o !== a && this.used(o) > 0) return false
+      if (member != null) {
+        const h = this.holder(g)
+        if (h != null && h !== member) return false
+      }
     }
-    this.waiters.delete(member)
+    return true
   }
 
-  private tryGrant (w: WaiterRecord): boolean {
+  private want (info: LeaseInfo): number | 'all' {
+    return info.purpose === 'reservation' ? 'all' : 1
+  }
+
+  private find (w: { member: string, line: Line, preferred: string[], info: LeaseInfo, held?: { assignmentId: string } }): number | undefined {
+    const cands = w.line.candidates
+    const want = this.want(w.info)
+    const indexOf = (id: string): number => cands.findIndex((c) => c.assignmentId === id)
+    for (const id of [...w.preferred, ...(w.held != null ? [w.held.assignmentId] : [])]) {
+      const i = indexOf(id)
+      if (i >= 0 && this.usable(id, w.member, want)) return i
+    }
+    const i = cands.findIndex((c) => this.usable(c.assignmentId, w.member, want))
+    return i >= 0 ? i : undefined
+  }
+
+  private take (member: string, line: Line, index: number, info: LeaseInfo): string {
+    const c = line.candidates[index]
+    const def = this.assignments.get(c.assignmentId) ?? { capacity: capacityOf(c), gpuIds: c.gpuIds }
+    const n = info.purpose === 'reservation' ? def.capacity : 1
+    const token = `${member}#${++this.fence}`
     const now = this.now()
-    for (let i = 0; i < w.candidates.length; i++) {
-      const c = w.candidates[i]
-      const free = c.gpuIds.every((g) => this.gpuToken(g) == null && [undefined, w.member].includes(this.holder(g)))
-      if (!free) continue
-      const token = `${w.member}#${++this.fence}`
-      const expiresAt = now + this.opts.ttlMs
-      for (const g of c.gpuIds) {
-        this.gpus.set(g, { token, expiresAt })
-        if (this.holds.get(g)?.member === w.member) this.holds.delete(g)
-      }
-      this.leases.set(token, {
-        token, gpuIds: c.gpuIds, assignmentId: c.assignmentId, queue: w.queue, info: w.info, since: now, expiresAt
-      })
-      this.dropWaiter(w.queue, w.member)
-      this.waiters.set(w.member, { ...w, granted: { token, index: i, expiresAt } })
-      return true
+    const expiresAt = now + this.opts.ttlMs
+    let s = this.slots.get(c.assignmentId)
+    if (s == null) this.slots.set(c.assignmentId, s = new Map())
+    s.set(token, { token, n, expiresAt })
+    for (const g of def.gpuIds) {
+      this.owners.set(g, c.assignmentId)
+      if (this.holds.get(g)?.member === member) this.holds.delete(g)
+    }
+    this.leases.set(token, {
+      token, gpuIds: def.gpuIds, assignmentId: c.assignmentId, slots: n, queue: line.queue, info, since: now
+    })
+    return token
+  }
+
+  private effective (w: WaiterRecord, now: number): number {
+    const aged = w.level > 0 && now - w.since >= this.opts.priorityAgingMs
+    return w.score - (aged ? LEVEL : 0)
+  }
+
+  /** The next waiter of a line: best (effective level, tag). */
+  private pick (line: Line): WaiterRecord | undefined {
+    const now = this.now()
+    let best: WaiterRecord | undefined
+    let bestScore = Infinity
+    for (const w of line.waiters) {
+      const s = this.effective(w, now)
+      if (s < bestScore) { best = w; bestScore = s }
+    }
+    return best
+  }
+
+  private unqueue (w: WaiterRecord): void {
+    w.line.waiters.delete(w)
+    const n = (this.queued.get(w.line.queue) ?? 1) - 1
+    if (n <= 0) this.queued.delete(w.line.queue)
+    else this.queued.set(w.line.queue, n)
+    if (w.line.waiters.size === 0) this.lines.delete(w.line.key)
+    if (w.held != null) {
+      for (const g of w.held.gpuIds) if (this.holds.get(g)?.member === w.member) this.holds.delete(g)
+      w.held = undefined
+    }
+  }
+
+  private tryGrant (w: WaiterRecord): Grant | undefined {
+    const index = this.find(w)
+    const now = this.now()
+    if (index != null) {
+      const token = this.take(w.member, w.line, index, w.info)
+      this.unqueue(w)
+      const tag = w.score % LEVEL
+      if (tag > w.line.served) w.line.served = tag
+      w.granted = { token, index, expiresAt: now + this.opts.ttlMs }
+      return { member: w.member, token, candidateIndex: index }
     }
     if (now - w.since >= this.opts.starvationMs) {
-      for (const c of w.candidates) {
-        if (c.gpuIds.every((g) => [undefined, w.member].includes(this.holder(g)))) {
-          for (const g of c.gpuIds) this.holds.set(g, { member: w.member, expiresAt: now + this.opts.ttlMs })
+      for (const c of w.line.candidates.slice(0, 8)) {
+        const def = this.assignments.get(c.assignmentId)
+        if (def == null) continue
+        if (def.gpuIds.every((g) => [undefined, w.member].includes(this.holder(g)))) {
+          for (const g of def.gpuIds) this.holds.set(g, { member: w.member, expiresAt: now + this.opts.ttlMs })
+          w.held = { assignmentId: c.assignmentId, gpuIds: def.gpuIds }
           break
         }
       }
     }
-    return false
+    return undefined
   }
 
-  /** Grant to queue heads, oldest arrival first across the queues, until no head can be served. */
-  private serve (queues: Iterable<string>): Grant[] {
+  /** Serve lines: the one whose next waiter arrived first goes first, until none can be served. */
+  private serve (lines: Iterable<Line>): Grant[] {
     const grants: Grant[] = []
-    const blocked = new Set<string>()
-    const names = [...new Set(queues)]
+    const open = new Set(lines)
     for (;;) {
       let best: WaiterRecord | undefined
-      for (const name of names) {
-        if (blocked.has(name)) continue
-        const head = this.queues.get(name)?.[0]
-        if (head != null && (best == null || head.score < best.score)) best = head
+      for (const line of open) {
+        const w = this.pick(line)
+        if (w == null) { open.delete(line); continue }
+        if (best == null || w.since < best.since) best = w
       }
       if (best == null) break
-      if (this.tryGrant(best)) {
-        const granted = this.waiters.get(best.member)?.granted
-        if (granted != null) grants.push({ member: best.member, token: granted.token, candidateIndex: granted.index })
-      } else {
-        blocked.add(best.queue)
-      }
+      const g = this.tryGrant(best)
+      if (g != null) grants.push(g)
+      else open.delete(best.line)
     }
     for (const g of grants) queueMicrotask(() => this.events?.onGrant(g))
     return grants
   }
 
-  private queuesUsing (gpuIds: string[]): string[] {
-    const out: string[] = []
-    for (const [name, q] of this.queues) {
-      if (q.some((w) => w.candidates.some((c) => c.gpuIds.some((g) => gpuIds.includes(g))))) out.push(name)
+  /** Every line whose candidates share a GPU with these (one process: the lines are few). */
+  private linesUsing (gpuIds: string[]): Line[] {
+    const out: Line[] = []
+    for (const line of this.lines.values()) {
+      if (line.candidates.some((c) => (this.assignments.get(c.assignmentId)?.gpuIds ?? c.gpuIds).some((g) => gpuIds.includes(g)))) out.push(line)
     }
     return out
   }
 
   private takeGrant (member: string): { token: string, index: number } | undefined {
-    const w = this.waiter(member)
+    const w = this.waiters.get(member)
     if (w?.granted == null) return undefined
     this.waiters.delete(member)
     return w.granted
   }
 
-  async attempt (input: AttemptInput): Promise<AttemptResult> {
-    assertSafeIds(input.candidates)
-    const epoch = 'memory'
-    const done = this.takeGrant(input.member)
-    if (done != null) return { status: 'granted', epoch, token: done.token, candidateIndex: done.index, grants: [] }
-    let w = this.waiter(input.member)
-    if (w == null) {
-      const q = this.queues.get(input.queue) ?? []
-      const now = this.now()
-      w = {
-        member: input.member,
-        queue: input.queue,
-        score: input.score ?? now * 1024 + (++this.seq % 1024),
-        since: now,
-        candidates: input.candidates,
-        info: input.info
-      }
-      // Nobody waits for this model: a free candidate is taken at once (QUEUE_MAX bounds waiting only).
-      if (q.length === 0 && this.tryGrant(w)) {
-        const taken = this.takeGrant(w.member)
-        if (taken != null) return { status: 'granted', epoch, token: taken.token, candidateIndex: taken.index, grants: [] }
-      }
-      if (q.length >= this.opts.queueMax) return { status: 'full', epoch, grants: [] }
-      q.push(w)
-      q.sort((a, b) => a.score - b.score)
-      this.queues.set(input.queue, q)
-      this.waiters.set(w.member, w)
+  private listKey (candidates: Candidate[]): string {
+    let key = this.listKeys.get(candidates)
+    if (key == null) {
+      assertSafeIds(candidates)
+      key = candidates.map((c) => `${c.assignmentId}=${capacityOf(c)}=${c.gpuIds.join(',')}`).join(';')
+      this.listKeys.set(candidates, key)
     }
-    const grants = this.serve([input.queue])
-    const granted = this.takeGrant(input.member)
-    if (granted != null) {
-      return { status: 'granted', epoch, token: granted.token, candidateIndex: granted.index, grants }
-    }
-    const position = this.queues.get(input.queue)?.indexOf(w) ?? 0
-    return { status: 'waiting', epoch, position, score: w.score, grants }
+    return key
   }
 
-  async sweep (queues: string[], members: string[]): Promise<Grant[]> {
-    // Expired leases free their GPUs lazily; serving the queues is what notices it. Records nobody
+  async attempt (input: AttemptInput): Promise<AttemptResult> {
+    const done = this.takeGrant(input.member)
+    if (done != null) return { status: 'granted', token: done.token, candidateIndex: done.index, grants: [] }
+    const list = this.listKey(input.candidates)
+    for (const c of input.candidates) this.assignments.set(c.assignmentId, { capacity: capacityOf(c), gpuIds: c.gpuIds })
+    const key = `${input.queue}\n${list}`
+    let w = this.waiters.get(input.member)
+    if (w == null) {
+      const existing = this.lines.get(key)
+      const line: Line = existing ?? { key, queue: input.queue, candidates: input.candidates, waiters: new Set(), served: 0, clients: new Map() }
+      const client = input.client ?? { id: '', priority: 'normal' }
+      const probe = { member: input.member, line, preferred: input.preferred ?? [], info: input.info }
+      // Nobody waits in this line: a free candidate is taken at once.
+      if (existing == null && input.place == null) {
+        const index = this.find(probe)
+        if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
+      }
+      if ((this.queued.get(input.queue) ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
+      if (this.waiters.size >= this.opts.queueMaxTotal) return { status: 'full', scope: 'total', grants: [] }
+      const level = PRIORITY_LEVEL[client.priority] ?? 1
+      let score = input.place?.score
+      if (score == null) {
+        const tag = Math.max(line.served, line.clients.get(client.id) ?? 0) + 1
+        line.clients.set(client.id, tag)
+        score = level * LEVEL + tag
+      }
+      w = { ...probe, level, score, since: input.place?.since ?? this.now() }
+      line.waiters.add(w)
+      this.lines.set(key, line)
+      this.waiters.set(w.member, w)
+      this.queued.set(input.queue, (this.queued.get(input.queue) ?? 0) + 1)
+    }
+    const grants = this.serve([w.line])
+    const granted = this.takeGrant(input.member)
+    if (granted != null) return { status: 'granted', token: granted.token, candidateIndex: granted.index, grants }
+    const place: Place = { score: w.score, since: w.since }
+    return { status: 'waiting', position: [...w.line.waiters].filter((o) => o.score < w.score).length, place, grants }
+  }
+
+  async sweep (members: string[]): Promise<SweepResult> {
+    // Expired leases free their slots lazily; serving the lines is what notices it. Records nobody
     // will look up again (grants delivered by notification, reservations left to expire) go now.
     const now = this.now()
     for (const [member, w] of this.waiters) if (w.granted != null && w.granted.expiresAt <= now) this.waiters.delete(member)
-    for (const [token, l] of this.leases) if (l.expiresAt <= now) this.leases.delete(token)
-    this.serve(queues)
+    for (const a of [...this.slots.keys()]) this.used(a)
+    const lines = new Set<Line>()
+    for (const m of members) {
+      const w = this.waiters.get(m)
+      if (w != null && w.granted == null) lines.add(w.line)
+    }
+    this.serve(lines)
     const grants: Grant[] = []
     for (const m of members) {
       const g = this.takeGrant(m)
       if (g != null) grants.push({ member: m, token: g.token, candidateIndex: g.index })
     }
-    return grants
+    return { grants, unknown: [] }
   }
 
-  async leave (queue: string, member: string): Promise<void> {
-    const token = this.waiter(member)?.granted?.token
-    this.dropWaiter(queue, member)
-    if (token != null) this.releaseToken(token, [])
-    this.serve([queue])
+  async leave (_queue: string, member: string): Promise<void> {
+    const w = this.waiters.get(member)
+    if (w == null) return
+    this.waiters.delete(member)
+    if (w.granted != null) {
+      this.releaseToken(w.granted.token)
+      return
+    }
+    const held = w.held?.gpuIds ?? []
+    this.unqueue(w)
+    if (held.length > 0) this.serve(this.linesUsing(held))
   }
 
-  private releaseToken (token: string, gpuList: string[]): number {
-    const gpuIds = this.lease(token)?.gpuIds ?? gpuList
-    let n = 0
+  private releaseToken (token: string): number {
+    const l = this.leases.get(token)
+    if (l == null) return 0
+    this.leases.delete(token)
+    const s = this.slots.get(l.assignmentId)
+    if (s?.delete(token) !== true) return 0
+    if (this.used(l.assignmentId) === 0) {
+      for (const g of l.gpuIds) if (this.owners.get(g) === l.assignmentId) this.owners.delete(g)
+    }
+    this.serve(this.linesUsing(l.gpuIds))
+    return l.slots
+  }
+
+  async release (token: string): Promise<boolean> {
+    return this.releaseToken(token) > 0
+  }
+
+  async releaseGpus (gpuIds: string[]): Promise<{ released: number, inFlight: string[] }> {
+    // Every token first, each released once: a release serves the queues, and a GPU looked at
+    // afterwards could name a reservation granted by that very release.
+    const tokens = new Set<string>()
+    const inFlight: string[] = []
     for (const g of gpuIds) {
-      if (this.gpuToken(g) === token) {
-        this.gpus.delete(g)
-        n++
+      for (const token of this.tokensOn(g)) {
+        if (this.leases.get(token)?.info.purpose === 'proxy') inFlight.push(g)
+        else tokens.add(token)
       }
     }
-    this.leases.delete(token)
-    if (n > 0) this.serve(this.queuesUsing(gpuIds))
-    return n
+    let released = 0
+    for (const token of tokens) if (this.releaseToken(token) > 0) released++
+    return { released, inFlight: [...new Set(inFlight)] }
   }
 
-  async release (token: string, gpuIds: string[] = []): Promise<boolean> {
-    return this.releaseToken(token, gpuIds) > 0
-  }
-
-  async releaseGpus (gpuIds: string[]): Promise<number> {
-    let n = 0
-    for (const g of gpuIds) {
-      const token = this.gpuToken(g)
-      if (token != null && this.lease(token)?.info.purpose !== 'proxy') n += this.releaseToken(token, [g])
-    }
-    return n
+  private tokensOn (gpuId: string): string[] {
+    const a = this.owners.get(gpuId)
+    if (a == null || this.used(a) === 0) return []
+    return [...(this.slots.get(a)?.keys() ?? [])]
   }
 
   async renew (leases: HeldLease[]): Promise<string[]> {
     const now = this.now()
     const lost: string[] = []
     for (const l of leases) {
-      const mine = l.gpuIds.every((g) => [undefined, l.token].includes(this.gpuToken(g)))
-      if (!mine) {
+      const slot = this.slots.get(l.assignmentId)?.get(l.token)
+      const live = slot != null && slot.expiresAt > now
+      const conflict = l.gpuIds.some((g) => {
+        const o = this.owners.get(g)
+        return o != null && o !== l.assignmentId && this.used(o) > 0
+      })
+      const cap = this.assignments.get(l.assignmentId)?.capacity ?? l.slots
+      if (conflict || (!live && this.used(l.assignmentId) + l.slots > cap)) {
         lost.push(l.token)
+        if (live) this.releaseToken(l.token)
         continue
       }
       const expiresAt = now + this.opts.ttlMs
-      for (const g of l.gpuIds) this.gpus.set(g, { token: l.token, expiresAt })
-      const existing = this.lease(l.token)
-      this.leases.set(l.token, { ...l, since: existing?.since ?? now, expiresAt })
+      let s = this.slots.get(l.assignmentId)
+      if (s == null) this.slots.set(l.assignmentId, s = new Map())
+      s.set(l.token, { token: l.token, n: l.slots, expiresAt })
+      for (const g of l.gpuIds) this.owners.set(g, l.assignmentId)
+      if (!this.leases.has(l.token)) this.leases.set(l.token, { ...l, since: now })
     }
     return lost
   }
 
   async ping (token: string): Promise<HeldLease | undefined> {
-    const l = this.lease(token)
-    if (l == null || !l.gpuIds.every((g) => this.gpuToken(g) === token)) return undefined
-    l.expiresAt = this.now() + this.opts.ttlMs
-    for (const g of l.gpuIds) this.gpus.set(g, { token, expiresAt: l.expiresAt })
-    return { token, gpuIds: l.gpuIds, assignmentId: l.assignmentId, queue: l.queue, info: l.info }
+    const l = this.leases.get(token)
+    const slot = l == null ? undefined : this.slots.get(l.assignmentId)?.get(token)
+    if (l == null || slot == null || slot.expiresAt <= this.now()) return undefined
+    slot.expiresAt = this.now() + this.opts.ttlMs
+    return { token, gpuIds: l.gpuIds, assignmentId: l.assignmentId, slots: l.slots, queue: l.queue, info: l.info }
   }
 
-  async tokensOf (gpuIds: string[]): Promise<Array<string | undefined>> {
-    return gpuIds.map((g) => this.gpuToken(g))
+  async tokensOf (gpuIds: string[]): Promise<string[][]> {
+    return gpuIds.map((g) => this.tokensOn(g))
   }
 
   async status (gpuIds: string[]): Promise<StoreStatus> {
@@ -290,20 +423,29 @@ export class MemoryLeaseStore implements LeaseStore {
     for (const g of gpuIds) {
       const h = this.holder(g)
       if (h != null) out.holds[g] = h
-      const token = this.gpuToken(g)
-      if (token == null) continue
-      const l = this.lease(token)
+      const a = this.owners.get(g)
+      if (a == null) continue
+      const used = this.used(a)
+      if (used === 0) continue
+      const slots = [...(this.slots.get(a)?.values() ?? [])]
+      const l = this.leases.get(slots[0].token)
       out.gpus.push({
         gpuId: g,
-        token,
-        assignmentId: l?.assignmentId,
+        token: slots[0].token,
+        assignmentId: a,
         model: l?.info.model,
         purpose: l?.info.purpose,
-        since: l?.since,
-        expiresAt: this.gpus.get(g)?.expiresAt
+        since: l == null ? undefined : this.wall(l.since),
+        expiresAt: this.wall(Math.max(...slots.map((s) => s.expiresAt))),
+        slotsUsed: used,
+        capacity: this.assignments.get(a)?.capacity ?? 1
       })
     }
-    for (const [name, q] of this.queues) out.queues[name] = q.length
+    let n = 0
+    for (const [queue, depth] of this.queued) {
+      if (n++ >= STATUS_QUEUES_LIMIT) break
+      out.queues[queue] = depth
+    }
     return out
   }
 

@@ -36,6 +36,13 @@ async function columnLength (query: Query, table: string, column: string): Promi
   return rows.length === 0 ? undefined : Number(rows[0].len)
 }
 
+async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
+  return await columnLength(query, table, column) !== undefined
+}
+
+/** MySQL/MariaDB error number meaning the column exists already (another replica got there first). */
+const ER_DUP_FIELDNAME = 1060
+
 async function hasIndex (query: Query, table: string, index: string): Promise<boolean> {
   const rows = await query(
     'SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?',
@@ -70,6 +77,31 @@ export const MIGRATIONS: readonly Migration[] = [
     async up (query) {
       await createIndex(query, 'assignments', 'idx_assignments_model_name',
         'CREATE INDEX idx_assignments_model_name ON assignments (model_name)')
+    }
+  },
+  {
+    // Parallel slots per assignment (OLLAMA_NUM_PARALLEL); NULL or < 1 means 1. The original ignores it.
+    name: '003-assignments-max-parallel',
+    async up (query) {
+      if (await hasColumn(query, 'assignments', 'max_parallel')) return
+      try {
+        await query('ALTER TABLE assignments ADD COLUMN max_parallel INT NULL')
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+      }
+    }
+  },
+  {
+    // Drained assignments (POST /admin/assignments/:id/drain) take no new lease; a table of the
+    // gateway's own, so the original tables keep their meaning for the original services.
+    name: '004-assignment-drains',
+    async up (query) {
+      await query(`CREATE TABLE IF NOT EXISTS maestro_assignment_drains (
+  assignment_id INT NOT NULL,
+  drained_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (assignment_id),
+  FOREIGN KEY (assignment_id) REFERENCES assignments (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`)
     }
   }
 ]

@@ -1,429 +1,62 @@
-import { randomUUID } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import type {
-  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, StoreEvents,
-  StoreStatus
+  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
+  StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
-import { assertSafeIds } from './lease-store.js'
+import {
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf
+} from './lease-store.js'
+import { loadLuaScripts } from './lua-scripts.js'
 
 /*
- * Every script runs atomically on one Redis and gets the same leading ARGV:
- *   1 key prefix, 2 lease ttl ms, 3 starvation ms, 4 replica id, 5 epoch this replica knows ('' at
- *   boot), 6 a fresh epoch to create if none exists, 7 how long grants pause after a lost epoch.
- * Keys (all under the prefix; queue names are hex, ids are checked against SAFE_ID):
- *   epoch, pause, fence, seq             store generation, grant pause, lease counter, tie-breaker
- *   replica:<id>                         alive while that replica heart-beats (PX ttl)
- *   gpu:<id>        = token              the lease holding a GPU (PX ttl)
- *   hold:<id>       = member             GPU held back for a starving waiter (PX ttl)
- *   lease:<token>   hash                 gpus, assignment, queue, model, kind, purpose, since (PX ttl)
- *   q:<queue>       zset member→score    arrival order of a model's waiters
- *   w:<member>      hash                 queue, cands, since, model, kind, purpose; token+index once granted
- *   gq:<gpu>        set of queues        queues with waiters that could use a GPU (serve on release)
- *   queues          set of queues        for status
- * Channel `events`: `g|member|token|index` for a grant to another replica's waiter, `i` for an
- * inventory change. Every script that grants returns its grants in its reply, and the store hands
- * those of its own replica's waiters on at once: no pub/sub hop between a release and the next
- * request on the freed GPUs.
+ * Key layout (every key starts with the configured prefix P; the scripts declare KEYS[1] =
+ * P..'epoch' and derive P from it, so that a Cluster hash tag in P keeps every key in one slot).
+ * Ids in keys are checked against SAFE_ID; queue names are hex; list ids and client ids are hashes.
+ *
+ *   epoch = '<uuid>@<created ms>'   store generation (gone: data lost)    run = Redis run id seen
+ *   pause (PX)                      grants held while lost leases are re-asserted
+ *   fence                           lease counter                         replica:<id> (PX) heartbeat
+ *   asg:<a>    hash cap, gpus       an assignment as last registered
+ *   slots:<a>  zset token->expiry   its live leases (a reservation: token, token/2 ... token/cap)
+ *   gpu:<g>    = a (PX)             the assignment running on a GPU (any number of its slots)
+ *   hold:<g>   = member (PX)        GPU kept free for a starving waiter
+ *   expiry     zset a->expiry       earliest slot expiry per assignment: expired slots found at once
+ *   lease:<t>  hash (PX)            gpus, assignment, n, queue, model, kind, purpose, since
+ *   rel:<t>    (PX)                 released: a late renewal never revives it
+ *   list:<l>   hash pos->a, n       a candidate list by content hash (PX a day, refreshed on use)
+ *   lpos:<l>   hash a->pos           free:<l> zset pos->pos: its candidates that may be free
+ *   alist:<a>  set of l             lists holding a          gasg:<g> set of a: assignments on g
+ *   lines:<l>  zset ln->arrival     lines of list l with waiters, by their next waiter's arrival
+ *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
+ *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>'; PX 3 ttl)
+ *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
+ *   qw:<queue> zset m->arrival      a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
+ *   queues     zset queue->touched  models with waiters, for the status
+ * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
+ * inventory change. Every script that grants returns its grants in its reply; the store hands
+ * those of its own replica's waiters on at once (no pub/sub hop between a release and the next
+ * request on the freed GPUs).
+ *
+ * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
+ * of a list, waiters of a line): nothing scans the candidates, the queues or the waiters.
  */
-const PRELUDE = `
-local P = ARGV[1]
-local TTL = tonumber(ARGV[2])
-local STARVE = tonumber(ARGV[3])
-local REPLICA = ARGV[4]
-local t = redis.call('TIME')
-local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local GRANTS = {}
-local PAUSED = false
+const SCRIPTS = loadLuaScripts([
+  'attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1'
+])
 
-local function split (s, sep)
-  local out = {}
-  if not s then return out end
-  for piece in string.gmatch(s, '([^' .. sep .. ']+)') do out[#out + 1] = piece end
-  return out
-end
-
-local function alive (m)
-  local r = string.match(m, '^([^|]+)|')
-  if not r then return false end
-  if r == REPLICA then return true end
-  return redis.call('EXISTS', P .. 'replica:' .. r) == 1
-end
-
-local function epoch_check ()
-  local e = redis.call('GET', P .. 'epoch')
-  if not e then
-    e = ARGV[6]
-    redis.call('SET', P .. 'epoch', e)
-    -- A replica that knew an epoch sees the store lost its data: hold grants for one ttl. By
-    -- then every lease that existed has been re-asserted by its holder's renewal, or its holder,
-    -- unable to renew it, has stopped its request (LeaseManager stops what it could not renew
-    -- for ttl/2, checking every ttl/3, so within 5/6 of a ttl).
-    if ARGV[5] ~= '' then redis.call('SET', P .. 'pause', '1', 'PX', tonumber(ARGV[7])) end
-  end
-  redis.call('SET', P .. 'replica:' .. REPLICA, '1', 'PX', TTL)
-  PAUSED = redis.call('EXISTS', P .. 'pause') == 1
-  return e
-end
-
-local function parse_cands (s)
-  local out = {}
-  for _, c in ipairs(split(s, ';')) do
-    local aid, gs = string.match(c, '^([^=]+)=(.*)$')
-    out[#out + 1] = { aid, split(gs, ',') }
-  end
-  return out
-end
-
-local function hold_valid (holder)
-  if not alive(holder) then return false end
-  local w = redis.call('HMGET', P .. 'w:' .. holder, 'queue', 'token')
-  return w[1] ~= false and w[2] == false
-end
-
-local function drop_waiter (q, m)
-  redis.call('ZREM', P .. 'q:' .. q, m)
-  redis.call('DEL', P .. 'w:' .. m)
-end
-
-local function head_of (q)
-  while true do
-    local r = redis.call('ZRANGE', P .. 'q:' .. q, 0, 0, 'WITHSCORES')
-    if #r == 0 then return nil end
-    local m = r[1]
-    if alive(m) and redis.call('EXISTS', P .. 'w:' .. m) == 1 then return m, tonumber(r[2]) end
-    drop_waiter(q, m)
-  end
-end
-
--- The first candidate whose GPUs are all free and held back for no other live waiter (stale
--- holds are dropped on the way), or nil.
-local function free_candidate (m, cands)
-  for i, c in ipairs(cands) do
-    local ok = true
-    for _, g in ipairs(c[2]) do
-      if redis.call('EXISTS', P .. 'gpu:' .. g) == 1 then ok = false break end
-      local h = redis.call('GET', P .. 'hold:' .. g)
-      if h and h ~= m then
-        if hold_valid(h) then ok = false break end
-        redis.call('DEL', P .. 'hold:' .. g)
-      end
-    end
-    if ok then return i end
-  end
-  return nil
-end
-
--- Lease every GPU of candidate c to member m; returns the token.
-local function take (m, q, c, model, kind, purpose)
-  local fence = redis.call('INCR', P .. 'fence')
-  local token = m .. '#' .. fence
-  for _, g in ipairs(c[2]) do
-    redis.call('SET', P .. 'gpu:' .. g, token, 'PX', TTL)
-    if redis.call('GET', P .. 'hold:' .. g) == m then redis.call('DEL', P .. 'hold:' .. g) end
-  end
-  local lkey = P .. 'lease:' .. token
-  redis.call('HSET', lkey, 'gpus', table.concat(c[2], ','), 'assignment', c[1], 'queue', q,
-    'model', model, 'kind', kind, 'purpose', purpose, 'since', NOW)
-  redis.call('PEXPIRE', lkey, TTL)
-  return token
-end
-
-local function try_grant (q, m)
-  local w = redis.call('HMGET', P .. 'w:' .. m, 'cands', 'since', 'model', 'kind', 'purpose')
-  local cands = parse_cands(w[1])
-  local i = free_candidate(m, cands)
-  if i then
-    local token = take(m, q, cands[i], w[3], w[4], w[5])
-    redis.call('ZREM', P .. 'q:' .. q, m)
-    redis.call('HSET', P .. 'w:' .. m, 'token', token, 'index', i - 1)
-    redis.call('PEXPIRE', P .. 'w:' .. m, TTL)
-    return token, i - 1
-  end
-  -- Starving: hold back the first candidate whose GPUs no other waiter holds, so the GPUs
-  -- stay free for this waiter as they are released.
-  if NOW - tonumber(w[2]) >= STARVE then
-    for _, c in ipairs(cands) do
-      local free = true
-      for _, g in ipairs(c[2]) do
-        local h = redis.call('GET', P .. 'hold:' .. g)
-        if h and h ~= m and hold_valid(h) then free = false break end
-      end
-      if free then
-        for _, g in ipairs(c[2]) do redis.call('SET', P .. 'hold:' .. g, m, 'PX', TTL) end
-        break
-      end
-    end
-  end
-  return nil
-end
-
--- Grant to queue heads, oldest arrival first across the queues, until no head can be served.
-local function serve (queues)
-  if PAUSED then return end
-  local heads = {}
-  for _, q in ipairs(queues) do
-    if heads[q] == nil then
-      local m, s = head_of(q)
-      if m then heads[q] = { m, s } end
-    end
-  end
-  while true do
-    local bq, best = nil, nil
-    for q, h in pairs(heads) do
-      if best == nil or h[2] < best[2] then bq, best = q, h end
-    end
-    if bq == nil then break end
-    local token, idx = try_grant(bq, best[1])
-    if token then
-      GRANTS[#GRANTS + 1] = best[1]
-      GRANTS[#GRANTS + 1] = token
-      GRANTS[#GRANTS + 1] = idx
-      -- The calling replica reads its own waiters' grants from the reply; only the others are told.
-      if string.sub(best[1], 1, #REPLICA + 1) ~= REPLICA .. '|' then
-        redis.call('PUBLISH', P .. 'events', 'g|' .. best[1] .. '|' .. token .. '|' .. idx)
-      end
-      local m, s = head_of(bq)
-      if m then heads[bq] = { m, s } else heads[bq] = nil end
-    else
-      heads[bq] = nil
-    end
-  end
-end
-
-local function release_token (token, gpulist)
-  local lkey = P .. 'lease:' .. token
-  local gpus = split(redis.call('HGET', lkey, 'gpus') or gpulist, ',')
-  local n = 0
-  for _, g in ipairs(gpus) do
-    if redis.call('GET', P .. 'gpu:' .. g) == token then
-      redis.call('DEL', P .. 'gpu:' .. g)
-      n = n + 1
-    end
-  end
-  redis.call('DEL', lkey)
-  if n > 0 then
-    local qs, seen = {}, {}
-    for _, g in ipairs(gpus) do
-      for _, q in ipairs(redis.call('SMEMBERS', P .. 'gq:' .. g)) do
-        if redis.call('EXISTS', P .. 'q:' .. q) == 0 then
-          redis.call('SREM', P .. 'gq:' .. g, q)
-        elseif not seen[q] then
-          seen[q] = true
-          qs[#qs + 1] = q
-        end
-      end
-    end
-    serve(qs)
-  end
-  return n
-end
-`
-
-// ARGV 8 member, 9 queue, 10 candidates, 11 model, 12 kind, 13 purpose, 14 queue max, 15 score or ''
-const ATTEMPT = PRELUDE + `
-local e = epoch_check()
-local m, q = ARGV[8], ARGV[9]
-local wkey = P .. 'w:' .. m
-local qkey = P .. 'q:' .. q
-local function granted ()
-  local w = redis.call('HMGET', wkey, 'token', 'index')
-  if w[1] then
-    redis.call('DEL', wkey)
-    return { 'granted', e, w[1], tostring(w[2]), unpack(GRANTS) }
-  end
-  return nil
-end
-local done = granted()
-if done then return done end
-local score = redis.call('ZSCORE', qkey, m)
-local tried = false
-if not score and not PAUSED and ARGV[15] == '' and redis.call('EXISTS', qkey) == 0 then
-  -- Nobody waits for this model: a free candidate is taken at once, with no queue entry to write
-  -- and remove; this is what serving the queue would do with this member as its only waiter.
-  local cands = parse_cands(ARGV[10])
-  local i = free_candidate(m, cands)
-  if i then return { 'granted', e, take(m, q, cands[i], ARGV[11], ARGV[12], ARGV[13]), tostring(i - 1) } end
-  tried = true
-end
-if not score then
-  if redis.call('ZCARD', qkey) >= tonumber(ARGV[14]) then
-    head_of(q)
-    if redis.call('ZCARD', qkey) >= tonumber(ARGV[14]) then return { 'full', e } end
-  end
-  score = tonumber(ARGV[15])
-  if not score then score = NOW * 1024 + (redis.call('INCR', P .. 'seq') % 1024) end
-  redis.call('ZADD', qkey, score, m)
-  redis.call('HSET', wkey, 'queue', q, 'cands', ARGV[10], 'since', NOW, 'model', ARGV[11], 'kind', ARGV[12],
-    'purpose', ARGV[13])
-  for _, c in ipairs(parse_cands(ARGV[10])) do
-    for _, g in ipairs(c[2]) do redis.call('SADD', P .. 'gq:' .. g, q) end
-  end
-  redis.call('SADD', P .. 'queues', q)
-end
-if PAUSED then return { 'paused', e, string.format('%.0f', tonumber(score)) } end
--- Just found every candidate busy, and a new waiter is not starving yet: serving would change nothing.
-if not tried or STARVE <= 0 then serve({ q }) end
-done = granted()
-if done then return done end
-return { 'waiting', e, tostring(redis.call('ZRANK', qkey, m)), string.format('%.0f', tonumber(score)), unpack(GRANTS) }
-`
-
-// ARGV 8 number of queues, then the queues, then members: serve, then report its grants and the
-// members' grants (a member granted in this call appears twice).
-const SWEEP = PRELUDE + `
-local e = epoch_check()
-local nq = tonumber(ARGV[8])
-local qs = {}
-for i = 9, 8 + nq do qs[#qs + 1] = ARGV[i] end
-serve(qs)
-local out = { e, unpack(GRANTS) }
-for i = 9 + nq, #ARGV do
-  local m = ARGV[i]
-  local w = redis.call('HMGET', P .. 'w:' .. m, 'token', 'index')
-  if w[1] then
-    redis.call('DEL', P .. 'w:' .. m)
-    out[#out + 1] = m
-    out[#out + 1] = w[1]
-    out[#out + 1] = tostring(w[2])
-  end
-end
-return out
-`
-
-// ARGV 8 queue, 9 member
-const LEAVE = PRELUDE + `
-epoch_check()
-local q, m = ARGV[8], ARGV[9]
-local token = redis.call('HGET', P .. 'w:' .. m, 'token')
-drop_waiter(q, m)
-if token then release_token(token, nil) end
-serve({ q })
-return GRANTS
-`
-
-// ARGV 8 token, 9 gpus (used when the lease record is gone). Returns { GPUs freed, grants... }
-const RELEASE = PRELUDE + `
-epoch_check()
-local n = release_token(ARGV[8], ARGV[9])
-return { n, unpack(GRANTS) }
-`
-
-// ARGV 8 gpus: releases the reservations holding them (not leases of requests in flight)
-const RELEASE_GPUS = PRELUDE + `
-epoch_check()
-local n = 0
-for _, g in ipairs(split(ARGV[8], ',')) do
-  local token = redis.call('GET', P .. 'gpu:' .. g)
-  -- A GPU serving a request in flight is that request's until it ends: never freed from outside.
-  if token and redis.call('HGET', P .. 'lease:' .. token, 'purpose') ~= 'proxy' then
-    n = n + release_token(token, g)
-  end
-end
-return { n, unpack(GRANTS) }
-`
-
-// ARGV 8.. groups of 7: token, gpus, assignment, queue, model, kind, purpose. Returns tokens lost.
-const RENEW = PRELUDE + `
-epoch_check()
-local lost = {}
-for i = 8, #ARGV, 7 do
-  local token = ARGV[i]
-  local mine = true
-  for _, g in ipairs(split(ARGV[i + 1], ',')) do
-    local v = redis.call('GET', P .. 'gpu:' .. g)
-    if v == token then
-      redis.call('PEXPIRE', P .. 'gpu:' .. g, TTL)
-    elseif not v then
-      -- The store forgot it (restart, or a pause past the ttl) while the GPU is still working for us.
-      redis.call('SET', P .. 'gpu:' .. g, token, 'PX', TTL)
-    else
-      mine = false
-    end
-  end
-  local lkey = P .. 'lease:' .. token
-  if mine then
-    if redis.call('PEXPIRE', lkey, TTL) == 0 then
-      redis.call('HSET', lkey, 'gpus', ARGV[i + 1], 'assignment', ARGV[i + 2], 'queue', ARGV[i + 3],
-        'model', ARGV[i + 4], 'kind', ARGV[i + 5], 'purpose', ARGV[i + 6], 'since', NOW)
-      redis.call('PEXPIRE', lkey, TTL)
-    end
-  else
-    lost[#lost + 1] = token
-  end
-end
-return lost
-`
-
-// ARGV 8 token: renew only if the lease still exists; answers its record.
-const PING = PRELUDE + `
-epoch_check()
-local token = ARGV[8]
-local lkey = P .. 'lease:' .. token
-local l = redis.call('HMGET', lkey, 'gpus', 'assignment', 'queue', 'model', 'kind', 'purpose')
-if not l[1] then return nil end
-for _, g in ipairs(split(l[1], ',')) do
-  if redis.call('GET', P .. 'gpu:' .. g) ~= token then return nil end
-end
-for _, g in ipairs(split(l[1], ',')) do redis.call('PEXPIRE', P .. 'gpu:' .. g, TTL) end
-redis.call('PEXPIRE', lkey, TTL)
-return l
-`
-
-// ARGV 8 gpus. Returns { gpu rows..., '--', queue depths..., '--', holds... }
-const STATUS = PRELUDE + `
-local out = {}
-local gpus = split(ARGV[8], ',')
-for _, g in ipairs(gpus) do
-  local token = redis.call('GET', P .. 'gpu:' .. g)
-  if token then
-    local l = redis.call('HMGET', P .. 'lease:' .. token, 'assignment', 'model', 'purpose', 'since')
-    out[#out + 1] = g
-    out[#out + 1] = token
-    out[#out + 1] = l[1] or ''
-    out[#out + 1] = l[2] or ''
-    out[#out + 1] = l[3] or ''
-    out[#out + 1] = l[4] or ''
-    out[#out + 1] = tostring(redis.call('PTTL', P .. 'gpu:' .. g))
-  end
-end
-out[#out + 1] = '--'
-for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  local qkey = P .. 'q:' .. q
-  for _, m in ipairs(redis.call('ZRANGE', qkey, 0, -1)) do
-    if not alive(m) then drop_waiter(q, m) end
-  end
-  local n = redis.call('ZCARD', qkey)
-  if n == 0 then
-    redis.call('SREM', P .. 'queues', q)
-  else
-    out[#out + 1] = q
-    out[#out + 1] = tostring(n)
-  end
-end
-out[#out + 1] = '--'
-for _, g in ipairs(gpus) do
-  local h = redis.call('GET', P .. 'hold:' .. g)
-  if h and hold_valid(h) then
-    out[#out + 1] = g
-    out[#out + 1] = h
-  end
-end
-return out
-`
-
-const SCRIPTS = {
-  maestroAttempt: ATTEMPT,
-  maestroSweep: SWEEP,
-  maestroLeave: LEAVE,
-  maestroRelease: RELEASE,
-  maestroReleaseGpus: RELEASE_GPUS,
-  maestroRenew: RENEW,
-  maestroPing: PING,
-  maestroStatus: STATUS
-} as const
-
-type ScriptName = keyof typeof SCRIPTS
-type ScriptClient = Redis & Record<ScriptName, (...args: Array<string | number>) => Promise<any>>
+type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status'
+const COMMAND: Record<ScriptName, string> = {
+  attempt: 'maestroAttempt',
+  register: 'maestroRegister',
+  sweep: 'maestroSweep',
+  leave: 'maestroLeave',
+  release: 'maestroRelease',
+  releaseGpus: 'maestroReleaseGpus',
+  renew: 'maestroRenew',
+  ping: 'maestroPing',
+  status: 'maestroStatus'
+}
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   /** Commands; made to fail fast while disconnected so no request waits on a dead store. */
@@ -434,8 +67,14 @@ export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   replicaId?: string
 }
 
-function encodeCandidates (candidates: Candidate[]): string {
-  return candidates.map((c) => `${c.assignmentId}=${c.gpuIds.join(',')}`).join(';')
+interface ListRef {
+  id: string
+  encoded: string
+}
+
+interface Reply {
+  body: unknown[]
+  grants: Grant[]
 }
 
 function parseGrants (flat: unknown[], from: number): Grant[] {
@@ -446,26 +85,43 @@ function parseGrants (flat: unknown[], from: number): Grant[] {
   return grants
 }
 
+/** Client ids come from outside (API key names, addresses): hashed before they reach a key or field. */
+function clientField (id: string): string {
+  return createHash('sha1').update(id).digest('hex').slice(0, 16)
+}
+
 export class RedisLeaseStore implements LeaseStore {
   readonly kind = 'redis' as const
   readonly replicaId: string
-  private readonly client: ScriptClient
+  private readonly client: Redis & Record<string, (...args: Array<string | number>) => Promise<unknown[]>>
   private readonly subscriber: Redis
   private readonly prefix: string
-  private readonly opts: LeaseStoreOptions
+  private readonly opts: Required<LeaseStoreOptions>
   private knownEpoch = ''
+  private knownRun = ''
   private events?: StoreEvents
   private wasReady = false
+  /** Candidate lists by array (the inventory hands out the same array for a model while it lasts). */
+  private readonly lists = new WeakMap<Candidate[], ListRef>()
+  /** This replica's waiting members and their lines (their sweep keeps those alive). */
+  private readonly lineOf = new Map<string, string>()
 
   constructor (opts: RedisLeaseStoreOptions) {
-    this.client = opts.client as ScriptClient
+    this.client = opts.client as RedisLeaseStore['client']
     this.subscriber = opts.subscriber
     this.prefix = opts.prefix
-    this.opts = { ttlMs: opts.ttlMs, queueMax: opts.queueMax, starvationMs: opts.starvationMs }
+    this.opts = {
+      ttlMs: opts.ttlMs,
+      queueMax: opts.queueMax,
+      queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
+      starvationMs: opts.starvationMs,
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+    }
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
-    for (const [name, lua] of Object.entries(SCRIPTS)) {
-      if (typeof (this.client as any)[name] !== 'function') {
-        this.client.defineCommand(name, { numberOfKeys: 0, lua })
+    for (const script of SCRIPTS) {
+      const name = COMMAND[script.name === 'release-gpus' ? 'releaseGpus' : script.name as ScriptName]
+      if (typeof this.client[name] !== 'function') {
+        this.client.defineCommand(name, { numberOfKeys: script.numberOfKeys, lua: script.lua })
       }
     }
   }
@@ -497,123 +153,179 @@ export class RedisLeaseStore implements LeaseStore {
     })
     if (this.client.status === 'ready') this.wasReady = true
     await this.subscriber.subscribe(this.channel)
-    await this.sweep([], [])
+    await this.sweep([])
   }
 
-  private args (): Array<string | number> {
-    return [
-      this.prefix, this.opts.ttlMs, this.opts.starvationMs, this.replicaId, this.knownEpoch,
-      randomUUID(), this.opts.ttlMs
-    ]
-  }
-
-  private noteEpoch (epoch: string): void {
-    if (this.knownEpoch !== '' && epoch !== this.knownEpoch) {
-      this.knownEpoch = epoch
-      this.events?.onReconnect()
-      return
-    }
+  /** Run a script: the common arguments first; the reply's header tells of a lost store or a lost heartbeat. */
+  private async run (name: ScriptName, ...args: Array<string | number>): Promise<Reply> {
+    const o = this.opts
+    const r = await this.client[COMMAND[name]](
+      this.prefix + 'epoch', o.ttlMs, o.starvationMs, this.replicaId, this.knownEpoch, randomUUID(), this.knownRun,
+      o.priorityAgingMs, ...args)
+    const epoch = String(r[0])
+    if (r[1] !== '' && r[1] != null) this.knownRun = String(r[1])
+    const n = Number(r[3])
+    const reply = { body: r.slice(4, 4 + n), grants: parseGrants(r, 4 + n) }
+    if (epoch === '') return reply // status: no epoch check
+    const lost = this.knownEpoch !== '' && epoch !== this.knownEpoch
     this.knownEpoch = epoch
+    if (lost || String(r[2]).includes('h')) this.events?.onReconnect()
+    return reply
+  }
+
+  private listOf (candidates: Candidate[]): ListRef {
+    let ref = this.lists.get(candidates)
+    if (ref == null) {
+      assertSafeIds(candidates)
+      const encoded = candidates.map((c) => `${c.assignmentId}=${capacityOf(c)}=${c.gpuIds.join(',')}`).join(';')
+      ref = { id: createHash('sha1').update(encoded).digest('hex').slice(0, 24), encoded }
+      this.lists.set(candidates, ref)
+    }
+    return ref
   }
 
   async attempt (input: AttemptInput): Promise<AttemptResult> {
-    assertSafeIds(input.candidates)
-    const r: unknown[] = await this.client.maestroAttempt(
-      ...this.args(), input.member, input.queue, encodeCandidates(input.candidates), input.info.model,
-      input.info.kind, input.info.purpose, this.opts.queueMax, input.score ?? '')
-    const status = String(r[0])
-    const epoch = String(r[1])
-    this.noteEpoch(epoch)
-    switch (status) {
+    const list = this.listOf(input.candidates)
+    const client = input.client ?? { id: '', priority: 'normal' }
+    const args = [
+      input.member, input.queue, list.id, input.info.model, input.info.kind, input.info.purpose,
+      this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
+      clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
+      input.info.purpose === 'reservation' ? 'all' : '1'
+    ]
+    let r = await this.run('attempt', ...args)
+    if (r.body[0] === 'list') {
+      // First use of this list (or the store lost it): register it once, then try again.
+      await this.run('register', list.id, list.encoded)
+      r = await this.run('attempt', ...args)
+    }
+    this.deliver(r.grants)
+    const b = r.body
+    switch (b[0]) {
       case 'granted':
-        return { status, epoch, token: String(r[2]), candidateIndex: Number(r[3]), grants: parseGrants(r, 4) }
+        return { status: 'granted', token: String(b[1]), candidateIndex: Number(b[2]), grants: r.grants }
       case 'waiting':
-        return { status, epoch, position: Number(r[2]), score: Number(r[3]), grants: parseGrants(r, 4) }
-      case 'paused':
-        return { status, epoch, score: Number(r[2]), grants: [] }
+      case 'paused': {
+        this.lineOf.set(input.member, `${list.id}:${input.queue}`)
+        const place: Place = b[0] === 'waiting'
+          ? { score: Number(b[2]), since: Number(b[3]) }
+          : { score: Number(b[1]), since: Number(b[2]) }
+        return b[0] === 'waiting'
+          ? { status: 'waiting', position: Number(b[1]), place, grants: r.grants }
+          : { status: 'paused', place, grants: r.grants }
+      }
+      case 'full':
+        return { status: 'full', scope: b[1] === 'total' ? 'total' : 'queue', grants: r.grants }
       default:
-        return { status: 'full', epoch, grants: [] }
+        throw new Error(`lease store: unexpected attempt reply ${String(b[0])}`)
     }
   }
 
-  async sweep (queues: string[], members: string[]): Promise<Grant[]> {
-    const r: unknown[] = await this.client.maestroSweep(...this.args(), queues.length, ...queues, ...members)
-    this.noteEpoch(String(r[0]))
-    return parseGrants(r, 1)
+  async sweep (members: string[]): Promise<SweepResult> {
+    const lines = new Set<string>()
+    for (const m of members) {
+      const line = this.lineOf.get(m)
+      if (line != null) lines.add(line)
+    }
+    const asked = new Set(members)
+    for (const m of this.lineOf.keys()) if (!asked.has(m)) this.lineOf.delete(m)
+    const r = await this.run('sweep', lines.size, ...lines, ...members)
+    this.deliver(r.grants)
+    const sep = r.body.indexOf('--')
+    const grants = [...r.grants, ...parseGrants(r.body.slice(0, sep), 0)]
+    for (const g of grants) this.lineOf.delete(g.member)
+    return { grants, unknown: r.body.slice(sep + 1).map(String) }
   }
 
   /** Hand this replica's grants from a script's reply on, as pub/sub would for another replica's. */
   private deliver (grants: Grant[]): void {
     const own = this.replicaId + '|'
     for (const g of grants) {
-      if (g.member.startsWith(own)) this.events?.onGrant(g)
+      if (g.member.startsWith(own)) {
+        this.lineOf.delete(g.member)
+        this.events?.onGrant(g)
+      }
     }
   }
 
-  async leave (queue: string, member: string): Promise<void> {
-    const r: unknown[] = await this.client.maestroLeave(...this.args(), queue, member)
-    this.deliver(parseGrants(r, 0))
+  async leave (_queue: string, member: string): Promise<void> {
+    const r = await this.run('leave', member)
+    this.lineOf.delete(member)
+    this.deliver(r.grants)
   }
 
-  async release (token: string, gpuIds: string[] = []): Promise<boolean> {
-    const r: unknown[] = await this.client.maestroRelease(...this.args(), token, gpuIds.join(','))
-    this.deliver(parseGrants(r, 1))
-    return Number(r[0]) > 0
+  async release (token: string): Promise<boolean> {
+    const r = await this.run('release', token)
+    this.deliver(r.grants)
+    return Number(r.body[0]) > 0
   }
 
-  async releaseGpus (gpuIds: string[]): Promise<number> {
+  async releaseGpus (gpuIds: string[]): Promise<{ released: number, inFlight: string[] }> {
     assertSafeIds([{ assignmentId: 'x', gpuIds }])
-    const r: unknown[] = await this.client.maestroReleaseGpus(...this.args(), gpuIds.join(','))
-    this.deliver(parseGrants(r, 1))
-    return Number(r[0])
+    const r = await this.run('releaseGpus', gpuIds.join(','))
+    this.deliver(r.grants)
+    return { released: Number(r.body[0]), inFlight: String(r.body[1] ?? '').split(',').filter(Boolean) }
   }
 
   async renew (leases: HeldLease[]): Promise<string[]> {
     if (leases.length === 0) {
-      await this.sweep([], [])
+      await this.sweep([...this.lineOf.keys()])
       return []
     }
-    const flat: string[] = []
+    const flat: Array<string | number> = []
     for (const l of leases) {
-      flat.push(l.token, l.gpuIds.join(','), l.assignmentId, l.queue, l.info.model, l.info.kind, l.info.purpose)
+      flat.push(l.token, l.gpuIds.join(','), l.assignmentId, l.slots, l.queue, l.info.model, l.info.kind, l.info.purpose)
     }
-    const lost: unknown[] = await this.client.maestroRenew(...this.args(), ...flat)
-    return lost.map(String)
+    const r = await this.run('renew', ...flat)
+    this.deliver(r.grants)
+    return r.body.map(String)
   }
 
   async ping (token: string): Promise<HeldLease | undefined> {
-    const l: Array<string | null> | null = await this.client.maestroPing(...this.args(), token)
-    if (l == null) return undefined
+    const r = await this.run('ping', token)
+    this.deliver(r.grants)
+    const l = r.body as Array<string | null>
+    if (l.length === 0) return undefined
     const info: LeaseInfo = { model: l[3] ?? '', kind: l[4] ?? '', purpose: (l[5] as LeaseInfo['purpose']) ?? 'reservation' }
-    return { token, gpuIds: (l[0] ?? '').split(',').filter(Boolean), assignmentId: l[1] ?? '', queue: l[2] ?? '', info }
+    return {
+      token, gpuIds: (l[0] ?? '').split(',').filter(Boolean), assignmentId: l[1] ?? '', queue: l[2] ?? '', info, slots: Number(l[6] ?? 1)
+    }
   }
 
-  async tokensOf (gpuIds: string[]): Promise<Array<string | undefined>> {
+  async tokensOf (gpuIds: string[]): Promise<string[][]> {
     if (gpuIds.length === 0) return []
     assertSafeIds([{ assignmentId: 'x', gpuIds }])
-    const values = await this.client.mget(...gpuIds.map((g) => this.prefix + 'gpu:' + g))
-    return values.map((v) => v ?? undefined)
+    const owners = await this.client.mget(...gpuIds.map((g) => this.prefix + 'gpu:' + g))
+    const now = Date.now()
+    return await Promise.all(owners.map(async (a) => {
+      if (a == null) return []
+      const members = await this.client.zrangebyscore(this.prefix + 'slots:' + a, now, '+inf')
+      return [...new Set(members.map((s) => s.replace(/\/\d+$/, '')))]
+    }))
   }
 
   async status (gpuIds: string[]): Promise<StoreStatus> {
-    const r: string[] = await this.client.maestroStatus(...this.args(), gpuIds.join(','))
+    const r = await this.run('status', gpuIds.join(','), STATUS_QUEUES_LIMIT)
+    const b = r.body.map(String)
     const out: StoreStatus = { gpus: [], queues: {}, holds: {} }
     let i = 0
     const now = Date.now()
-    for (; r[i] !== '--'; i += 7) {
-      const ttl = Number(r[i + 6])
+    for (; b[i] !== '--'; i += 9) {
+      const ttl = Number(b[i + 8])
       out.gpus.push({
-        gpuId: r[i],
-        token: r[i + 1],
-        assignmentId: r[i + 2] || undefined,
-        model: r[i + 3] || undefined,
-        purpose: r[i + 4] || undefined,
-        since: r[i + 5] !== '' ? Number(r[i + 5]) : undefined,
+        gpuId: b[i],
+        assignmentId: b[i + 1],
+        slotsUsed: Number(b[i + 2]),
+        capacity: Number(b[i + 3]),
+        token: b[i + 4],
+        model: b[i + 5] || undefined,
+        purpose: b[i + 6] || undefined,
+        since: b[i + 7] !== '' ? Number(b[i + 7]) : undefined,
         expiresAt: ttl >= 0 ? now + ttl : undefined
       })
     }
-    for (i++; r[i] !== '--'; i += 2) out.queues[r[i]] = Number(r[i + 1])
-    for (i++; i < r.length; i += 2) out.holds[r[i]] = r[i + 1]
+    for (i++; b[i] !== '--'; i += 2) out.queues[b[i]] = Number(b[i + 1])
+    for (i++; i < b.length; i += 2) out.holds[b[i]] = b[i + 1]
     return out
   }
 

@@ -7,6 +7,8 @@ import { createRequire } from 'node:module'
 import { join } from 'node:path'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 import { startBrowser } from './helpers/browser.js'
+import type { Page } from 'playwright-core'
+import { startSimulator } from './helpers/upstream-simulator.js'
 import { packageRoot } from '../services/package-root.js'
 
 const ARTIFACTS = join(packageRoot, 'test', 'artifacts')
@@ -88,7 +90,7 @@ t.test('the console shows the fleet and follows the other replica live', async (
   const endMs = performance.now() - releasing
   t.ok(endMs < 1000, `release and the three requests shown ended after ${endMs.toFixed(0)} ms`)
   await page.waitForSelector('#queues-empty:not([hidden])', { timeout: 1000 })
-  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length >= 4, undefined, { timeout: 2000 })
+  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length >= 3, undefined, { timeout: 2000 })
   const models = await page.locator('#recent-rows .r-model').allTextContents()
   t.same(models.slice(0, 3), ['qwq', 'qwq', 'qwq'], 'the last requests, newest first')
   t.same((await page.locator('#recent-rows .r-status').allTextContents()).slice(0, 3), ['200', '200', '200'])
@@ -136,9 +138,89 @@ t.test('on a phone, and under a prefix', async (t) => {
   const reserved = await fetch(`${base}/gpu/reserve`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ outputType: 'text', model: 'qwq' }) })
   t.equal(reserved.status, 200)
   await page.waitForSelector('.gpu.state-leased', { timeout: 1000 })
-  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length === 2, undefined, { timeout: 2000 })
+  await page.waitForFunction(() => document.querySelectorAll('#recent-rows tr').length === 1, undefined, { timeout: 2000 })
   const width = await page.evaluate(() => document.documentElement.scrollWidth)
   t.ok(width <= 390, `nothing wider than the phone (${width} px)`)
   await page.screenshot({ path: join(ARTIFACTS, 'console-phone.png'), fullPage: true })
   t.same(errors, [])
+})
+
+/** What the editing panel says after `action` (its status line, emptied first). */
+async function outcome (page: Page, action: () => Promise<unknown>): Promise<string> {
+  await page.evaluate(() => { const m = document.querySelector('.admin-message'); if (m != null) m.textContent = '' })
+  await action()
+  await page.waitForFunction(() => (document.querySelector('.admin-message')?.textContent ?? '') !== '', undefined, { timeout: 3000 })
+  return await page.locator('.admin-message').textContent() ?? ''
+}
+
+t.test('with a token, the console adds a model and a server that a request then reaches, and removes it', async (t) => {
+  const token = 'console-test-token'
+  const fleet = await startFleet(t, { gpus: [1, 1], upstreams: [{ model: 'qwq', gpus: [0] }], migrate: true, options: { ADMIN_TOKEN: token } })
+  const [one, two] = [await fleet.replica(), await fleet.replica()]
+  // the server the operator is about to add, already running on the second GPU
+  const mistral = await startSimulator({ gpuIds: [fleet.gpuIds[1]], recorder: fleet.recorder, models: ['mistral'] })
+  t.teardown(() => mistral.close())
+
+  const context = await startBrowser(t)
+  const page = await context.newPage()
+  const errors: string[] = []
+  page.on('pageerror', (err) => errors.push(err.message))
+  await page.goto(`${one.url}/ui/`)
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 5000 })
+
+  // nothing is offered before the token
+  await page.click('#admin-toggle')
+  await page.waitForSelector('#token-form:not([hidden])')
+  t.ok(await page.locator('#admin').isHidden(), 'no editing before the token')
+  await page.fill('#admin-token', 'wrong')
+  await page.click('#token-form button[type="submit"]')
+  await page.waitForFunction(() => document.querySelector('.token-message')?.textContent === 'That token was refused.', undefined, { timeout: 3000 })
+  await page.fill('#admin-token', token)
+  await page.click('#token-form button[type="submit"]')
+  await page.waitForSelector('#admin:not([hidden])', { timeout: 3000 })
+  t.equal(await page.evaluate(() => sessionStorage.getItem('maestro-admin-token')), token, 'kept in the tab\'s session')
+  t.equal(await page.evaluate(() => localStorage.length), 0, 'and nowhere else')
+
+  // a model, then a server for it, through the forms
+  await page.click('.tab[data-tab="models"]')
+  await page.click('[data-pane="models"] .add')
+  await page.fill('#f-models-name', 'mistral')
+  await page.selectOption('#f-models-kind', 'llm')
+  t.equal(await outcome(page, async () => await page.click('.admin-form button[type="submit"]')), 'model added')
+
+  await page.click('.tab[data-tab="assignments"]')
+  await page.click('[data-pane="assignments"] .add')
+  await page.fill('#f-assignments-name', 'mistral-1')
+  await page.fill('#f-assignments-model', 'mistral')
+  await page.fill('#f-assignments-port', String(mistral.port))
+  await page.selectOption('#f-assignments-gpuIds', [fleet.gpuIds[1]])
+  t.equal(await outcome(page, async () => await page.click('.admin-form button[type="submit"]')), 'server added')
+
+  // the live view shows it, and a request through the other replica reaches it
+  await page.waitForSelector('#assignment-rows tr:has(.a-name:text-is("mistral-1"))', { timeout: 2000 })
+  let answer: Response | undefined
+  const deadline = performance.now() + 2000
+  while (performance.now() < deadline) {
+    answer = await generate(two, 'mistral')
+    if (answer.status === 200) break
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  t.equal(answer?.status, 200, 'the other replica serves the new server')
+  t.ok(mistral.requests.some((r) => r.path === '/api/generate'), 'the request reached it')
+  await page.waitForFunction(() => document.querySelector('#recent-rows .r-model')?.textContent === 'mistral', undefined, { timeout: 2000 })
+
+  // drain it, then remove it: a destructive action asks first
+  const row = page.locator('.admin-table[data-resource="assignments"] tr', { hasText: 'mistral-1' })
+  t.equal(await outcome(page, async () => await row.locator('button', { hasText: 'Drain' }).click()), 'Drain: mistral-1 done')
+  await page.waitForSelector('#assignment-rows tr:has(.a-name:text-is("mistral-1")) .health-drained', { timeout: 2000 })
+  await row.locator('button', { hasText: 'Remove' }).click()
+  await page.waitForSelector('#confirm[open]')
+  await page.click('#confirm button[value="no"]')
+  t.equal(await row.count(), 1, 'cancelled: still there')
+  await row.locator('button', { hasText: 'Remove' }).click()
+  await page.click('#confirm button[value="yes"]')
+  await page.waitForSelector('#assignment-rows tr:has(.a-name:text-is("mistral-1"))', { state: 'detached', timeout: 2000 })
+  t.equal((await generate(one, 'mistral')).status, 404, 'gone')
+  await page.screenshot({ path: join(ARTIFACTS, 'console-admin.png'), fullPage: true })
+  t.same(errors, [], 'no page errors')
 })

@@ -69,7 +69,7 @@ t.test('queues, and the last requests of every replica', async (t) => {
   for (const res of await Promise.all(waiting)) t.equal(res.status, 200)
   const generates = (s: any): any[] => s.recent.filter((r: any) => r.route === '/api/generate')
   const done = await stream.until((s) => s.queues.length === 0 && generates(s).length === 3, 3000, 'the queue gone and three requests listed')
-  t.match(done.recent.at(-1), { route: '/gpu/reserve', model: 'qwq', status: 200 }, 'the reservation first')
+  t.equal(done.recent.length, 3, 'the reservation, an operator\'s call, is not listed')
   for (const r of generates(done)) {
     t.match(r, { model: 'qwq', status: 200, assignment: 'qwq-1' })
     t.ok(typeof r.queueMs === 'number' && typeof r.upstreamMs === 'number', 'queue and upstream time')
@@ -127,7 +127,7 @@ const snapshot = (n: number): FleetSnapshot => ({
   at: n,
   replica: 'r',
   store: 'memory',
-  admin: { available: false, token: false },
+  admin: { resources: [], token: false },
   computers: [],
   gpus: [{ id: '1', name: 'gpu', computerId: '1', vramGb: 8, state: n % 2 === 0 ? 'idle' : 'leased' }],
   assignments: [],

@@ -84,7 +84,8 @@ t.test('database: preference order, names, kinds', async t => {
     host: '10.0.0.1:11437',
     gpuIds: ['1', '10'],
     weight: 2,
-    computerName: 'box-a'
+    computerName: 'box-a',
+    capacity: 1
   }, 'gpu ids sorted numerically, weight = average')
   t.equal(inv.assignment('3')?.model, 'M-Small:latest', 'model as stored')
   t.equal(inv.assignment('3')?.modelKey, 'm-small')
@@ -242,7 +243,8 @@ t.test('file: wildcard and kinds', async t => {
     host: '127.0.0.1:11434',
     gpuIds: ['1'],
     weight: 1,
-    computerName: 'box'
+    computerName: 'box',
+    capacity: 1
   })
   t.same(inv.assignment('2')?.gpuIds, ['1', '2'])
   t.equal(inv.assignment('2')?.weight, 0.5)
@@ -259,12 +261,25 @@ t.test('file: wildcard and kinds', async t => {
   t.same(ids(new Inventory(minimal).candidates('llama3.2', 'llm')), ['1'], 'models may be omitted')
 })
 
+t.test('file: capacity, drained assignments and API keys (schemas shared with the admin API)', async t => {
+  const f = clone()
+  f.assignments[1].parallel = 4
+  f.assignments[1].drained = true
+  f.assignments[1]._note = 'comments are allowed in entries too'
+  f.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low', maxConcurrent: 2, maxQueued: 0, rpm: 60, models: ['llama3'] }]
+  const inv = new Inventory(parseInventoryFile(f, 'x'))
+  t.same(ids(inv.candidates('special', 'llm')), [], 'a drained assignment is no candidate')
+  t.same(ids(inv.candidates('special', 'llm', { drained: true })), ['2'], 'unless asked for')
+  t.equal(inv.assignment('2')?.drained, true, 'still known (its leases in flight have a name)')
+  t.equal(inv.assignment('1')?.drained, undefined)
+})
+
 t.test('file: validation errors name the source and the field', async t => {
   const cases: Array<[string, (f: any) => unknown, RegExp]> = [
     ['not an object', () => [], /^inventory src\.json: the inventory must be an object \(got an array\)$/],
     ['unknown top-level field', f => { f.gpu = [] }, /the inventory has unknown field "gpu"/],
     ['missing computers', f => { delete f.computers }, /computers must be an array \(got nothing\)/],
-    ['computer without ip', f => { delete f.computers[0].ip }, /computers\[0\]\.ip must be a non-empty string/],
+    ['computer without ip', f => { delete f.computers[0].ip }, /computers\[0\]\.ip must be an IPv4 or IPv6 address or a host name \(got nothing\)/],
     ['bad ip', f => { f.computers[0].ip = 'http://x' }, /computers\[0\]\.ip must be an IPv4 or IPv6 address or a host name/],
     ['duplicate computer id', f => { f.computers[1].id = 1 }, /computers\[1\]\.id 1 is already the id of computers\[0\]/],
     ['bad id', f => { f.computers[0].id = 'a b' }, /computers\[0\]\.id must be a whole number or a string/],
@@ -272,7 +287,7 @@ t.test('file: validation errors name the source and the field', async t => {
     ['duplicate gpu id', f => { f.gpus[2].id = '1' }, /gpus\[2\]\.id 1 is already the id of gpus\[0\]/],
     ['unknown computer', f => { f.gpus[1].computer = 7 }, /gpus\[1\]\.computer names computer 7, which is not in computers/],
     ['misspelt field', f => { f.gpus[0].wieght = 1 }, /gpus\[0\] has unknown field "wieght"/],
-    ['weight not a number', f => { f.gpus[0].weight = '1' }, /gpus\[0\]\.weight must be a number \(got "1"\)/],
+    ['weight not a number', f => { f.gpus[0].weight = '1' }, /gpus\[0\]\.weight must be a number \(or null\) \(got "1"\)/],
     ['negative vram', f => { f.gpus[0].vram = -1 }, /gpus\[0\]\.vram must be a number of at least 0/],
     ['models not an object', f => { f.models = ['llama3'] }, /models must be an object/],
     ['unknown model list', f => { f.models.llm = [] }, /models has unknown field "llm"/],
@@ -290,11 +305,16 @@ t.test('file: validation errors name the source and the field', async t => {
     ['duplicate assignment id', f => { f.assignments[1].id = 1 }, /assignments\[1\]\.id 1 is already the id of assignments\[0\]/],
     ['duplicate assignment name', f => { f.assignments[1].name = 'ollama-any' }, /assignments\[1\]\.name "ollama-any" is already the name of assignments\[0\]/],
     ['no model', f => { delete f.assignments[1].model }, /assignments\[1\]\.model must be a non-empty string/],
-    ['no gpus', f => { f.assignments[1].gpus = [] }, /assignments\[1\]\.gpus must name at least one GPU/],
+    ['no gpus', f => { f.assignments[1].gpus = [] }, /assignments\[1\]\.gpus must name at least one entry/],
     ['gpus not an array', f => { f.assignments[1].gpus = 1 }, /assignments\[1\]\.gpus must be an array \(got 1\)/],
     ['unknown gpu', f => { f.assignments[1].gpus = [1, 9] }, /assignments\[1\]\.gpus\[1\] names gpu 9, which is not in gpus/],
     ['gpu twice', f => { f.assignments[1].gpus = [1, '1'] }, /assignments\[1\]\.gpus\[1\] names gpu 1 twice/],
-    ['gpus on two computers', f => { f.assignments[1].gpus = [1, 3] }, /assignments\[1\]\.gpus must all be on one computer/]
+    ['gpus on two computers', f => { f.assignments[1].gpus = [1, 3] }, /assignments\[1\]\.gpus must all be on one computer/],
+    ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be an integer from 1 to 1024 .*\(got 0\)/],
+    ['drained not a boolean', f => { f.assignments[1].drained = 'yes' }, /assignments\[1\]\.drained must be true or false/],
+    ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in lower-case hex/],
+    ['api key with a secret in clear', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), key: 'sk-1' }] }, /apiKeys\[0\] has unknown field "key"/],
+    ['api key priority', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), priority: 'urgent' }] }, /apiKeys\[0\]\.priority must be one of "high", "normal", "low"/]
   ]
   for (const [name, change, expected] of cases) {
     const f = clone()

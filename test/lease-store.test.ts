@@ -71,8 +71,8 @@ for (const [name, make] of Object.entries(clusters)) {
       const b = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
       t.not(a.token, b.token)
       await m.release(a) // late duplicate
-      t.equal(await m.store.release(a.token, a.gpuIds), false, 'a stale token frees nothing')
-      t.same((await m.store.tokensOf(['1'])), [b.token], 'the new lease is intact')
+      t.equal(await m.store.release(a.token), false, 'a stale token frees nothing')
+      t.same((await m.store.tokensOf(['1'])), [[b.token]], 'the new lease is intact')
       await m.release(b)
     })
 
@@ -81,7 +81,7 @@ for (const [name, make] of Object.entries(clusters)) {
       const one = await m.acquire({ queue: 'a', candidates: [cand('1', '1')], info: info('a') })
       const pending = m.acquire({ queue: 'b', candidates: [cand('2', '1', '2')], info: info('b') })
       await sleep(50)
-      t.same(await m.store.tokensOf(['1', '2']), [one.token, undefined], 'GPU 2 is not taken alone')
+      t.same(await m.store.tokensOf(['1', '2']), [[one.token], []], 'GPU 2 is not taken alone')
       await m.release(one)
       const both = await pending
       t.same(both.gpuIds, ['1', '2'])
@@ -170,7 +170,7 @@ for (const [name, make] of Object.entries(clusters)) {
       t.equal(await m.store.ping(r.token), undefined, 'the expired reservation cannot be pinged back')
       // a proxy lease is renewed while held
       await sleep(1000)
-      t.same(await m.store.tokensOf(['1']), [l.token], 'held past its ttl by renewal')
+      t.same(await m.store.tokensOf(['1']), [[l.token]], 'held past its ttl by renewal')
       await m.release(l)
     })
 

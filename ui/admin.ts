@@ -131,7 +131,8 @@ const RESOURCES: Resource[] = [
       { name: 'model', label: 'Model', type: 'text', required: true, hint: 'a model of the list, or * for any' },
       { name: 'port', label: 'Port', type: 'number', required: true },
       { name: 'gpuIds', label: 'GPUs', type: 'multi', required: true, options: () => named('gpus') },
-      { name: 'maxParallel', label: 'Requests at once', type: 'number', hint: 'empty: 1' }
+      { name: 'maxParallel', label: 'Requests at once', type: 'number', hint: 'empty: 1' },
+      { name: 'kind', label: 'Kind', type: 'select', options: () => KINDS, hint: 'only for * in an inventory file' }
     ],
     columns: [
       ['Name', (r) => text(r.name)], ['Model', (r) => text(r.model)], ['Port', (r) => text(r.port)],
@@ -331,21 +332,21 @@ async function load (root: HTMLElement, resource: Resource): Promise<void> {
 }
 
 async function loadAll (root: HTMLElement): Promise<void> {
-  await Promise.all(RESOURCES.map(async (r) => { await load(root, r) }))
+  await Promise.all(offered.map(async (r) => { await load(root, r) }))
 }
 
 function build (root: HTMLElement): void {
   const tabs = find(root, '.admin-tabs')
   const panes = find(root, '.admin-panes')
-  for (const resource of RESOURCES) {
+  for (const resource of offered) {
     const tab = el('button', { type: 'button', class: 'tab', 'data-tab': resource.key, text: resource.title })
     const add = el('button', { type: 'button', class: 'primary add', text: `Add a ${resource.singular}` })
     const pane = el('div', { class: 'admin-pane', 'data-pane': resource.key }, [
       add,
       el('div', { class: 'table-wrap' }, [el('table', { class: 'admin-table', 'data-resource': resource.key }, [el('thead', {}, [el('tr')]), el('tbody')])])
     ])
-    pane.hidden = resource !== RESOURCES[0]
-    tab.setAttribute('aria-selected', String(resource === RESOURCES[0]))
+    pane.hidden = resource !== offered[0]
+    tab.setAttribute('aria-selected', String(resource === offered[0]))
     tab.addEventListener('click', () => {
       for (const p of Array.from(panes.children) as HTMLElement[]) p.hidden = p.dataset.pane !== resource.key
       for (const t of Array.from(tabs.children)) t.setAttribute('aria-selected', String((t as HTMLElement).dataset.tab === resource.key))
@@ -419,9 +420,12 @@ export function startAdmin (): void {
 }
 
 let needsToken = false
+/** The record kinds this gateway's admin API has (the snapshot says). */
+let offered: Resource[] = []
 
-/** Shows the way to changes where the gateway has the admin API (the snapshot says). */
-export function offerAdmin (admin: { available: boolean, token: boolean }): void {
-  find(document, '#admin-toggle').hidden = !admin.available
+/** Shows the way to changes where the gateway has the admin API. */
+export function offerAdmin (admin: { resources: string[], token: boolean }): void {
+  offered = RESOURCES.filter((r) => admin.resources.includes(r.path))
+  find(document, '#admin-toggle').hidden = offered.length === 0
   needsToken = admin.token
 }

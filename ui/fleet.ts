@@ -48,7 +48,7 @@ export interface Fleet {
   at: number
   replica: string
   store: 'redis' | 'memory'
-  admin: { available: boolean, token: boolean }
+  admin: { resources: string[], token: boolean }
   computers: Computer[]
   gpus: Gpu[]
   assignments: Assignment[]

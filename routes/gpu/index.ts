@@ -1,7 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
 import type { ModelKind } from '../../services/inventory.js'
-import { queueLabel, queueName } from '../../services/lease-store.js'
+import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/lease-store.js'
 import { modelKey } from '../../services/model-name.js'
 import gpuEvents from './events.js'
 import {
@@ -48,16 +48,16 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     // The same queue as proxied requests for the model: a reservation waits its turn among them.
     const lease = await fastify.leases.acquire({
       queue: queueName(kind, modelKey(model)),
-      candidates: candidates.map((a) => ({ assignmentId: a.id, gpuIds: a.gpuIds })),
+      candidates: candidatesOf(candidates),
       info: { model, kind, purpose: 'reservation' },
       signal: request.exchange.signal
     })
     // Renewing right away makes `expiresAt` a time the lease is sure to last until.
     const renewedAt = Date.now()
-    const renewed = await store.ping(lease.token).catch(() => undefined)
+    const renewed = await fastify.leases.ping(lease.token).catch(() => undefined)
     if (renewed == null || request.exchange.closed) {
       // Nobody will ping or release it (client gone), or it cannot be vouched for: give it back.
-      await store.release(lease.token, lease.gpuIds).catch(() => {})
+      await fastify.leases.releaseReservation(lease.token).catch(() => {})
       if (request.exchange.closed) throw new GatewayError(499, 'client closed request')
       throw new GatewayError(503, 'lease store unavailable', 1)
     }
@@ -83,15 +83,15 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.post('/gpu/ping', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
     const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
     if (leaseId != null) {
-      if (await fromStore(store.ping(leaseId)) == null) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      if (await fromStore(fastify.leases.ping(leaseId)) == null) throw new GatewayError(404, `no live lease '${leaseId}'`)
       return { message: 'Ping successful' }
     }
     const ids = gpuIds as string[]
     const tokens = await fromStore(store.tokensOf(ids))
-    const free = ids.filter((_, i) => tokens[i] == null)
+    const free = ids.filter((_, i) => tokens[i].length === 0)
     if (free.length > 0) throw new GatewayError(404, `no live lease on GPU ${free.join(', ')}`)
-    for (const token of new Set(tokens as string[])) {
-      if (await fromStore(store.ping(token)) == null) throw new GatewayError(404, `the lease on GPU ${ids.join(', ')} has just ended`)
+    for (const token of new Set(tokens.flat())) {
+      if (await fromStore(fastify.leases.ping(token)) == null) throw new GatewayError(404, `the lease on GPU ${ids.join(', ')} has just ended`)
     }
     return { message: 'Ping successful' }
   })
@@ -99,7 +99,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.post('/gpu/release', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
     const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
     if (leaseId != null) {
-      if (!await fromStore(store.release(leaseId))) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      if (!await fromStore(fastify.leases.releaseReservation(leaseId))) throw new GatewayError(404, `no live lease '${leaseId}'`)
       fastify.fleetEvents.changed()
       request.log.info({ leaseId }, 'lease released')
       return { message: 'GPU released successfully' }
@@ -107,26 +107,54 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     const ids = gpuIds as string[]
     // A GPU serving a request in flight stays that request's until it ends: freeing it would put
     // a second request on it. Only reservations are released by GPU id.
-    const inFlight = (await fromStore(store.status(ids))).gpus.filter((g) => g.purpose === 'proxy').map((g) => g.gpuId)
-    const freed = await fromStore(store.releaseGpus(ids))
-    if (freed > 0) fastify.fleetEvents.changed()
-    if (freed === 0 && inFlight.length > 0) {
+    const { released, inFlight } = await fromStore(store.releaseGpus(ids))
+    if (released > 0) fastify.fleetEvents.changed()
+    if (released === 0 && inFlight.length > 0) {
       throw new GatewayError(409, `GPU ${inFlight.join(', ')} is serving a request in flight; it is freed when that request ends`)
     }
-    if (freed === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
-    request.log.info({ gpus: ids, freed }, 'GPUs released')
+    if (released === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
+    request.log.info({ gpus: ids, released }, 'GPUs released')
     return { message: 'GPU released successfully' }
   })
+
+  /*
+   * The route is open: one store call serves every status asked for within STATUS_CACHE_MS (the
+   * call itself is bounded: the inventory's GPUs, at most STATUS_QUEUES_LIMIT queues).
+   */
+  const STATUS_CACHE_MS = 250
+  let cached: { at: number, inventory: unknown, state: Promise<StoreStatus> } | undefined
+  const currentStatus = async (gpuIds: string[]): Promise<StoreStatus> => {
+    const now = performance.now()
+    const inventory = fastify.inventory.current
+    if (cached == null || now - cached.at > STATUS_CACHE_MS || cached.inventory !== inventory) {
+      const state = store.status(gpuIds)
+      cached = { at: now, inventory, state }
+      state.catch(() => { if (cached?.state === state) cached = undefined })
+    }
+    return await cached.state
+  }
 
   fastify.get('/gpu/status', { schema: { response: { 200: FleetStatus } }, config: openToAll }, async (): Promise<FleetStatus> => {
     const inventory = fastify.inventory.current
     const gpus = inventory.snapshot.gpus
-    const state = await fromStore(store.status(gpus.map((g) => g.id)))
+    const state = await fromStore(currentStatus(gpus.map((g) => g.id)))
     const leased = new Map(state.gpus.map((g) => [g.gpuId, g]))
+    // A free GPU's capacity: that of the assignments on it (the largest, when several share it).
+    const capacityOn = new Map<string, number>()
+    for (const a of inventory.snapshot.assignments) {
+      for (const g of a.gpuIds) capacityOn.set(g, Math.max(capacityOn.get(g) ?? 1, a.capacity ?? 1))
+    }
     return {
       gpus: gpus.map((gpu) => {
         const lease = leased.get(gpu.id)
-        const base = { id: gpu.id, name: gpu.name, computer: gpu.computerName, leased: lease != null }
+        const base = {
+          id: gpu.id,
+          name: gpu.name,
+          computer: gpu.computerName,
+          leased: lease != null,
+          slotsUsed: lease?.slotsUsed ?? 0,
+          capacity: lease?.capacity ?? capacityOn.get(gpu.id) ?? 1
+        }
         if (lease == null) return base
         return {
           ...base,

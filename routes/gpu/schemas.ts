@@ -44,6 +44,8 @@ export const GpuStatus = Type.Object({
   name: Type.String(),
   computer: Type.String(),
   leased: Type.Boolean(),
+  slotsUsed: Type.Integer({ description: 'requests running on the GPU now (leases of the assignment that holds it)' }),
+  capacity: Type.Integer({ description: 'parallel slots of the assignment running on the GPU (when free: of the assignments on it)' }),
   /** The fields below only while leased. */
   model: Type.Optional(Type.String({ description: 'the model as the lease holder asked for it' })),
   assignment: Type.Optional(Type.String({ description: 'assignment name' })),

@@ -1,0 +1,31 @@
+import { Type } from '@sinclair/typebox'
+import {
+  AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, ModelKind, ModelName, ModelRecord
+} from '../../services/inventory-schema.js'
+
+export {
+  AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
+  GpuCreate, GpuPatch, GpuRecord, ModelCreate, ModelRecord
+} from '../../services/inventory-schema.js'
+
+/** `/admin/<records>/:id`: the table's id (a file may also use names). */
+export const IdParams = Type.Object({
+  id: Type.String({ pattern: ID_PATTERN.source, description: "a record id: a whole number (or, in a file, letters, digits, '.', '_' or '-')" })
+})
+
+export const ModelParams = Type.Object({ kind: ModelKind, name: ModelName })
+
+export const Computers = Type.Array(ComputerRecord)
+export const Gpus = Type.Array(GpuRecord)
+export const Models = Type.Array(ModelRecord)
+export const Assignments = Type.Array(AssignmentRecord)
+
+export const AdminError = Type.Object({ error: Type.String() })
+
+/** The answers every admin write may give besides its own. */
+export const errorAnswers = {
+  400: AdminError,
+  401: AdminError,
+  404: AdminError,
+  409: AdminError
+}

@@ -1,0 +1,101 @@
+--[[
+  Take a lease for a waiter, or queue it in its line and serve that line.
+
+  KEYS[1]  <prefix>epoch
+  ARGV[1..7] see includes/prelude.lua
+  ARGV[8]  member            ARGV[9]  queue (hex model label)   ARGV[10] candidate list id
+  ARGV[11] model             ARGV[12] kind                      ARGV[13] purpose
+  ARGV[14] QUEUE_MAX         ARGV[15] QUEUE_MAX_TOTAL
+  ARGV[16] score kept from an earlier place in the queue ('' when new)   ARGV[17] its arrival
+  ARGV[18] client (hashed)   ARGV[19] level: 0 high, 1 normal, 2 low
+  ARGV[20] preferred assignment ids, comma-separated (tried first, never waited for)
+  ARGV[21] slots wanted: '1', or 'all' (a reservation takes the whole assignment)
+
+  Returns reply() with body
+    { 'granted', token, candidate index } | { 'waiting', position, score, arrival }
+    | { 'paused', score, arrival } | { 'full', 'queue' | 'total' }
+    | { 'list' } when the candidate list is unknown (register it, then try again)
+]]
+--- @include "includes/prelude"
+--- @include "includes/slots"
+--- @include "includes/queue"
+
+epoch_check()
+expire_due()
+local m, q, l = ARGV[8], ARGV[9], ARGV[10]
+local ln = l .. ':' .. q
+local wkey = P .. 'w:' .. m
+local lkey = P .. 'line:' .. ln
+local want = ARGV[21]
+
+local function granted ()
+  local w = redis.call('HMGET', wkey, 'token', 'index')
+  if w[1] then
+    redis.call('DEL', wkey)
+    return reply({ 'granted', w[1], tostring(w[2]) })
+  end
+  return nil
+end
+
+local done = granted()
+if done then return done end
+if redis.call('EXISTS', P .. 'list:' .. l) == 0 then
+  serve_freed()
+  return reply({ 'list' })
+end
+redis.call('PEXPIRE', P .. 'list:' .. l, 86400000)
+redis.call('PEXPIRE', P .. 'lpos:' .. l, 86400000)
+redis.call('PEXPIRE', P .. 'free:' .. l, 86400000)
+
+local score = redis.call('ZSCORE', lkey, m)
+if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
+  -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
+  local pos, a = find(m, l, ARGV[20], want, nil)
+  if pos then
+    local token = take(m, a, want, q, ARGV[11], ARGV[12], ARGV[13])
+    serve_freed()
+    return reply({ 'granted', token, tostring(pos) })
+  end
+end
+
+-- Room in a full index is made by dropping the gone waiters among its oldest few.
+local function room (key, max)
+  if redis.call('ZCARD', key) < max then return true end
+  for _, o in ipairs(redis.call('ZRANGE', key, 0, 7)) do
+    if not live(o) then drop_waiter(o) redis.call('ZREM', key, o) end
+  end
+  return redis.call('ZCARD', key) < max
+end
+
+local since = tonumber(ARGV[17]) or NOW
+if not score then
+  if not room(P .. 'qw:' .. q, tonumber(ARGV[14])) then serve_freed() return reply({ 'full', 'queue' }) end
+  if not room(P .. 'allw', tonumber(ARGV[15])) then serve_freed() return reply({ 'full', 'total' }) end
+  local level = tonumber(ARGV[19]) or 1
+  score = tonumber(ARGV[16])
+  if not score then
+    -- start-time fair queuing: a client's tag follows its own last one, or the line's clock
+    local vt = P .. 'vt:' .. ln
+    local r = redis.call('HMGET', vt, 'v', 'c' .. ARGV[18])
+    local tag = math.max(tonumber(r[1]) or 0, tonumber(r[2]) or 0) + 1
+    redis.call('HSET', vt, 'c' .. ARGV[18], tag)
+    score = level * LEVEL + tag
+  end
+  redis.call('ZADD', lkey, score, m)
+  if level == 1 then redis.call('ZADD', P .. 'age1:' .. ln, since, m) end
+  if level == 2 then redis.call('ZADD', P .. 'age2:' .. ln, since, m) end
+  redis.call('ZADD', P .. 'qw:' .. q, since, m)
+  redis.call('ZADD', P .. 'allw', since, m)
+  redis.call('ZADD', P .. 'queues', NOW, q)
+  redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)
+  redis.call('HSET', wkey, 'line', ln, 'list', l, 'queue', q, 'level', level, 'score', score, 'since', since,
+    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20])
+  redis.call('PEXPIRE', wkey, LINE_TTL)
+  touch_line(ln)
+end
+if PAUSED then return reply({ 'paused', string.format('%.0f', score), tostring(since) }) end
+serve_freed()
+serve({ l })
+done = granted()
+if done then return done end
+return reply({ 'waiting', tostring(redis.call('ZRANK', lkey, m)), string.format('%.0f', score), tostring(since) })

@@ -1,0 +1,226 @@
+--[[
+  Waiting: one line per (candidate list, model queue), so that waiters in one line all want the
+  same candidates and one that cannot be served means none behind it can. Needs prelude.lua and
+  slots.lua.
+
+  line:<ln>      zset member -> level * 2^40 + tag   fair order (ln = <list id>:<queue>)
+  age1:<ln>, age2:<ln>  zset member -> arrival       normal and low waiters, for aging
+  vt:<ln>        hash v -> tag last served, c<client> -> client's last tag (start-time fair queuing)
+  lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
+  w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
+                 held; token, index once granted (PX)
+  qw:<queue>     zset member -> arrival    a model's waiters (QUEUE_MAX)
+  allw           zset member -> arrival    every waiter (QUEUE_MAX_TOTAL)
+  queues         zset queue -> last touch  models with waiters, for the status
+  Line keys live 3 ttl unless touched: each replica's sweep touches the lines of its waiters.
+]]
+local LEVEL = 1099511627776 -- 2^40: tags stay below it
+local LINE_TTL = TTL * 3
+
+local function line_keys (ln)
+  return P .. 'line:' .. ln, P .. 'age1:' .. ln, P .. 'age2:' .. ln, P .. 'vt:' .. ln
+end
+
+local function touch_line (ln)
+  local a, b, c, d = line_keys(ln)
+  for _, k in ipairs({ a, b, c, d }) do redis.call('PEXPIRE', k, LINE_TTL) end
+end
+
+local function unqueue (m, ln, q)
+  local lkey, a1, a2 = line_keys(ln)
+  redis.call('ZREM', lkey, m)
+  redis.call('ZREM', a1, m)
+  redis.call('ZREM', a2, m)
+  redis.call('ZREM', P .. 'qw:' .. q, m)
+  redis.call('ZREM', P .. 'allw', m)
+end
+
+-- A waiter's holds end with its wait; what they kept from others is served again.
+local function clear_holds (m)
+  local gone = {}
+  for _, g in ipairs(split(redis.call('HGET', P .. 'w:' .. m, 'heldgpus'), ',')) do
+    if redis.call('GET', P .. 'hold:' .. g) == m then
+      redis.call('DEL', P .. 'hold:' .. g)
+      gone[#gone + 1] = g
+    end
+  end
+  if #gone > 0 then freed(nil, gone) end
+end
+
+-- A waiter that is gone (replica dead, record expired, left) leaves every index it is in.
+local function drop_waiter (m)
+  local w = redis.call('HMGET', P .. 'w:' .. m, 'line', 'queue')
+  if w[1] then
+    unqueue(m, w[1], w[2])
+    clear_holds(m)
+  end
+  redis.call('DEL', P .. 'w:' .. m)
+end
+
+local function live (m)
+  return alive(m) and redis.call('EXISTS', P .. 'w:' .. m) == 1
+end
+
+-- The next waiter of a line: the best (effective level, tag), where a normal or low waiter that
+-- has waited AGING counts one level higher. Gone waiters are dropped on the way.
+local function pick (ln)
+  local lkey, a1, a2 = line_keys(ln)
+  while true do
+    local best, bscore = nil, nil
+    local h = redis.call('ZRANGE', lkey, 0, 0, 'WITHSCORES')
+    if #h == 0 then return nil end
+    best, bscore = h[1], tonumber(h[2])
+    for _, akey in ipairs({ a1, a2 }) do
+      local o = redis.call('ZRANGE', akey, 0, 0, 'WITHSCORES')
+      if #o > 0 and NOW - tonumber(o[2]) >= AGING then
+        local s = redis.call('ZSCORE', lkey, o[1])
+        if s then
+          s = tonumber(s) - LEVEL
+          if s < bscore then best, bscore = o[1], s end
+        else
+          redis.call('ZREM', akey, o[1])
+        end
+      end
+    end
+    if live(best) then return best end
+    local q = redis.call('HGET', P .. 'w:' .. best, 'queue')
+    redis.call('ZREM', lkey, best)
+    redis.call('ZREM', a1, best)
+    redis.call('ZREM', a2, best)
+    if q then redis.call('ZREM', P .. 'qw:' .. q, best) end
+    redis.call('ZREM', P .. 'allw', best)
+    redis.call('DEL', P .. 'w:' .. best)
+  end
+end
+
+-- Keep list l's index of lines in step with line ln's next waiter; returns that waiter.
+local function reindex (l, ln)
+  local m = pick(ln)
+  if m then
+    redis.call('ZADD', P .. 'lines:' .. l, redis.call('HGET', P .. 'w:' .. m, 'since'), ln)
+  else
+    redis.call('ZREM', P .. 'lines:' .. l, ln)
+  end
+  return m
+end
+
+-- The first usable position of list l for waiter m: its preferred assignments, the one held for
+-- it, then the free index in list order (stale entries dropped; held ones skipped).
+local function find (m, l, pref, want, held)
+  local lpos = P .. 'lpos:' .. l
+  for _, a in ipairs(split(pref, ',')) do
+    local pos = redis.call('HGET', lpos, a)
+    if pos and usable(a, m, want) then return tonumber(pos), a end
+  end
+  if held and held ~= '' then
+    local pos = redis.call('HGET', lpos, held)
+    if pos and usable(held, m, want) then return tonumber(pos), held end
+  end
+  local fkey = P .. 'free:' .. l
+  local skip = 0
+  while true do
+    local r = redis.call('ZRANGE', fkey, skip, skip + 15)
+    if #r == 0 then return nil end
+    for _, pos in ipairs(r) do
+      local a = redis.call('HGET', P .. 'list:' .. l, pos)
+      local ok, why = false, nil
+      if a then ok, why = usable(a, m, want) end
+      if ok then return tonumber(pos), a end
+      -- only a hold is in the way: it stays free for everyone else
+      if why == 'hold' or (a and want == 'all' and usable(a, m, 1)) then skip = skip + 1 else redis.call('ZREM', fkey, pos) end
+    end
+  end
+end
+
+-- A waiter that has waited STARVE holds the GPUs of one of its first candidates, so they stay
+-- free for it as they are released.
+local function hold_for (m, l)
+  local lk = P .. 'list:' .. l
+  local n = math.min(tonumber(redis.call('HGET', lk, 'n')) or 0, 8)
+  for pos = 0, n - 1 do
+    local a = redis.call('HGET', lk, tostring(pos))
+    local _, gpus = asg(a)
+    local free = #gpus > 0
+    for _, g in ipairs(gpus) do
+      local h = redis.call('GET', P .. 'hold:' .. g)
+      if h and h ~= m and hold_valid(h) then free = false break end
+    end
+    if free then
+      for _, g in ipairs(gpus) do redis.call('SET', P .. 'hold:' .. g, m, 'PX', TTL) end
+      redis.call('HSET', P .. 'w:' .. m, 'held', a, 'heldgpus', table.concat(gpus, ','))
+      return
+    end
+  end
+end
+
+local function try_grant (m)
+  local wkey = P .. 'w:' .. m
+  local w = redis.call('HMGET', wkey, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
+    'purpose', 'score')
+  local pos, a = find(m, w[1], w[5], w[4], w[6])
+  if pos then
+    local token = take(m, a, w[4], w[3], w[8], w[9], w[10])
+    unqueue(m, w[2], w[3])
+    clear_holds(m)
+    local vt = P .. 'vt:' .. w[2]
+    local tag = tonumber(w[11]) % LEVEL
+    if tag > (tonumber(redis.call('HGET', vt, 'v')) or 0) then redis.call('HSET', vt, 'v', tag) end
+    redis.call('HSET', wkey, 'token', token, 'index', pos)
+    redis.call('PEXPIRE', wkey, TTL)
+    return token, pos
+  end
+  if NOW - tonumber(w[7]) >= STARVE then hold_for(m, w[1]) end
+  return nil
+end
+
+local function note_grant (m, token, pos)
+  GRANTS[#GRANTS + 1] = m
+  GRANTS[#GRANTS + 1] = token
+  GRANTS[#GRANTS + 1] = pos
+  -- The calling replica reads its own waiters' grants from the reply; only the others are told.
+  if string.sub(m, 1, #REPLICA + 1) ~= REPLICA .. '|' then
+    redis.call('PUBLISH', P .. 'events', 'g|' .. m .. '|' .. token .. '|' .. pos)
+  end
+end
+
+-- Serve lists: the line whose next waiter arrived first goes first, until no list can serve.
+-- Costs one step per list and per grant, whatever the number of lines or candidates.
+local function serve (lists)
+  if PAUSED then return end
+  local heads = {}
+  local function head (l)
+    while true do
+      local r = redis.call('ZRANGE', P .. 'lines:' .. l, 0, 0, 'WITHSCORES')
+      if #r == 0 then heads[l] = nil return end
+      local m = reindex(l, r[1])
+      if m then
+        local s = tonumber(redis.call('ZSCORE', P .. 'lines:' .. l, r[1]))
+        local first = redis.call('ZRANGE', P .. 'lines:' .. l, 0, 0)
+        if first[1] == r[1] then heads[l] = { r[1], m, s } return end
+      end
+    end
+  end
+  for _, l in ipairs(lists) do head(l) end
+  while true do
+    local bl, best = nil, nil
+    for l, h in pairs(heads) do
+      if best == nil or h[3] < best[3] then bl, best = l, h end
+    end
+    if bl == nil then break end
+    local token, pos = try_grant(best[2])
+    if token then
+      note_grant(best[2], token, pos)
+      head(bl)
+    else
+      heads[bl] = nil
+    end
+  end
+end
+
+-- Serve what the frees of this call made usable.
+local function serve_freed ()
+  local lists = TO_SERVE
+  TO_SERVE = {}
+  TO_SERVE_SEEN = {}
+  serve(lists)
+end
