@@ -4,6 +4,7 @@ import { Counter, Gauge } from 'prom-client'
 import type { FastifyInstance } from 'fastify'
 import { FleetEventHub } from '../services/fleet-events.js'
 import { buildFleetSnapshot, type UpstreamHealth, type UpstreamHealthState } from '../services/fleet-snapshot.js'
+import { RECENT_REQUESTS_LIMIT } from '../services/recent-requests.js'
 import { ReplicaPresence } from '../services/replica-presence.js'
 
 export interface FleetEvents {
@@ -23,24 +24,22 @@ declare module 'fastify' {
 const NOTICE_GAP_MS = 100
 
 /**
- * The upstream poller's view of an assignment, when the gateway has one (`fastify.upstreams`,
- * from the upstream-poller plugin), in the console's words.
+ * The upstream poller's view of an assignment (`fastify.upstreams.snapshot(id)`, from the
+ * upstream-poller plugin, looked up when the state is read so plugin order does not matter), in the
+ * console's words; nothing where the gateway has no poller.
  */
-function upstreamHealthSource (fastify: FastifyInstance): ((id: string) => UpstreamHealth | undefined) | undefined {
-  interface PolledUpstream { health?: string, loaded?: string[], polledAt?: number }
+function upstreamHealthOf (fastify: FastifyInstance, id: string): UpstreamHealth | undefined {
+  interface PolledUpstream { health?: string, loaded?: string[] }
   const poller = (fastify as unknown as { upstreams?: { snapshot?: (id: string) => PolledUpstream | undefined } }).upstreams
-  if (typeof poller?.snapshot !== 'function') return undefined
-  const states: UpstreamHealthState[] = ['up', 'cooling', 'unreachable', 'unknown']
-  return (id) => {
-    const s = poller.snapshot?.(id)
-    if (s == null) return undefined
-    return {
-      health: states.includes(s.health as UpstreamHealthState) ? s.health as UpstreamHealthState : 'unknown',
-      loaded: Array.isArray(s.loaded) ? s.loaded : undefined,
-      polledAt: s.polledAt
-    }
+  const s = typeof poller?.snapshot === 'function' ? poller.snapshot(id) : undefined
+  if (s == null) return undefined
+  return {
+    health: HEALTH_STATES.includes(s.health as UpstreamHealthState) ? s.health as UpstreamHealthState : 'unknown',
+    loaded: Array.isArray(s.loaded) ? s.loaded : undefined
   }
 }
+
+const HEALTH_STATES: UpstreamHealthState[] = ['up', 'cooling', 'unreachable', 'unknown']
 
 /**
  * Builds the console's snapshot from what every replica shares (the lease store, the recent
@@ -59,7 +58,6 @@ export default fp(async function fleetEvents (fastify) {
     self: { id: store.replicaId, host: hostname(), pid: process.pid },
     onError: (err) => fastify.log.debug({ err }, 'replica presence not written')
   })
-  const upstreamHealth = upstreamHealthSource(fastify)
   // The admin API comes with its own routes; the page offers the changes this gateway has.
   const admin = { resources: [] as string[], token: config.adminToken != null || config.apiKeys.length > 0 }
   fastify.addHook('onRoute', (route) => {
@@ -79,12 +77,13 @@ export default fp(async function fleetEvents (fastify) {
         inventory: inventory.snapshot,
         status,
         recent,
+        recentLimit: RECENT_REQUESTS_LIMIT,
         replicas,
         replica: store.replicaId,
         store: store.kind,
         admin,
         now: Date.now(),
-        upstreamHealth
+        upstreamHealth: (id) => upstreamHealthOf(fastify, id)
       })
     },
     onError: (err) => fastify.log.warn({ err }, 'fleet state could not be read for the console')

@@ -44,7 +44,6 @@ export interface AssignmentView {
   health?: UpstreamHealthState
   /** models the upstream has in memory (its `/api/ps`) */
   loaded?: string[]
-  polledAt?: number
   drained?: boolean
 }
 
@@ -73,31 +72,37 @@ export interface FleetSnapshot {
   assignments: AssignmentView[]
   queues: QueueView[]
   replicas: ReplicaView[]
-  /** newest first */
+  /** newest first, at most `recentLimit` */
   recent: RecentRequest[]
+  recentLimit: number
 }
 
 export const KEYED_SECTIONS = ['computers', 'gpus', 'assignments', 'queues', 'replicas'] as const
 export type KeyedSection = typeof KEYED_SECTIONS[number]
 
-/** What changed between two snapshots: records added or changed (whole), ids gone, the recent list when it moved. */
+/**
+ * What changed between two snapshots: records added or changed (whole), ids gone; the requests
+ * that joined the recent list (newest first; the list keeps its newest `recentLimit`), or the whole
+ * list when it changed otherwise.
+ */
 export interface FleetChange {
   at: number
   set: Partial<Record<KeyedSection, Array<{ id: string }>>>
   remove: Partial<Record<KeyedSection, string[]>>
+  recentAdded?: RecentRequest[]
   recent?: RecentRequest[]
 }
 
 export interface UpstreamHealth {
   health: UpstreamHealthState
   loaded?: string[]
-  polledAt?: number
 }
 
 export interface FleetInputs {
   inventory: InventorySnapshot
   status: StoreStatus
   recent: RecentRequest[]
+  recentLimit: number
   replicas: ReplicaView[]
   replica: string
   store: 'redis' | 'memory'
@@ -154,7 +159,6 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
       slots: { used: slotsUsed.get(a.id) ?? 0, capacity: a.capacity },
       health: health?.health,
       loaded: health?.loaded,
-      polledAt: health?.polledAt,
       drained: a.drained === true ? true : undefined
     }
   })
@@ -176,7 +180,8 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
     assignments,
     queues,
     replicas: inputs.replicas,
-    recent: inputs.recent
+    recent: inputs.recent,
+    recentLimit: inputs.recentLimit
   }
 }
 
@@ -200,7 +205,15 @@ export function diffSnapshots (prev: FleetSnapshot, next: FleetSnapshot): FleetC
     changed ||= set.length > 0 || before.size > 0
   }
   if (!same(prev.recent, next.recent)) {
-    change.recent = next.recent
+    // Usually a few requests joined at the head: send those, not the whole list again.
+    const head = prev.recent[0]
+    const joined = head === undefined ? next.recent.length : next.recent.findIndex((r) => same(r, head))
+    const added = next.recent.slice(0, joined)
+    if (joined > 0 && same([...added, ...prev.recent].slice(0, next.recentLimit), next.recent)) {
+      change.recentAdded = added
+    } else {
+      change.recent = next.recent
+    }
     changed = true
   }
   return changed ? change : null

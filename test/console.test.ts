@@ -17,6 +17,8 @@ const ARTIFACTS = join(packageRoot, 'test', 'artifacts')
 const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
 execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
 mkdirSync(ARTIFACTS, { recursive: true })
+// One browser for the file (starting Chromium is the slow part); each test opens its own tab.
+const browser = await startBrowser(t)
 
 async function post (gw: Gateway, path: string, body: unknown): Promise<{ status: number, body: any }> {
   const res = await fetch(gw.url + path, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })
@@ -32,8 +34,8 @@ t.test('the console shows the fleet and follows the other replica live', async (
     upstreams: [{ model: 'qwq', gpus: [0] }, { model: 'llama3', gpus: [1, 2] }]
   })
   const [one, two] = [await fleet.replica(), await fleet.replica()]
-  const context = await startBrowser(t)
-  const page = await context.newPage()
+  const page = await browser.newPage()
+  t.teardown(async () => { await page.close() })
   const errors: string[] = []
   const foreign: string[] = []
   page.on('pageerror', (err) => errors.push(err.message))
@@ -120,8 +122,9 @@ t.test('on a phone, and under a prefix', async (t) => {
   const address = host.server.address()
   const base = `http://127.0.0.1:${typeof address === 'object' && address != null ? address.port : 0}/maestro`
 
-  const context = await startBrowser(t, { viewport: { width: 390, height: 844 } })
-  const page = await context.newPage()
+  const page = await browser.newPage()
+  t.teardown(async () => { await page.close() })
+  await page.setViewportSize({ width: 390, height: 844 })
   const errors: string[] = []
   page.on('pageerror', (err) => errors.push(err.message))
   const paths: string[] = []
@@ -161,8 +164,8 @@ t.test('with a token, the console adds a model and a server that a request then 
   const mistral = await startSimulator({ gpuIds: [fleet.gpuIds[1]], recorder: fleet.recorder, models: ['mistral'] })
   t.teardown(() => mistral.close())
 
-  const context = await startBrowser(t)
-  const page = await context.newPage()
+  const page = await browser.newPage()
+  t.teardown(async () => { await page.close() })
   const errors: string[] = []
   page.on('pageerror', (err) => errors.push(err.message))
   await page.goto(`${one.url}/ui/`)

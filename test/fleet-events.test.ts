@@ -10,7 +10,7 @@ import { startFleet, type Gateway } from './helpers/gateway.js'
 import { openFleetStream } from './helpers/fleet-stream.js'
 import { scrape } from './helpers/prometheus.js'
 import { FleetEventHub, StreamReader } from '../services/fleet-events.js'
-import type { FleetSnapshot } from '../services/fleet-snapshot.js'
+import { diffSnapshots, type FleetSnapshot } from '../services/fleet-snapshot.js'
 
 async function post (gw: Gateway, path: string, body: unknown): Promise<{ status: number, body: any }> {
   const res = await fetch(gw.url + path, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })
@@ -81,6 +81,26 @@ t.test('queues, and the last requests of every replica', async (t) => {
   const listed = await stream.until((s) => s.recent[0]?.model === 'nope', 2000, 'the refused request')
   t.match(listed.recent[0], { model: 'nope', status: 404 })
   t.equal(listed.recent[0].queueMs, undefined, 'it never queued')
+
+  // what the changes built is what a new reader is told as a whole
+  const fresh = await openFleetStream(one.url)
+  t.teardown(fresh.close)
+  const whole = await fresh.until(() => true)
+  const { at: _a, ...built } = stream.state() as Record<string, unknown>
+  const { at: _b, ...told } = whole as Record<string, unknown>
+  t.same(built, told, 'snapshot + changes = the snapshot now')
+  t.ok(stream.events.some((e) => e.event === 'change' && e.data.recentAdded != null && e.data.recent == null), 'new requests sent as additions, not the whole list')
+})
+
+t.test('recent requests in a change: the ones that joined, or the whole list when it changed otherwise', async (t) => {
+  const entry = (n: number): any => ({ at: new Date(n).toISOString(), model: `m${n}`, status: 200 })
+  const base = snapshot(0)
+  const list = (ns: number[]): FleetSnapshot => ({ ...base, recent: ns.map(entry), recentLimit: 3 })
+  t.same(diffSnapshots(list([2, 1]), list([4, 3, 2]))?.recentAdded, [entry(4), entry(3)], 'joined at the head, oldest dropped')
+  t.same(diffSnapshots(list([]), list([1]))?.recentAdded, [entry(1)])
+  t.same(diffSnapshots(list([2, 1]), list([1, 2]))?.recent, [entry(1), entry(2)], 'reordered: the whole list')
+  t.same(diffSnapshots(list([3, 2, 1]), list([9, 8, 7]))?.recent, [entry(9), entry(8), entry(7)], 'all new: the whole list')
+  t.equal(diffSnapshots(list([2, 1]), list([2, 1])), null, 'nothing changed, nothing sent')
 })
 
 t.test('one source per gateway, however many pages listen; none while nobody does', async (t) => {
@@ -133,7 +153,8 @@ const snapshot = (n: number): FleetSnapshot => ({
   assignments: [],
   queues: [],
   replicas: [],
-  recent: []
+  recent: [],
+  recentLimit: 30
 })
 
 t.test('a reader that does not keep up is cut off, not buffered for ever', async (t) => {

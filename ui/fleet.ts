@@ -28,7 +28,6 @@ export interface Assignment {
   slots: Slots
   health?: 'up' | 'cooling' | 'unreachable' | 'unknown'
   loaded?: string[]
-  polledAt?: number
   drained?: boolean
 }
 export interface Queue { id: string, kind: string, model: string, depth: number, oldestSince?: number }
@@ -55,6 +54,7 @@ export interface Fleet {
   queues: Queue[]
   replicas: Replica[]
   recent: RecentRequest[]
+  recentLimit: number
 }
 
 export const SECTIONS = ['computers', 'gpus', 'assignments', 'queues', 'replicas'] as const
@@ -64,6 +64,7 @@ export interface FleetChange {
   at: number
   set: Partial<Record<Section, Array<{ id: string }>>>
   remove: Partial<Record<Section, string[]>>
+  recentAdded?: RecentRequest[]
   recent?: RecentRequest[]
 }
 
@@ -83,6 +84,9 @@ export function applyChange (fleet: Fleet, change: FleetChange): { fleet: Fleet,
   }
   if (change.recent != null) {
     next.recent = change.recent
+    touched.add('recent')
+  } else if (change.recentAdded != null) {
+    next.recent = [...change.recentAdded, ...fleet.recent].slice(0, fleet.recentLimit)
     touched.add('recent')
   }
   return { fleet: next, touched }

@@ -10,13 +10,13 @@ export const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium'
  * A headless Chromium with a fresh profile, closed (and its profile removed) at the end of the
  * test. The flags keep it from calling any host of its own (updates, sync, field trials).
  */
-export async function startBrowser (t: { teardown: (fn: () => unknown) => void }, options: { viewport?: { width: number, height: number } } = {}): Promise<BrowserContext> {
+export async function startBrowser (t: { teardown: (fn: () => unknown) => void }): Promise<BrowserContext> {
   const profile = await mkdtemp(join(tmpdir(), 'maestro-chromium-'))
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
     args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-dev-shm-usage'],
-    viewport: options.viewport ?? { width: 1400, height: 900 }
+    viewport: { width: 1400, height: 900 }
   })
   t.teardown(async () => {
     await context.close()

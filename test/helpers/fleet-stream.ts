@@ -50,6 +50,7 @@ export async function openFleetStream (url: string, headers: Record<string, stri
         next[section] = [...records.values()]
       }
       if (data.recent != null) next.recent = data.recent
+      else if (data.recentAdded != null) next.recent = [...data.recentAdded, ...state.recent].slice(0, state.recentLimit as number)
       state = next
     }
   }
