@@ -21,7 +21,7 @@ function loadFiles (): Map<string, UiFile> {
     if (type !== undefined) files.set(name, { body: readFileSync(join(dir, name)), type })
   }
   const sources = join(packageRoot, 'ui')
-  for (const name of readdirSync(sources)) if (!name.endsWith('.ts')) add(sources, name)
+  if (existsSync(sources)) for (const name of readdirSync(sources)) if (!name.endsWith('.ts')) add(sources, name)
   const compiled = join(packageRoot, 'dist', 'ui')
   if (existsSync(compiled)) for (const name of readdirSync(compiled)) if (name.endsWith('.js')) add(compiled, name)
   return files
@@ -35,7 +35,9 @@ function loadFiles (): Map<string, UiFile> {
  */
 const uiRoutes: FastifyPluginAsync = async (fastify) => {
   const files = loadFiles()
-  if (!files.has('console.js')) fastify.log.warn('the console\'s scripts are not built (npm run build): /ui/ will not work')
+  if (!files.has('index.html') || !files.has('console.js')) {
+    fastify.log.warn({ folders: ['ui', 'dist/ui'] }, 'the console\'s files are missing (npm run build; an image needs ui/ and dist/): /ui/ will not work')
+  }
   const config = { auth: 'open', errorStyle: 'ollama', accessLogLevel: 'debug' } as const
 
   // `/ui` → `ui/`: relative, so that a prefix in front stays in front.
