@@ -20,6 +20,8 @@ interface Field {
   /** create only (the record's identity, which PATCH cannot change) */
   fixed?: boolean
   hint?: string
+  /** sent only when the rest of the body says so */
+  onlyWhen?: (body: Row) => boolean
 }
 
 interface Action { label: string, run: (row: Row) => Promise<void> }
@@ -132,7 +134,7 @@ const RESOURCES: Resource[] = [
       { name: 'port', label: 'Port', type: 'number', required: true },
       { name: 'gpuIds', label: 'GPUs', type: 'multi', required: true, options: () => named('gpus') },
       { name: 'maxParallel', label: 'Requests at once', type: 'number', hint: 'empty: 1' },
-      { name: 'kind', label: 'Kind', type: 'select', options: () => KINDS, hint: 'only for * in an inventory file' }
+      { name: 'kind', label: 'Kind', type: 'select', options: () => KINDS, hint: 'only for * in an inventory file', onlyWhen: (body) => body.model === '*' }
     ],
     columns: [
       ['Name', (r) => text(r.name)], ['Model', (r) => text(r.model)], ['Port', (r) => text(r.port)],
@@ -230,6 +232,7 @@ function bodyOf (resource: Resource, form: HTMLFormElement, editing: boolean): R
     else if (field.name.endsWith('Id') && /^\d+$/.test(v)) body[field.name] = Number(v)
     else body[field.name] = v
   }
+  for (const field of resource.fields) if (field.onlyWhen != null && !field.onlyWhen(body)) delete body[field.name]
   return body
 }
 
