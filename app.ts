@@ -1,6 +1,8 @@
 import type { FastifyPluginAsync } from 'fastify'
 import accessLog from './plugins/access-log.js'
+import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
+import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
@@ -45,7 +47,9 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(upstreamProxy)
+  await fastify.register(apiKeys)
   await fastify.register(auth)
+  await fastify.register(clients)
   await fastify.register(docs)
 
   await fastify.register(ollamaRoutes)

@@ -14,13 +14,27 @@ export type SimulatorReply =
   /** Since the last reset, on one GPU: idle gaps, busy times (ms) and works started; overlaps on any GPU. */
   | { type: 'report', gaps: number[], busy: number[], starts: number, overlaps: number }
 
-/** The inventory file for `count` single-GPU assignments, one model each, on the simulators' ports. */
+/** The last simulator runs 4 requests at once (OLLAMA_NUM_PARALLEL 4), each taking real time. */
+export const WIDE_SLOTS = 4
+export const WIDE_TOKENS = 5
+export const WIDE_TOKEN_MS = 10
+
+/**
+ * The inventory file for `count` single-GPU assignments, one model each, on the simulators'
+ * ports; the last one (the capacity-4 server) with `"parallel": 4`.
+ */
 export function inventoryFile (ports: number[]): object {
   return {
     computers: [{ id: 1, name: 'bench', ip: '127.0.0.1' }],
     gpus: ports.map((_, i) => ({ id: Number(benchGpuId(i)), computer: 1, name: `gpu ${i}`, weight: 1 })),
     assignments: ports.map((port, i) => ({
-      id: i + 1, name: `sim-${i}`, model: benchModel(i), kind: 'llm', port, gpus: [Number(benchGpuId(i))]
+      id: i + 1,
+      name: `sim-${i}`,
+      model: benchModel(i),
+      kind: 'llm',
+      port,
+      gpus: [Number(benchGpuId(i))],
+      ...(i === ports.length - 1 ? { parallel: WIDE_SLOTS } : {})
     }))
   }
 }

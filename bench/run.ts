@@ -10,6 +10,9 @@
  *
  * Scenarios: (a) 64 GPUs and 64 clients, direct vs gateway; (b) one GPU with 16 clients waiting
  * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency);
+ * (d) the lease engine with 2,048 candidates (4 free) vs 64; (e) one GPU with 1,000 waiters vs 16,
+ * and 1,000 waiters in 1,000 queues vs one queue (the engine alone, in this process); (f) a
+ * capacity-4 server (OLLAMA_NUM_PARALLEL 4) with 16 clients, gateway vs direct;
  * `events` (only when asked for, `--only events`): (a)'s load with and without 200 open
  * `GET /gpu/events` streams (200 console pages), whose cost must stay within 5 % of throughput.
  *
@@ -27,19 +30,22 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { benchGpuId, benchModel, inventoryFile, type SimulatorCommand, type SimulatorReply } from './fleet.js'
+import { WIDE_TOKEN_MS, WIDE_TOKENS, benchGpuId, benchModel, inventoryFile, type SimulatorCommand, type SimulatorReply } from './fleet.js'
 import { closedLoop, mean, percentile, sleep, type LoadResult, type Target } from './load.js'
+import { handoffRate, type EngineCase } from './engine.js'
 
 const GPUS = 64
 const WAITERS = 16
 const WARMUP_MS = 3000
-const GOALS = { gapP50Ms: 0.3, gapP99Ms: 2, fifoRatio: 2, addedP50Ms: 0.5, eventStreamsRatio: 0.95 }
+const GOALS = { gapP50Ms: 0.3, gapP99Ms: 2, fifoRatio: 2, addedP50Ms: 0.5, costRatio: 0.8, capacityRatio: 0.9, eventStreamsRatio: 0.95 }
 const EVENT_STREAMS = 200
+/** (f): the capacity-4 server's model and GPU, after the 64 single-GPU ones */
+const WIDE = GPUS
 
 const { values: args } = parseArgs({
   options: {
     seconds: { type: 'string', default: '4' },
-    only: { type: 'string', default: 'a,b,c' },
+    only: { type: 'string', default: 'a,b,c,d,e,f' },
     'log-level': { type: 'string', default: 'info' },
     profile: { type: 'string' },
     'gateway-node-options': { type: 'string', default: '' }
@@ -492,6 +498,55 @@ async function main (): Promise<void> {
         ''
       )
       goals.push({ goal: `${EVENT_STREAMS} event streams, throughput kept (events)`, target: `≥ ${GOALS.eventStreamsRatio}×`, reached: `${fmt(ratio, 3)}×`, pass: ratio >= GOALS.eventStreamsRatio })
+    }
+
+    // (d), (e): the same engine case twice, one thing changed; alternated so that the machine's load falls on both alike
+    const compare = async (name: string, what: string, base: EngineCase, big: EngineCase): Promise<void> => {
+      const rates: { base: number[], big: number[] } = { base: [], big: [] }
+      for (let r = 0; r < 2; r++) {
+        rates.base.push(await handoffRate(redisUrl, `${prefix}${name}${r}a:`, base, windowMs / 2))
+        rates.big.push(await handoffRate(redisUrl, `${prefix}${name}${r}b:`, big, windowMs / 2))
+      }
+      const b = mean(rates.base)
+      const g = mean(rates.big)
+      summary[name] = { what, base, big, baseGrantsPerSecond: Math.round(b), bigGrantsPerSecond: Math.round(g), ratio: +fmt(g / b) }
+      lines.push(`(${name}) ${what}: ${Math.round(b)} vs ${Math.round(g)} grants/s (${fmt(g / b)}×)`)
+      goals.push({ goal: `${what} (${name})`, target: `≥ ${GOALS.costRatio}×`, reached: `${fmt(g / b)}×`, pass: g / b >= GOALS.costRatio })
+    }
+    if (only.has('d')) {
+      process.stderr.write('bench: (d) 2,048 candidates vs 64\n')
+      await compare('d', '64 → 2,048 candidates, 4 free, 16 clients',
+        { candidates: 64, free: 4, clients: 16, queues: 1 }, { candidates: 2048, free: 4, clients: 16, queues: 1 })
+    }
+    if (only.has('e')) {
+      process.stderr.write('bench: (e) one GPU, 1,000 waiters vs 16; 1,000 queues vs one\n')
+      await compare('e', 'one GPU, 16 → 1,000 waiters',
+        { candidates: 1, free: 1, clients: 16, queues: 1 }, { candidates: 1, free: 1, clients: 1000, queues: 1 })
+      await compare('e2', 'one GPU, 1,000 waiters in 1 → 1,000 queues',
+        { candidates: 1, free: 1, clients: 1000, queues: 1 }, { candidates: 1, free: 1, clients: 1000, queues: 1000 })
+      lines.push('')
+    }
+
+    if (only.has('f')) {
+      process.stderr.write('bench: (f) a capacity-4 server, 16 clients\n')
+      const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
+      const clients = Array.from({ length: WAITERS }, () => WIDE)
+      for (let r = 0; r < 2; r++) {
+        runs.direct.push(await measure(clients.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        runs.gateway.push(await measure(clients.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+      }
+      const d = merged(runs.direct)
+      const g = merged(runs.gateway)
+      const ratio = g.requestsPerSecond / d.requestsPerSecond
+      summary.f = { directRps: Math.round(d.requestsPerSecond), gatewayRps: Math.round(g.requestsPerSecond), ratio: +fmt(ratio), gatewayP50Ms: +fmt(percentile(g.latencies, 50)), directP50Ms: +fmt(percentile(d.latencies, 50)), cpuPercent: g.cpu }
+      lines.push(
+        `(f) one server with 4 parallel slots (${WIDE_TOKENS} tokens × ${WIDE_TOKEN_MS} ms each), ${WAITERS} clients`,
+        `  requests/s  direct ${Math.round(d.requestsPerSecond)}  gateway ${Math.round(g.requestsPerSecond)} (${fmt(ratio)}×)`,
+        `  p50 ms      direct ${fmt(percentile(d.latencies, 50))}  gateway ${fmt(percentile(g.latencies, 50))}`,
+        `  CPU % of a core, gateway runs: ${cpuText(g.cpu)}`,
+        ''
+      )
+      goals.push({ goal: 'capacity-4 server, gateway / direct (f)', target: `≥ ${GOALS.capacityRatio}×`, reached: `${fmt(ratio)}×`, pass: ratio >= GOALS.capacityRatio })
     }
   } finally {
     if (gateway != null) await stopGateway(gateway.child)

@@ -4,7 +4,7 @@
  * each) recording on one GpuRecorder. Driven by the benchmark over the IPC channel.
  */
 import { GpuRecorder, startSimulator, type Simulator } from '../test/helpers/upstream-simulator.js'
-import { benchGpuId, benchModel, type SimulatorCommand, type SimulatorReply } from './fleet.js'
+import { WIDE_SLOTS, WIDE_TOKEN_MS, WIDE_TOKENS, benchGpuId, benchModel, type SimulatorCommand, type SimulatorReply } from './fleet.js'
 
 const count = Number(process.argv[2] ?? 64)
 const recorder = new GpuRecorder()
@@ -14,6 +14,16 @@ for (let i = 0; i < count; i++) {
     gpuIds: [benchGpuId(i)], recorder, models: [benchModel(i)], tokens: 3, tokenDelayMs: 0
   }))
 }
+// one more: the capacity-4 server of scenario (f), its model resident
+simulators.push(await startSimulator({
+  gpuIds: [benchGpuId(count)],
+  recorder,
+  models: [benchModel(count)],
+  resident: [benchModel(count)],
+  numParallel: WIDE_SLOTS,
+  tokens: WIDE_TOKENS,
+  tokenDelayMs: WIDE_TOKEN_MS
+}))
 
 const send = (reply: SimulatorReply): void => { process.send?.(reply) }
 

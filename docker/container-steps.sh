@@ -4,8 +4,9 @@
 #
 #   1. the build context: a clean copy of the repository at HEAD (git archive: committed files only)
 #   2. build stage: npm ci, npm run build
-#   3. run stage: package files + a production-only install (npm ci --omit=dev) + dist/ + the
-#      default inventory + the console's page and stylesheet (ui/*.html, ui/*.css), nothing else
+#   3. run stage: package files + a production-only install (npm ci --omit=dev) + dist/ + the Lua
+#      scripts (services/lua) + the default inventory + the console's page and stylesheet
+#      (ui/*.html, ui/*.css), nothing else
 #   4. start it as the image does (node dist/server.js, NODE_ENV=production) in embedded mode,
 #      probe it with the image's HEALTHCHECK command, then expect 200 from /health
 #   5. SIGTERM, and expect a clean exit
@@ -47,6 +48,8 @@ cp "$work/context/package.json" "$work/context/package-lock.json" "$work/context
 (cd "$work/app" && npm ci --omit=dev --no-audit --no-fund ${NPM_FLAGS:-} >"$work/npm-run.log" 2>&1) || { tail -n 30 "$work/npm-run.log" >&2; fail "npm ci --omit=dev (run stage)"; }
 cp -R "$work/context/dist" "$work/app/dist"
 mkdir -p "$work/app/ui" && cp "$work/context/ui/"*.html "$work/context/ui/"*.css "$work/app/ui/"
+# the Lua scripts of the Redis stores, read at start (Dockerfile: COPY services/lua)
+mkdir -p "$work/app/services" && cp -R "$work/context/services/lua" "$work/app/services/lua"
 [[ ! -e "$work/app/node_modules/typescript" ]] || fail "a dev dependency (typescript) is in the production install"
 
 port=${PORT:-$(node -e "const s = require('node:net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close() })")}

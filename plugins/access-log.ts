@@ -41,6 +41,8 @@ export default fp(async function accessLog (fastify) {
       // headers went out but the response did not end: the client left or the upstream broke off
       aborted: reply.raw.headersSent && !reply.raw.writableFinished ? true : undefined,
       model: exchange?.model ?? requestedModel(request),
+      // the key's name (or the address without keys), never a secret
+      client: request.client?.name,
       assignment: upstream?.assignment,
       gpus: upstream?.gpuIds.join(','),
       queueMs: upstream != null ? round(upstream.queuedMs) : undefined,

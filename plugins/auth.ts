@@ -1,13 +1,15 @@
-import { createHash, timingSafeEqual } from 'node:crypto'
+import { timingSafeEqual } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
+import { sha256, type ApiKey } from '../services/api-keys.js'
 
 /**
  * Who may call a route:
  * - `open`: anyone (`/`, health checks, version probes);
- * - `api-key`: when API_KEYS is set, one of its keys (or the admin token);
- * - `admin`: when ADMIN_TOKEN is set, that token; when only API_KEYS is set, an API key (a
- *   reservation takes GPUs just like a proxied request); when neither is set, anyone.
+ * - `api-key`: when keys are configured (API_KEYS, the `api_keys` table or the inventory file's
+ *   `apiKeys`), one of them (or the admin token);
+ * - `admin`: when ADMIN_TOKEN is set, that token; when only keys are configured, an API key (a
+ *   reservation takes GPUs just like a proxied request); when neither, anyone.
  */
 export type AuthLevel = 'open' | 'api-key' | 'admin'
 
@@ -16,27 +18,19 @@ declare module 'fastify' {
     /** Who may call this route; `api-key` when unset, so a route nobody thought about is not left open. */
     auth?: AuthLevel
   }
+  interface FastifyRequest {
+    /** The credential the request presented and the gateway knows: an API key, the admin token, or null. */
+    credential: ApiKey | 'admin' | null
+  }
 }
 
 const REALM = 'Bearer realm="ai-maestro-proxy"'
-
-/** SHA-256 first, so every comparison is over 32 bytes and its time says nothing about a key's length. */
-const digest = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest()
 
 /** The token of `Authorization: Bearer <token>` (scheme case-insensitive, as RFC 9110 says), else undefined. */
 export function bearerToken (header: string | undefined): string | undefined {
   if (typeof header !== 'string') return undefined
   const match = /^bearer[ \t]+(\S+)[ \t]*$/i.exec(header)
   return match?.[1]
-}
-
-/** True when `token` is one of `secrets`; every secret is compared, in constant time. */
-function matchesAny (token: string | undefined, secrets: Buffer[]): boolean {
-  if (token === undefined) return false
-  const presented = digest(token)
-  let found = false
-  for (const secret of secrets) found = timingSafeEqual(presented, secret) || found
-  return found
 }
 
 /**
@@ -46,26 +40,35 @@ function matchesAny (token: string | undefined, secrets: Buffer[]): boolean {
  */
 export default fp(async function auth (fastify) {
   const config = fastify.maestroConfig
-  const apiKeys = config.apiKeys.map(digest)
-  const adminToken = config.adminToken != null ? [digest(config.adminToken)] : []
-  if (apiKeys.length === 0 && adminToken.length === 0) return
+  const keys = fastify.apiKeys
+  const adminToken = config.adminToken != null ? sha256(config.adminToken) : undefined
 
-  /** The secrets a route accepts, or null when it is open to anyone under this configuration. */
-  const accepted = (level: AuthLevel): Buffer[] | null => {
-    if (level === 'open') return null
-    if (level === 'admin') {
-      if (adminToken.length > 0) return adminToken
-      return apiKeys.length > 0 ? apiKeys : null
-    }
-    return apiKeys.length > 0 ? [...apiKeys, ...adminToken] : null
+  /** Who the token is: a live key, the admin token (compared in constant time), or nobody. */
+  const identify = (token: string | undefined): ApiKey | 'admin' | null => {
+    if (token === undefined) return null
+    const key = keys.match(token)
+    const admin = adminToken !== undefined && timingSafeEqual(sha256(token), adminToken)
+    return admin ? 'admin' : key ?? null
   }
 
+  /** Whether this credential may call a route of this level, under the keys configured right now. */
+  const allowed = (level: AuthLevel, credential: ApiKey | 'admin' | null): boolean => {
+    if (level === 'open') return true
+    if (level === 'admin') {
+      if (adminToken !== undefined) return credential === 'admin'
+      return !keys.configured || credential !== null
+    }
+    return !keys.configured || credential !== null
+  }
+
+  fastify.decorateRequest('credential', null)
   fastify.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
     if (request.is404) return
-    const secrets = accepted(request.routeOptions.config?.auth ?? 'api-key')
-    if (secrets === null) return
+    if (adminToken === undefined && !keys.configured) return
     const token = bearerToken(request.headers.authorization)
-    if (matchesAny(token, secrets)) return
+    const credential = identify(token)
+    request.credential = credential
+    if (allowed(request.routeOptions.config?.auth ?? 'api-key', credential)) return
     // Do not read a body nobody is allowed to send: answer, then close the connection.
     if (request.headers['transfer-encoding'] != null || Number(request.headers['content-length']) > 0) {
       reply.header('connection', 'close')
@@ -75,4 +78,4 @@ export default fp(async function auth (fastify) {
       ? 'authentication required: send Authorization: Bearer <key>'
       : 'invalid API key or token')
   })
-}, { name: 'auth', dependencies: ['config', 'errors'], fastify: '5.x' })
+}, { name: 'auth', dependencies: ['config', 'errors', 'api-keys'], fastify: '5.x' })

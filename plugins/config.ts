@@ -10,7 +10,7 @@ declare module 'fastify' {
 }
 
 /** Plugin options mirror the variables (`QUEUE_MAX: 5`) and win over the environment and `.env`. */
-export type ConfigOptions = Partial<Record<keyof Env, string | number>> & { dotenv?: boolean }
+export type ConfigOptions = Partial<Record<keyof Env, string | number | boolean>> & { dotenv?: boolean }
 
 export default fp<ConfigOptions>(async function config (fastify, opts) {
   await fastify.register(fastifyEnv, {

@@ -59,7 +59,7 @@ export default fp(async function fleetEvents (fastify) {
     onError: (err) => fastify.log.debug({ err }, 'replica presence not written')
   })
   // The admin API comes with its own routes; the page offers the changes this gateway has.
-  const admin = { resources: [] as string[], token: config.adminToken != null || config.apiKeys.length > 0 }
+  const admin = { resources: [] as string[], token: config.adminToken != null }
   fastify.addHook('onRoute', (route) => {
     const resource = /\/admin\/([a-z-]+)$/.exec(route.url)?.[1]
     if (resource !== undefined && route.method === 'GET' && !admin.resources.includes(resource)) admin.resources.push(resource)

@@ -24,7 +24,8 @@ export const EnvSchema = Type.Object({
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
-  API_KEYS: Type.Optional(Type.String())
+  API_KEYS: Type.Optional(Type.String()),
+  TRUST_PROXY: Type.Boolean({ default: false })
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -56,6 +57,8 @@ export interface GatewayConfig {
   upstreamHeadersTimeoutMs: number
   adminToken?: string
   apiKeys: string[]
+  /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
+  trustProxy: boolean
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -127,7 +130,8 @@ export function resolveConfig (env: Env): GatewayConfig {
     bodyLimit: env.BODY_LIMIT,
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
     adminToken: env.ADMIN_TOKEN,
-    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean)
+    apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    trustProxy: env.TRUST_PROXY
   }
 }
 

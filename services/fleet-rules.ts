@@ -24,8 +24,11 @@ export type RecordId = string | number
 export interface RuleContext {
   /** Leases held for this assignment right now (requests in flight and reservations). */
   inFlight: (assignment: AssignmentRecord) => Promise<number>
-  /** The file cannot list `'*'` as a model (a `'*'` assignment names its kind); a table can. */
-  wildcardModels: boolean
+  /**
+   * MariaDB: every model an assignment serves must be listed in a model table, `'*'` included.
+   * A file lists named models only; an assignment of an unlisted model or `'*'` names its kind.
+   */
+  modelsInTables: boolean
 }
 
 const same = (a: RecordId, b: RecordId): boolean => String(a) === String(b)
@@ -138,8 +141,8 @@ export function kindOfModel (fleet: Fleet, model: string): ModelKind | undefined
   return fleet.models.find((m) => (m.name === WILDCARD ? WILDCARD : modelKey(m.name)) === key)?.kind
 }
 
-export function createModel (fleet: Fleet, body: ModelRecord, ctx: Pick<RuleContext, 'wildcardModels'>): ModelRecord {
-  if (body.name === WILDCARD && !ctx.wildcardModels) throw bad('name', "'*' is not a model here: give a '*' assignment its kind instead")
+export function createModel (fleet: Fleet, body: ModelRecord, ctx: Pick<RuleContext, 'modelsInTables'>): ModelRecord {
+  if (body.name === WILDCARD && !ctx.modelsInTables) throw bad('name', "'*' is not a model here: give a '*' assignment its kind instead")
   const known = kindOfModel(fleet, body.name)
   if (known !== undefined) throw conflict(`model ${JSON.stringify(body.name)} is already listed (as ${known})`)
   const record: ModelRecord = body.kind === 'speech' ? { kind: body.kind, name: body.name } : { kind: body.kind, name: body.name, size: body.size ?? 0 }
@@ -171,9 +174,9 @@ function checkAssignment (fleet: Fleet, a: AssignmentRecord, ctx: RuleContext): 
   if (listed !== undefined) {
     if (a.kind !== undefined && a.kind !== listed) throw bad('kind', `is ${JSON.stringify(a.kind)} but model ${JSON.stringify(a.model)} is listed as ${listed}`)
     a.kind = listed
-  } else if (a.model === WILDCARD && ctx.wildcardModels) {
+  } else if (a.model === WILDCARD && ctx.modelsInTables) {
     throw bad('model', "'*' needs '*' listed as a model of its kind first (POST /admin/models)")
-  } else if (a.model !== WILDCARD && ctx.wildcardModels) {
+  } else if (a.model !== WILDCARD && ctx.modelsInTables) {
     throw bad('model', `${JSON.stringify(a.model)} is not listed: add it first (POST /admin/models)`)
   } else if (a.kind === undefined) {
     throw bad('kind', `is required for a model that is not listed (${JSON.stringify(a.model)})`)

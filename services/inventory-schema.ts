@@ -46,16 +46,19 @@ export const ModelKind = Type.Union([Type.Literal('llm'), Type.Literal('diffusor
 
 export const GpuIds = Type.Array(RecordId, { minItems: 1, maxItems: 64, description: 'a list of GPU ids, at least one, all on one computer' })
 
-export const Parallel = Type.Integer({ minimum: 1, maximum: 1024, description: 'an integer from 1 to 1024 (requests the server runs at once)' })
+export const Parallel = Type.Integer({ minimum: 1, maximum: 1024, description: 'a whole number of at least 1 (requests the server runs at once; at most 1024)' })
 
 export const Priority = Type.Union([Type.Literal('high'), Type.Literal('normal'), Type.Literal('low')], {
   description: 'one of "high", "normal", "low"'
 })
 
-/** Key names travel in URLs (`/admin/api-keys/:name`) and logs: a plain alphabet. */
-export const KeyName = Type.String({ pattern: '^[A-Za-z0-9._-]{1,100}$', description: "a string of 1 to 100 letters, digits, '.', '_' or '-'" })
+/** Key names travel in URLs (`/admin/api-keys/:name`) and logs: a plain alphabet (the key store's KEY_NAME). */
+export const KeyName = Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$', description: "a string of 1 to 64 letters, digits, '.', '_' or '-'" })
 
-const Count = (description: string, minimum: number): TSchema => Type.Integer({ minimum, description })
+/** The key store's bounds (services/api-keys.ts): its INT columns. */
+const LIMIT_MAX = 1_000_000_000
+const Count = (description: string, minimum: number): TSchema =>
+  Type.Integer({ minimum, maximum: LIMIT_MAX, description: `${description}, at most ${LIMIT_MAX}` })
 
 /* ------------------------------------------------------------------------------------------ */
 /* Records (the admin API's names)                                                             */
@@ -78,9 +81,9 @@ const apiKey = {
   name: KeyName,
   priority: Priority,
   maxConcurrent: Count('an integer of at least 1 (requests in flight at once)', 1),
-  maxQueued: Count('an integer of at least 0 (requests waiting at once)', 0),
+  maxQueued: Count('an integer of at least 1 (requests waiting at once)', 1),
   rpm: Count('an integer of at least 1 (requests per minute)', 1),
-  models: Type.Array(ModelName, { maxItems: 1000, description: 'a list of model names the key may use' })
+  models: Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000, description: 'a list of at most 1000 model names the key may use' })
 }
 
 /** Objects that name every field they allow: a misspelt field is an error, not silently ignored. */
@@ -134,11 +137,31 @@ const keyLimits = {
   rpm: Type.Optional(apiKey.rpm),
   models: Type.Optional(apiKey.models)
 }
+// (no `format`: TypeBox's compiler knows no formats unless registered, and these only describe)
+const Time = Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T', maxLength: 40, description: 'a time in ISO 8601 (2026-12-01T10:00:00.000Z)' })
+/** A limit in a change or a file: null is no limit. */
+const orNull = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()], { description: `${schema.description as string} (or null: no limit)` })
+const keyLimitsOrNull = {
+  priority: Type.Optional(apiKey.priority),
+  maxConcurrent: Type.Optional(orNull(apiKey.maxConcurrent)),
+  maxQueued: Type.Optional(orNull(apiKey.maxQueued)),
+  rpm: Type.Optional(orNull(apiKey.rpm)),
+  models: Type.Optional(orNull(apiKey.models))
+}
 /** An API key as lists show it: never its secret, nor the secret's hash. */
-export const ApiKeyRecord = strict({ name: apiKey.name, ...keyLimits })
+export const ApiKeyRecord = strict({
+  name: apiKey.name,
+  source: Type.Union([Type.Literal('env'), Type.Literal('table'), Type.Literal('file')], { description: 'where the key is kept: API_KEYS, the api_keys table or the inventory file' }),
+  ...keyLimits,
+  createdAt: Type.Optional(Time),
+  revokedAt: Type.Optional(Time)
+})
 export type ApiKeyRecord = Static<typeof ApiKeyRecord>
-export const ApiKeyCreate = ApiKeyRecord
-export const ApiKeyPatch = Type.Partial(strict(keyLimits), { additionalProperties: false, minProperties: 1 })
+export const ApiKeyCreate = strict({ name: apiKey.name, ...keyLimits })
+export type ApiKeyCreate = Static<typeof ApiKeyCreate>
+/** Fields given replace; a limit set to null is removed. */
+export const ApiKeyPatch = Type.Partial(strict(keyLimitsOrNull), { additionalProperties: false, minProperties: 1 })
+export type ApiKeyPatch = Static<typeof ApiKeyPatch>
 /** The answer to a create: the only time the secret is shown. */
 export const ApiKeyCreated = strict({ ...ApiKeyRecord.properties, key: Type.String({ description: 'the secret, shown this once' }) })
 
@@ -166,10 +189,13 @@ export const FileAssignment = strict({
   parallel: Type.Optional(assignment.maxParallel),
   drained: Type.Optional(assignment.drained)
 })
+/** As the key store writes it (services/api-keys.ts): the hash of the secret, never the secret. */
 export const FileApiKey = strict({
   name: apiKey.name,
-  sha256: Type.String({ pattern: '^[0-9a-f]{64}$', description: "the key's SHA-256 in lower-case hex (64 characters)" }),
-  ...keyLimits
+  sha256: Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: "the key's SHA-256 in hex (64 characters; the file never holds the secret)" }),
+  ...keyLimitsOrNull,
+  createdAt: Type.Optional(Time),
+  revokedAt: Type.Optional(Time)
 })
 export const InventoryFile = strict({
   computers: Type.Array(FileComputer),
@@ -202,7 +228,14 @@ function withoutComments (v: unknown): unknown {
 export function checkInventoryFile (json: unknown): InventoryFile {
   const value = withoutComments(json)
   if (checkFile.Check(value)) return value
-  const first = checkFile.Errors(value).First()
+  // An unknown field first: a misspelt one also makes the field it meant "missing".
+  let first: ValueError | undefined
+  let seen = 0
+  for (const error of checkFile.Errors(value)) {
+    first ??= error
+    if (error.type === ValueErrorType.ObjectAdditionalProperties) { first = error; break }
+    if (++seen >= 50) break
+  }
   throw new Error(first == null ? 'the inventory is invalid' : explain(first))
 }
 

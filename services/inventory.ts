@@ -87,7 +87,7 @@ export class Inventory {
   /** every assignment by kind, in preference order */
   readonly #byKind = new Map<ModelKind, Assignment[]>()
   readonly #kindByKey = new Map<string, ModelKind>()
-  /** candidates() answers the same array for the same question while this inventory lasts. */
+  /** candidateList() answers the same array for the same question while this inventory lasts. */
   readonly #answers = new Map<string, Assignment[]>()
 
   constructor (snapshot: InventorySnapshot) {
@@ -127,6 +127,14 @@ export class Inventory {
    * `drained` is set.
    */
   candidates (model: string, kind: ModelKind, opts: { drained?: boolean } = {}): Assignment[] {
+    return [...this.candidateList(model, kind, opts)]
+  }
+
+  /**
+   * `candidates()` without the copy: the same array for the same question while this inventory
+   * lasts (the lease stores recognise a candidate list by its array). Never modify it.
+   */
+  candidateList (model: string, kind: ModelKind, opts: { drained?: boolean } = {}): readonly Assignment[] {
     if (typeof model !== 'string' || model === '') return []
     const key = modelKey(model)
     const drained = opts.drained === true

@@ -10,9 +10,9 @@
  * - candidate list: the assignments a request may use, in preference order (a model's, or a
  *   restricted one). A waiter waits in the line of its queue (model) and list: everyone in one
  *   line wants the same candidates, so nobody waits behind a waiter pinned to a busy server.
- * - within a line: by priority (high, normal, low; a waiter that has waited `priorityAgingMs`
- *   counts one level higher), then round-robin between clients (start-time fair queuing), each
- *   client in its own arrival order. Across lines: the one whose next waiter arrived first.
+ * - within a line: by priority (high, normal, low; a waiter counts one level higher for every
+ *   `priorityAgingMs` it has waited), then round-robin between clients (start-time fair queuing),
+ *   each client in its own arrival order. Across lines: the one whose next waiter arrived first.
  * - member: one waiter, `<replicaId>|<n>`; a member whose replica stops heart-beating is dead.
  * - token: one lease, `<member>#<fence>`; the fence grows with every grant.
  */

@@ -58,6 +58,7 @@ export class MemoryLeaseStore implements LeaseStore {
   private readonly lines = new Map<string, Line>()
   private readonly waiters = new Map<string, WaiterRecord>()
   private readonly queued = new Map<string, number>()
+  private queuedTotal = 0
   private readonly listKeys = new WeakMap<Candidate[], string>()
   private events?: StoreEvents
   private fence = 0
@@ -170,8 +171,10 @@ export class MemoryLeaseStore implements LeaseStore {
   }
 
   private effective (w: WaiterRecord, now: number): number {
-    const aged = w.level > 0 && now - w.since >= this.opts.priorityAgingMs
-    return w.score - (aged ? LEVEL : 0)
+    // one level higher for every PRIORITY_AGING_MS waited (low: normal, then high)
+    const aging = this.opts.priorityAgingMs
+    const up = aging > 0 ? Math.min(w.level, Math.floor((now - w.since) / aging)) : w.level
+    return w.score - up * LEVEL
   }
 
   /** The next waiter of a line: best (effective level, tag). */
@@ -187,7 +190,7 @@ export class MemoryLeaseStore implements LeaseStore {
   }
 
   private unqueue (w: WaiterRecord): void {
-    w.line.waiters.delete(w)
+    if (w.line.waiters.delete(w)) this.queuedTotal--
     const n = (this.queued.get(w.line.queue) ?? 1) - 1
     if (n <= 0) this.queued.delete(w.line.queue)
     else this.queued.set(w.line.queue, n)
@@ -274,7 +277,8 @@ export class MemoryLeaseStore implements LeaseStore {
     if (done != null) return { status: 'granted', token: done.token, candidateIndex: done.index, grants: [] }
     const list = this.listKey(input.candidates)
     for (const c of input.candidates) this.assignments.set(c.assignmentId, { capacity: capacityOf(c), gpuIds: c.gpuIds })
-    const key = `${input.queue}\n${list}`
+    // a whole-assignment waiter waits in a line of its own: it must not hold up single slots
+    const key = `${input.queue}\n${list}\n${input.info.purpose}`
     let w = this.waiters.get(input.member)
     if (w == null) {
       const existing = this.lines.get(key)
@@ -287,7 +291,7 @@ export class MemoryLeaseStore implements LeaseStore {
         if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
       }
       if ((this.queued.get(input.queue) ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
-      if (this.waiters.size >= this.opts.queueMaxTotal) return { status: 'full', scope: 'total', grants: [] }
+      if (this.queuedTotal >= this.opts.queueMaxTotal) return { status: 'full', scope: 'total', grants: [] }
       const level = PRIORITY_LEVEL[client.priority] ?? 1
       let score = input.place?.score
       if (score == null) {
@@ -297,6 +301,7 @@ export class MemoryLeaseStore implements LeaseStore {
       }
       w = { ...probe, level, score, since: input.place?.since ?? this.now() }
       line.waiters.add(w)
+      this.queuedTotal++
       this.lines.set(key, line)
       this.waiters.set(w.member, w)
       this.queued.set(input.queue, (this.queued.get(input.queue) ?? 0) + 1)

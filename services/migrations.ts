@@ -24,6 +24,22 @@ const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_migrations (
   PRIMARY KEY (name)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
 
+const CREATE_API_KEYS_TABLE = `CREATE TABLE IF NOT EXISTS api_keys (
+  id             INT NOT NULL AUTO_INCREMENT,
+  name           VARCHAR(64) NOT NULL,
+  secret_sha256  CHAR(64) NOT NULL,
+  priority       ENUM('high', 'normal', 'low') NOT NULL DEFAULT 'normal',
+  max_concurrent INT NULL,
+  max_queued     INT NULL,
+  rpm            INT NULL,
+  models         TEXT NULL,
+  created_at     TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  revoked_at     TIMESTAMP NULL DEFAULT NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uq_api_keys_name (name),
+  UNIQUE KEY uq_api_keys_secret_sha256 (secret_sha256)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
 
@@ -92,9 +108,16 @@ export const MIGRATIONS: readonly Migration[] = [
     }
   },
   {
+    // The gateway's own API keys (CONTRACT 12.3): the secret is never stored, only its SHA-256.
+    name: '004-create-api-keys',
+    async up (query) {
+      await query(CREATE_API_KEYS_TABLE)
+    }
+  },
+  {
     // Drained assignments (POST /admin/assignments/:id/drain) take no new lease; a table of the
     // gateway's own, so the original tables keep their meaning for the original services.
-    name: '004-assignment-drains',
+    name: '005-assignment-drains',
     async up (query) {
       await query(`CREATE TABLE IF NOT EXISTS maestro_assignment_drains (
   assignment_id INT NOT NULL,

@@ -29,7 +29,7 @@ import { loadLuaScripts } from './lua-scripts.js'
  *   alist:<a>  set of l             lists holding a          gasg:<g> set of a: assignments on g
  *   lines:<l>  zset ln->arrival     lines of list l with waiters, by their next waiter's arrival
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
- *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>'; PX 3 ttl)
+ *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
  *   qw:<queue> zset m->arrival      a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   queues     zset queue->touched  models with waiters, for the status
@@ -147,6 +147,9 @@ export class RedisLeaseStore implements LeaseStore {
       }
     })
     this.client.on('ready', () => {
+      // A new connection may reach a restarted Redis (whose data, run id key included, may come
+      // from a snapshot): the next script compares the stored run id with the server's own.
+      this.knownRun = ''
       // ioredis resends nothing for us after a reconnect: let the manager re-assert its state.
       if (this.wasReady) events.onReconnect()
       this.wasReady = true
@@ -206,7 +209,7 @@ export class RedisLeaseStore implements LeaseStore {
         return { status: 'granted', token: String(b[1]), candidateIndex: Number(b[2]), grants: r.grants }
       case 'waiting':
       case 'paused': {
-        this.lineOf.set(input.member, `${list.id}:${input.queue}`)
+        this.lineOf.set(input.member, `${list.id}:${input.queue}:${args[args.length - 1]}`)
         const place: Place = b[0] === 'waiting'
           ? { score: Number(b[2]), since: Number(b[3]) }
           : { score: Number(b[1]), since: Number(b[2]) }

@@ -47,7 +47,7 @@ t.test('admin API on MariaDB with two replicas', async t => {
     gpus: [2, 1, 1],
     migrate: true,
     upstreams: [
-      { model: 'llama3', gpus: [0], name: 'llama-a', simulator: { tokens: 40, tokenDelayMs: 25 } },
+      { model: 'llama3', gpus: [0], name: 'llama-a', simulator: { tokens: 80, tokenDelayMs: 25 } },
       { model: 'llama3', gpus: [1], name: 'llama-b' }
     ],
     options: { ADMIN_TOKEN: TOKEN }
@@ -200,7 +200,7 @@ t.test('admin API on MariaDB with two replicas', async t => {
 
   t.test('a drained assignment takes no new request; its running stream finishes', async t => {
     const ollama = new Ollama({ host: a.url })
-    // llama-a (GPU 1, weight 2) is preferred; its stream runs ~1 s.
+    // llama-a (GPU 1, weight 2) is preferred; its stream runs ~2 s (time for the admin calls below on a busy machine).
     const parts: any[] = []
     const stream = (async () => {
       for await (const part of await ollama.generate({ model: 'llama3', prompt: 'long', stream: true })) parts.push(part)
@@ -222,7 +222,7 @@ t.test('admin API on MariaDB with two replicas', async t => {
     t.ok(parts.length > 0 && parts.at(-1).done !== true, 'the stream is still running')
     await stream
     t.equal(parts.at(-1)?.done, true, 'the running stream finished')
-    t.equal(parts.length, 41)
+    t.equal(parts.length, 81)
 
     // llama-a is free and preferred, but drained: every new request goes to llama-b.
     for (const gw of [a, b, a, b]) {
@@ -251,7 +251,7 @@ t.test('admin API on MariaDB with two replicas', async t => {
       back = await generate(b, 'llama3')
     }
     t.equal(back.headers.get('x-maestro-assignment'), 'llama-a', 'undrained: preferred again')
-    // (llama-a's answer itself takes ~1 s: what counts is when the request that reached it was sent)
+    // (llama-a's answer itself takes ~2 s: what counts is when the request that reached it was sent)
     t.ok(sentAt - undrainedAt < 1000, `within a second on the other replica (${(sentAt - undrainedAt).toFixed(0)} ms)`)
     t.same(await fleet.db.query('SELECT * FROM maestro_assignment_drains'), [])
   })
@@ -299,4 +299,37 @@ t.test('an unmigrated database: drain and maxParallel ask for the migration', as
   t.match(longIp.body.error, /^ip: .*npm run migrate/)
   t.same((await call(gw, 'GET', '/admin/assignments/1')).body.maxParallel, 1, 'reads as 1 without the column')
   t.equal((await generate(gw, 'llama3')).status, 200, 'and the gateway serves on as before')
+})
+
+t.test('a request already waiting when its candidate is drained is not given the drained server', async t => {
+  // llama-x (preferred) answers in ~1 s, llama-y in ~2.5 s: time for the drain to reach every
+  // replica before llama-x frees, even on a busy machine.
+  const fleet = await startFleet(t, {
+    gpus: [2, 1],
+    migrate: true,
+    upstreams: [
+      { model: 'llama3', gpus: [0], name: 'llama-x', simulator: { tokens: 40, tokenDelayMs: 25 } },
+      { model: 'llama3', gpus: [1], name: 'llama-y', simulator: { tokens: 100, tokenDelayMs: 25 } }
+    ],
+    options: { ADMIN_TOKEN: TOKEN }
+  })
+  const a = await fleet.replica()
+  const b = await fleet.replica()
+  const deadline = performance.now() + 2000
+  const busyX = generate(a, 'llama3', 'first')
+  while ((await fleet.heldGpus()).length < 1 && performance.now() < deadline) await sleep(5)
+  const busyY = generate(a, 'llama3', 'second')
+  while ((await fleet.heldGpus()).length < 2 && performance.now() < deadline) await sleep(5)
+  t.equal((await fleet.heldGpus()).length, 2, 'both servers busy')
+  const waiter = generate(b, 'llama3', 'waiting')
+  await sleep(50)
+  const status = await (await fetch(`${a.url}/gpu/status`)).json() as { waiting: Array<{ depth: number }> }
+  t.same(status.waiting.map((w) => w.depth), [1], 'one request waiting for either server')
+  t.equal((await call(a, 'POST', '/admin/assignments/1/drain')).status, 200, 'llama-x drained while it waits')
+  t.equal((await busyX).headers.get('x-maestro-assignment'), 'llama-x', 'llama-x frees first')
+  const served = await waiter
+  t.equal(served.status, 200)
+  t.equal(served.headers.get('x-maestro-assignment'), 'llama-y', 'the waiter is served by the server still taking work')
+  t.equal((await busyY).status, 200)
+  t.same(fleet.upstreams[0].requests.filter((r) => r.path === '/api/generate').map((r) => r.body.prompt), ['first'], 'llama-x got no new request')
 })

@@ -1,6 +1,7 @@
 // The admin API in embedded mode: changes go to INVENTORY_FILE, replaced atomically (temp file in
 // the same directory, then rename), and the gateway serves from the new file at once.
 import t from 'tap'
+import { createHash } from 'node:crypto'
 import { readdir, readFile, stat, writeFile } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
@@ -8,6 +9,8 @@ import { startSimulator } from './helpers/upstream-simulator.js'
 import type { Gateway } from './helpers/gateway.js'
 
 const TOKEN = 'embedded-admin-token'
+/** The file lists one API key (so proxied requests need it): this is its secret. */
+const KEY = 'file-key-secret'
 
 async function call (gw: Gateway, method: string, path: string, body?: unknown): Promise<{ status: number, body: any }> {
   const res = await fetch(gw.url + path, {
@@ -21,7 +24,9 @@ async function call (gw: Gateway, method: string, path: string, body?: unknown):
 
 async function generate (gw: Gateway, model: string): Promise<{ status: number, assignment: string | null }> {
   const res = await fetch(`${gw.url}/api/generate`, {
-    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model, prompt: 'hi', stream: false })
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${KEY}` },
+    body: JSON.stringify({ model, prompt: 'hi', stream: false })
   })
   await res.arrayBuffer()
   return { status: res.status, assignment: res.headers.get('x-maestro-assignment') }
@@ -36,7 +41,7 @@ t.test('embedded mode: the file is written atomically and used at once', async t
   const original = JSON.parse(await readFile(file, 'utf8'))
   original._comment = 'kept across rewrites'
   original.computers[0]._note = 'the box under the desk'
-  original.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low' }]
+  original.apiKeys = [{ name: 'ci', sha256: createHash('sha256').update(KEY).digest('hex'), priority: 'low' }]
   await writeFile(file, JSON.stringify(original))
   const gw = await startEmbeddedGateway(t, { INVENTORY_FILE: file, ADMIN_TOKEN: TOKEN })
 

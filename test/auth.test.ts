@@ -25,6 +25,10 @@ type Style = 'ollama' | 'diffusion' | 'openai'
 const OPEN = ['GET /', 'HEAD /', 'GET /health', 'HEAD /health', 'GET /health/live', 'HEAD /health/live', 'GET /health/ready', 'HEAD /health/ready',
   'GET /api/version', 'HEAD /api/version', 'GET /gpu/status', 'HEAD /gpu/status', 'GET /metrics', 'HEAD /metrics']
 const ADMIN = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release', 'DELETE /gpu/cache', 'DELETE /cache']
+/** The OpenAPI document and its page (`/docs`, `/docs/json`, its files): reading about the API needs no key. */
+const isDocs = (route: string): boolean => /^(GET|HEAD) \/docs(\/|$)/.test(route)
+/** The admin API: the admin token (CONTRACT 13). */
+const isAdminApi = (route: string): boolean => route.split(' ')[1].startsWith('/admin/')
 /** Routes the contract names that need a key; every other registered route must need one too. */
 const API_KEY = ['POST /api/chat', 'POST /api/generate', 'POST /api/embed', 'POST /api/embeddings', 'POST /api/show', 'GET /api/tags', 'GET /api/ps',
   'POST /txt2img', 'POST /img2img', 'POST /upload', 'POST /v1/chat/completions', 'POST /v1/completions', 'POST /v1/embeddings',
@@ -102,7 +106,7 @@ t.test('with API_KEYS and ADMIN_TOKEN every route asks for what it should, and a
   for (const route of [...OPEN, ...ADMIN, ...API_KEY]) t.ok(gw.routes.includes(route), `${route} exists`)
 
   for (const route of gw.routes) {
-    const level: Level = OPEN.includes(route) ? 'open' : ADMIN.includes(route) ? 'admin' : 'api-key'
+    const level: Level = OPEN.includes(route) || isDocs(route) ? 'open' : ADMIN.includes(route) || isAdminApi(route) ? 'admin' : 'api-key'
     const [method, url] = route.split(' ')
     const style = styleOf(url)
     const anonymous = await call(gw.url, route)

@@ -8,6 +8,7 @@ import {
   parseInventoryFile,
   type Query
 } from '../services/inventory.js'
+import { migrate } from '../services/migrations.js'
 import { createTestDatabase, seedInventory } from './helpers/database.js'
 
 const ids = (list: Array<{ id: string }>): string[] => list.map(a => a.id)
@@ -86,7 +87,7 @@ t.test('database: preference order, names, kinds', async t => {
     weight: 2,
     computerName: 'box-a',
     capacity: 1
-  }, 'gpu ids sorted numerically, weight = average')
+  }, 'gpu ids sorted numerically, weight = average; capacity 1 without max_parallel')
   t.equal(inv.assignment('3')?.model, 'M-Small:latest', 'model as stored')
   t.equal(inv.assignment('3')?.modelKey, 'm-small')
   t.equal(inv.assignment('7')?.weight, 1, '(2 + NULL) / 2')
@@ -185,6 +186,36 @@ t.test('database: addresses, wildcard rows, GPUs on two computers', async t => {
   t.same(inv.modelNames('llm'), ['m'])
 })
 
+t.test('capacity: assignments.max_parallel (after migrate), NULL or < 1 meaning 1; a file\'s "parallel"', async t => {
+  const db = await createTestDatabase(t)
+  await seedInventory(db.query, {
+    computers: [{ name: 'box', ip: '10.0.0.1' }],
+    gpus: [{ name: 'g', computer: 'box' }],
+    llms: ['m'],
+    assignments: [
+      { name: 'four', model: 'm', port: 1, gpus: [1] },
+      { name: 'null', model: 'm', port: 2, gpus: [1] },
+      { name: 'zero', model: 'm', port: 3, gpus: [1] },
+      { name: 'minus', model: 'm', port: 4, gpus: [1] }
+    ]
+  })
+  await migrate(db.query)
+  await db.query("UPDATE assignments SET max_parallel = CASE name WHEN 'four' THEN 4 WHEN 'zero' THEN 0 WHEN 'minus' THEN -3 ELSE NULL END")
+  const inv = new Inventory(await loadInventoryFromDatabase(db.query))
+  t.same(inv.snapshot.assignments.map(a => [a.name, a.capacity]), [['four', 4], ['null', 1], ['zero', 1], ['minus', 1]])
+
+  const file = (parallel: unknown): unknown => ({
+    computers: [{ id: 1, name: 'box', ip: '10.0.0.1' }],
+    gpus: [{ id: 1, computer: 1 }],
+    assignments: [{ id: 1, name: 'a', model: 'm', kind: 'llm', port: 1, gpus: [1], parallel }]
+  })
+  t.equal(parseInventoryFile(file(4), 'f.json').assignments[0].capacity, 4)
+  t.equal(parseInventoryFile(file(undefined), 'f.json').assignments[0].capacity, 1, 'absent: 1')
+  for (const bad of [0, 1.5, '4', -1]) {
+    t.throws(() => parseInventoryFile(file(bad), 'f.json'), /assignments\[0\]\.parallel must be a whole number of at least 1/)
+  }
+})
+
 t.test('database down: the test fails, it is not skipped', async t => {
   const saved = process.env.MARIADB_URL
   process.env.MARIADB_URL = 'mysql://root@127.0.0.1:1'
@@ -266,7 +297,7 @@ t.test('file: capacity, drained assignments and API keys (schemas shared with th
   f.assignments[1].parallel = 4
   f.assignments[1].drained = true
   f.assignments[1]._note = 'comments are allowed in entries too'
-  f.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low', maxConcurrent: 2, maxQueued: 0, rpm: 60, models: ['llama3'] }]
+  f.apiKeys = [{ name: 'ci', sha256: 'ab'.repeat(32), priority: 'low', maxConcurrent: 2, maxQueued: 1, rpm: 60, createdAt: '2026-12-01T09:00:00.000Z', models: ['llama3'] }]
   const inv = new Inventory(parseInventoryFile(f, 'x'))
   t.same(ids(inv.candidates('special', 'llm')), [], 'a drained assignment is no candidate')
   t.same(ids(inv.candidates('special', 'llm', { drained: true })), ['2'], 'unless asked for')
@@ -310,9 +341,9 @@ t.test('file: validation errors name the source and the field', async t => {
     ['unknown gpu', f => { f.assignments[1].gpus = [1, 9] }, /assignments\[1\]\.gpus\[1\] names gpu 9, which is not in gpus/],
     ['gpu twice', f => { f.assignments[1].gpus = [1, '1'] }, /assignments\[1\]\.gpus\[1\] names gpu 1 twice/],
     ['gpus on two computers', f => { f.assignments[1].gpus = [1, 3] }, /assignments\[1\]\.gpus must all be on one computer/],
-    ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be an integer from 1 to 1024 .*\(got 0\)/],
+    ['parallel 0', f => { f.assignments[1].parallel = 0 }, /assignments\[1\]\.parallel must be a whole number of at least 1 .*\(got 0\)/],
     ['drained not a boolean', f => { f.assignments[1].drained = 'yes' }, /assignments\[1\]\.drained must be true or false/],
-    ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in lower-case hex/],
+    ['api key without its hash', f => { f.apiKeys = [{ name: 'ci' }] }, /apiKeys\[0\]\.sha256 must be the key's SHA-256 in hex/],
     ['api key with a secret in clear', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), key: 'sk-1' }] }, /apiKeys\[0\] has unknown field "key"/],
     ['api key priority', f => { f.apiKeys = [{ name: 'ci', sha256: 'a'.repeat(64), priority: 'urgent' }] }, /apiKeys\[0\]\.priority must be one of "high", "normal", "low"/]
   ]

@@ -8,12 +8,33 @@ import { MemoryLeaseStore } from '../services/memory-lease-store.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
 import { redisClients, testPrefix } from './helpers/redis.js'
 
-interface Settings { ttlMs?: number, queueMax?: number, starvationMs?: number, queueTimeoutMs?: number }
+interface Settings {
+  ttlMs?: number
+  queueMax?: number
+  starvationMs?: number
+  queueTimeoutMs?: number
+  queueMaxTotal?: number
+  priorityAgingMs?: number
+}
 type Cluster = (settings?: Settings) => Promise<{ replica: () => Promise<LeaseManager> }>
 
 const info = (model: string): LeaseInfo => ({ model, kind: 'llm', purpose: 'proxy' })
+const reservation = (model: string): LeaseInfo => ({ model, kind: 'llm', purpose: 'reservation' })
 const cand = (assignmentId: string, ...gpuIds: string[]): Candidate => ({ assignmentId, gpuIds })
-const defaults = { ttlMs: 3000, queueMax: 100, starvationMs: 10_000, queueTimeoutMs: 10_000 }
+const slots = (capacity: number, assignmentId: string, ...gpuIds: string[]): Candidate => ({ assignmentId, gpuIds, capacity })
+const defaults = { ttlMs: 3000, queueMax: 100, starvationMs: 10_000, queueTimeoutMs: 10_000, queueMaxTotal: 10_000, priorityAgingMs: 30_000 }
+
+/** The leases on each GPU, flattened (a GPU may run several slots of one assignment). */
+async function holders (store: LeaseStore, gpuIds: string[]): Promise<string[]> {
+  const per = await store.tokensOf(gpuIds) as unknown[]
+  return per.flatMap((x) => Array.isArray(x) ? x : x == null ? [] : [x as string]).sort()
+}
+
+/** Stop a replica's timers: no renewal, no heartbeat, no fallback poll (a frozen process). */
+function freeze (m: LeaseManager): void {
+  clearInterval((m as any).sweepTimer)
+  clearInterval((m as any).renewTimer)
+}
 
 function manager (t: Test, store: LeaseStore, s: Required<Settings>): LeaseManager {
   const m = new LeaseManager(store, { ttlMs: s.ttlMs, queueTimeoutMs: s.queueTimeoutMs, pollMs: 200 })
@@ -201,6 +222,258 @@ for (const [name, make] of Object.entries(clusters)) {
       await m.release(big)
       await Promise.all([...singles, ...overlap])
       t.same((await m.store.status(['1', '2'])).gpus, [])
+    })
+
+    t.test('issue 14.1: release by GPU ids frees each reservation once, not one granted by that very release', async (t) => {
+      const m = await (await make(t)()).replica()
+      const r1 = await m.acquire({ queue: 'big', candidates: [cand('12', '1', '2')], info: reservation('big') })
+      const r2p = m.acquire({ queue: 'small', candidates: [cand('2', '2')], info: reservation('small') })
+      await sleep(50)
+      await m.store.releaseGpus(['1', '2'])
+      const r2 = await r2p
+      await sleep(50)
+      t.same(await holders(m.store, ['1', '2']), [r2.token], 'the reservation granted by the release is intact')
+      t.ok(await m.store.ping(r2.token), 'and can be pinged')
+      t.equal(await m.store.ping(r1.token), undefined, 'the released one is gone')
+      await m.store.release(r2.token)
+    })
+
+    t.test('issue 14.5: renewing a partly lost multi-GPU lease re-creates nothing and frees what it still had', async (t) => {
+      const cluster = await make(t)({ ttlMs: 400 })
+      const frozen = await cluster.replica()
+      const m = await cluster.replica()
+      const a = await frozen.acquire({ queue: 'pair', candidates: [cand('12', '1', '2')], info: info('pair') })
+      freeze(frozen) // the holder stops renewing past the ttl
+      await sleep(600)
+      const b = await m.acquire({ queue: 'two', candidates: [cand('2', '2')], info: info('two') })
+      const lost = await frozen.store.renew([{ ...a }])
+      t.same(lost, [a.token], 'the renewal reports the lease lost')
+      t.same(await holders(m.store, ['1']), [], 'GPU 1 is not re-created for a lease nobody uses')
+      const started = performance.now()
+      const c = await m.acquire({ queue: 'one', candidates: [cand('1', '1')], info: info('one') })
+      t.ok(performance.now() - started < 200, 'GPU 1 is granted at once')
+      await m.store.release(b.token)
+      await m.store.release(c.token)
+    })
+
+    t.test('issue 14.6: a waiter with a free candidate does not wait behind one pinned to a busy server', async (t) => {
+      const m = await (await make(t)()).replica()
+      const busy = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const pinned = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      await sleep(30)
+      const started = performance.now()
+      const free = await Promise.race([
+        m.acquire({ queue: 'q', candidates: [cand('1', '1'), cand('2', '2')], info: info('a') }),
+        sleep(1000).then(() => undefined)
+      ])
+      t.ok(free != null, 'served without waiting')
+      t.equal(free?.assignmentId, '2')
+      t.ok(performance.now() - started < 300)
+      if (free != null) await m.release(free)
+      await m.release(busy)
+      await m.release(await pinned)
+    })
+
+    t.test('issue 14.7: an attempt that ran after its call failed leaves no ghost in the queue', async (t) => {
+      const m = await (await make(t)()).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const real = m.store.attempt.bind(m.store)
+      let failNext = true
+      ;(m.store as any).attempt = async (input: any) => {
+        const r = await real(input)
+        if (failNext) { failNext = false; throw new Error('command timed out') } // ran, but the answer was lost
+        return r
+      }
+      const err = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') }).catch((e) => e)
+      t.equal(err.statusCode, 503)
+      await sleep(300)
+      t.same((await m.store.status(['1'])).queues, {}, 'its place in the queue is gone')
+      await m.release(held)
+      await sleep(100)
+      t.same(await holders(m.store, ['1']), [], 'and nobody got the GPU for it')
+    })
+
+    t.test('issue 14.7: a leave that fails during a drain is retried', async (t) => {
+      const m = await (await make(t)()).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const waiting = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      await sleep(30)
+      const real = m.store.leave.bind(m.store)
+      let failures = 1
+      ;(m.store as any).leave = async (q: string, member: string) => {
+        if (failures-- > 0) throw new Error('connection lost')
+        return await real(q, member)
+      }
+      const drained = m.drain()
+      t.equal((await waiting.catch((e) => e)).statusCode, 503, 'the waiter is sent away')
+      await sleep(600) // the 200 ms poll retries
+      t.same((await m.store.status(['1'])).queues, {}, 'its place in the queue is gone')
+      await m.release(held)
+      await drained
+      t.same(await holders(m.store, ['1']), [], 'the GPU went to nobody')
+    })
+
+    t.test('issue 14.8: an assignment moved to other GPUs does not run twice at once', async (t) => {
+      const m = await (await make(t)()).replica()
+      const before = await m.acquire({ queue: 'q', candidates: [cand('5', '1')], info: info('a') })
+      // the inventory now has assignment 5 on GPU 2; a new request comes with the new list
+      const after = m.acquire({ queue: 'q', candidates: [cand('5', '2')], info: info('a') })
+      const early = await Promise.race([after.then(() => 'granted'), sleep(200).then(() => 'waiting')])
+      t.equal(early, 'waiting', 'the server runs one request at a time')
+      await m.release(before)
+      const l = await after
+      t.same(l.gpuIds, ['2'])
+      await m.release(l)
+    })
+
+    t.test('issue 14.9: the status reports a bounded number of queues', async (t) => {
+      const m = await (await make(t)({ queueTimeoutMs: 20_000 })).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const waits = Array.from({ length: 260 }, async (_, i) => await m.acquire({ queue: `q${i}`, candidates: [cand('1', '1')], info: info(`m${i}`) }).catch((e) => e))
+      await sleep(300)
+      const n = Object.keys((await m.store.status(['1'])).queues).length
+      t.ok(n > 0 && n <= 200, `${n} queues reported`)
+      freeze(m)
+      await m.close()
+      await Promise.all(waits)
+      void held
+    })
+
+    t.test('12.1: a capacity-4 assignment runs 4 at once, and another assignment on its GPU only when it runs none', async (t) => {
+      const m = await (await make(t)()).replica()
+      const four = [slots(4, 'a', '1')]
+      const other = [cand('b', '1')]
+      let running = 0
+      let most = 0
+      let otherOverlap = 0
+      let otherRunning = false
+      const work = async (i: number): Promise<void> => {
+        if (i === 5) {
+          const l = await m.acquire({ queue: 'b', candidates: other, info: info('b') })
+          otherRunning = true
+          if (running > 0) otherOverlap++
+          await sleep(20)
+          otherRunning = false
+          await m.release(l)
+          return
+        }
+        const l = await m.acquire({ queue: 'a', candidates: four, info: info('a') })
+        running++
+        if (otherRunning) otherOverlap++
+        most = Math.max(most, running)
+        await sleep(30)
+        running--
+        await m.release(l)
+      }
+      await Promise.all(Array.from({ length: 16 }, async (_, i) => await work(i)))
+      t.equal(most, 4, 'four at once, never more')
+      t.equal(otherOverlap, 0, 'the other model never ran beside it')
+      const status = await m.store.status(['1'])
+      t.same(status.gpus, [], 'everything released')
+    })
+
+    t.test('12.1: the status shows slots in use and capacity; a reservation takes every slot', async (t) => {
+      const m = await (await make(t)()).replica()
+      const list = [slots(3, 'a', '1', '2')]
+      const x = await m.acquire({ queue: 'a', candidates: list, info: info('a') })
+      const y = await m.acquire({ queue: 'a', candidates: list, info: info('a') })
+      const s = await m.store.status(['1', '2'])
+      t.same(s.gpus.map((g) => [g.gpuId, g.slotsUsed, g.capacity]), [['1', 2, 3], ['2', 2, 3]])
+      const r = m.acquire({ queue: 'a', candidates: list, info: reservation('a') })
+      await sleep(50)
+      const z = await m.acquire({ queue: 'a', candidates: list, info: info('a') })
+      t.ok(z != null, 'a third request takes the last slot')
+      await m.release(x)
+      await m.release(y)
+      const early = await Promise.race([r.then(() => 'granted'), sleep(100).then(() => 'waiting')])
+      t.equal(early, 'waiting', 'the reservation waits for every slot')
+      await m.release(z)
+      const res = await r
+      t.same((await m.store.status(['1'])).gpus.map((g) => g.slotsUsed), [3], 'it holds them all')
+      t.ok(await m.store.release(res.token))
+    })
+
+    t.test('12.2: preferred candidates come first among the free ones, and are never waited for', async (t) => {
+      const m = await (await make(t)()).replica()
+      const list = [cand('1', '1'), cand('2', '2'), cand('3', '3')]
+      const warm = await m.acquire({ queue: 'q', candidates: list, info: info('a'), preferred: ['3'] })
+      t.equal(warm.assignmentId, '3')
+      const started = performance.now()
+      const cold = await m.acquire({ queue: 'q', candidates: list, info: info('a'), preferred: ['3'] })
+      t.equal(cold.assignmentId, '1', 'the warm one is busy: the first free one, at once')
+      t.ok(performance.now() - started < 200)
+      await m.release(warm)
+      await m.release(cold)
+    })
+
+    t.test('12.3: a client that floods a queue delays its own requests; each client keeps its order', async (t) => {
+      const m = await (await make(t)({ queueTimeoutMs: 20_000 })).replica()
+      const list = [cand('1', '1')]
+      const held = await m.acquire({ queue: 'q', candidates: list, info: info('a') })
+      const order: string[] = []
+      const run = async (client: string, i: number): Promise<void> => {
+        const l = await m.acquire({ queue: 'q', candidates: list, info: info('a'), client: { id: client, priority: 'normal' } })
+        order.push(`${client}${i}`)
+        await sleep(2)
+        await m.release(l)
+      }
+      const a = Array.from({ length: 30 }, async (_, i) => { await sleep(i); await run('A', i) })
+      await sleep(60)
+      const b = [run('B', 0)]
+      await sleep(30)
+      await m.release(held)
+      await Promise.all([...a, ...b])
+      t.ok(order.indexOf('B0') <= 2, `B served ${order.indexOf('B0') + 1}th of 31`)
+      t.same(order.filter((x) => x.startsWith('A')), Array.from({ length: 30 }, (_, i) => `A${i}`), "A's own order kept")
+    })
+
+    t.test('12.3: higher priority first; a low one ages through a stream of high ones', async (t) => {
+      const m = await (await make(t)({ priorityAgingMs: 250, queueTimeoutMs: 20_000 })).replica()
+      const list = [cand('1', '1')]
+      const held = await m.acquire({ queue: 'q', candidates: list, info: info('a') })
+      const order: string[] = []
+      const normal = m.acquire({ queue: 'q', candidates: list, info: info('a'), client: { id: 'n', priority: 'normal' } })
+        .then(async (l) => { order.push('normal'); await m.release(l) })
+      await sleep(10)
+      const high = m.acquire({ queue: 'q', candidates: list, info: info('a'), client: { id: 'h', priority: 'high' } })
+        .then(async (l) => { order.push('high'); await m.release(l) })
+      await sleep(10)
+      await m.release(held)
+      await Promise.all([normal, high])
+      t.same(order, ['high', 'normal'], 'the high one overtook')
+
+      // a stream of high requests, two at a time, each 20 ms on the GPU
+      let stop = false
+      let highs = 0
+      const stream = [0, 1].map(async () => {
+        while (!stop) {
+          const l = await m.acquire({ queue: 'q', candidates: list, info: info('a'), client: { id: 'h', priority: 'high' } })
+          highs++
+          await sleep(20)
+          await m.release(l)
+        }
+      })
+      await sleep(50)
+      const started = performance.now()
+      const low = await m.acquire({ queue: 'q', candidates: list, info: info('a'), client: { id: 'l', priority: 'low' } })
+      const waited = performance.now() - started
+      stop = true
+      await m.release(low)
+      await Promise.all(stream)
+      t.ok(waited >= 250 && waited < 2 * 250 + 600, `the low one was served after ${Math.round(waited)} ms (aging 250 ms a level), ${highs} high ones served`)
+    })
+
+    t.test('QUEUE_MAX_TOTAL bounds the waiters across every queue', async (t) => {
+      const m = await (await make(t)({ queueMaxTotal: 3, queueTimeoutMs: 2000 })).replica()
+      const held = await m.acquire({ queue: 'x', candidates: [cand('1', '1')], info: info('a') })
+      const waits = ['p', 'q', 'r'].map(async (q) => await m.release(await m.acquire({ queue: q, candidates: [cand('1', '1')], info: info(q) })))
+      await sleep(50)
+      const err = await m.acquire({ queue: 's', candidates: [cand('1', '1')], info: info('s') }).catch((e) => e)
+      t.ok(err instanceof LeaseError)
+      t.equal(err.statusCode, 503)
+      t.match(err.message, /too many requests/)
+      await m.release(held)
+      await Promise.all(waits)
     })
 
     t.test('replicas sharing the store never hand out one GPU twice', async (t) => {

@@ -105,7 +105,9 @@ t.test('queue depth and leased GPUs are read from the lease store at scrape time
   // Someone else takes the GPU: the holder's next renewal finds its lease lost.
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.disconnect())
-  await redis.set(`${fleet.prefix}gpu:${fleet.gpuIds[0]}`, 'intruder|1#1', 'PX', 60000)
+  // (the lease store's layout: the GPU now runs another assignment, which holds a live slot)
+  await redis.zadd(`${fleet.prefix}slots:intruder`, Date.now() + 60000, 'intruder|1#1')
+  await redis.set(`${fleet.prefix}gpu:${fleet.gpuIds[0]}`, 'intruder', 'PX', 60000)
   const lost = await scrapeUntil(gw.url, (m) => m.value('maestro_lease_expiries_total', { kind: 'llm' }) === 1)
   t.equal(lost.value('maestro_lease_expiries_total', { kind: 'llm' }), 1, 'the lost lease counted once')
 

@@ -45,7 +45,7 @@ t.test('original schema → migrate applies everything once', async t => {
   const inventoryBefore = await loadInventoryFromDatabase(db.query)
 
   t.same(await migrate(db.query), ALL, 'first run applies every migration')
-  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-assignment-drains'])
+  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-create-api-keys', '005-assignment-drains'])
 
   const after = await columns(db.query)
   const afterIndexes = await indexes(db.query)
@@ -57,8 +57,13 @@ t.test('original schema → migrate applies everything once', async t => {
       t.same(now, col, `${col.table}.${col.column} unchanged`)
     }
   }
-  t.same(after.filter(c => !c.table.startsWith('maestro_') && !before.some(b => b.table === c.table && b.column === c.column)).map(c => `${c.table}.${c.column}`),
-    ['assignments.max_parallel'], 'the only column added to the original tables: assignments.max_parallel')
+  const gatewayTables = ['maestro_migrations', 'api_keys', 'maestro_assignment_drains']
+  t.same(after.filter(c => !gatewayTables.includes(c.table) && !(c.table === 'assignments' && c.column === 'max_parallel')).length, before.length,
+    'no column added to the original tables but assignments.max_parallel')
+  t.same(after.filter(c => c.table === 'api_keys').map(c => c.column),
+    ['id', 'name', 'secret_sha256', 'priority', 'max_concurrent', 'max_queued', 'rpm', 'models', 'created_at', 'revoked_at'], 'api_keys created')
+  t.ok(afterIndexes.includes('api_keys.uq_api_keys_name.1.name'), 'key names are unique')
+  t.match(after.find(c => c.table === 'assignments' && c.column === 'max_parallel'), { type: /^int/, nullable: 'YES' }, 'max_parallel INT NULL')
   t.ok(afterIndexes.includes('assignments.idx_assignments_model_name.1.model_name'))
   t.same(await loadInventoryFromDatabase(db.query), inventoryBefore, 'inventory loads identically after migrating')
 

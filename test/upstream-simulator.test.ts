@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import http from 'node:http'
 import zlib from 'node:zlib'
 import { performance } from 'node:perf_hooks'
@@ -9,7 +9,8 @@ import {
   readPng,
   startDiffusionSimulator,
   startSimulator,
-  type Simulator
+  type Simulator,
+  type SimulatorOptions
 } from './helpers/upstream-simulator.js'
 
 const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
@@ -78,8 +79,12 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   const tags = await (await fetch(sim.url + '/api/tags')).json() as any
   t.same(tags.models.map((m: any) => m.name), ['llama3.2:latest', 'nomic-embed-text:latest'])
   t.match(tags.models[0], { model: 'llama3.2:latest', modified_at: String, size: Number, digest: /^[0-9a-f]{64}$/, details: { format: 'gguf', family: String, families: Array, parameter_size: String, quantization_level: String } })
+  // a fresh server has nothing loaded; /api/ps lists a model once a request has loaded it
+  t.same(await (await fetch(sim.url + '/api/ps')).json(), { models: [] })
+  t.equal((await post(sim, '/api/generate', { model: 'llama3.2', prompt: '' })).status, 200)
   const ps = await (await fetch(sim.url + '/api/ps')).json() as any
-  t.match(ps.models[0], { name: 'llama3.2:latest', size_vram: Number, expires_at: String, details: Object })
+  t.equal(ps.models.length, 1)
+  t.match(ps.models[0], { name: 'llama3.2:latest', model: 'llama3.2:latest', size_vram: Number, expires_at: String, context_length: 4096, details: Object })
 
   let res = await post(sim, '/api/show', { model: 'LLAMA3.2' })
   t.equal(res.status, 200)
@@ -90,11 +95,18 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   t.equal(res.status, 400)
   t.same(await res.json(), { error: 'model is required' })
 
-  for (const [method, path] of [['GET', '/nope'], ['GET', '/api/generate'], ['POST', '/api/version']]) {
+  for (const [method, path] of [['GET', '/nope'], ['POST', '/api/nope']]) {
     r = await raw(sim, method, path)
     t.equal(r.status, 404, `${method} ${path}`)
     t.equal(r.headers['content-type'], 'text/plain')
     t.equal(r.body.toString(), '404 page not found')
+  }
+  // gin with HandleMethodNotAllowed: a known path with the wrong method
+  for (const [method, path] of [['GET', '/api/generate'], ['POST', '/api/version'], ['HEAD', '/api/ps']]) {
+    r = await raw(sim, method, path)
+    t.equal(r.status, 405, `${method} ${path}`)
+    t.equal(r.headers['content-type'], 'text/plain')
+    if (method !== 'HEAD') t.equal(r.body.toString(), '405 method not allowed')
   }
 
   for (const host of ['evil.example.com', 'evil.example.com:11434', '8.8.8.8']) {
@@ -114,7 +126,8 @@ t.test('Ollama: info routes, 404s and the host check', async t => {
   t.same(await ollama.version(), { version: '0.33.0' })
   t.equal((await ollama.list()).models.length, 2)
   t.match(await ollama.show({ model: 'nomic-embed-text' }), { details: { format: 'gguf' } })
-  t.equal((await ollama.ps()).models.length, 2)
+  await ollama.embed({ model: 'nomic-embed-text', input: 'x' })
+  t.same((await ollama.ps()).models.map(m => m.name).sort(), ['llama3.2:latest', 'nomic-embed-text:latest'])
   t.ok(sim.requests.some(q => q.path === '/api/show' && q.body.model === 'LLAMA3.2'), 'requests are recorded')
 })
 
@@ -175,7 +188,7 @@ t.test('Ollama: the ollama client — streamed generate, chat, embed', async t =
   const e1 = await ollama.embed({ model: 'nomic-embed-text', input: 'hello' })
   t.equal(e1.model, 'nomic-embed-text')
   t.equal(e1.embeddings.length, 1)
-  t.equal(e1.embeddings[0].length, 4)
+  t.equal(e1.embeddings[0].length, 768, 'nomic-embed-text size by default')
   t.ok(Math.abs(Math.hypot(...e1.embeddings[0]) - 1) < 1e-6, 'unit vector')
   const e2 = await ollama.embed({ model: 'nomic-embed-text', input: ['hello', 'world'] })
   t.equal(e2.embeddings.length, 2)
@@ -307,6 +320,93 @@ t.test('GpuRecorder: overlaps, sequential use, idle gaps', async t => {
   await rec.whenIdle()
 })
 
+t.test('GpuRecorder: a capacity of N holds N works without an overlap, and records which models ran together', async t => {
+  const rec = new GpuRecorder()
+  const a = rec.enter(['g0'], 'a', { model: 'm1', capacity: 2 })
+  const b = rec.enter(['g0'], 'b', { model: 'm2', capacity: 2 })
+  t.equal(rec.overlaps.length, 0, 'two works within a capacity of 2')
+  t.equal(rec.peak('g0'), 2)
+  t.same(rec.together.map(x => x.models), [['m1', 'm2']])
+  const c = rec.enter(['g0'], 'c', { model: 'm1', capacity: 2 })
+  t.equal(rec.overlaps.length, 1, 'a third one is over capacity')
+  t.same(rec.overlaps[0].holders, ['a', 'b', 'c'])
+  t.equal(rec.peak('g0'), 3)
+  for (const w of [a, b, c]) rec.exit(w)
+  t.match(rec.events.filter(e => e.type === 'start').map(e => e.model), ['m1', 'm2', 'm1'])
+  rec.reset()
+  t.equal(rec.peak('g0'), 0)
+})
+
+t.test('Ollama numParallel: N requests run at once, the rest wait inside the server', async t => {
+  const sim = await startSimulator({ numParallel: 2, tokens: 3, tokenDelayMs: 40, loadMs: 0, resident: ['llama3.2'] })
+  t.teardown(sim.close)
+  const ollama = new Ollama({ host: sim.url })
+  const started = performance.now()
+  const ends: number[] = []
+  let maxRunning = 0
+  const poll = setInterval(() => { maxRunning = Math.max(maxRunning, sim.running()) }, 5)
+  await Promise.all([1, 2, 3].map(async i => {
+    await ollama.generate({ model: 'llama3.2', prompt: `p${i}` })
+    ends.push(performance.now() - started)
+  }))
+  clearInterval(poll)
+  t.equal(maxRunning, 2, 'never more than numParallel running')
+  ends.sort((x, y) => x - y)
+  // two finish together after ~3 tokens; the third waited for a slot, so it takes about twice as long
+  t.ok(ends[2] - ends[1] > (ends[0] * 0.5), `the third waited: ends ${ends.map(e => e.toFixed(0)).join(', ')} ms`)
+  await sim.recorder.whenIdle()
+  t.equal(sim.recorder.peak(sim.gpuIds[0]), 3, 'the recorder counts what the server was sent')
+  t.equal(sim.recorder.overlaps.length, 1, 'a third request at once is over the capacity of 2')
+})
+
+t.test('Ollama residency: load time, /api/ps, eviction, load-only and unload requests', async t => {
+  const sim = await startSimulator({ models: ['a', 'b', 'c'], loadMs: 120, maxLoadedModels: 2, tokens: 1, tokenDelayMs: 1 })
+  t.teardown(sim.close)
+  const ollama = new Ollama({ host: sim.url })
+  const timed = async (fn: () => Promise<unknown>): Promise<number> => { const t0 = performance.now(); await fn(); return performance.now() - t0 }
+
+  const cold = await timed(async () => await ollama.generate({ model: 'a', prompt: 'x' }))
+  const warm = await timed(async () => await ollama.generate({ model: 'a', prompt: 'x' }))
+  t.ok(cold >= 110, `a cold model takes its load time (${cold.toFixed(0)} ms)`)
+  t.ok(warm < cold - 60, `a resident one does not (${warm.toFixed(0)} ms)`)
+  t.same(sim.loads.map(l => l.model), ['a:latest'])
+
+  // streamed: the headers come with the first token, after the load
+  const t0 = performance.now()
+  const res = await fetch(sim.url + '/api/generate', { method: 'POST', body: JSON.stringify({ model: 'b', prompt: 'x' }) })
+  t.ok(performance.now() - t0 >= 110, 'no status line before the model has loaded')
+  await res.text()
+
+  let ps = await ollama.ps()
+  t.same(ps.models.map(m => m.name).sort(), ['a:latest', 'b:latest'])
+  t.ok(ps.models.every(m => m.size_vram > 0 && Date.parse(String(m.expires_at)) > Date.now() + 4 * 60_000), 'default keep-alive of 5 minutes')
+  t.equal((ps.models[0] as any).context_length, 4096)
+
+  // a third model evicts the least recently used (a)
+  await ollama.generate({ model: 'c', prompt: 'x', options: { num_ctx: 8192 } as any })
+  ps = await ollama.ps()
+  t.same(ps.models.map(m => m.name).sort(), ['b:latest', 'c:latest'])
+  t.equal((ps.models.find(m => m.name === 'c:latest') as any).context_length, 8192)
+  t.same(sim.unloads.map(u => u.model), ['a:latest'])
+
+  // empty prompt only loads; keep_alive 0 with it unloads; a negative keep_alive is forever
+  const load = await ollama.generate({ model: 'a', prompt: '', keep_alive: -1 })
+  t.match(load, { done: true, done_reason: 'load', response: '' })
+  t.same(sim.loads.map(l => l.model), ['a:latest', 'b:latest', 'c:latest', 'a:latest'])
+  ps = await ollama.ps()
+  t.ok(Date.parse(String(ps.models.find(m => m.name === 'a:latest')?.expires_at)) > Date.now() + 100 * 365 * 86_400_000, 'keep_alive -1: never expires')
+  const unload = await ollama.chat({ model: 'a', messages: [], keep_alive: 0 })
+  t.match(unload, { done: true, done_reason: 'unload' })
+  t.notOk(sim.resident().includes('a:latest'), 'unloaded')
+  t.equal(sim.loads.length, 4, 'unloading loads nothing')
+
+  // keep_alive on a real request: expires that long after it ends
+  await ollama.generate({ model: 'c', prompt: 'x', keep_alive: '150ms' })
+  t.ok(sim.resident().includes('c:latest'))
+  await sleep(250)
+  t.notOk(sim.resident().includes('c:latest'), 'expired after its keep_alive')
+})
+
 t.test('simulators sharing a recorder: concurrent requests on one GPU overlap, sequential ones do not', async t => {
   const recorder = new GpuRecorder()
   const s1 = await startSimulator({ gpuIds: ['gpu0'], recorder, tokenDelayMs: 20 })
@@ -360,11 +460,15 @@ t.test('simulators sharing a recorder: concurrent requests on one GPU overlap, s
 })
 
 t.test('behaviours', async t => {
-  const sim = await startSimulator({ tokenDelayMs: 5 })
-  t.teardown(sim.close)
-  const ollama = new Ollama({ host: sim.url })
+  // each subtest its own server: no behaviour, recorder or residency leaks from one to the next
+  const fresh = async (t: Test, opts: SimulatorOptions = {}): Promise<{ sim: Simulator, ollama: Ollama }> => {
+    const sim = await startSimulator({ tokenDelayMs: 5, ...opts })
+    t.teardown(sim.close)
+    return { sim, ollama: new Ollama({ host: sim.url }) }
+  }
 
   t.test('die-mid-stream truncates and drops the connection', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'die-mid-stream', afterLines: 2 }
     const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' })
     t.equal(res.status, 200)
@@ -388,10 +492,10 @@ t.test('behaviours', async t => {
     const nonStream = await post(sim, '/api/chat', { model: 'llama3.2', messages: [{ role: 'user', content: 'x' }], stream: false })
     await t.rejects(nonStream.text(), 'a non-streamed body is cut short too')
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('stall-headers holds the request without a status line', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'stall-headers' }
     let gotResponse = false
     const req = http.request({ host: '127.0.0.1', port: sim.port, method: 'POST', path: '/api/chat', agent: false }, () => { gotResponse = true })
@@ -405,10 +509,10 @@ t.test('behaviours', async t => {
     t.pass('the work ends when the client closes')
     await t.rejects(fetch(sim.url + '/api/generate', { method: 'POST', body: '{"model":"llama3.2","prompt":"x"}', signal: AbortSignal.timeout(100) }))
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('slow-body sends some lines then goes quiet', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'slow-body', afterLines: 1 }
     const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' }).catch(() => null)
     t.ok(res)
@@ -420,10 +524,10 @@ t.test('behaviours', async t => {
     t.equal(sim.recorder.busy().length, 1)
     await reader.cancel()
     await sim.recorder.whenIdle(1000)
-    sim.behaviour = { kind: 'normal' }
   })
 
   t.test('error answers with the given status and body', async t => {
+    const { sim, ollama } = await fresh(t)
     sim.behaviour = { kind: 'error', status: 503, body: { error: 'server busy, please try again.  maximum pending requests exceeded' } }
     const err = await ollama.chat({ model: 'llama3.2', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e) as any
     t.equal(err?.status_code, 503)
@@ -433,7 +537,65 @@ t.test('behaviours', async t => {
     await t.rejects(async () => {
       for await (const part of await ollama.generate({ model: 'llama3.2', prompt: 'x', stream: true })) void part
     }, /unexpectedly stopped/, 'error-mid-stream: the client throws on the error line')
-    sim.behaviour = { kind: 'normal' }
+  })
+
+  t.test('framing as Go sends it: chunked over 2 KB, Content-Length under it; a cut inside a chunked JSON answer', async t => {
+    const { sim } = await fresh(t, { models: ['llama3.2', 'nomic-embed-text'] })
+    const body = (o: unknown): string => JSON.stringify(o)
+    let r = await raw(sim, 'POST', '/api/generate', {}, body({ model: 'llama3.2', prompt: 'x', stream: false }))
+    const gen = JSON.parse(r.body.toString())
+    t.ok(gen.context.length >= 256 && gen.context.every(Number.isInteger), `context of ${gen.context.length as number} ints`)
+    t.ok(r.body.length > 2048, `${r.body.length} bytes`)
+    t.equal(r.headers['transfer-encoding'], 'chunked', 'a generate answer over 2 KB is chunked')
+    t.equal(r.headers['content-length'], undefined)
+    r = await raw(sim, 'POST', '/api/embed', {}, body({ model: 'nomic-embed-text', input: 'x' }))
+    t.equal(r.headers['transfer-encoding'], 'chunked', 'so is every embedding')
+    t.equal(JSON.parse(r.body.toString()).embeddings[0].length, 768)
+    r = await raw(sim, 'POST', '/api/chat', {}, body({ model: 'llama3.2', messages: [{ role: 'user', content: 'x' }], stream: false }))
+    t.equal(r.headers['content-length'], String(r.body.length), 'a short answer has a Content-Length')
+    r = await raw(sim, 'POST', '/api/generate', {}, body({ model: 'nope', prompt: 'x' }))
+    t.equal(r.headers['content-length'], String(r.body.length), 'so has an error')
+
+    sim.behaviour = { kind: 'die-mid-stream', afterLines: 1 }
+    const cut = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x', stream: false })
+    t.equal(cut.headers.get('transfer-encoding'), 'chunked')
+    t.equal(cut.headers.get('content-type'), 'application/json; charset=utf-8')
+    await t.rejects(cut.text(), 'the chunked answer is cut short')
+  })
+
+  t.test('a cut inside a line (midLine)', async t => {
+    const { sim } = await fresh(t)
+    sim.behaviour = { kind: 'die-mid-stream', afterLines: 2, midLine: true }
+    const res = await post(sim, '/api/generate', { model: 'llama3.2', prompt: 'x' })
+    let text = ''
+    const reader = res.body!.getReader()
+    const err = await (async () => {
+      for (;;) {
+        const { done, value } = await reader.read()
+        if (done) return null
+        text += new TextDecoder().decode(value)
+      }
+    })().catch((e: unknown) => e)
+    t.ok(err instanceof Error, 'the body read fails')
+    const lines = text.split('\n')
+    t.equal(lines.length, 3, 'two whole lines and a piece')
+    t.ok(lines[2].length > 0 && lines[2].startsWith('{'), `the last piece is half a line: ${lines[2]}`)
+    t.throws(() => JSON.parse(lines[2]))
+  })
+
+  t.test('a cancelled request keeps its GPU until the server notices (cancelDelayMs)', async t => {
+    const { sim } = await fresh(t, { tokens: 50, tokenDelayMs: 10, cancelDelayMs: 150, resident: ['llama3.2'] })
+    const ac = new AbortController()
+    const res = await fetch(sim.url + '/api/generate', { method: 'POST', body: '{"model":"llama3.2","prompt":"x"}', signal: ac.signal })
+    await res.body!.getReader().read()
+    const cancelled = performance.now()
+    ac.abort()
+    await sleep(60)
+    t.equal(sim.recorder.active(), 1, 'still busy 60 ms after the client left')
+    await sim.recorder.whenIdle(2000)
+    const held = performance.now() - cancelled
+    t.ok(held >= 140, `the GPU was held ${held.toFixed(0)} ms after the cancel`)
+    t.equal(sim.running(), 0, 'the runner slot is free again')
   })
 })
 

@@ -1,10 +1,10 @@
 import { Type } from '@sinclair/typebox'
 import {
-  AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, ModelKind, ModelName, ModelRecord
+  ApiKeyRecord, AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, KeyName, ModelKind, ModelName, ModelRecord
 } from '../../services/inventory-schema.js'
 
 export {
-  AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
+  ApiKeyCreate, ApiKeyCreated, ApiKeyPatch, ApiKeyRecord, AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
   GpuCreate, GpuPatch, GpuRecord, ModelCreate, ModelRecord
 } from '../../services/inventory-schema.js'
 
@@ -15,12 +15,18 @@ export const IdParams = Type.Object({
 
 export const ModelParams = Type.Object({ kind: ModelKind, name: ModelName })
 
+export const KeyParams = Type.Object({ name: KeyName })
+export const ApiKeys = Type.Array(ApiKeyRecord)
+
 export const Computers = Type.Array(ComputerRecord)
 export const Gpus = Type.Array(GpuRecord)
 export const Models = Type.Array(ModelRecord)
 export const Assignments = Type.Array(AssignmentRecord)
 
 export const AdminError = Type.Object({ error: Type.String() })
+
+/** A delete's answer: nothing. */
+export const Deleted = Type.Null({ description: 'deleted (no body)' })
 
 /** The answers every admin write may give besides its own. */
 export const errorAnswers = {

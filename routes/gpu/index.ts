@@ -43,7 +43,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.post('/gpu/reserve', { schema: { body: ReserveRequest, response: { 200: Reservation } }, config: adminOnly }, async (request, reply) => {
     const { outputType, model } = request.body as ReserveRequest
     const kind = KIND_OF_OUTPUT[outputType]
-    const candidates = fastify.inventory.current.candidates(model, kind)
+    const candidates = fastify.inventory.current.candidateList(model, kind)
     if (candidates.length === 0) throw new GatewayError(404, `model '${model}' not found`)
     // The same queue as proxied requests for the model: a reservation waits its turn among them.
     const lease = await fastify.leases.acquire({
@@ -178,6 +178,8 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   const clearCache = async (): Promise<{ removed: number }> => {
     const shared = await fromStore(fastify.inventory.clearShared())
     await fastify.inventory.reload()
+    // A key revoked in the table stops working here before the answer (other replicas: below).
+    await fastify.apiKeys.reload()
     // Every other replica reads its source again too (this one hears it as well; a second read is harmless).
     await fromStore(store.publishInventoryChanged())
     const health = fastify.inventory.health()

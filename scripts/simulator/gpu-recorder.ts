@@ -11,6 +11,8 @@ export interface GpuEvent {
   type: 'start' | 'end'
   gpuIds: string[]
   label: string
+  /** the model the work was for, when the simulator said */
+  model?: string
   /** performance.now() in ms */
   at: number
 }
@@ -18,6 +20,25 @@ export interface GpuEvent {
 interface Work {
   gpuIds: string[]
   label: string
+  model?: string
+}
+
+/** Works that ran on one GPU at the same moment (recorded each time a work joins others). */
+export interface GpuTogether {
+  gpuId: string
+  /** the models of every work holding the GPU at that moment, the newcomer last */
+  models: string[]
+  at: number
+}
+
+export interface EnterOptions {
+  /** the model the work is for */
+  model?: string
+  /**
+   * How many works the GPU's server runs at once (Ollama's OLLAMA_NUM_PARALLEL; default 1): one
+   * more entering is an overlap. The server queues what is beyond it; the gateway must not rely on that.
+   */
+  capacity?: number
 }
 
 /**
@@ -25,23 +46,30 @@ interface Work {
  *
  * A simulator calls `enter` when a request that does model work has arrived (headers and body
  * received) and `exit` once when its response has ended or its socket closed. A GPU entered while
- * another work still holds it is an overlap: the gateway let two requests onto one GPU.
+ * as many works as its server runs at once (`capacity`, default 1) is an overlap: the gateway sent
+ * a GPU more than it may hold.
  */
 export class GpuRecorder {
   readonly overlaps: GpuOverlap[] = []
   readonly events: GpuEvent[] = []
+  /** each time a work joined others on a GPU (within capacity or not): which models ran together */
+  readonly together: GpuTogether[] = []
   /** highest number of works in progress at once, across all GPUs */
   maxConcurrent = 0
+  /** highest number of works in progress at once, per GPU */
+  readonly peakByGpu = new Map<string, number>()
 
   private nextId = 1
   private readonly works = new Map<number, Work>()
   private readonly holders = new Map<string, Set<number>>()
   private idleWaiters: Array<() => void> = []
 
-  enter (gpuIds: string[], label: string): number {
+  enter (gpuIds: string[], label: string, opts: EnterOptions = {}): number {
     const at = performance.now()
     const id = this.nextId++
     const ids = [...new Set(gpuIds)]
+    const { model } = opts
+    const capacity = Math.max(1, opts.capacity ?? 1)
     for (const gpuId of ids) {
       let set = this.holders.get(gpuId)
       if (set === undefined) {
@@ -49,13 +77,15 @@ export class GpuRecorder {
         this.holders.set(gpuId, set)
       }
       if (set.size > 0) {
-        const holders = [...set].map(w => this.works.get(w)?.label ?? `#${w}`)
-        this.overlaps.push({ gpuId, holders: [...holders, label], at })
+        const others = [...set].map(w => ({ id: w, work: this.works.get(w) }))
+        if (set.size >= capacity) this.overlaps.push({ gpuId, holders: [...others.map(o => o.work?.label ?? `#${o.id}`), label], at })
+        this.together.push({ gpuId, models: [...others.map(o => o.work?.model ?? '?'), model ?? '?'], at })
       }
       set.add(id)
+      if (set.size > (this.peakByGpu.get(gpuId) ?? 0)) this.peakByGpu.set(gpuId, set.size)
     }
-    this.works.set(id, { gpuIds: ids, label })
-    this.events.push({ type: 'start', gpuIds: ids, label, at })
+    this.works.set(id, { gpuIds: ids, label, model })
+    this.events.push({ type: 'start', gpuIds: ids, label, model, at })
     if (this.works.size > this.maxConcurrent) this.maxConcurrent = this.works.size
     return id
   }
@@ -72,7 +102,7 @@ export class GpuRecorder {
       set.delete(workId)
       if (set.size === 0) this.holders.delete(gpuId)
     }
-    this.events.push({ type: 'end', gpuIds: work.gpuIds, label: work.label, at })
+    this.events.push({ type: 'end', gpuIds: work.gpuIds, label: work.label, model: work.model, at })
     if (this.works.size === 0) {
       const waiters = this.idleWaiters
       this.idleWaiters = []
@@ -83,6 +113,11 @@ export class GpuRecorder {
   /** GPU ids busy right now. */
   busy (): string[] {
     return [...this.holders.keys()]
+  }
+
+  /** Highest number of works held at once on that GPU since the last reset. */
+  peak (gpuId: string): number {
+    return this.peakByGpu.get(gpuId) ?? 0
   }
 
   /** Number of works in progress right now. */
@@ -135,6 +170,9 @@ export class GpuRecorder {
   reset (): void {
     this.overlaps.length = 0
     this.events.length = 0
+    this.together.length = 0
     this.maxConcurrent = this.works.size
+    this.peakByGpu.clear()
+    for (const [gpuId, set] of this.holders) this.peakByGpu.set(gpuId, set.size)
   }
 }

@@ -16,20 +16,24 @@ import { performance } from 'node:perf_hooks'
 import { createHash, randomUUID, randomInt } from 'node:crypto'
 import zlib from 'node:zlib'
 import { GpuRecorder } from './gpu-recorder.js'
+import type { EnterOptions } from './gpu-recorder.js'
 
 export { GpuRecorder }
-export type { GpuOverlap, GpuEvent } from './gpu-recorder.js'
+export type { GpuOverlap, GpuEvent, GpuTogether } from './gpu-recorder.js'
 
 export type Behaviour =
   | { kind: 'normal' }
-  /** stream `afterLines` lines (non-streamed bodies: headers and half the body, or nothing if 0) then close the socket */
-  | { kind: 'die-mid-stream', afterLines: number }
+  /**
+   * stream `afterLines` lines (non-streamed bodies: headers and half the body, or nothing if 0) then
+   * close the socket; `midLine`: first half of the next line too, so the cut falls inside a line
+   */
+  | { kind: 'die-mid-stream', afterLines: number, midLine?: boolean }
   /** accept the request and never send a status line, until the client or close() ends it */
   | { kind: 'stall-headers' }
   /** answer with that status and JSON body */
   | { kind: 'error', status: number, body: unknown }
   /** like die-mid-stream, but stall without ending instead of closing */
-  | { kind: 'slow-body', afterLines: number }
+  | { kind: 'slow-body', afterLines: number, midLine?: boolean }
   /** Ollama only: stream `afterLines` lines then write `{"error":message}` and end the stream, status staying 200 */
   | { kind: 'error-mid-stream', afterLines: number, message: string }
 
@@ -46,7 +50,7 @@ export interface SimulatorOptions {
   tokens?: number
   /** delay before each token (default 10) */
   tokenDelayMs?: number
-  /** default 4 */
+  /** default 768 (nomic-embed-text's size; with 4-byte floats, far over Go's 2 KB before chunking) */
   embedDims?: number
   /** default '0.33.0' */
   version?: string
@@ -54,6 +58,31 @@ export interface SimulatorOptions {
   hostCheck?: boolean
   /** time a txt2img / img2img takes (default 20) */
   imageDelayMs?: number
+  /** Ollama: OLLAMA_NUM_PARALLEL, requests one loaded model runs at once (default 1); more wait inside the server */
+  numParallel?: number
+  /** Ollama: time a model that is not resident takes to load before its first token (default 20) */
+  loadMs?: number
+  /** Ollama: OLLAMA_MAX_LOADED_MODELS (default 3); loading one more evicts the least recently used idle model */
+  maxLoadedModels?: number
+  /** Ollama: OLLAMA_KEEP_ALIVE, how long a model stays resident after its last request when the request names none (default 5 min) */
+  keepAliveMs?: number
+  /** Ollama: models resident when the server starts (default none, like a fresh `ollama serve`) */
+  resident?: string[]
+  /** Ollama: routes tried before the built-in ones (see OllamaRoute) */
+  routes?: OllamaRoute[]
+  /**
+   * How long a request whose client went away keeps its GPU before the server notices (Ollama's
+   * runner at its next token: default tokenDelayMs; the diffusion pipeline finishes its image:
+   * default imageDelayMs). Settable later as `sim.cancelDelayMs`.
+   */
+  cancelDelayMs?: number
+}
+
+/** A model load (or unload) on an Ollama simulator. */
+export interface ResidencyEvent {
+  model: string
+  /** performance.now() when the load finished / the model was dropped */
+  at: number
 }
 
 export interface RecordedRequest {
@@ -85,8 +114,18 @@ export interface Simulator {
   requests: RecordedRequest[]
   /** settable; applies to the lease-worthy POST routes */
   behaviour: Behaviour
+  /** settable; see SimulatorOptions.cancelDelayMs */
+  cancelDelayMs: number
   /** Stable Diffusion only: files received by /upload, by file_id */
   uploads: Map<string, UploadedFile>
+  /** Ollama: every model load so far (its name as first requested), in order */
+  loads: ResidencyEvent[]
+  /** Ollama: every unload (keep_alive 0, expiry, eviction), in order */
+  unloads: ResidencyEvent[]
+  /** Ollama: the resident models' names (what /api/ps lists) */
+  resident: () => string[]
+  /** requests doing model work right now (not counting those waiting inside the server for a slot) */
+  running: () => number
   activeConnections: () => number
   close: () => Promise<void>
 }
@@ -94,7 +133,7 @@ export interface Simulator {
 // ---------------------------------------------------------------------------------------------
 // shared plumbing
 
-interface Ctx {
+export interface Ctx {
   sim: Simulator
   req: IncomingMessage
   res: ServerResponse
@@ -110,8 +149,15 @@ const sleep = async (ms: number): Promise<void> => await new Promise(resolve => 
 /** Tracks one lease-worthy request on the recorder: exits exactly once. */
 class Work {
   private id: number | null
-  constructor (private readonly recorder: GpuRecorder, gpuIds: string[], label: string) {
-    this.id = recorder.enter(gpuIds, label)
+  private readonly after: Array<() => void> = []
+  constructor (private readonly recorder: GpuRecorder, gpuIds: string[], label: string, opts: EnterOptions) {
+    this.id = recorder.enter(gpuIds, label, opts)
+  }
+
+  /** Run `fn` when the work is done (at once if it is). */
+  onDone (fn: () => void): void {
+    if (this.id === null) fn()
+    else this.after.push(fn)
   }
 
   done (): void {
@@ -119,20 +165,26 @@ class Work {
     const id = this.id
     this.id = null
     this.recorder.exit(id)
+    for (const fn of this.after.splice(0)) fn()
   }
 }
 
 /** One request/response, with the simulator's behaviour applied to successful answers. */
-class Exchange {
+export class Exchange {
   closed = false
+  /** complete answers longer than this go out chunked (Go's net/http); uvicorn/Starlette always sends a Content-Length */
+  chunkedOver = GO_BUFFER
   private stopped = false
   private lines = 0
   private streamType = ''
 
-  constructor (readonly res: ServerResponse, readonly behaviour: Behaviour, private readonly work: Work | null) {
+  constructor (readonly res: ServerResponse, readonly behaviour: Behaviour, private readonly work: Work | null, cancelDelayMs = 0) {
     res.once('close', () => {
       this.closed = true
-      this.work?.done()
+      // a client gone mid-answer: the server notices a little later, its GPU busy until then
+      const work = this.work
+      if (work !== null && cancelDelayMs > 0 && !res.writableFinished) setTimeout(() => work.done(), cancelDelayMs)
+      else work?.done()
     })
   }
 
@@ -140,13 +192,25 @@ class Exchange {
     return !this.closed && !this.stopped && !this.res.writableEnded
   }
 
+  /** Run `fn` when the model work is over (at once for an exchange that does none). */
+  onDone (fn: () => void): void {
+    if (this.work === null) fn()
+    else this.work.onDone(fn)
+  }
+
   /** A complete answer that is not subject to behaviours (errors). */
   plain (status: number, headers: OutgoingHttpHeaders, body: Buffer | string): void {
     if (!this.alive) return
     const buf = typeof body === 'string' ? Buffer.from(body) : body
     this.work?.done()
-    this.res.writeHead(status, { ...headers, 'Content-Length': buf.length })
-    this.res.end(buf)
+    this.res.writeHead(status, this.framed(headers, buf))
+    if (buf.length > this.chunkedOver) this.res.write(buf) // written before end(): chunked, as Go sends it
+    this.res.end(buf.length > this.chunkedOver ? undefined : buf)
+  }
+
+  /** The answer's framing as the server chooses it: Content-Length up to `chunkedOver` bytes, chunked beyond. */
+  private framed (headers: OutgoingHttpHeaders, body: Buffer): OutgoingHttpHeaders {
+    return body.length > this.chunkedOver ? headers : { ...headers, 'Content-Length': body.length }
   }
 
   /** A complete successful answer: die-mid-stream / slow-body cut it in half. */
@@ -155,7 +219,7 @@ class Exchange {
     const buf = typeof body === 'string' ? Buffer.from(body) : body
     const b = this.behaviour
     if (b.kind === 'die-mid-stream' || b.kind === 'slow-body') {
-      this.res.writeHead(status, { ...headers, 'Content-Length': buf.length })
+      this.res.writeHead(status, this.framed(headers, buf))
       if (b.afterLines > 0) this.res.write(buf.subarray(0, Math.floor(buf.length / 2)))
       else this.res.flushHeaders()
       this.stop()
@@ -164,11 +228,15 @@ class Exchange {
     this.plain(status, headers, buf)
   }
 
+  /**
+   * A stream's status and headers, written with its first line (as Ollama does: nothing reaches the
+   * client before the first token), or at once when the behaviour cuts the stream before any line.
+   */
   beginStream (contentType: string): boolean {
     if (!this.alive) return false
     this.streamType = contentType
-    this.res.writeHead(200, { 'Content-Type': contentType })
-    this.res.flushHeaders()
+    this.res.statusCode = 200
+    this.res.setHeader('Content-Type', contentType)
     this.check()
     return this.alive
   }
@@ -176,6 +244,12 @@ class Exchange {
   /** Writes one line (or SSE event); false once the stream must not go on. */
   line (chunk: string): boolean {
     if (!this.alive) return false
+    const b = this.behaviour
+    if ((b.kind === 'die-mid-stream' || b.kind === 'slow-body') && b.midLine === true && this.lines >= b.afterLines) {
+      this.res.write(chunk.slice(0, Math.max(1, Math.floor(chunk.length / 2))))
+      this.stop()
+      return false
+    }
     this.res.write(chunk)
     this.lines++
     this.check()
@@ -185,13 +259,16 @@ class Exchange {
   endStream (last?: string): void {
     if (!this.alive) return
     this.work?.done()
-    if (last === undefined) this.res.end()
-    else this.res.end(last)
+    // written before end(): a stream stays chunked even when this is its only line
+    if (last !== undefined) this.res.write(last)
+    this.res.end()
   }
 
   private check (): void {
     const b = this.behaviour
     if ((b.kind === 'die-mid-stream' || b.kind === 'slow-body' || b.kind === 'error-mid-stream') && this.lines >= b.afterLines) {
+      if (b.kind !== 'error-mid-stream' && b.midLine === true) return // cut inside the next line
+      if (!this.res.headersSent) this.res.flushHeaders()
       if (b.kind === 'error-mid-stream') {
         this.work?.done()
         this.stopped = true
@@ -215,6 +292,9 @@ class Exchange {
     else socket.end(() => socket.destroy())
   }
 }
+
+/** Go's net/http buffers this much of an answer: a longer one without Content-Length goes out chunked. */
+const GO_BUFFER = 2048
 
 function pathOf (url: string): { path: string, query: URLSearchParams } {
   const q = url.indexOf('?')
@@ -284,7 +364,12 @@ async function startServer (
     recorder: opts.recorder ?? new GpuRecorder(),
     requests: [],
     behaviour: { kind: 'normal' },
+    cancelDelayMs: opts.cancelDelayMs ?? 0,
     uploads: new Map(),
+    loads: [],
+    unloads: [],
+    resident: () => [],
+    running: () => 0,
     activeConnections: () => [...sockets].filter(s => !s.destroyed).length,
     close: async () => {
       closing ??= new Promise<void>(resolve => {
@@ -299,11 +384,11 @@ async function startServer (
 
 let workSeq = 0
 
-function beginWork (ctx: Ctx, route: string, model: string): Exchange {
+function beginWork (ctx: Ctx, route: string, model: string, capacity = 1): Exchange {
   const { sim } = ctx
   const behaviour = sim.behaviour
-  const work = new Work(sim.recorder, sim.gpuIds, `${sim.host} ${route} ${model === '' ? '-' : model} #${++workSeq}`)
-  return new Exchange(ctx.res, behaviour, work)
+  const work = new Work(sim.recorder, sim.gpuIds, `${sim.host} ${route} ${model === '' ? '-' : model} #${++workSeq}`, { model, capacity })
+  return new Exchange(ctx.res, behaviour, work, sim.cancelDelayMs)
 }
 
 /** Applies error / stall-headers; true when the request has been dealt with. */
@@ -458,6 +543,13 @@ function keepAliveMs (v: unknown): number | undefined {
   return undefined
 }
 
+/** The token ids of a generate's prompt template and answer: hundreds of ints, as a real `context` is. */
+function contextTokens (prompt: string, answered: number): number[] {
+  const n = 256 + promptTokens(prompt) + answered
+  const h = createHash('sha256').update(prompt).digest()
+  return Array.from({ length: n }, (_, i) => 128000 + ((h[i % h.length] * 257 + i * 7919) % 100000))
+}
+
 const WORDS = ['The', ' sky', ' is', ' blue', ' because', ' of', ' Rayleigh', ' scattering', ' of', ' sunlight', '.']
 
 function tokensFor (limit: number | undefined, total: number): { words: string[], reason: 'stop' | 'length' } {
@@ -521,121 +613,304 @@ function isLocalIp (ip: string): boolean {
   return false
 }
 
-interface OllamaState {
+export interface OllamaState {
   models: string[]
   tokens: number
   tokenDelayMs: number
   embedDims: number
   version: string
   hostCheck: boolean
+  numParallel: number
+  loadMs: number
+  maxLoadedModels: number
+  keepAliveMs: number
+  /** by modelKey */
+  resident: Map<string, Resident>
+  loading: Map<string, Promise<void>>
+  loads: ResidencyEvent[]
+  unloads: ResidencyEvent[]
+  /** woken whenever a runner frees a slot or a model leaves */
+  waiters: Array<() => void>
 }
 
-const LEASE_ROUTES = new Set(['/api/generate', '/api/chat', '/api/embed', '/api/embeddings', '/v1/chat/completions', '/v1/completions', '/v1/embeddings'])
+interface Resident {
+  name: string
+  /** Date.now() ms after which an idle model is unloaded; Infinity = never */
+  expiresAt: number
+  contextLength: number
+  /** requests running on it now (at most numParallel) */
+  busy: number
+  lastUsed: number
+}
+
+/** What a route's handler gets: the request, its exchange, and the server's model runners. */
+export interface OllamaRouteKit {
+  st: OllamaState
+  ctx: Ctx
+  ex: Exchange
+  /** the model is one this server has (case-insensitive, `:latest` implied) */
+  known: (model: string) => boolean
+  /**
+   * Waits for a slot on the model's runner, loading the model first when it is not resident (load
+   * time, eviction); the slot and the keep-alive are handled when the exchange's work is over.
+   * False when the client left meanwhile.
+   */
+  run: (model: string, body: Record<string, any>) => Promise<boolean>
+  /** keep_alive 0: drop the model now, or when its running requests end */
+  unload: (model: string) => void
+  /** the wire helpers of the built-in routes, for routes defined in other modules */
+  wire: typeof WIRE
+}
+
+/**
+ * One route of the Ollama simulator. Modules with more routes export a list of these (importing
+ * only types from this file, so there is no import cycle) and are added to EXTRA_OLLAMA_ROUTES.
+ */
+export interface OllamaRoute {
+  /** one method or several (Ollama answers HEAD on some GET routes only) */
+  method: string | string[]
+  path: string | RegExp
+  /** model work: recorded on the GPU recorder and subject to the simulator's `behaviour` */
+  work: boolean
+  handle: (kit: OllamaRouteKit) => Promise<void> | void
+}
+
+/** Routes from other modules, tried before the built-in ones (they may replace one). */
+const EXTRA_OLLAMA_ROUTES: OllamaRoute[] = []
 
 export async function startSimulator (opts: SimulatorOptions = {}): Promise<Simulator> {
   const st: OllamaState = {
     models: [...(opts.models ?? ['llama3.2:latest'])],
     tokens: opts.tokens ?? 5,
     tokenDelayMs: opts.tokenDelayMs ?? 10,
-    embedDims: opts.embedDims ?? 4,
+    embedDims: opts.embedDims ?? 768,
     version: opts.version ?? '0.33.0',
-    hostCheck: opts.hostCheck ?? true
+    hostCheck: opts.hostCheck ?? true,
+    numParallel: Math.max(1, opts.numParallel ?? 1),
+    loadMs: opts.loadMs ?? 20,
+    maxLoadedModels: Math.max(1, opts.maxLoadedModels ?? 3),
+    keepAliveMs: opts.keepAliveMs ?? 5 * 60_000,
+    resident: new Map(),
+    loading: new Map(),
+    loads: [],
+    unloads: [],
+    waiters: []
   }
-  return await startServer(opts, ctx => tryJson(ctx.text), ctx => ollamaRoute(st, ctx))
+  for (const m of opts.resident ?? []) st.resident.set(modelKey(m), { name: residentName(st, m), expiresAt: Infinity, contextLength: 4096, busy: 0, lastUsed: 0 })
+  const routes = [...(opts.routes ?? []), ...EXTRA_OLLAMA_ROUTES, ...OLLAMA_ROUTES]
+  const sim = await startServer({ ...opts, cancelDelayMs: opts.cancelDelayMs ?? st.tokenDelayMs }, ctx => tryJson(ctx.text), ctx => ollamaRoute(st, routes, ctx))
+  sim.loads = st.loads
+  sim.unloads = st.unloads
+  sim.resident = () => { expire(st); return [...st.resident.values()].map(r => r.name) }
+  sim.running = () => [...st.resident.values()].reduce((n, r) => n + r.busy, 0)
+  return sim
 }
 
-function ollamaRoute (st: OllamaState, ctx: Ctx): void {
+/** The name a resident model is listed under: the server's own spelling of it. */
+function residentName (st: OllamaState, model: string): string {
+  return displayName(st.models.find(m => modelKey(m) === modelKey(model)) ?? model)
+}
+
+function wake (st: OllamaState): void {
+  for (const w of st.waiters.splice(0)) w()
+}
+
+function drop (st: OllamaState, key: string): void {
+  const r = st.resident.get(key)
+  if (r === undefined) return
+  st.resident.delete(key)
+  st.unloads.push({ model: r.name, at: performance.now() })
+  wake(st)
+}
+
+/** Unloads the idle models whose keep-alive has run out. */
+function expire (st: OllamaState): void {
+  const now = Date.now()
+  for (const [key, r] of st.resident) if (r.busy === 0 && r.expiresAt <= now) drop(st, key)
+}
+
+/** A slot on the model's runner, loading (and evicting) first if needed; the runner's busy count is raised. */
+async function acquireRunner (st: OllamaState, model: string, contextLength: number): Promise<Resident> {
+  const key = modelKey(model)
+  for (;;) {
+    expire(st)
+    const r = st.resident.get(key)
+    if (r !== undefined) {
+      if (r.busy < st.numParallel) {
+        r.busy++
+        r.lastUsed = performance.now()
+        return r
+      }
+    } else {
+      const loading = st.loading.get(key)
+      if (loading !== undefined) {
+        await loading
+        continue
+      }
+      if (st.resident.size + st.loading.size >= st.maxLoadedModels) {
+        const idle = [...st.resident].filter(([, x]) => x.busy === 0).sort(([, a], [, b]) => a.lastUsed - b.lastUsed)[0]
+        if (idle !== undefined) drop(st, idle[0])
+      }
+      if (st.resident.size + st.loading.size < st.maxLoadedModels) {
+        const load = sleep(st.loadMs).then(() => {
+          st.loading.delete(key)
+          st.resident.set(key, { name: residentName(st, model), expiresAt: Infinity, contextLength, busy: 0, lastUsed: performance.now() })
+          st.loads.push({ model: residentName(st, model), at: performance.now() })
+          wake(st)
+        })
+        st.loading.set(key, load)
+        await load
+        continue
+      }
+    }
+    await new Promise<void>(resolve => st.waiters.push(resolve))
+  }
+}
+
+function keepAliveUntil (st: OllamaState, keepAlive: unknown): number {
+  const ms = keepAliveMs(keepAlive) ?? st.keepAliveMs
+  return ms < 0 ? Infinity : Date.now() + ms
+}
+
+function kitFor (st: OllamaState, ctx: Ctx, ex: Exchange): OllamaRouteKit {
+  const known = (m: string): boolean => st.models.some(x => modelKey(x) === modelKey(m))
+  const unload = (model: string): void => {
+    const r = st.resident.get(modelKey(model))
+    if (r === undefined) return
+    r.expiresAt = 0
+    if (r.busy === 0) drop(st, modelKey(model))
+  }
+  const run = async (model: string, body: Record<string, any>): Promise<boolean> => {
+    const numCtx = typeof body.options?.num_ctx === 'number' ? body.options.num_ctx : 4096
+    const r = await acquireRunner(st, model, numCtx)
+    ex.onDone(() => {
+      r.busy--
+      r.lastUsed = performance.now()
+      r.expiresAt = keepAliveUntil(st, body.keep_alive)
+      if (r.expiresAt <= Date.now() && r.busy === 0) drop(st, modelKey(model))
+      wake(st)
+    })
+    return ex.alive
+  }
+  return { st, ctx, ex, known, run, unload, wire: WIRE }
+}
+
+const pathMatches = (route: OllamaRoute, path: string): boolean => typeof route.path === 'string' ? route.path === path : route.path.test(path)
+const methodMatches = (route: OllamaRoute, method: string): boolean => Array.isArray(route.method) ? route.method.includes(method) : route.method === method
+
+function ollamaRoute (st: OllamaState, routes: OllamaRoute[], ctx: Ctx): void {
   const { res, method, path } = ctx
   if (st.hostCheck && !allowedHost(ctx.req.headers.host)) {
     res.writeHead(403, { 'Content-Length': 0 })
     res.end()
     return
   }
-  const get = method === 'GET' || method === 'HEAD'
-  const json = (status: number, obj: unknown): void => {
-    const body = JSON.stringify(obj)
-    res.writeHead(status, { 'Content-Type': JSON_TYPE, 'Content-Length': Buffer.byteLength(body) })
-    res.end(body)
-  }
-  const known = (m: string): boolean => st.models.some(x => modelKey(x) === modelKey(m))
-
-  if (get && path === '/') {
-    res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8', 'Content-Length': 17 })
-    res.end('Ollama is running')
+  const route = routes.find(r => pathMatches(r, path) && methodMatches(r, method))
+  if (route === undefined) {
+    // gin with HandleMethodNotAllowed (as Ollama sets it), then its NoRoute
+    const text = routes.some(r => pathMatches(r, path)) ? '405 method not allowed' : '404 page not found'
+    res.writeHead(text.startsWith('405') ? 405 : 404, { 'Content-Type': 'text/plain', 'Content-Length': text.length })
+    res.end(text)
     return
   }
-  if (get && path === '/api/version') return json(200, { version: st.version })
-  if (get && path === '/api/tags') {
-    return json(200, {
-      models: st.models.map(m => ({ name: displayName(m), model: displayName(m), modified_at: MODIFIED_AT, size: modelSize(m), digest: digestOf(m), details: modelDetails(m) }))
-    })
-  }
-  if (method === 'GET' && path === '/api/ps') {
-    const expires = new Date(Date.now() + 5 * 60_000).toISOString()
-    return json(200, {
-      models: st.models.map(m => ({ name: displayName(m), model: displayName(m), size: modelSize(m), digest: digestOf(m), details: modelDetails(m), expires_at: expires, size_vram: modelSize(m), context_length: 4096 }))
-    })
-  }
-  if (method === 'POST' && path === '/api/show') {
-    const bound = bindGo(ctx.text, 'api.ShowRequest', { name: ['string', 'string'], verbose: ['bool', 'bool'] })
-    if ('error' in bound) return json(400, { error: bound.eof === true ? 'missing request body' : bound.error })
-    const model: string = bound.body.model ?? bound.body.name ?? ''
-    if (model === '') return json(400, { error: 'model is required' })
-    if (!known(model)) return json(404, { error: `model '${model}' not found` })
-    return json(200, {
-      license: 'Simulated license',
-      modelfile: `# Modelfile generated by the simulator\nFROM ${displayName(model)}\n`,
-      parameters: 'stop "<|eot_id|>"',
-      template: '{{ .Prompt }}',
-      details: modelDetails(model),
-      model_info: { 'general.architecture': 'llama', 'general.parameter_count': 3_212_749_888, 'llama.context_length': 131072, 'llama.embedding_length': st.embedDims },
-      capabilities: ['completion', 'tools'],
-      modified_at: MODIFIED_AT
-    })
-  }
-  if (method === 'POST' && path === '/api/pull') {
-    void pull(st, ctx)
-    return
-  }
-  if (get && path === '/v1/models') {
-    return json(200, { object: 'list', data: st.models.map(m => ({ id: displayName(m), object: 'model', created: 1735689600, owned_by: 'library' })) })
-  }
-  const one = /^\/v1\/models\/([^/]+)$/.exec(path)
-  if (method === 'GET' && one !== null) {
-    let model = one[1]
-    try { model = decodeURIComponent(model) } catch {}
-    if (!known(model)) return json(404, openAiError(404, `model '${model}' not found`))
-    return json(200, { id: model, object: 'model', created: 1735689600, owned_by: 'library' })
-  }
-  if (method === 'POST' && LEASE_ROUTES.has(path)) {
+  let ex: Exchange
+  if (route.work) {
     const parsed = tryJson(ctx.text) as Record<string, unknown> | undefined
     const model = parsed !== null && typeof parsed === 'object' && typeof parsed.model === 'string' ? parsed.model : ''
-    const ex = beginWork(ctx, path, model)
+    ex = beginWork(ctx, path, model, st.numParallel)
     if (preempted(ex, JSON_TYPE)) return
-    const handler = path === '/api/generate'
-      ? generate
-      : path === '/api/chat'
-        ? chat
-        : path === '/api/embed'
-          ? embed
-          : path === '/api/embeddings'
-            ? embeddings
-            : path === '/v1/chat/completions'
-              ? v1Chat
-              : path === '/v1/completions' ? v1Completions : v1Embeddings
-    handler(st, ctx, ex, known).catch((err: unknown) => {
-      if (ex.res.headersSent) ex.res.destroy()
-      else ex.plain(500, { 'Content-Type': JSON_TYPE }, JSON.stringify({ error: String(err) }))
-    })
-    return
-  }
-  // gin's NoRoute
-  res.writeHead(404, { 'Content-Type': 'text/plain', 'Content-Length': 18 })
-  res.end('404 page not found')
+  } else ex = new Exchange(ctx.res, { kind: 'normal' }, null)
+  Promise.resolve(route.handle(kitFor(st, ctx, ex))).catch((err: unknown) => {
+    if (ex.res.headersSent) ex.res.destroy()
+    else ex.plain(500, { 'Content-Type': JSON_TYPE }, JSON.stringify({ error: String(err) }))
+  })
 }
 
-type Known = (model: string) => boolean
-type Handler = (st: OllamaState, ctx: Ctx, ex: Exchange, known: Known) => Promise<void>
+/** An answer outside the exchange's behaviour (info routes). */
+function infoJson (ex: Exchange, status: number, obj: unknown): void {
+  ex.plain(status, { 'Content-Type': JSON_TYPE }, JSON.stringify(obj))
+}
+
+const OLLAMA_INFO_ROUTES: OllamaRoute[] = [
+  {
+    method: ['GET', 'HEAD'],
+    path: '/',
+    work: false,
+    handle: ({ ex }) => ex.plain(200, { 'Content-Type': 'text/plain; charset=utf-8' }, 'Ollama is running')
+  },
+  { method: ['GET', 'HEAD'], path: '/api/version', work: false, handle: ({ st, ex }) => infoJson(ex, 200, { version: st.version }) },
+  {
+    method: ['GET', 'HEAD'],
+    path: '/api/tags',
+    work: false,
+    handle: ({ st, ex }) => infoJson(ex, 200, {
+      models: st.models.map(m => ({ name: displayName(m), model: displayName(m), modified_at: MODIFIED_AT, size: modelSize(m), digest: digestOf(m), details: modelDetails(m) }))
+    })
+  },
+  {
+    method: 'GET',
+    path: '/api/ps',
+    work: false,
+    handle: ({ st, ex }) => {
+      expire(st)
+      infoJson(ex, 200, {
+        models: [...st.resident.values()].map(r => ({
+          name: r.name,
+          model: r.name,
+          size: modelSize(r.name),
+          digest: digestOf(r.name),
+          details: modelDetails(r.name),
+          // a running model expires keep-alive after its requests end; until then, as of now
+          expires_at: new Date(Number.isFinite(r.expiresAt) ? r.expiresAt : Date.now() + 292 * 365 * 86_400_000).toISOString(),
+          size_vram: modelSize(r.name),
+          context_length: r.contextLength
+        }))
+      })
+    }
+  },
+  {
+    method: 'POST',
+    path: '/api/show',
+    work: false,
+    handle: ({ st, ctx, ex, known }) => {
+      const bound = bindGo(ctx.text, 'api.ShowRequest', { name: ['string', 'string'], verbose: ['bool', 'bool'] })
+      if ('error' in bound) return infoJson(ex, 400, { error: bound.eof === true ? 'missing request body' : bound.error })
+      const model: string = bound.body.model ?? bound.body.name ?? ''
+      if (model === '') return infoJson(ex, 400, { error: 'model is required' })
+      if (!known(model)) return infoJson(ex, 404, { error: `model '${model}' not found` })
+      infoJson(ex, 200, {
+        license: 'Simulated license',
+        modelfile: `# Modelfile generated by the simulator\nFROM ${displayName(model)}\n`,
+        parameters: 'stop "<|eot_id|>"',
+        template: '{{ .Prompt }}',
+        details: modelDetails(model),
+        model_info: { 'general.architecture': 'llama', 'general.parameter_count': 3_212_749_888, 'llama.context_length': 131072, 'llama.embedding_length': st.embedDims },
+        capabilities: ['completion', 'tools'],
+        modified_at: MODIFIED_AT
+      })
+    }
+  },
+  { method: 'POST', path: '/api/pull', work: false, handle: async kit => await pull(kit) },
+  {
+    method: ['GET', 'HEAD'],
+    path: '/v1/models',
+    work: false,
+    handle: ({ st, ex }) => infoJson(ex, 200, { object: 'list', data: st.models.map(m => ({ id: displayName(m), object: 'model', created: 1735689600, owned_by: 'library' })) })
+  },
+  {
+    method: 'GET',
+    path: /^\/v1\/models\/[^/]+$/,
+    work: false,
+    handle: ({ ctx, ex, known }) => {
+      let model = ctx.path.slice('/v1/models/'.length)
+      try { model = decodeURIComponent(model) } catch {}
+      if (!known(model)) return infoJson(ex, 404, openAiError(404, `model '${model}' not found`))
+      infoJson(ex, 200, { id: model, object: 'model', created: 1735689600, owned_by: 'library' })
+    }
+  }
+]
+
+type Handler = (kit: OllamaRouteKit) => Promise<void>
 
 function errorJson (ex: Exchange, status: number, message: string): void {
   ex.plain(status, { 'Content-Type': JSON_TYPE }, JSON.stringify({ error: message }))
@@ -669,7 +944,8 @@ function durations (st: OllamaState, evalCount: number, promptCount: number): Re
 const numPredict = (body: Record<string, any>): number | undefined =>
   typeof body.options?.num_predict === 'number' ? body.options.num_predict : undefined
 
-const generate: Handler = async (st, ctx, ex, known) => {
+const generate: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindNative(ex, ctx.text, 'api.GenerateRequest', {
     prompt: ['string', 'string'], suffix: ['string', 'string'], system: ['string', 'string'], template: ['string', 'string'],
     raw: ['bool', 'bool'], images: ['array', '[]api.ImageData'], context: ['array', '[]int']
@@ -680,9 +956,13 @@ const generate: Handler = async (st, ctx, ex, known) => {
   if (!known(model)) return errorJson(ex, 404, `model '${model}' not found`)
   const prompt: string = body.prompt ?? ''
   if (prompt === '' && !(Array.isArray(body.images) && body.images.length > 0)) {
+    // nothing to generate: only load the model, or with keep_alive 0 unload it
+    if (keepAliveMs(body.keep_alive) === 0) kit.unload(model)
+    else if (!await kit.run(model, body)) return
     const reason = keepAliveMs(body.keep_alive) === 0 ? 'unload' : 'load'
     return okJson(ex, { model, created_at: new Date().toISOString(), response: '', done: true, done_reason: reason })
   }
+  if (!await kit.run(model, body)) return
   const { words, reason } = tokensFor(numPredict(body), st.tokens)
   const final = (): Record<string, unknown> => ({
     model,
@@ -690,7 +970,7 @@ const generate: Handler = async (st, ctx, ex, known) => {
     response: '',
     done: true,
     done_reason: reason,
-    context: words.map((_, i) => i + 1),
+    context: contextTokens(prompt, words.length),
     ...durations(st, words.length, promptTokens(prompt))
   })
   if (body.stream === false) {
@@ -705,7 +985,8 @@ const generate: Handler = async (st, ctx, ex, known) => {
   ex.endStream(JSON.stringify(final()) + '\n')
 }
 
-const chat: Handler = async (st, ctx, ex, known) => {
+const chat: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindNative(ex, ctx.text, 'api.ChatRequest', { messages: ['array', '[]api.Message'], tools: ['array', 'api.Tools'] })
   if (body === undefined) return
   const model: string = body.model ?? ''
@@ -713,9 +994,12 @@ const chat: Handler = async (st, ctx, ex, known) => {
   if (!known(model)) return errorJson(ex, 404, `model '${model}' not found`)
   const messages: unknown[] = body.messages ?? []
   if (messages.length === 0) {
+    if (keepAliveMs(body.keep_alive) === 0) kit.unload(model)
+    else if (!await kit.run(model, body)) return
     const reason = keepAliveMs(body.keep_alive) === 0 ? 'unload' : 'load'
     return okJson(ex, { model, created_at: new Date().toISOString(), message: { role: 'assistant', content: '' }, done: true, done_reason: reason })
   }
+  if (!await kit.run(model, body)) return
   const { words, reason } = tokensFor(numPredict(body), st.tokens)
   const final = (content: string): Record<string, unknown> => ({
     model,
@@ -737,7 +1021,8 @@ const chat: Handler = async (st, ctx, ex, known) => {
   ex.endStream(JSON.stringify(final('')) + '\n')
 }
 
-const embed: Handler = async (st, ctx, ex, known) => {
+const embed: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindNative(ex, ctx.text, 'api.EmbedRequest', { input: ['any', 'any'], truncate: ['bool', '*bool'], dimensions: ['number', 'int'] })
   if (body === undefined) return
   const input: unknown = body.input
@@ -749,6 +1034,7 @@ const embed: Handler = async (st, ctx, ex, known) => {
   const model: string = body.model ?? ''
   if (model === '') return errorJson(ex, 404, "model '' not found")
   if (!known(model)) return errorJson(ex, 404, `model '${model}' not found`)
+  if (!await kit.run(model, body)) return
   if (inputs.length === 0) return okJson(ex, { model, embeddings: [] })
   const dims = typeof body.dimensions === 'number' && body.dimensions > 0 ? body.dimensions : st.embedDims
   await sleep(st.tokenDelayMs)
@@ -761,20 +1047,21 @@ const embed: Handler = async (st, ctx, ex, known) => {
   })
 }
 
-const embeddings: Handler = async (st, ctx, ex, known) => {
+const embeddings: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindNative(ex, ctx.text, 'api.EmbeddingRequest', { prompt: ['string', 'string'] })
   if (body === undefined) return
   const model: string = body.model ?? ''
   if (model === '') return errorJson(ex, 400, 'model is required')
   if (!known(model)) return errorJson(ex, 404, `model '${model}' not found`)
   const prompt: string = body.prompt ?? ''
+  if (!await kit.run(model, body)) return
   if (prompt === '') return okJson(ex, { embedding: [] })
   await sleep(st.tokenDelayMs)
   okJson(ex, { embedding: embedVector(prompt, st.embedDims) })
 }
 
-async function pull (st: OllamaState, ctx: Ctx): Promise<void> {
-  const ex = new Exchange(ctx.res, { kind: 'normal' }, null)
+async function pull ({ st, ctx, ex }: OllamaRouteKit): Promise<void> {
   const body = bindNative(ex, ctx.text, 'api.PullRequest', { name: ['string', 'string'], insecure: ['bool', 'bool'] })
   if (body === undefined) return
   const model: string = body.model ?? body.name ?? ''
@@ -819,7 +1106,8 @@ function sse (obj: unknown): string {
 
 const created = (): number => Math.floor(Date.now() / 1000)
 
-const v1Chat: Handler = async (st, ctx, ex, known) => {
+const v1Chat: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindOpenAi(ex, ctx.text, 'openai.ChatCompletionRequest', { messages: ['array', '[]openai.Message'], max_tokens: ['number', '*int'], stream_options: ['object', '*openai.StreamOptions'] })
   if (body === undefined) return
   const messages: unknown[] = body.messages ?? []
@@ -827,6 +1115,7 @@ const v1Chat: Handler = async (st, ctx, ex, known) => {
   const model: string = body.model ?? ''
   if (model === '') return v1Error(ex, 400, 'model is required')
   if (!known(model)) return v1Error(ex, 404, `model '${model}' not found`)
+  if (!await kit.run(model, body)) return
   const { words, reason } = tokensFor(typeof body.max_tokens === 'number' ? body.max_tokens : undefined, st.tokens)
   const id = `chatcmpl-${randomInt(1000)}`
   const usage = { prompt_tokens: promptTokens(messages), completion_tokens: words.length, total_tokens: promptTokens(messages) + words.length }
@@ -850,12 +1139,14 @@ const v1Chat: Handler = async (st, ctx, ex, known) => {
   ex.endStream('data: [DONE]\n\n')
 }
 
-const v1Completions: Handler = async (st, ctx, ex, known) => {
+const v1Completions: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindOpenAi(ex, ctx.text, 'openai.CompletionRequest', { prompt: ['string', 'string'], max_tokens: ['number', '*int'], stream_options: ['object', '*openai.StreamOptions'] })
   if (body === undefined) return
   const model: string = body.model ?? ''
   if (model === '') return v1Error(ex, 404, "model '' not found")
   if (!known(model)) return v1Error(ex, 404, `model '${model}' not found`)
+  if (!await kit.run(model, body)) return
   const { words, reason } = tokensFor(typeof body.max_tokens === 'number' ? body.max_tokens : undefined, st.tokens)
   const id = `cmpl-${randomInt(1000)}`
   const usage = { prompt_tokens: promptTokens(body.prompt), completion_tokens: words.length, total_tokens: promptTokens(body.prompt) + words.length }
@@ -874,7 +1165,8 @@ const v1Completions: Handler = async (st, ctx, ex, known) => {
   ex.endStream('data: [DONE]\n\n')
 }
 
-const v1Embeddings: Handler = async (st, ctx, ex, known) => {
+const v1Embeddings: Handler = async (kit) => {
+  const { st, ctx, ex, known } = kit
   const body = bindOpenAi(ex, ctx.text, 'openai.EmbedRequest', { input: ['any', 'any'], encoding_format: ['string', 'string'], dimensions: ['number', 'int'] })
   if (body === undefined) return
   const input: unknown = body.input
@@ -885,6 +1177,7 @@ const v1Embeddings: Handler = async (st, ctx, ex, known) => {
   const model: string = body.model ?? ''
   if (model === '') return v1Error(ex, 404, "model '' not found")
   if (!known(model)) return v1Error(ex, 404, `model '${model}' not found`)
+  if (!await kit.run(model, body)) return
   const dims = typeof body.dimensions === 'number' && body.dimensions > 0 ? body.dimensions : st.embedDims
   const base64 = body.encoding_format === 'base64'
   await sleep(st.tokenDelayMs)
@@ -898,6 +1191,46 @@ const v1Embeddings: Handler = async (st, ctx, ex, known) => {
     model,
     usage: { prompt_tokens: tokens, total_tokens: tokens }
   })
+}
+
+const work = (path: string, handle: Handler): OllamaRoute => ({ method: 'POST', path, work: true, handle })
+
+const OLLAMA_ROUTES: OllamaRoute[] = [
+  ...OLLAMA_INFO_ROUTES,
+  work('/api/generate', generate),
+  work('/api/chat', chat),
+  work('/api/embed', embed),
+  work('/api/embeddings', embeddings),
+  work('/v1/chat/completions', v1Chat),
+  work('/v1/completions', v1Completions),
+  work('/v1/embeddings', v1Embeddings)
+]
+
+/** The built-in routes' wire helpers, handed to routes from other modules through their kit. */
+const WIRE = {
+  JSON_TYPE,
+  NDJSON_TYPE,
+  SSE_TYPE,
+  sleep,
+  errorJson,
+  okJson,
+  infoJson,
+  v1Error,
+  openAiError,
+  sse,
+  bindNative,
+  bindOpenAi,
+  tokensFor,
+  promptTokens,
+  durations,
+  keepAliveMs,
+  created,
+  embedVector,
+  displayName,
+  modelKey,
+  modelDetails,
+  modelSize,
+  digestOf
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1090,6 +1423,7 @@ const SD_JSON = 'application/json'
 
 export async function startDiffusionSimulator (opts: SimulatorOptions = {}): Promise<Simulator> {
   const imageDelayMs = opts.imageDelayMs ?? 20
+  opts = { ...opts, cancelDelayMs: opts.cancelDelayMs ?? imageDelayMs }
   let queue: Promise<unknown> = Promise.resolve()
   /** the pipeline: one image at a time */
   const serialised = async <T>(job: () => Promise<T>): Promise<T> => {
@@ -1136,6 +1470,7 @@ export async function startDiffusionSimulator (opts: SimulatorOptions = {}): Pro
     const parsed = tryJson(ctx.text) as Record<string, unknown> | undefined
     const model = parsed !== null && typeof parsed === 'object' && typeof parsed.model === 'string' ? parsed.model : 'sd'
     const ex = beginWork(ctx, path, model)
+    ex.chunkedOver = Infinity
     const detail = (status: number, d: unknown): void => ex.plain(status, { server: 'uvicorn', 'Content-Type': SD_JSON }, JSON.stringify({ detail: d }))
     if (preempted(ex, SD_JSON)) return
     const read = fastApiJson(ctx)

@@ -23,10 +23,11 @@
 epoch_check()
 expire_due()
 local m, q, l = ARGV[8], ARGV[9], ARGV[10]
-local ln = l .. ':' .. q
+local want = ARGV[21]
+-- a whole-assignment waiter waits in a line of its own: it must not hold up single slots
+local ln = l .. ':' .. q .. ':' .. want
 local wkey = P .. 'w:' .. m
 local lkey = P .. 'line:' .. ln
-local want = ARGV[21]
 
 local function granted ()
   local w = redis.call('HMGET', wkey, 'token', 'index')

@@ -5,7 +5,7 @@
 
   KEYS[1]  <prefix>epoch
   ARGV[1..7] see includes/prelude.lua
-  ARGV[8]  number of lines n, then n lines ('<list id>:<queue>'), then members
+  ARGV[8]  number of lines n, then n lines ('<list id>:<queue>:<want>'), then members
 
   Returns reply() with body { member, token, index triples..., '--', unknown members... }
 ]]
@@ -20,7 +20,7 @@ local lists, seen = {}, {}
 for i = 9, 8 + n do
   local ln = ARGV[i]
   touch_line(ln)
-  local l, q = string.match(ln, '^([^:]+):(.+)$')
+  local l, q = string.match(ln, '^([^:]+):([^:]+):')
   if q then redis.call('ZADD', P .. 'queues', NOW, q) end
   if l and not seen[l] then
     seen[l] = true

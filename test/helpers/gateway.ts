@@ -17,9 +17,13 @@ export interface Gateway {
  * One gateway replica listening on a random port, its options as plugin options (which win over
  * the environment and `.env`). Closed at the end of the test.
  */
-export async function startGateway (t: Pick<Test, 'teardown'>, options: MaestroOptions = {}): Promise<Gateway> {
+export async function startGateway (t: Pick<Test, 'teardown'>, options: MaestroOptions = {}, opts: { logLines?: string[] } = {}): Promise<Gateway> {
+  const lines = opts.logLines
+  const logger = lines != null
+    ? { level: 'debug', stream: { write: (line: string) => { lines.push(line) } } }
+    : process.env.TEST_LOG != null ? { level: process.env.TEST_LOG } : false
   // Tests close gateways at once: an aborted client fetch leaves a spare idle connection behind.
-  const app = Fastify({ logger: process.env.TEST_LOG != null ? { level: process.env.TEST_LOG } : false, forceCloseConnections: true })
+  const app = Fastify({ logger, forceCloseConnections: true })
   await app.register(maestro, { dotenv: false, ...options })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const address = app.server.address()
@@ -57,8 +61,8 @@ export interface TestFleet {
   options: MaestroOptions
   /** GPU ids that hold a lease right now, read straight from Redis */
   heldGpus: () => Promise<string[]>
-  /** start one more replica of the gateway on this fleet */
-  replica: (options?: MaestroOptions) => Promise<Gateway>
+  /** start one more replica of the gateway on this fleet (its log lines into `logLines` when given) */
+  replica: (options?: MaestroOptions, opts?: { logLines?: string[] }) => Promise<Gateway>
 }
 
 /**
@@ -112,7 +116,7 @@ export async function startFleet (t: Pick<Test, 'teardown'>, spec: {
     gpuIds,
     options,
     heldGpus: async () => await heldGpus(prefix),
-    replica: async (extra = {}) => await startGateway(t, { ...options, ...extra })
+    replica: async (extra = {}, opts = {}) => await startGateway(t, { ...options, ...extra }, opts)
   }
 }
 

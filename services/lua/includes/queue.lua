@@ -1,9 +1,9 @@
 --[[
-  Waiting: one line per (candidate list, model queue), so that waiters in one line all want the
-  same candidates and one that cannot be served means none behind it can. Needs prelude.lua and
-  slots.lua.
+  Waiting: one line per (candidate list, model queue, slots wanted), so that waiters in one line
+  all want the same thing and one that cannot be served means none behind it can. Needs
+  prelude.lua and slots.lua.
 
-  line:<ln>      zset member -> level * 2^40 + tag   fair order (ln = <list id>:<queue>)
+  line:<ln>      zset member -> level * 2^40 + tag   fair order (ln = <list id>:<queue>:<want>)
   age1:<ln>, age2:<ln>  zset member -> arrival       normal and low waiters, for aging
   vt:<ln>        hash v -> tag last served, c<client> -> client's last tag (start-time fair queuing)
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
@@ -61,8 +61,9 @@ local function live (m)
   return alive(m) and redis.call('EXISTS', P .. 'w:' .. m) == 1
 end
 
--- The next waiter of a line: the best (effective level, tag), where a normal or low waiter that
--- has waited AGING counts one level higher. Gone waiters are dropped on the way.
+-- The next waiter of a line: the best (effective level, tag), where a waiter counts one level
+-- higher for every AGING it has waited (low: normal, then high). Only the oldest normal and the
+-- oldest low waiter can have aged furthest, so only they are looked at. Gone waiters are dropped.
 local function pick (ln)
   local lkey, a1, a2 = line_keys(ln)
   while true do
@@ -70,12 +71,13 @@ local function pick (ln)
     local h = redis.call('ZRANGE', lkey, 0, 0, 'WITHSCORES')
     if #h == 0 then return nil end
     best, bscore = h[1], tonumber(h[2])
-    for _, akey in ipairs({ a1, a2 }) do
+    for lvl, akey in ipairs({ a1, a2 }) do
       local o = redis.call('ZRANGE', akey, 0, 0, 'WITHSCORES')
-      if #o > 0 and NOW - tonumber(o[2]) >= AGING then
+      local up = #o > 0 and math.min(lvl, AGING > 0 and math.floor((NOW - tonumber(o[2])) / AGING) or lvl) or 0
+      if up > 0 then
         local s = redis.call('ZSCORE', lkey, o[1])
         if s then
-          s = tonumber(s) - LEVEL
+          s = tonumber(s) - up * LEVEL
           if s < bscore then best, bscore = o[1], s end
         else
           redis.call('ZREM', akey, o[1])

@@ -1,0 +1,71 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { ApiKeyError, type ApiKeyInfo, type KeyChange } from '../../services/api-keys.js'
+import { GatewayError } from '../../services/errors.js'
+import type { ApiKeyCreate, ApiKeyPatch, ApiKeyRecord } from '../../services/inventory-schema.js'
+import { ApiKeyCreated, ApiKeys, ApiKeyCreate as CreateSchema, ApiKeyPatch as PatchSchema, ApiKeyRecord as RecordSchema, Deleted, errorAnswers, KeyParams } from './schemas.js'
+
+const adminOnly = { auth: 'admin', errorStyle: 'ollama' } as const
+const tags = ['admin: API keys']
+
+/** The key store's view of a key, as the admin API shows it (limits beside the name; never the secret or its hash). */
+function record (info: ApiKeyInfo): ApiKeyRecord {
+  return {
+    name: info.name,
+    source: info.source,
+    priority: info.priority,
+    ...info.limits,
+    ...(info.createdAt === undefined ? {} : { createdAt: info.createdAt }),
+    ...(info.revokedAt === undefined ? {} : { revokedAt: info.revokedAt })
+  }
+}
+
+/** The key store's refusals (400, 404, 409) in the admin API's format. */
+async function keyStore<T> (work: Promise<T>): Promise<T> {
+  try {
+    return await work
+  } catch (err) {
+    if (err instanceof ApiKeyError) throw new GatewayError(err.statusCode, err.message)
+    throw err
+  }
+}
+
+/**
+ * `/admin/api-keys`: the key store's create, list, update and revoke (services/api-keys.ts). The
+ * secret is in the answer to the create and nowhere else: not in a list, a log line or a metric.
+ */
+const apiKeyRoutes: FastifyPluginAsync = async (fastify) => {
+  const keys = fastify.apiKeys
+
+  fastify.get('/admin/api-keys', { schema: { tags, response: { 200: ApiKeys } }, config: adminOnly },
+    async () => keys.list().map(record))
+
+  fastify.post<{ Body: ApiKeyCreate }>('/admin/api-keys', {
+    schema: { tags, body: CreateSchema, response: { 201: ApiKeyCreated, ...errorAnswers } },
+    config: adminOnly
+  }, async (request, reply) => {
+    const { key, info } = await keyStore(keys.create(request.body))
+    request.log.info({ apiKey: info.name }, 'API key created')
+    reply.code(201)
+    return { ...record(info), key }
+  })
+
+  fastify.patch<{ Params: { name: string }, Body: ApiKeyPatch }>('/admin/api-keys/:name', {
+    schema: { tags, params: KeyParams, body: PatchSchema, response: { 200: RecordSchema, ...errorAnswers } },
+    config: adminOnly
+  }, async (request) => {
+    const { priority, ...limits } = request.body
+    const change: KeyChange = { priority, limits }
+    return record(await keyStore(keys.update(request.params.name, change)))
+  })
+
+  fastify.delete<{ Params: { name: string } }>('/admin/api-keys/:name', {
+    schema: { tags, params: KeyParams, response: { 204: Deleted, ...errorAnswers }, description: 'Revokes the key: it stops working on every replica within a second.' },
+    config: adminOnly
+  }, async (request, reply) => {
+    await keyStore(keys.revoke(request.params.name))
+    request.log.info({ apiKey: request.params.name }, 'API key revoked')
+    return reply.code(204).send()
+  })
+}
+
+export default apiKeyRoutes
