@@ -285,6 +285,16 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
   request.exchange.onClose(() => {
     if (!answered) setTimeout(release, proxy.config.upstreamHeadersTimeoutMs + 5000).unref()
   })
+  // A client gone mid-answer destroys the upstream's stream, but the upstream goes on computing
+  // until it notices (Ollama's runner: at its next token): its GPUs stay leased a little longer.
+  let complete = false
+  let graced = false
+  const releaseAnswered = (): void => {
+    if (complete || !request.exchange.closed) return release()
+    if (graced) return
+    graced = true
+    setTimeout(release, proxy.config.upstreamCancelGraceMs).unref()
+  }
   return reply.from(assignment.url + target.path, {
     body: target.body,
     contentType: 'application/json',
@@ -293,13 +303,14 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
     rewriteHeaders: (headers) => {
       // From here, the client leaving ends the upstream answer too (its stream is destroyed).
       answered = true
-      request.exchange.onClose(release)
+      request.exchange.onClose(releaseAnswered)
       return clientResponseHeaders(headers)
     },
     onResponse: (_request, reply, raw) => {
       const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
+      res.stream.once('end', () => { complete = true })
       res.stream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
-      reply.send(frameAnswer(res.stream, res.headers, release, target.streamError))
+      reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {
       release()

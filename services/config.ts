@@ -23,6 +23,7 @@ export const EnvSchema = Type.Object({
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
+  UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
   TRUST_PROXY: Type.Boolean({ default: false })
@@ -55,6 +56,8 @@ export interface GatewayConfig {
   keepAlive: KeepAlive
   bodyLimit: number
   upstreamHeadersTimeoutMs: number
+  /** After a client leaves mid-answer, how long its GPUs stay leased while the upstream notices. */
+  upstreamCancelGraceMs: number
   adminToken?: string
   apiKeys: string[]
   /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
@@ -129,6 +132,7 @@ export function resolveConfig (env: Env): GatewayConfig {
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
     bodyLimit: env.BODY_LIMIT,
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
+    upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     trustProxy: env.TRUST_PROXY

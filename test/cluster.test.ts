@@ -179,6 +179,8 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
   })
 
   await t.test('a free-for-all mix from every replica', async (t) => {
+    // the first subtest held every GPU with one request: forget it, so "in parallel" is this mix's own
+    fleet.recorder.reset()
     const jobs: Array<{ model: string, kind: Kind }> = []
     for (let i = 0; i < 140; i++) jobs.push(models[i % models.length])
     let next = 0

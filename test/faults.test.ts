@@ -118,7 +118,7 @@ interface OwnRedis {
 }
 
 async function ownRedis (t: Teardown): Promise<OwnRedis> {
-  const port = await freePort()
+  let port = await freePort()
   let child: ChildProcess | undefined
   const start = async (): Promise<void> => {
     const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
@@ -144,7 +144,17 @@ async function ownRedis (t: Teardown): Promise<OwnRedis> {
     await once(proc, 'exit')
   }
   t.teardown(kill)
-  await start()
+  // The port was free when picked, but another process may bind it before redis-server does
+  // (2 test files run at once): redis-server then exits at once, and another port is tried.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await start()
+      break
+    } catch (err) {
+      if (attempt === 5 || !/redis-server exited/.test((err as Error).message)) throw err
+      port = await freePort()
+    }
+  }
   return { url: `redis://127.0.0.1:${port}`, kill, start }
 }
 

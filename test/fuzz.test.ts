@@ -96,7 +96,9 @@ function validBody (g: Gen, path: string): unknown {
     case '/v1/embeddings': return { model, input: g.pick(['a', ['a', 'b'], 1]) }
     case '/v1/images/generations': return { model, prompt: g.text(10), n: g.pick([1, 2, 0, -1, 100, 'x']), size: g.pick(['64x64', 'big', undefined]), response_format: g.pick(['b64_json', 'url', undefined]) }
     case '/gpu/reserve': return { outputType: g.pick(['text', 'images', 'speech', 'video', 1]), model }
-    default: return g.pick([{ leaseId: g.text(12) }, { gpuIds: [g.text(3)] }, { gpuIds: 'x' }, {}, { leaseId: 'a', gpuIds: ['1'] }])
+    // GPU ids as seeded (1..4): a release of GPUs in flight must be refused (409), not obeyed
+    default: return g.pick([{ leaseId: g.text(12) }, { gpuIds: [g.text(3)] }, { gpuIds: 'x' }, {}, { leaseId: 'a', gpuIds: ['1'] },
+      { gpuIds: [String(1 + g.int(4))] }, { gpuIds: ['1', '2', '3', '4'] }])
   }
 }
 
@@ -142,10 +144,10 @@ const CONTENT_TYPES = ['application/json', 'application/x-www-form-urlencoded', 
 
 function headersFor (g: Gen, method: string, path: string, body: string | Buffer | undefined): Record<string, string> {
   const headers: Record<string, string> = {}
-  const admin = ['/gpu/reserve', '/gpu/cache', '/cache'].includes(path) || (['/gpu/ping', '/gpu/release'].includes(path) && typeof body === 'string' && !body.includes('gpuIds'))
+  const admin = ['/gpu/reserve', '/gpu/cache', '/cache', '/gpu/ping', '/gpu/release'].includes(path)
   const auth = g.int(10)
-  // The admin token is never sent with a GPU-id release: that is an operator override that frees
-  // GPUs under in-flight requests by design, which would show up as overlaps.
+  // The admin token goes with GPU-id releases too: a GPU serving a request in flight answers 409,
+  // so an authorised release never frees GPUs under a running request (the overlap check below).
   if (auth < 7) headers.authorization = `Bearer ${admin && g.chance(0.8) ? ADMIN_TOKEN : API_KEY}`
   else if (auth === 7) headers.authorization = g.pick(['Bearer', 'Basic ' + API_KEY, `Bearer ${API_KEY}x`, `bearer ${API_KEY}`, 'Bearer ' + g.text(30).replace(/[^\x21-\x7e]/g, '')])
   if (body !== undefined && g.chance(0.8)) {
@@ -234,8 +236,44 @@ async function viaHttp (url: string, agent: http.Agent, method: string, path: st
  * broke a request on its way (as it did with a forwarded `Expect` header).
  */
 const GATEWAY_STATUSES = new Set([200, 400, 401, 404, 408, 413, 417, 431, 503])
+/** What the gateway may answer on one route only. */
+const ROUTE_STATUSES: Record<string, number[]> = { '/gpu/release': [409] }
 /** Routes forwarded without a lease: the upstream's own answers come back as they are. */
 const FORWARDED_WITHOUT_LEASE = new Set(['/api/show', '/upload'])
+
+/**
+ * An answer that came from an upstream (every one healthy and fast here): never a 5xx, and a 200
+ * is whole and in its route's format, so a gateway that garbled or cut an answer is caught.
+ */
+function upstreamProblem (route: string, method: string, status: number, headers: Outcome['headers'], body: string): string | undefined {
+  if (status >= 500) return `upstream answered ${status} through the gateway: ${body.slice(0, 200)}`
+  if (status !== 200 || method === 'HEAD') return undefined
+  const type = String(headers['content-type'] ?? '')
+  const json = (text: string): any => { try { return JSON.parse(text) } catch { return undefined } }
+  if (['/api/chat', '/api/generate'].includes(route)) {
+    const lines = body.trim().split('\n').map(json)
+    if (lines.some((l) => l === undefined)) return `a ${route} answer that is not JSON lines: ${body.slice(0, 200)}`
+    if (lines.at(-1)?.done !== true) return `a ${route} answer without its done line: ${body.slice(-200)}`
+    if (lines.length > 1 && !/^application\/x-ndjson/.test(type)) return `a streamed ${route} answer as ${type}`
+  } else if (['/api/embed', '/api/embeddings', '/api/show', '/v1/embeddings', '/v1/images/generations'].includes(route) || (route.startsWith('/v1/') && !/event-stream/.test(type))) {
+    if (json(body) === undefined) return `a ${route} answer that is not JSON: ${body.slice(0, 200)}`
+  } else if (route.startsWith('/v1/')) {
+    if (!body.trimEnd().endsWith('data: [DONE]')) return `an SSE ${route} answer without its [DONE]: ${body.slice(-200)}`
+  } else if (['/txt2img', '/img2img'].includes(route)) {
+    if (type !== 'image/png' || !body.startsWith('\ufffdPNG')) return `a ${route} answer that is not a PNG (${type})`
+  }
+  return undefined
+}
+
+/**
+ * GET (and HEAD) of a catalogue or status route, exactly as listed, with the API key and nothing
+ * odd in the request: the gateway has every part up, so that is a 200.
+ */
+function getProblem (method: string, path: string, headers: Record<string, string>, body: unknown, outcome: Outcome): string | undefined {
+  if ((method !== 'GET' && method !== 'HEAD') || !GET_ROUTES.includes(path) || body !== undefined) return undefined
+  if (headers.authorization !== `Bearer ${API_KEY}` || headers.expect != null || headers['x-long'] != null || headers['transfer-encoding'] != null) return undefined
+  return outcome.status === 200 ? undefined : `${method} ${path} with the key answered ${outcome.status ?? 'nothing'}`
+}
 
 function check (path: string, method: string, outcome: Outcome, raw: boolean): string | undefined {
   const { status, headers, body } = outcome
@@ -246,8 +284,11 @@ function check (path: string, method: string, outcome: Outcome, raw: boolean): s
   if (status === 500 && !fromUpstream) return `gateway error 500: ${body.slice(0, 200)}`
   // Node's HTTP parser answers broken requests itself, before any route is known.
   if (status === 417 && body === '') return undefined
-  if (!fromUpstream && !GATEWAY_STATUSES.has(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
-  if (status < 400 || fromUpstream || method === 'HEAD') return undefined
+  if (!fromUpstream && !GATEWAY_STATUSES.has(status) && !(ROUTE_STATUSES[route] ?? []).includes(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
+  // a gateway's 503 is a queue or memory limit: it says when to come back
+  if (status === 503 && !fromUpstream && !route.startsWith('/health') && headers['retry-after'] == null) return `503 without Retry-After: ${body.slice(0, 200)}`
+  if (fromUpstream) return upstreamProblem(route, method, status, headers, body)
+  if (status < 400 || method === 'HEAD') return undefined
   if (body === '' && raw && status === 400) return undefined // Node's own answer to a request without Host
   let parsed: any
   try { parsed = JSON.parse(body) } catch { return FORWARDED_WITHOUT_LEASE.has(route) ? undefined : `error body is not JSON: ${body.slice(0, 200)}` }
@@ -330,7 +371,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
       failures.push(`#${index} ${described.get(index) ?? ''}: connection closed without an answer (${outcome.error ?? ''})`)
     }
     statuses.set(String(outcome.status ?? 'closed'), (statuses.get(String(outcome.status ?? 'closed')) ?? 0) + 1)
-    const problem = check(path, method, outcome, false)
+    const problem = check(path, method, outcome, false) ?? getProblem(method, path, headers, body, outcome)
     if (problem != null) failures.push(`#${index} ${method} ${path.slice(0, 60)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)} → ${outcome.status}: ${problem}`)
     // A reservation the fuzz made is handed back, as a client of the lease API would.
     if (method === 'POST' && path.split(/[?#]/)[0] === '/gpu/reserve' && outcome.status === 200) {
@@ -361,6 +402,12 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
   t.equal(health.status, 200, 'the gateway still answers')
   const served = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"big","prompt":"x","stream":false}' })
   t.equal(served.status, 200, 'and still serves')
+  // The authorised release by GPU ids the fuzz sends, once for certain: GPUs in flight are refused.
+  const inFlight = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"m","prompt":"x"}' })
+  const gpu = inFlight.headers.get('x-maestro-gpus') ?? ''
+  const refused = await fetch(url + '/gpu/release', { method: 'POST', headers: { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ gpuIds: [gpu] }) })
+  t.equal(refused.status, 409, `releasing GPU ${gpu} under a request in flight is refused`)
+  t.match(await inFlight.text(), /"done":true/, 'and the request runs to its end')
   let held = await fleet.heldGpus()
   for (let i = 0; i < 100 && held.length > 0; i++) {
     await sleep(100)

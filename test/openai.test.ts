@@ -84,10 +84,11 @@ t.test('chat, completions and embeddings reach Ollama\'s /v1 routes with the bod
   const packed = await client.embeddings.create({ model: 'm-small', input: ['a', 'b'] })
   t.equal(upstreamSaw().path, '/v1/embeddings')
   t.equal(upstreamSaw().body.encoding_format, 'base64')
-  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 4), embedVector('b', 4)])
+  // 768: the simulator's default size (nomic-embed-text)
+  t.same(packed.data.map((d) => Array.from(d.embedding)), [embedVector('a', 768), embedVector('b', 768)])
   const floats = await client.embeddings.create({ model: 'm-small', input: 'a', encoding_format: 'float' })
   t.equal(upstreamSaw().body.encoding_format, 'float')
-  t.same(floats.data[0].embedding, embedVector('a', 4))
+  t.same(floats.data[0].embedding, embedVector('a', 768))
   t.equal(upstreamSaw().rawBody, sent.at(-1))
 
   await settled(t, fleet)

@@ -101,3 +101,27 @@ t.test('cuts inside a line and Ollama\'s own error line, through the gateway', a
   t.same(await fleet.heldGpus(), [])
   t.same(fleet.recorder.overlaps, [])
 })
+
+t.test('a client that leaves mid-stream: its GPU stays leased until the upstream has noticed', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    // the runner notices the cancel 80 ms later (the simulator keeps the GPU busy that long)
+    upstreams: [{ model: 'm', gpus: [0], simulator: { tokens: 200, tokenDelayMs: 10, cancelDelayMs: 80 } }],
+    options: { UPSTREAM_CANCEL_GRACE_MS: 250 }
+  })
+  const gw = await fleet.replica()
+  const ac = new AbortController()
+  const res = await fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"m","prompt":"x"}', signal: ac.signal })
+  const reader = res.body!.getReader()
+  await reader.read()
+  ac.abort()
+  const left = performance.now()
+  const next = await generate(gw.url, { model: 'm', prompt: 'next', stream: false, options: { num_predict: 1 } })
+  t.equal(next.status, 200)
+  const waited = performance.now() - left
+  await next.text()
+  await fleet.recorder.whenIdle()
+  t.same(fleet.recorder.overlaps, [], 'the next request did not start while the upstream still computed')
+  t.ok(waited >= 200 && waited < 3000, `the next request waited ${Math.round(waited)} ms (grace 250 ms)`)
+  t.same(await fleet.heldGpus(), [])
+})

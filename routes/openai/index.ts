@@ -22,7 +22,11 @@ function toModel (entry: OllamaModelEntry, id = entry.name): Static<typeof Model
   return { id, object: 'model', created: Number.isFinite(modified) ? Math.floor(modified / 1000) : 0, owned_by: ownerOf(entry.name) }
 }
 
-/** `"512x768"` → `{ width: 512, height: 768 }`; `auto` (or none) leaves the server's default. */
+/**
+ * `"512x768"` → `{ width: 512, height: 768 }`; `auto` (or none) leaves the server's default.
+ * stablediffusion-fastapi-multigpu ignores keys it does not know, `width` and `height` among them:
+ * its pipeline makes its own size whatever `size` says. They are sent for servers that read them.
+ */
 function dimensions (size: string | undefined): { width?: number, height?: number } {
   const m = /^(\d+)x(\d+)$/.exec(size ?? '')
   return m == null ? {} : { width: Number(m[1]), height: Number(m[2]) }
