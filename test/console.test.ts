@@ -156,7 +156,7 @@ async function outcome (page: Page, action: () => Promise<unknown>): Promise<str
   return await page.locator('.admin-message').textContent() ?? ''
 }
 
-t.test('with a token, the console adds a model and a server that a request then reaches, and removes it', async (t) => {
+t.test('with a token, the console adds a model and a server that a request then reaches, removes it, and makes and revokes an API key', async (t) => {
   const token = 'console-test-token'
   const fleet = await startFleet(t, { gpus: [1, 1], upstreams: [{ model: 'qwq', gpus: [0] }], migrate: true, options: { ADMIN_TOKEN: token } })
   const [one, two] = [await fleet.replica(), await fleet.replica()]
@@ -224,6 +224,37 @@ t.test('with a token, the console adds a model and a server that a request then 
   await page.click('#confirm button[value="yes"]')
   await page.waitForSelector('#assignment-rows tr:has(.a-name:text-is("mistral-1"))', { state: 'detached', timeout: 2000 })
   t.equal((await generate(one, 'mistral')).status, 404, 'gone')
+
+  // an API key: its secret shown once, copyable; it works on the other replica and names the client
+  await page.click('.tab[data-tab="api-keys"]')
+  await page.click('[data-pane="api-keys"] .add')
+  await page.fill('#f-api-keys-name', 'wall-test')
+  await page.fill('#f-api-keys-maxConcurrent', '2')
+  t.equal(await outcome(page, async () => await page.click('.admin-form button[type="submit"]')), 'API key added')
+  const secret = await page.locator('.admin-secret .secret').textContent() ?? ''
+  t.ok(secret.length >= 16, 'the new secret is shown')
+  t.ok(await page.locator('.admin-secret .copy').isVisible(), 'with a copy button')
   await page.screenshot({ path: join(ARTIFACTS, 'console-admin.png'), fullPage: true })
+  t.notOk((await page.locator('.admin-table[data-resource="api-keys"]').textContent())?.includes(secret), 'the list never shows it')
+  let keyed: Response | undefined
+  for (const until = performance.now() + 2000; performance.now() < until;) {
+    keyed = await fetch(`${two.url}/api/generate`, { method: 'POST', headers: { authorization: `Bearer ${secret}` }, body: JSON.stringify({ model: 'qwq', prompt: 'x', stream: false }) })
+    if (keyed.status === 200) break
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  t.equal(keyed?.status, 200, 'the key works on the other replica')
+  await page.waitForFunction(() => document.querySelector('#recent-rows .r-client')?.textContent === 'wall-test', undefined, { timeout: 2000 })
+  await page.click('.admin-secret .dismiss')
+  t.equal(await page.locator('.admin-secret').textContent(), '', 'dismissed: the secret is gone from the page')
+  const keyRow = page.locator('.admin-table[data-resource="api-keys"] tr', { hasText: 'wall-test' })
+  await keyRow.locator('button', { hasText: 'Revoke' }).click()
+  t.equal(await outcome(page, async () => await page.click('#confirm button[value="yes"]')), 'API key wall-test revoked')
+  t.match(await keyRow.textContent(), /revoked/, 'listed as revoked')
+  t.equal(await keyRow.locator('button').count(), 0, 'and past changing')
+  let revoked = 200
+  for (const until = performance.now() + 2000; performance.now() < until && revoked !== 401;) {
+    revoked = (await fetch(`${two.url}/api/generate`, { method: 'POST', headers: { authorization: `Bearer ${secret}` }, body: JSON.stringify({ model: 'qwq', prompt: 'x', stream: false }) })).status
+  }
+  t.equal(revoked, 401, 'revoked: refused')
   t.same(errors, [], 'no page errors')
 })

@@ -37,10 +37,13 @@ interface Resource {
   columns: Array<[string, (row: Row) => string]>
   editable: boolean
   actions?: (row: Row) => Action[]
+  /** records listed but past changing */
+  frozen?: (row: Row) => boolean
 }
 
 const lists: Record<string, Row[]> = {}
 
+const article = (word: string): string => /^[aeiouAEIOU]/.test(word) ? `an ${word}` : `a ${word}`
 const text = (v: unknown): string => v == null ? '' : Array.isArray(v) ? v.join(', ') : String(v)
 const enc = encodeURIComponent
 
@@ -162,8 +165,11 @@ const RESOURCES: Resource[] = [
     ],
     columns: [
       ['Name', (r) => text(r.name)], ['Priority', (r) => text(r.priority)], ['At once', (r) => text(r.maxConcurrent)],
-      ['Queued', (r) => text(r.maxQueued)], ['Per minute', (r) => text(r.rpm)], ['Models', (r) => text(r.models)]
-    ]
+      ['Queued', (r) => text(r.maxQueued)], ['Per minute', (r) => text(r.rpm)], ['Models', (r) => text(r.models)],
+      ['State', (r) => r.revokedAt != null ? 'revoked' : 'active']
+    ],
+    // a revoked key stays listed (its name cannot be used again), and can no longer be changed
+    frozen: (r) => r.revokedAt != null
   }
 ]
 
@@ -261,7 +267,7 @@ function openForm (root: HTMLElement, resource: Resource, row?: Row): void {
   const editing = row !== undefined
   const form = el('form', { class: 'admin-form', 'data-resource': resource.key })
   form.append(
-    el('h3', { text: editing ? `Edit ${resource.singular} ${text(row.name)}` : `Add a ${resource.singular}` }),
+    el('h3', { text: editing ? `Edit ${resource.singular} ${text(row.name)}` : `Add ${article(resource.singular)}` }),
     ...resource.fields.map((f) => input(resource, f, row?.[f.name], editing)),
     el('div', { class: 'buttons' }, [
       el('button', { type: 'submit', class: 'primary', text: editing ? 'Save' : 'Add' }),
@@ -298,6 +304,10 @@ function renderList (root: HTMLElement, resource: Resource): void {
   keyed(find(table, 'tbody'), rows, (r) => text(r.id ?? `${text(r.kind)}/${text(r.name)}`), () => el('tr'), (tr, r) => {
     const cells = resource.columns.map(([, value]) => el('td', { text: value(r) }))
     const buttons = el('td', { class: 'row-actions' })
+    if (resource.frozen?.(r) === true) {
+      tr.replaceChildren(...cells, buttons)
+      return
+    }
     if (resource.editable) {
       const edit = el('button', { type: 'button', text: 'Edit' })
       edit.addEventListener('click', () => { openForm(root, resource, r) })
@@ -317,7 +327,7 @@ function renderList (root: HTMLElement, resource: Resource): void {
         if (!yes) return
         try {
           await api('DELETE', resource.itemPath(r))
-          message(root, `${resource.singular} ${text(r.name)} removed`, 'ok')
+          message(root, `${resource.singular} ${text(r.name)} ${resource.key === 'api-keys' ? 'revoked' : 'removed'}`, 'ok')
           await load(root, resource)
         } catch (err) {
           message(root, (err as Error).message, 'error')
@@ -343,7 +353,7 @@ function build (root: HTMLElement): void {
   const panes = find(root, '.admin-panes')
   for (const resource of offered) {
     const tab = el('button', { type: 'button', class: 'tab', 'data-tab': resource.key, text: resource.title })
-    const add = el('button', { type: 'button', class: 'primary add', text: `Add a ${resource.singular}` })
+    const add = el('button', { type: 'button', class: 'primary add', text: `Add ${article(resource.singular)}` })
     const pane = el('div', { class: 'admin-pane', 'data-pane': resource.key }, [
       add,
       el('div', { class: 'table-wrap' }, [el('table', { class: 'admin-table', 'data-resource': resource.key }, [el('thead', {}, [el('tr')]), el('tbody')])])
