@@ -12,7 +12,7 @@ export interface FleetEventHubOptions {
   build: () => Promise<FleetSnapshot>
   /** How often the state is read while anyone listens. */
   intervalMs?: number
-  /** The least time between two reads, however often `poke` is called. */
+  /** The least time between two reads, however often `poke` is called (default 250 ms). */
   minGapMs?: number
   /** A comment frame this often keeps proxies from closing an idle stream. */
   heartbeatMs?: number
@@ -47,7 +47,7 @@ export class FleetEventHub {
 
   constructor (private readonly opts: FleetEventHubOptions) {
     this.intervalMs = opts.intervalMs ?? 500
-    this.minGapMs = opts.minGapMs ?? 100
+    this.minGapMs = opts.minGapMs ?? 250
     this.heartbeatMs = opts.heartbeatMs ?? 15_000
   }
 

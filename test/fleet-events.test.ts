@@ -187,6 +187,7 @@ t.test('heartbeats, and a state that cannot be read', async (t) => {
   const hub = new FleetEventHub({
     build: async () => { if (fail) throw new Error('redis away'); return snapshot(0) },
     intervalMs: 20,
+    minGapMs: 0,
     heartbeatMs: 30
   })
   t.teardown(() => { hub.close() })
