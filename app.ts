@@ -15,8 +15,12 @@ import ollamaNormalizer from './plugins/ollama-normalizer.js'
 import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
+import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import adminRoutes from './routes/admin/index.js'
+import warmModels from './plugins/warm-models.js'
+import anthropicRoutes from './routes/anthropic/index.js'
+import audioRoutes from './routes/audio/index.js'
 import diffusionRoutes from './routes/diffusion/index.js'
 import gpuRoutes from './routes/gpu/index.js'
 import healthRoutes from './routes/health/index.js'
@@ -46,14 +50,18 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(fleetEvents)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
+  await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
   await fastify.register(apiKeys)
   await fastify.register(auth)
   await fastify.register(clients)
   await fastify.register(docs)
+  await fastify.register(warmModels)
 
   await fastify.register(ollamaRoutes)
   await fastify.register(openaiRoutes)
+  await fastify.register(anthropicRoutes)
+  await fastify.register(audioRoutes)
   await fastify.register(diffusionRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)

@@ -40,7 +40,7 @@ export default fp(async function accessLog (fastify) {
       status,
       // headers went out but the response did not end: the client left or the upstream broke off
       aborted: reply.raw.headersSent && !reply.raw.writableFinished ? true : undefined,
-      model: exchange?.model ?? requestedModel(request),
+      model: exchange?.model?.slice(0, MODEL_CHARS) ?? requestedModel(request),
       // the key's name (or the address without keys), never a secret
       client: request.client?.name,
       assignment: upstream?.assignment,

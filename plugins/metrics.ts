@@ -5,7 +5,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import { exchangeStatus } from '../services/exchange.js'
 import type { Lease } from '../services/lease-manager.js'
 import { queueLabel } from '../services/lease-store.js'
-import { modelKey } from '../services/model-name.js'
+import { MODEL_NAME_MAX, modelKey } from '../services/model-name.js'
 
 export interface GatewayMetrics {
   /** This gateway's own instruments (not prom-client's global registry: two gateways in one process do not collide). */
@@ -54,7 +54,7 @@ export default fp(async function metrics (fastify) {
     if (model == null) return ''
     const key = modelKey(model)
     if (models.has(key)) return key
-    if (models.size >= MODEL_LABEL_LIMIT) return 'other'
+    if (models.size >= MODEL_LABEL_LIMIT || key.length > MODEL_NAME_MAX) return 'other'
     models.add(key)
     return key
   }

@@ -1,15 +1,35 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import fp from 'fastify-plugin'
+import { Gauge } from 'prom-client'
+import type { FastifyRequest } from 'fastify'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
-import type { TSchema } from '@sinclair/typebox'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
+import type { TSchema } from '@sinclair/typebox'
+import { BodyBudget, type BodyHold } from '../services/body-budget.js'
+import { caseVariantKey } from '../services/case-variant-keys.js'
+import { GatewayError } from '../services/errors.js'
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** The route streams its body through unread (uploads): it holds none of BODY_MEMORY_LIMIT. */
+    streamedBody?: boolean
+  }
   interface FastifyRequest {
     /** The request body exactly as received, for forwarding byte for byte. */
     rawBody?: string
+    /** This request's bytes in BODY_MEMORY_LIMIT, given back when its response closes. */
+    bodyHold: BodyHold
+    /**
+     * Forget the parsed body (all but its `model`) and the raw text: a route that has taken what it
+     * forwards (and the few fields it reads) calls this before it waits for a lease, so a waiting
+     * request holds one copy.
+     */
+    forgetBody: () => void
   }
 }
+
+/** Seconds a client refused for lack of body memory is told to wait. */
+const BODY_MEMORY_RETRY_AFTER_S = 5
 
 /**
  * JSON bodies for every route of the gateway: parsed whatever the Content-Type says (curl -d sends
@@ -18,7 +38,29 @@ declare module 'fastify' {
  */
 export default fp(async function requestBody (fastify) {
   const bodyLimit = fastify.maestroConfig.bodyLimit
+  const budget = new BodyBudget(fastify.maestroConfig.bodyMemoryLimit)
   fastify.decorateRequest('rawBody', undefined)
+  fastify.decorateRequest('bodyHold', null as unknown as BodyHold)
+  fastify.decorateRequest('forgetBody', function (this: FastifyRequest) {
+    // Only the model stays (the access log names it, found or not).
+    const model = (this.body as { model?: unknown } | undefined)?.model
+    this.body = typeof model === 'string' ? { model } : undefined
+    this.rawBody = undefined
+  })
+  // eslint-disable-next-line no-new
+  new Gauge({
+    name: 'maestro_body_memory_bytes',
+    help: 'Bytes of request bodies held right now by waiting and in-flight requests (bounded by BODY_MEMORY_LIMIT)',
+    registers: [fastify.metrics.registry],
+    collect () { this.set(budget.held) }
+  })
+  fastify.addHook('onRequest', (request, reply, done) => {
+    const hold = budget.hold()
+    request.bodyHold = hold
+    // 'close' fires however the response ends: completed, failed, or the client gone.
+    reply.raw.once('close', () => hold.release())
+    done()
+  })
   fastify.removeAllContentTypeParsers()
   fastify.addContentTypeParser('*', { parseAs: 'string', bodyLimit }, function (request, body, done) {
     const raw = body as string
@@ -27,9 +69,10 @@ export default fp(async function requestBody (fastify) {
       done(null, undefined)
       return
     }
+    let parsed: unknown
     try {
       // JSON.parse is iterative in V8: 100k nested arrays parse in ~30 ms, no stack overflow.
-      done(null, JSON.parse(raw))
+      parsed = JSON.parse(raw)
     } catch (err) {
       const type = request.headers['content-type'] ?? ''
       const e = new Error(/^multipart\//i.test(type)
@@ -37,19 +80,33 @@ export default fp(async function requestBody (fastify) {
         : `invalid JSON body: ${(err as Error).message}`) as Error & { statusCode: number }
       e.statusCode = 400
       done(e, undefined)
+      return
     }
+    const variant = parsed != null && typeof parsed === 'object' && !Array.isArray(parsed) ? caseVariantKey(parsed) : undefined
+    if (variant !== undefined) {
+      done(new GatewayError(400, `body key ${JSON.stringify(variant)} is a case variant of a key the gateway reads; send it exactly as ${JSON.stringify(foldedName(variant))}`), undefined)
+      return
+    }
+    done(null, parsed)
   })
 
   // BODY_LIMIT for every route, streamed ones (uploads) too: a declared length over the limit is
   // refused before a byte is read; a chunked body is cut off where it crosses the limit. (Node
   // itself never delivers more than a declared Content-Length.)
+  // BODY_MEMORY_LIMIT: a declared length is held before a byte is read, a chunked body chunk by
+  // chunk; past the budget the request gets 503 with Retry-After.
   fastify.addHook('preParsing', async (request, reply, payload) => {
-    if (Number(request.headers['content-length']) > bodyLimit) {
+    const declared = Number(request.headers['content-length'])
+    if (declared > bodyLimit) {
       reply.header('connection', 'close')
       throw bodyTooLarge(bodyLimit)
     }
+    const hold = request.routeOptions.config?.streamedBody === true ? undefined : request.bodyHold
+    // (The connection stays open: Node reads the unread body and drops it, holding nothing, so the
+    // client can finish sending and read the 503 instead of seeing its upload cut off.)
+    if (declared > 0 && hold != null && !hold.add(declared)) throw noBodyMemory()
     if (request.headers['transfer-encoding'] == null) return payload
-    return payload.pipe(new LimitedBody(bodyLimit, () => reply.header('connection', 'close')))
+    return payload.pipe(new LimitedBody(bodyLimit, hold, () => reply.header('connection', 'close')))
   })
 
   fastify.setValidatorCompiler(({ schema }) => {
@@ -57,23 +114,36 @@ export default fp(async function requestBody (fastify) {
     return (data: unknown) => {
       if (check.Check(data)) return { value: data }
       const first = check.Errors(data).First()
-      const error = new Error(first == null ? 'invalid request' : describe(first))
+      const error = new Error(first == null
+        ? 'invalid request'
+        : first.type === ValueErrorType.StringMaxLength
+          ? `${first.path.slice(1).replace(/\//g, '.')} is longer than ${(first.schema as unknown as { maxLength: number }).maxLength} characters`
+          : describe(first))
       return { error }
     }
   })
-}, { name: 'request-body', dependencies: ['config'], fastify: '5.x' })
+}, { name: 'request-body', dependencies: ['config', 'metrics'], fastify: '5.x' })
 
 /** The error Fastify's own parsers give (413), so every route words it alike. */
 function bodyTooLarge (limit: number): Error {
   return Object.assign(new Error(`request body is larger than ${limit} bytes`), { statusCode: 413, code: 'FST_ERR_CTP_BODY_TOO_LARGE' })
 }
 
-/** Passes a body through until it crosses the limit, then fails with 413. */
+function noBodyMemory (): GatewayError {
+  return new GatewayError(503, 'the gateway holds as many request bodies as it may (BODY_MEMORY_LIMIT); retry later', BODY_MEMORY_RETRY_AFTER_S)
+}
+
+/** The key a case variant imitates, for the error message. */
+function foldedName (key: string): string {
+  return key.replace(/\u212a/g, 'k').replace(/\u017f/g, 's').toLowerCase()
+}
+
+/** Passes a body through until it crosses the limit (413) or the body memory budget (503). */
 class LimitedBody extends Transform {
   /** Fastify checks this against its own limit too. */
   receivedEncodedLength = 0
 
-  constructor (private readonly limit: number, private readonly onExceeded: () => void) {
+  constructor (private readonly limit: number, private readonly hold: BodyHold | undefined, private readonly onExceeded: () => void) {
     super()
   }
 
@@ -82,6 +152,11 @@ class LimitedBody extends Transform {
     if (this.receivedEncodedLength > this.limit) {
       this.onExceeded()
       callback(bodyTooLarge(this.limit))
+      return
+    }
+    if (this.hold != null && !this.hold.add(chunk.length)) {
+      this.onExceeded()
+      callback(noBodyMemory())
       return
     }
     callback(null, chunk)

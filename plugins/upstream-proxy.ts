@@ -12,6 +12,7 @@ import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
+import { limitSlowReader } from '../services/slow-reader.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
 
 export interface LeaseTarget {
@@ -24,7 +25,11 @@ export interface LeaseTarget {
 export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
   path: string
-  body: string
+  /**
+   * The JSON body to send; absent: the client's own body is streamed through as it arrives, with
+   * its Content-Type (an upload: it can be sent once only, so no other candidate is tried).
+   */
+  body?: string
   /** What a broken stream ends with, in the stream's own format. */
   streamError?: (message: string) => string
 }
@@ -106,12 +111,15 @@ export default fp(async function upstreamProxy (fastify) {
 
   // A client that stops reading would keep a streamed answer's GPUs for ever (backpressure pauses
   // the upstream, so it never ends). Once an answer streams, a connection on which nothing moves
-  // for longer than a silent upstream is allowed is closed; that ends the exchange and its lease.
-  // Longer by a margin: a silent upstream must be given up first (undici's body timeout, whose
-  // timers are coarse), so that its stream can still end with an error record on this connection.
+  // for longer than a silent upstream is allowed is closed; so is one whose writer has been held
+  // back by the client that long in all (one reading a little now and then is never silent).
+  // Either ends the exchange and its lease. Longer by a margin: a silent upstream must be given
+  // up first (undici's body timeout, whose timers are coarse), so that its stream can still end
+  // with an error record on this connection.
   fastify.addHook('onSend', async (_request, reply, payload) => {
     if (typeof (payload as { pipe?: unknown } | null)?.pipe === 'function') {
       reply.raw.setTimeout(config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS, () => reply.raw.destroy())
+      limitSlowReader(reply.raw, config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS)
     }
     return payload
   })
@@ -125,7 +133,7 @@ export default fp(async function upstreamProxy (fastify) {
   fastify.decorate('withLease', async function <T> (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>): Promise<T> {
     return await withLease(proxy, request, reply, target, work)
   })
-}, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory'], fastify: '5.x' })
+}, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory', 'upstream-poller'], fastify: '5.x' })
 
 function requestHeaders (proxy: Proxy, request: FastifyRequest, assignment: Assignment) {
   return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
@@ -297,7 +305,7 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
   }
   return reply.from(assignment.url + target.path, {
     body: target.body,
-    contentType: 'application/json',
+    contentType: target.body != null ? 'application/json' : undefined,
     queryString: noQueryString,
     rewriteRequestHeaders: requestHeaders(proxy, request, assignment),
     rewriteHeaders: (headers) => {
@@ -310,18 +318,23 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
       const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
       res.stream.once('end', () => { complete = true })
       res.stream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
+      // The model answered on that server: it is loaded there now (the scheduler's warm preference).
+      if (target.kind === 'llm' && res.statusCode === 200) proxy.fastify.upstreams.noteServed(assignment.id, target.model)
       reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {
       release()
-      if (unreachable(error) && !reply.sent && !request.exchange.closed) {
+      if (bodyTooLarge(error)) return reply.sendError(413, 'request body is too large')
+      if (unreachable(error) && target.body != null && !reply.sent && !request.exchange.closed) {
         leases.unreachable(assignment, error)
         next().catch((err) => reply.send(err))
         return
       }
       if (!request.exchange.closed) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
-      if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no headers within ${proxy.config.upstreamHeadersTimeoutMs} ms`)
-      else reply.sendError(502, `upstream '${assignment.name}' failed: ${(error as Error).message}`)
+      if (timedOut(error)) return reply.sendError(504, `upstream '${assignment.name}' sent no headers within ${proxy.config.upstreamHeadersTimeoutMs} ms`)
+      // The error's own text (it may name ip:port) goes to the log only.
+      proxy.fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
+      reply.sendError(502, `upstream '${assignment.name}' failed`)
     }
   })
 }
@@ -338,12 +351,20 @@ async function withLease<T> (proxy: Proxy, request: FastifyRequest, reply: Fasti
     // released under it): it runs to its end, and no further call is made.
     const post = async (path: string, body: unknown): Promise<Response> => {
       if (request.exchange.closed) throw new LeaseError('client closed request', 499)
-      return await fetch(assignment.url + path, {
+      const res = await fetch(assignment.url + path, {
         method: 'POST',
         headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId },
         body: JSON.stringify(body),
+        // A redirect is never followed (it could point anywhere): it is this upstream's failure.
+        redirect: 'manual',
         signal: AbortSignal.any([lease.lost, AbortSignal.timeout(proxy.config.upstreamHeadersTimeoutMs)])
       })
+      if (res.status >= 300 && res.status < 400) {
+        await res.body?.cancel()
+        request.exchange.upstreamFailed(assignment.name, 'failed')
+        throw new GatewayError(502, `upstream '${assignment.name}' answered with a redirect, which the gateway does not follow`)
+      }
+      return res
     }
     try {
       return await work({ assignment, signal, post })
@@ -356,7 +377,8 @@ async function withLease<T> (proxy: Proxy, request: FastifyRequest, reply: Fasti
       if (!request.exchange.closed && !lease.lost.aborted) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
       if (timedOut(error)) throw new GatewayError(504, `upstream '${assignment.name}' sent no answer within ${proxy.config.upstreamHeadersTimeoutMs} ms`)
       if (lease.lost.aborted) throw lease.lost.reason
-      throw new GatewayError(502, `upstream '${assignment.name}' failed: ${(error as Error).message}`)
+      proxy.fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
+      throw new GatewayError(502, `upstream '${assignment.name}' failed`)
     } finally {
       release()
     }

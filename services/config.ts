@@ -23,10 +23,13 @@ export const EnvSchema = Type.Object({
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
   UPSTREAM_HEADERS_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 1 }),
+  BODY_MEMORY_LIMIT: Type.Integer({ default: 268435456, minimum: 1 }),
+  UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
   UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
-  TRUST_PROXY: Type.Boolean({ default: false })
+  TRUST_PROXY: Type.Boolean({ default: false }),
+  WARM_MODELS: Type.Optional(Type.String())
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -56,12 +59,18 @@ export interface GatewayConfig {
   keepAlive: KeepAlive
   bodyLimit: number
   upstreamHeadersTimeoutMs: number
+  /** Bytes of request bodies held at once by waiting and in-flight requests. */
+  bodyMemoryLimit: number
+  /** How often the Ollama upstreams' /api/ps, /api/tags and /api/version are read in the background. */
+  upstreamPollMs: number
   /** After a client leaves mid-answer, how long its GPUs stay leased while the upstream notices. */
   upstreamCancelGraceMs: number
   adminToken?: string
   apiKeys: string[]
   /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
   trustProxy: boolean
+  /** Models loaded on each of their upstreams at start and when an upstream comes back. */
+  warmModels: string[]
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -132,10 +141,13 @@ export function resolveConfig (env: Env): GatewayConfig {
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
     bodyLimit: env.BODY_LIMIT,
     upstreamHeadersTimeoutMs: env.UPSTREAM_HEADERS_TIMEOUT_MS,
+    bodyMemoryLimit: env.BODY_MEMORY_LIMIT,
+    upstreamPollMs: env.UPSTREAM_POLL_MS,
     upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
-    trustProxy: env.TRUST_PROXY
+    trustProxy: env.TRUST_PROXY,
+    warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)
   }
 }
 

@@ -6,3 +6,6 @@ export function modelKey (name: string): string {
   const lower = name.toLowerCase()
   return lower.endsWith(':latest') ? lower.slice(0, -':latest'.length) : lower
 }
+
+/** The longest model name the gateway takes (CONTRACT section 8): names end up in queues, logs and metric labels. */
+export const MODEL_NAME_MAX = 256

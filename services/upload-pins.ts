@@ -11,11 +11,17 @@ export interface PinStore {
 /** Uploads are short-lived inputs: a day is ample for the img2img calls that use them. */
 const PIN_TTL_MS = 24 * 60 * 60 * 1000
 
+/** In-process pins kept at most (~100 bytes each): uploads arrive faster than a day expires them. */
+const MAX_PINS = 100_000
+
 export class UploadPins {
   private readonly memory = new Map<string, { assignmentId: string, expiresAt: number }>()
 
-  /** `shared` (Redis) lets every replica see every upload; without it, pins live in this process. */
-  constructor (private readonly shared?: PinStore, private readonly prefix = '') {}
+  /**
+   * `shared` (Redis) lets every replica see every upload; without it, pins live in this process,
+   * at most `maxPins` of them (the oldest forgotten first).
+   */
+  constructor (private readonly shared?: PinStore, private readonly prefix = '', private readonly maxPins = MAX_PINS) {}
 
   // File ids come from clients: hex keeps them from acting as key separators or globs.
   private key (fileId: string): string {
@@ -27,10 +33,12 @@ export class UploadPins {
       await this.shared.set(this.key(fileId), assignmentId, PIN_TTL_MS)
       return
     }
+    // Deleted first, so a pin set again moves to the newest place (a Map keeps first insertion order).
+    this.memory.delete(fileId)
     this.memory.set(fileId, { assignmentId, expiresAt: Date.now() + PIN_TTL_MS })
-    // Forget expired pins as new ones come, so memory stays bounded by a day's uploads.
+    // Oldest first: forget expired pins as new ones come, and the oldest past the cap.
     for (const [id, pin] of this.memory) {
-      if (pin.expiresAt > Date.now()) break
+      if (pin.expiresAt > Date.now() && this.memory.size <= this.maxPins) break
       this.memory.delete(id)
     }
   }

@@ -1,12 +1,20 @@
 import type { Assignment } from './inventory.js'
-import { modelKey } from './model-name.js'
+import { MODEL_NAME_MAX, modelKey } from './model-name.js'
 
-/** How long an informational request (tags, version, ps) may wait for one upstream. */
+/** How long an informational request to one upstream may take. */
 const INFO_TIMEOUT_MS = 2500
 
-export async function fetchJson (url: string, timeoutMs = INFO_TIMEOUT_MS): Promise<any> {
-  const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) })
-  if (!res.ok) throw new Error(`${url} answered ${res.status}`)
+/**
+ * GET a small JSON document from an upstream: bounded in time, never following a redirect (a 3xx,
+ * like any status but 200, is a failure). The error's text names the URL: for logs only.
+ */
+export async function fetchJson (url: string, opts: { timeoutMs?: number, signal?: AbortSignal, headers?: Record<string, string> } = {}): Promise<any> {
+  const timeout = AbortSignal.timeout(opts.timeoutMs ?? INFO_TIMEOUT_MS)
+  const res = await fetch(url, { redirect: 'manual', headers: opts.headers, signal: opts.signal == null ? timeout : AbortSignal.any([opts.signal, timeout]) })
+  if (res.status !== 200) {
+    await res.body?.cancel()
+    throw new Error(`${url} answered ${res.status}`)
+  }
   return await res.json()
 }
 
@@ -27,37 +35,81 @@ export interface OllamaModelEntry {
   [key: string]: unknown
 }
 
+/** What one upstream server listed at its last answer. */
+export interface ServerListing {
+  url: string
+  models: OllamaModelEntry[]
+}
+
 /**
- * `/api/tags` for the fleet: every model with an assignment, described by the upstream that
- * serves it when it answers; a `*` assignment brings its upstream's whole list.
+ * The entries of an upstream's `models` list that can be listed: objects with a string `name`
+ * (or `model`) of sane length. Anything else is skipped, so one bad entry (or one bad server)
+ * never breaks the fleet's list. `name` and `model` are both set, as Open WebUI needs.
  */
-export async function fleetTags (assignments: Assignment[], fetchTags: (a: Assignment) => Promise<OllamaModelEntry[]>): Promise<OllamaModelEntry[]> {
-  const upstreams = distinctUpstreams(assignments)
-  const lists = new Map<string, OllamaModelEntry[]>()
-  await Promise.all(upstreams.map(async (u) => {
-    lists.set(u.url, await fetchTags(u).catch(() => []))
-  }))
-  const out = new Map<string, OllamaModelEntry>()
-  for (const a of assignments) {
-    const list = lists.get(a.url) ?? []
-    if (a.modelKey === '*') {
-      for (const entry of list) {
-        const key = modelKey(entry.name ?? entry.model)
-        if (!out.has(key)) out.set(key, entry)
-      }
-      continue
-    }
-    if (out.has(a.modelKey) && out.get(a.modelKey)?.details != null) continue
-    const found = list.find((e) => modelKey(e.name ?? e.model ?? '') === a.modelKey)
-    out.set(a.modelKey, found ?? {
-      name: a.model,
-      model: a.model,
-      modified_at: new Date(0).toISOString(),
-      size: 0,
-      digest: '',
-      details: {}
-    })
+export function validEntries (list: unknown): OllamaModelEntry[] {
+  if (!Array.isArray(list)) return []
+  const out: OllamaModelEntry[] = []
+  for (const entry of list) {
+    if (entry == null || typeof entry !== 'object' || Array.isArray(entry)) continue
+    const e = entry as Record<string, unknown>
+    const name = typeof e.name === 'string' ? e.name : e.model
+    if (typeof name !== 'string' || name === '' || name.length > MODEL_NAME_MAX) continue
+    const model = typeof e.model === 'string' && e.model.length <= MODEL_NAME_MAX ? e.model : name
+    const fixed: OllamaModelEntry = { ...e, name, model }
+    if (e.details !== undefined && (e.details === null || typeof e.details !== 'object' || Array.isArray(e.details))) fixed.details = {}
+    out.push(fixed)
   }
-  // A `*` list may repeat a named model: the named assignment's entry is the same model.
+  return out
+}
+
+function placeholder (name: string): OllamaModelEntry {
+  return { name, model: name, modified_at: new Date(0).toISOString(), size: 0, digest: '', details: {} }
+}
+
+/**
+ * `/api/tags` for the fleet, from the servers' last listings: every model a (non-`*`) assignment
+ * names, described by a server of its that lists it (else a bare entry); and the models served by
+ * `*` assignments, each once it is on every `*` server whose list is known (a model pulled on one
+ * of two servers is not offered until the other has it too).
+ */
+export function fleetTags (assignments: Assignment[], listings: ServerListing[]): OllamaModelEntry[] {
+  const byUrl = new Map(listings.map((l) => [l.url, l.models]))
+  const out = new Map<string, OllamaModelEntry>()
+  const described = new Set<string>()
+  for (const a of assignments) {
+    if (a.modelKey === '*' || described.has(a.modelKey)) continue
+    const found = byUrl.get(a.url)?.find((e) => modelKey(e.name) === a.modelKey)
+    if (found != null) described.add(a.modelKey)
+    out.set(a.modelKey, found ?? out.get(a.modelKey) ?? placeholder(a.model))
+  }
+  const wildcardServers = distinctUpstreams(assignments.filter((a) => a.modelKey === '*'))
+    .map((a) => byUrl.get(a.url)).filter((list) => list != null)
+  const [first, ...others] = wildcardServers
+  for (const entry of first ?? []) {
+    const key = modelKey(entry.name)
+    if (out.has(key)) continue
+    if (others.every((list) => list.some((e) => modelKey(e.name) === key))) out.set(key, entry)
+  }
   return [...out.values()].sort((x, y) => x.name.localeCompare(y.name))
+}
+
+/**
+ * `/api/ps` for the fleet: each loaded model once, described by the first server listing it, with
+ * `servers`: the names of the assignments whose server has it loaded (the gateway's own field).
+ */
+export function fleetPs (assignments: Assignment[], listings: ServerListing[]): OllamaModelEntry[] {
+  const out = new Map<string, OllamaModelEntry & { servers: string[] }>()
+  for (const { url, models } of listings) {
+    const here = assignments.filter((a) => a.url === url)
+    for (const entry of models) {
+      const key = modelKey(entry.name)
+      // The assignment that serves this model on that server: the one naming it, else its `*` one.
+      const by = here.find((a) => a.modelKey === key) ?? here.find((a) => a.modelKey === '*') ?? here[0]
+      if (by == null) continue
+      const merged = out.get(key)
+      if (merged == null) out.set(key, { ...entry, servers: [by.name] })
+      else if (!merged.servers.includes(by.name)) merged.servers.push(by.name)
+    }
+  }
+  return [...out.values()]
 }

@@ -11,7 +11,7 @@ import { startFleet, type TestFleet } from './helpers/gateway.js'
 import { rawRequest } from './helpers/raw-http.js'
 
 type Level = 'open' | 'api-key' | 'admin'
-type Style = 'ollama' | 'diffusion' | 'openai'
+type Style = 'ollama' | 'diffusion' | 'openai' | 'anthropic'
 
 /*
  * Who may call what, decided once for the whole gateway:
@@ -23,8 +23,10 @@ type Style = 'ollama' | 'diffusion' | 'openai'
  *   route that says nothing, so a new route is never left open by accident.
  */
 const OPEN = ['GET /', 'HEAD /', 'GET /health', 'HEAD /health', 'GET /health/live', 'HEAD /health/live', 'GET /health/ready', 'HEAD /health/ready',
-  'GET /api/version', 'HEAD /api/version', 'GET /gpu/status', 'HEAD /gpu/status', 'GET /metrics', 'HEAD /metrics']
-const ADMIN = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release', 'DELETE /gpu/cache', 'DELETE /cache']
+  'GET /api/version', 'HEAD /api/version', 'GET /gpu/status', 'HEAD /gpu/status', 'GET /metrics', 'HEAD /metrics',
+  // the console and its feed (CONTRACT 13: readable by whoever may read /gpu/status)
+  'GET /gpu/events', 'HEAD /gpu/events', 'GET /ui', 'HEAD /ui', 'GET /ui/', 'HEAD /ui/', 'GET /ui/:file', 'HEAD /ui/:file']
+const ADMIN = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release', 'DELETE /gpu/cache', 'DELETE /cache', 'POST /api/pull']
 /** The OpenAPI document and its page (`/docs`, `/docs/json`, its files): reading about the API needs no key. */
 const isDocs = (route: string): boolean => /^(GET|HEAD) \/docs(\/|$)/.test(route)
 /** The admin API: the admin token (CONTRACT 13). */
@@ -49,12 +51,14 @@ const BODIES: Record<string, string> = {
   // models without an assignment: the answer shows the guard let the request through, no lease is taken
   'POST /gpu/reserve': '{"outputType":"text","model":"nope"}',
   'POST /gpu/ping': '{"leaseId":"nope"}',
-  'POST /gpu/release': '{"leaseId":"nope"}'
+  'POST /gpu/release': '{"leaseId":"nope"}',
+  'POST /api/pull': '{"model":"nope"}'
 }
 
-const styleOf = (url: string): Style => url.startsWith('/v1/') ? 'openai' : ['/txt2img', '/img2img', '/upload'].includes(url) ? 'diffusion' : 'ollama'
+const styleOf = (url: string): Style => url === '/v1/messages' ? 'anthropic' : url.startsWith('/v1/') ? 'openai' : ['/txt2img', '/img2img', '/upload'].includes(url) ? 'diffusion' : 'ollama'
 
 function errorText (style: Style, body: any): string | undefined {
+  if (style === 'anthropic') return body?.type === 'error' && body.error?.type === 'authentication_error' ? body.error.message : undefined
   if (style === 'openai') return body?.error?.type === 'invalid_request_error' && body.error.param === null && body.error.code === null ? body.error.message : undefined
   if (style === 'diffusion') return body?.detail === body?.error ? body?.error : undefined
   return Object.keys(body ?? {}).length === 1 ? body?.error : undefined
@@ -110,7 +114,8 @@ const PASSED: Record<string, number> = {
   'POST /gpu/ping': 404,
   'POST /gpu/release': 404,
   'DELETE /gpu/cache': 200,
-  'DELETE /cache': 200
+  'DELETE /cache': 200,
+  'POST /api/pull': 404 // model 'nope' has no assignment
 }
 
 const KEYS = { API_KEYS: ' key-one , key-two ', ADMIN_TOKEN: 'admin-secret' }

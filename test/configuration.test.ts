@@ -152,6 +152,7 @@ t.test('an assignment added to the database is routable within INVENTORY_REFRESH
     options: { INVENTORY_REFRESH_MS: REFRESH }
   })
   // start with 'late' missing: its assignment taken out before the gateway loads the inventory
+  await fleet.db.query("DELETE FROM assignment_gpus WHERE assignment_id IN (SELECT id FROM assignments WHERE name = 'late-2')")
   await fleet.db.query("DELETE FROM assignments WHERE name = 'late-2'")
   const gw = await fleet.replica()
   const ask = async (): Promise<number> => (await fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"late","prompt":"x","stream":false}' })).status

@@ -79,7 +79,24 @@ const GET_ROUTES = ['/', '/api/version', '/api/tags', '/api/ps', '/v1/models', '
 const DELETE_ROUTES = ['/gpu/cache', '/cache']
 /** "METHOD path" of every route, for the error-format checks. */
 const KNOWN = new Set([...POST_ROUTES.map((r) => `POST ${r}`), ...GET_ROUTES.flatMap((r) => [`GET ${r}`, `HEAD ${r}`]), ...DELETE_ROUTES.map((r) => `DELETE ${r}`)])
-const MODELS = ['m', 'M:latest', 'big', 'm2', 'sd', 'nope', '', '*', 'm\u0000', 'x'.repeat(5000), "m'; --", 'm*', 'sd:latest']
+const MODELS = ['m', 'M:latest', 'big', 'm2', 'sd', 'nope', '', '*', 'm\u0000', 'x'.repeat(5000), 'x'.repeat(257), 'm'.repeat(256), "m'; --", 'm*', 'sd:latest']
+/**
+ * Body memory (BODY_MEMORY_LIMIT) just under BODY_LIMIT: of the big bodies made below, those over
+ * BODY_LIMIT are 413, those just under it 503 (no room), the rest fit when nothing else is held.
+ */
+const BODY_MEMORY = BODY_LIMIT - 16
+/** Top-level keys Ollama's Go decoder would read as model, stream or keep_alive (as raw JSON text). */
+const CASE_VARIANTS = ['"Model"', '"MODEL"', '"mOdEl"', '"\\u004dodel"', '"KEEP_ALIVE"', '"Keep_Alive"', '"\u212Aeep_alive"', '"\\u212aeep_alive"', '"Stream"', '"\u017Ftream"', '"STREAM"']
+
+/** A valid body with one case-variant key added (the gateway must refuse it, never forward it). */
+function caseVariantBody (g: Gen, path: string): string {
+  const valid = JSON.stringify(validBody(g, path))
+  const value = JSON.stringify(g.pick(['big', 'm', 0, false, true, null, '5m']))
+  return g.chance(0.5) ? `{${g.pick(CASE_VARIANTS)}:${value},${valid.slice(1)}` : `${valid.slice(0, -1)},${g.pick(CASE_VARIANTS)}:${value}}`
+}
+
+/** Routes whose body goes to an upstream (a case variant or a long name must never get there). */
+const FORWARDING_ROUTES = new Set(['/api/chat', '/api/generate', '/api/embed', '/api/embeddings', '/api/show', '/txt2img', '/img2img', '/v1/chat/completions', '/v1/completions', '/v1/embeddings', '/v1/images/generations'])
 
 function validBody (g: Gen, path: string): unknown {
   const model = g.pick(MODELS)
@@ -121,9 +138,10 @@ function bodyFor (g: Gen, path: string): string | Buffer | undefined {
     const depth = 1 + g.int(50_000)
     return g.chance(0.5) ? '['.repeat(depth) + ']'.repeat(depth) : `{"model":"m","prompt":"x","context":${'['.repeat(depth) + ']'.repeat(depth)}}`
   }
-  if (kind < 81) return `{"model":"m","prompt":"${'p'.repeat(BODY_LIMIT - 30 + g.int(60))}"}`
-  if (kind < 85) return Buffer.from(Array.from({ length: g.int(200) }, () => g.int(256)))
-  if (kind < 89) return `{"model":"m","model":"${g.pick(MODELS)}","prompt":"x","stream":false}`
+  if (kind < 83) return `{"model":"${g.pick(['m', 'big', 'sd'])}","prompt":"${'p'.repeat(BODY_LIMIT - 30 + g.int(60))}"}`
+  if (kind < 86) return Buffer.from(Array.from({ length: g.int(200) }, () => g.int(256)))
+  if (kind < 87) return `{"model":"m","model":"${g.pick(MODELS)}","prompt":"x","stream":false}`
+  if (kind < 89) return caseVariantBody(g, path)
   if (kind < 93) return '--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\npng\r\n--b--\r\n'
   if (kind < 96) return ''
   return undefined
@@ -240,6 +258,8 @@ const GATEWAY_STATUSES = new Set([200, 400, 401, 404, 408, 413, 417, 431, 503])
 const ROUTE_STATUSES: Record<string, number[]> = { '/gpu/release': [409] }
 /** Routes forwarded without a lease: the upstream's own answers come back as they are. */
 const FORWARDED_WITHOUT_LEASE = new Set(['/api/show', '/upload'])
+/** The model-store routes the gateway refuses for the whole fleet (501, contract section 14). */
+const REFUSED = new Set(['/api/delete', '/api/copy', '/api/create', '/api/push'])
 
 /**
  * An answer that came from an upstream (every one healthy and fast here): never a 5xx, and a 200
@@ -284,7 +304,8 @@ function check (path: string, method: string, outcome: Outcome, raw: boolean): s
   if (status === 500 && !fromUpstream) return `gateway error 500: ${body.slice(0, 200)}`
   // Node's HTTP parser answers broken requests itself, before any route is known.
   if (status === 417 && body === '') return undefined
-  if (!fromUpstream && !GATEWAY_STATUSES.has(status) && !(ROUTE_STATUSES[route] ?? []).includes(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
+  const refused = status === 501 && (REFUSED.has(route) || route.startsWith('/api/blobs/'))
+  if (!fromUpstream && !refused && !GATEWAY_STATUSES.has(status) && !(ROUTE_STATUSES[route] ?? []).includes(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
   // a gateway's 503 is a queue or memory limit: it says when to come back
   if (status === 503 && !fromUpstream && !route.startsWith('/health') && headers['retry-after'] == null) return `503 without Retry-After: ${body.slice(0, 200)}`
   if (fromUpstream) return upstreamProblem(route, method, status, headers, body)
@@ -304,6 +325,22 @@ function check (path: string, method: string, outcome: Outcome, raw: boolean): s
   return `error body not in the contract's format: ${body.slice(0, 200)}`
 }
 
+/** A body the gateway must refuse (a case-variant key, a model over 256 characters) that an upstream answered anyway. */
+function forwardedWhatItMustNot (path: string, method: string, outcome: Outcome, body: string | Buffer | undefined): string | undefined {
+  const route = path.split('?')[0].split('#')[0]
+  if (method !== 'POST' || !FORWARDING_ROUTES.has(route) || typeof body !== 'string' || outcome.headers['x-maestro-assignment'] == null) return undefined
+  let parsed: unknown
+  try { parsed = JSON.parse(body) } catch { return undefined }
+  if (parsed == null || typeof parsed !== 'object' || Array.isArray(parsed)) return undefined
+  const keys = Object.keys(parsed)
+  if (keys.some((k) => ['model', 'stream', 'keep_alive'].includes(k.replace(/\u212a/g, 'k').replace(/\u017f/g, 's').toLowerCase()) && !['model', 'stream', 'keep_alive'].includes(k))) {
+    return 'a body with a case-variant key reached an upstream'
+  }
+  const { model, name } = parsed as { model?: unknown, name?: unknown }
+  if ((typeof model === 'string' && model.length > 256) || (typeof name === 'string' && name.length > 256)) return 'a model name over 256 characters reached an upstream'
+  return undefined
+}
+
 t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, every answer in the contract, every GPU free`, async (t) => {
   t.comment(`seed ${SEED} (replay: FUZZ_SEED=${SEED} npx tap test/fuzz.test.ts)`)
   const fleet = await startFleet(t, {
@@ -314,7 +351,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
       { model: 'm2', gpus: [2], simulator: { tokens: 3, tokenDelayMs: 5 } },
       { model: 'sd', kind: 'diffusor', gpus: [3], simulator: { imageDelayMs: 5 } }
     ],
-    options: { API_KEYS: API_KEY, ADMIN_TOKEN, BODY_LIMIT, QUEUE_TIMEOUT_MS: 4000, UPSTREAM_HEADERS_TIMEOUT_MS: 5000 }
+    options: { API_KEYS: API_KEY, ADMIN_TOKEN, BODY_LIMIT, BODY_MEMORY_LIMIT: BODY_MEMORY, QUEUE_TIMEOUT_MS: 4000, UPSTREAM_HEADERS_TIMEOUT_MS: 5000 }
   })
   // The standalone server's own timeouts, shortened, so requests cut short end within the budget.
   const app = Fastify({ logger: false, ...httpServerOptions({ headersTimeoutMs: 2000, requestTimeoutMs: 3000, checkIntervalMs: 200 }) })
@@ -371,7 +408,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
       failures.push(`#${index} ${described.get(index) ?? ''}: connection closed without an answer (${outcome.error ?? ''})`)
     }
     statuses.set(String(outcome.status ?? 'closed'), (statuses.get(String(outcome.status ?? 'closed')) ?? 0) + 1)
-    const problem = check(path, method, outcome, false) ?? getProblem(method, path, headers, body, outcome)
+    const problem = check(path, method, outcome, false) ?? forwardedWhatItMustNot(path, method, outcome, body) ?? getProblem(method, path, headers, body, outcome)
     if (problem != null) failures.push(`#${index} ${method} ${path.slice(0, 60)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)} → ${outcome.status}: ${problem}`)
     // A reservation the fuzz made is handed back, as a client of the lease API would.
     if (method === 'POST' && path.split(/[?#]/)[0] === '/gpu/reserve' && outcome.status === 200) {
@@ -414,6 +451,8 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
     held = await fleet.heldGpus()
   }
   t.same(held, [], 'every GPU free')
+  const bodyMemory = (await (await fetch(url + '/metrics')).text()).split('\n').find((l) => l.startsWith('maestro_body_memory_bytes '))
+  t.equal(bodyMemory, 'maestro_body_memory_bytes 0', 'every request body given back to BODY_MEMORY_LIMIT')
   await fleet.recorder.whenIdle()
   t.same(fleet.recorder.overlaps, [], 'no GPU ran two requests at once')
   for (const overlap of fleet.recorder.overlaps.slice(0, 3)) {

@@ -299,7 +299,7 @@ t.test('a full queue answers 503 with Retry-After in OpenAI\'s envelope', async 
   const waiting = client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'wait' }], max_tokens: 1 })
   waiting.catch(() => {}) // awaited below; a failure before then must not be unhandled
   const { client: redis } = await redisClients(t)
-  const queueKey = `${fleet.prefix}q:${queueName('llm', modelKey('m'))}`
+  const queueKey = `${fleet.prefix}qw:${queueName('llm', modelKey('m'))}`
   await until('the second request to queue', async () => await redis.zcard(queueKey) === 1)
   // ...and the next one is turned away.
   const err = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'x' }] }).catch((e: unknown) => e)

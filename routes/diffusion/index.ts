@@ -15,24 +15,28 @@ const diffusionRoutes: FastifyPluginAsync = async (fastify) => {
       }, fastify.maestroConfig.redisKeyPrefix)
 
   fastify.post('/txt2img', { schema: { body: ModelRequest }, config }, async (request, reply) => {
-    const body = request.body as { model: string }
+    const { model } = request.body as { model: string }
+    const forwarded = request.rawBody as string
+    request.forgetBody()
     // Diffusion bodies go upstream exactly as they came.
     return await fastify.forwardLeased(request, reply, {
-      kind: 'diffusor', model: body.model, path: '/txt2img', body: request.rawBody as string
+      kind: 'diffusor', model, path: '/txt2img', body: forwarded
     })
   })
 
   fastify.post('/img2img', { schema: { body: ModelRequest }, config }, async (request, reply) => {
-    const body = request.body as { model: string, file_id?: unknown }
-    const all = fastify.inventory.current.candidates(body.model, 'diffusor')
+    const { model, file_id: fileId } = request.body as { model: string, file_id?: unknown }
+    const forwarded = request.rawBody as string
+    request.forgetBody()
+    const all = fastify.inventory.current.candidates(model, 'diffusor')
     // The uploaded file lives on one server only: go there when it serves the model.
-    const server = typeof body.file_id === 'string' ? await pins.find(body.file_id).catch(() => undefined) : undefined
+    const server = typeof fileId === 'string' ? await pins.find(fileId).catch(() => undefined) : undefined
     const pinned = all.filter((a) => a.url === server)
     return await fastify.forwardLeased(request, reply, {
       kind: 'diffusor',
-      model: body.model,
+      model,
       path: '/img2img',
-      body: request.rawBody as string,
+      body: forwarded,
       candidates: pinned.length > 0 ? pinned : all
     })
   })
@@ -43,7 +47,7 @@ const diffusionRoutes: FastifyPluginAsync = async (fastify) => {
   fastify.register(async (upload) => {
     upload.removeAllContentTypeParsers()
     upload.addContentTypeParser('*', (_request, payload, done) => { done(null, payload) })
-    upload.post('/upload', { config }, async (request, reply) => {
+    upload.post('/upload', { config: { ...config, streamedBody: true } }, async (request, reply) => {
       const servers = distinctUpstreams(fastify.inventory.current.assignmentsOfKind('diffusor'))
       if (servers.length === 0) throw new GatewayError(404, 'no diffusion server in the inventory')
       const assignment = servers[turn++ % servers.length]

@@ -1,5 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox'
 import { SAFE_ID } from '../../services/lease-store.js'
+import { MODEL_NAME_MAX } from '../../services/model-name.js'
 
 /** The original API's output types, each naming the kind of model it reserves. */
 export const OutputType = Type.Union([Type.Literal('text'), Type.Literal('images'), Type.Literal('speech')], {
@@ -9,7 +10,7 @@ export type OutputType = Static<typeof OutputType>
 
 export const ReserveRequest = Type.Object({
   outputType: OutputType,
-  model: Type.String({ minLength: 1, description: 'model name, matched case-insensitively, `:latest` optional' })
+  model: Type.String({ minLength: 1, maxLength: MODEL_NAME_MAX, description: 'model name, matched case-insensitively, `:latest` optional' })
 })
 export type ReserveRequest = Static<typeof ReserveRequest>
 

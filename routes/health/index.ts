@@ -30,7 +30,8 @@ const healthRoutes: FastifyPluginAsync = async (fastify) => {
       status: down ? 'degraded' : 'ok',
       mariadb,
       redis: redisState,
-      inventory: { source: inventory.source, ok: inventory.ok, loadedAt: inventory.loadedAt, error: inventory.error },
+      // An open route: a word, never the loader's text (file contents, driver messages), which is in the log.
+      inventory: { source: inventory.source, ok: inventory.ok, loadedAt: inventory.loadedAt, error: inventory.ok ? undefined : 'last refresh failed' },
       leases: { held: fastify.leases.leases().length, waiting: fastify.leases.waiting(), store: fastify.leases.store.kind }
     })
   })

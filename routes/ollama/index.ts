@@ -1,8 +1,10 @@
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
 import { gatewayVersion } from '../../services/package-root.js'
-import { distinctUpstreams, fetchJson, fleetTags } from '../../services/upstream-catalog.js'
+import pullRoute from './pull.js'
+import refusals from './refusals.js'
 import { ModelRequest, ShowRequest } from './schemas.js'
+import { isUnloadRequest, unloadEverywhere } from './unload.js'
 
 /** Ollama's streaming format: a failure after the stream started is one more `{"error"}` line. */
 const ndjsonError = (message: string): string => JSON.stringify({ error: message }) + '\n'
@@ -10,15 +12,27 @@ const ndjsonError = (message: string): string => JSON.stringify({ error: message
 const LEASED_PATHS = ['/api/chat', '/api/generate', '/api/embeddings', '/api/embed'] as const
 
 const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
+  /** The text to forward and the model; the request keeps neither its raw nor its parsed body (one copy while it waits). */
+  const normalized = (request: FastifyRequest): { model: string, forwarded: string } => {
+    const body = request.body as { model: string } & Record<string, unknown>
+    const { body: forwarded } = fastify.normalizeOllamaBody(request.rawBody as string, body)
+    request.forgetBody()
+    return { model: body.model, forwarded }
+  }
+
   for (const path of LEASED_PATHS) {
     fastify.post(path, { schema: { body: ModelRequest } }, async (request, reply) => {
       const body = request.body as { model: string } & Record<string, unknown>
-      const { body: forwarded } = fastify.normalizeOllamaBody(request.rawBody as string, body)
+      if (isUnloadRequest(path, body)) return await unloadEverywhere(fastify, request, reply, path as '/api/generate' | '/api/chat', body.model)
+      const { model, forwarded } = normalized(request)
       return await fastify.forwardLeased(request, reply, {
-        kind: 'llm', model: body.model, path, body: forwarded, streamError: ndjsonError
+        kind: 'llm', model, path, body: forwarded, streamError: ndjsonError
       })
     })
   }
+
+  await fastify.register(pullRoute)
+  await fastify.register(refusals)
 
   fastify.post('/api/show', { schema: { body: ShowRequest } }, async (request, reply) => {
     const body = request.body as { model?: string, name?: string }
@@ -29,8 +43,6 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
     return fastify.forwardTo(request, reply, assignment, '/api/show', { body: request.rawBody })
   })
 
-  const llmUpstreams = () => distinctUpstreams(fastify.inventory.current.assignmentsOfKind('llm'))
-
   // Clients probe `/` and `/api/version` before anything else: open even when API_KEYS is set.
   fastify.route({
     method: ['GET', 'HEAD'],
@@ -39,25 +51,12 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
     handler: async (_request, reply) => reply.type('text/plain; charset=utf-8').send('Ollama is running')
   })
 
-  fastify.get('/api/version', { config: { auth: 'open' } }, async () => {
-    for (const u of llmUpstreams()) {
-      const answer = await fetchJson(`${u.url}/api/version`).catch(() => undefined)
-      if (typeof answer?.version === 'string') return { version: answer.version }
-    }
-    return { version: gatewayVersion }
-  })
+  // The catalogue answers from the background poll (fastify.upstreams): no upstream call per request.
+  fastify.get('/api/version', { config: { auth: 'open' } }, async () => ({ version: fastify.upstreams.version() ?? gatewayVersion }))
 
-  fastify.get('/api/tags', async () => {
-    const models = await fleetTags(fastify.inventory.current.assignmentsOfKind('llm'),
-      async (a) => (await fetchJson(`${a.url}/api/tags`)).models ?? [])
-    return { models }
-  })
+  fastify.get('/api/tags', async () => ({ models: fastify.upstreams.tags() }))
 
-  fastify.get('/api/ps', async () => {
-    const lists = await Promise.all(llmUpstreams().map(async (u) =>
-      (await fetchJson(`${u.url}/api/ps`).catch(() => ({ models: [] }))).models ?? []))
-    return { models: lists.flat() }
-  })
+  fastify.get('/api/ps', async () => ({ models: fastify.upstreams.ps() }))
 }
 
 export default ollamaRoutes

@@ -2,14 +2,26 @@ import type { FastifyPluginAsync } from 'fastify'
 import type { Static } from '@sinclair/typebox'
 import { errorBody, GatewayError } from '../../services/errors.js'
 import { modelKey } from '../../services/model-name.js'
-import { fetchJson, fleetTags, type OllamaModelEntry } from '../../services/upstream-catalog.js'
+import type { OllamaModelEntry } from '../../services/upstream-catalog.js'
 import { ImageGenerationRequest, Model, ModelList, ModelRequest } from './schemas.js'
 
 /** OpenAI's streaming format: a failure after the stream started is one more SSE event carrying an error. */
 const sseError = (message: string): string => `data: ${JSON.stringify(errorBody('openai', 502, message))}\n\n`
 
+/**
+ * The Responses API's way to end a broken stream: an `error` event (OpenAI's `ResponseErrorEvent`,
+ * no sequence number: the gateway does not count the upstream's events).
+ */
+const responsesError = (message: string): string =>
+  `event: error\ndata: ${JSON.stringify({ type: 'error', code: 'api_error', message, param: null })}\n\n`
+
 /** Ollama serves these itself; the gateway leases and forwards them, body untouched. */
-const LEASED_PATHS = ['/v1/chat/completions', '/v1/completions', '/v1/embeddings'] as const
+const LEASED_PATHS: Record<string, (message: string) => string> = {
+  '/v1/chat/completions': sseError,
+  '/v1/completions': sseError,
+  '/v1/embeddings': sseError,
+  '/v1/responses': responsesError
+}
 
 /** Ollama's owner of a model: the namespace in `[host/][namespace/]model[:tag]`, `library` when none. */
 function ownerOf (name: string): string {
@@ -42,28 +54,30 @@ type UpstreamAnswer = { images: string[] } | { failed: { status: number, content
 const openaiRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'openai' as const }
 
-  for (const path of LEASED_PATHS) {
+  for (const [path, streamError] of Object.entries(LEASED_PATHS)) {
     fastify.post(path, { schema: { body: ModelRequest }, config }, async (request, reply) => {
-      const body = request.body as { model: string }
+      const { model } = request.body as { model: string }
+      const forwarded = request.rawBody as string
+      // One copy while it waits: the text it forwards.
+      request.forgetBody()
       // Unlike Ollama's native API, nothing is normalised: `stream` already defaults to false here.
       return await fastify.forwardLeased(request, reply, {
-        kind: 'llm', model: body.model, path, body: request.rawBody as string, streamError: sseError
+        kind: 'llm', model, path, body: forwarded, streamError
       })
     })
   }
 
-  /** The same models as `/api/tags`: every llm with an assignment, `*` assignments bringing their upstream's list. */
-  const fleetModels = async (): Promise<OllamaModelEntry[]> => await fleetTags(fastify.inventory.current.assignmentsOfKind('llm'),
-    async (a) => (await fetchJson(`${a.url}/api/tags`)).models ?? [])
+  /** The same models as `/api/tags`, from the background poll. */
+  const fleetModels = (): OllamaModelEntry[] => fastify.upstreams.tags()
 
   fastify.get('/v1/models', { schema: { response: { 200: ModelList } }, config }, async () => {
-    return { object: 'list' as const, data: (await fleetModels()).map((entry) => toModel(entry)) }
+    return { object: 'list' as const, data: fleetModels().map((entry) => toModel(entry)) }
   })
 
   // A wildcard, not `:model`: names may hold slashes (`namespace/model:tag`), sent encoded or not.
   fastify.get('/v1/models/*', { schema: { response: { 200: Model } }, config }, async (request) => {
     const name = (request.params as { '*': string })['*']
-    const entry = (await fleetModels()).find((e) => modelKey(e.name ?? e.model) === modelKey(name))
+    const entry = fleetModels().find((e) => modelKey(e.name) === modelKey(name))
     if (entry == null) throw new GatewayError(404, `model '${name}' not found`)
     // Echo the name as asked, as Ollama does.
     return toModel(entry, name)
@@ -71,6 +85,8 @@ const openaiRoutes: FastifyPluginAsync = async (fastify) => {
 
   fastify.post('/v1/images/generations', { schema: { body: ImageGenerationRequest }, config }, async (request, reply) => {
     const { n = 1, size, response_format: format, ...rest } = request.body as Static<typeof ImageGenerationRequest>
+    // One copy while it waits: the parsed fields it sends on.
+    request.forgetBody()
     if (format === 'url') {
       throw new GatewayError(400, "response_format 'url' is not supported: the gateway stores no images; use 'b64_json'")
     }

@@ -1,4 +1,5 @@
 import { Type } from '@sinclair/typebox'
+import { ModelName } from '../ollama/schemas.js'
 
 /**
  * `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the gateway needs only the model;
@@ -11,7 +12,7 @@ export { ModelRequest } from '../ollama/schemas.js'
  * Other fields (e.g. `num_inference_steps`) are passed on to `/txt2img` as sent.
  */
 export const ImageGenerationRequest = Type.Object({
-  model: Type.String({ minLength: 1, description: 'a diffusion model with an assignment' }),
+  model: ModelName('a diffusion model with an assignment'),
   prompt: Type.String({ minLength: 1 }),
   n: Type.Optional(Type.Integer({ minimum: 1, maximum: 10, description: 'images to make, one /txt2img call each (default 1)' })),
   size: Type.Optional(Type.String({ pattern: '^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$', description: '"WIDTHxHEIGHT", passed on as width and height' })),

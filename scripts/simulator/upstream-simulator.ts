@@ -16,6 +16,7 @@ import { performance } from 'node:perf_hooks'
 import { createHash, randomUUID, randomInt } from 'node:crypto'
 import zlib from 'node:zlib'
 import { GpuRecorder } from './gpu-recorder.js'
+import { OLLAMA_EXTRA_ROUTES } from './ollama-extras.js'
 import type { EnterOptions } from './gpu-recorder.js'
 
 export { GpuRecorder }
@@ -112,6 +113,8 @@ export interface Simulator {
   gpuIds: string[]
   recorder: GpuRecorder
   requests: RecordedRequest[]
+  /** The gateway's background polls (User-Agent ending `upstream-poll`), kept apart from `requests`. */
+  polls: RecordedRequest[]
   /** settable; applies to the lease-worthy POST routes */
   behaviour: Behaviour
   /** settable; see SimulatorOptions.cancelDelayMs */
@@ -334,7 +337,8 @@ async function startServer (
       const url = req.url ?? '/'
       const { path, query } = pathOf(url)
       const ctx: Ctx = { sim, req, res, method: req.method ?? 'GET', path, query, raw, text: raw.toString('utf8') }
-      sim.requests.push({ method: ctx.method, path, url, headers: req.headers, rawBody: ctx.text, body: parseBody(ctx), at })
+      const poll = /upstream-poll$/.test(req.headers['user-agent'] ?? '')
+      ;(poll ? sim.polls : sim.requests).push({ method: ctx.method, path, url, headers: req.headers, rawBody: ctx.text, body: parseBody(ctx), at })
       try {
         route(ctx)
       } catch (err) {
@@ -363,6 +367,7 @@ async function startServer (
     gpuIds: opts.gpuIds ?? [host],
     recorder: opts.recorder ?? new GpuRecorder(),
     requests: [],
+    polls: [],
     behaviour: { kind: 'normal' },
     cancelDelayMs: opts.cancelDelayMs ?? 0,
     uploads: new Map(),
@@ -676,7 +681,7 @@ export interface OllamaRoute {
 }
 
 /** Routes from other modules, tried before the built-in ones (they may replace one). */
-const EXTRA_OLLAMA_ROUTES: OllamaRoute[] = []
+const EXTRA_OLLAMA_ROUTES: OllamaRoute[] = [...OLLAMA_EXTRA_ROUTES]
 
 export async function startSimulator (opts: SimulatorOptions = {}): Promise<Simulator> {
   const st: OllamaState = {
@@ -890,7 +895,6 @@ const OLLAMA_INFO_ROUTES: OllamaRoute[] = [
       })
     }
   },
-  { method: 'POST', path: '/api/pull', work: false, handle: async kit => await pull(kit) },
   {
     method: ['GET', 'HEAD'],
     path: '/v1/models',
@@ -1059,25 +1063,6 @@ const embeddings: Handler = async (kit) => {
   if (prompt === '') return okJson(ex, { embedding: [] })
   await sleep(st.tokenDelayMs)
   okJson(ex, { embedding: embedVector(prompt, st.embedDims) })
-}
-
-async function pull ({ st, ctx, ex }: OllamaRouteKit): Promise<void> {
-  const body = bindNative(ex, ctx.text, 'api.PullRequest', { name: ['string', 'string'], insecure: ['bool', 'bool'] })
-  if (body === undefined) return
-  const model: string = body.model ?? body.name ?? ''
-  if (model === '') return errorJson(ex, 400, 'model is required')
-  if (!st.models.some(m => modelKey(m) === modelKey(model))) st.models.push(model)
-  const steps = ['pulling manifest', 'verifying sha256 digest', 'writing manifest']
-  if (body.stream === false) {
-    await sleep(st.tokenDelayMs)
-    return okJson(ex, { status: 'success' })
-  }
-  if (!ex.beginStream(NDJSON_TYPE)) return
-  for (const status of steps) {
-    await sleep(st.tokenDelayMs)
-    if (!ex.line(JSON.stringify({ status }) + '\n')) return
-  }
-  ex.endStream(JSON.stringify({ status: 'success' }) + '\n')
 }
 
 // --- OpenAI-compatible routes

@@ -4,7 +4,7 @@ import maestro, { type MaestroOptions } from '../../app.js'
 import { createTestDatabase, seedInventory, type FleetSpec, type TestDatabase } from './database.js'
 import { Redis } from 'ioredis'
 import { REDIS_URL, testPrefix } from './redis.js'
-import { GpuRecorder, startDiffusionSimulator, startSimulator, type Simulator, type SimulatorOptions } from './upstream-simulator.js'
+import { GpuRecorder, startDiffusionSimulator, startSimulator, startSpeechSimulator, type Simulator, type SimulatorOptions } from './upstream-simulator.js'
 
 export interface Gateway {
   app: FastifyInstance
@@ -41,7 +41,7 @@ export async function startGateway (t: Pick<Test, 'teardown'>, options: MaestroO
 export interface UpstreamSpec {
   /** model served (as stored in `assignments.model_name`) */
   model: string
-  kind?: 'llm' | 'diffusor'
+  kind?: 'llm' | 'diffusor' | 'speech'
   /** indexes into the fleet's GPU list (0-based) */
   gpus: number[]
   name?: string
@@ -85,16 +85,19 @@ export async function startFleet (t: Pick<Test, 'teardown'>, spec: {
   for (const u of spec.upstreams) {
     const ids = u.gpus.map((i) => gpuIds[i])
     const options = { ...u.simulator, gpuIds: ids, recorder, models: u.simulator?.models ?? [u.model] }
-    const sim = u.kind === 'diffusor' ? await startDiffusionSimulator(options) : await startSimulator(options)
+    const sim = u.kind === 'diffusor'
+      ? await startDiffusionSimulator(options)
+      : u.kind === 'speech' ? await startSpeechSimulator(options) : await startSimulator(options)
     t.teardown(() => sim.close())
     upstreams.push(sim)
   }
-  const llms = [...new Set(spec.upstreams.filter((u) => u.kind !== 'diffusor').map((u) => u.model))]
+  const llms = [...new Set(spec.upstreams.filter((u) => u.kind == null || u.kind === 'llm').map((u) => u.model))]
   const diffusors = [...new Set(spec.upstreams.filter((u) => u.kind === 'diffusor').map((u) => u.model))]
   await seedInventory(db.query, {
     computers: [],
     llms,
     diffusors,
+    speech: [...new Set(spec.upstreams.filter((u) => u.kind === 'speech').map((u) => u.model))],
     assignments: spec.upstreams.map((u, i) => ({
       name: u.name ?? `${u.model}-${i + 1}`,
       model: u.model,
