@@ -96,6 +96,11 @@ async function call (base: string, route: string, authorization?: string): Promi
     body.append('file', new Blob(['png']), 'a.png')
   } else if (body != null) headers['content-type'] = 'application/json'
   const res = await fetch(base + url, { method, headers, body })
+  // An event stream never ends: its headers say enough.
+  if (res.headers.get('content-type')?.startsWith('text/event-stream') === true) {
+    await res.body?.cancel()
+    return { status: res.status, headers: res.headers, body: undefined }
+  }
   const text = await res.text()
   let parsed: unknown
   try { parsed = JSON.parse(text) } catch { parsed = text }
