@@ -7,11 +7,13 @@ import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
+import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
 import mariadb from './plugins/mariadb.js'
 import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
+import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamPoller from './plugins/upstream-poller.js'
@@ -26,6 +28,7 @@ import healthRoutes from './routes/health/index.js'
 import metricsRoutes from './routes/metrics/index.js'
 import ollamaRoutes from './routes/ollama/index.js'
 import openaiRoutes from './routes/openai/index.js'
+import uiRoutes from './routes/ui/index.js'
 
 export type MaestroOptions = ConfigOptions
 
@@ -42,8 +45,10 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(redis)
   await fastify.register(gpuLease)
   await fastify.register(inventory)
+  await fastify.register(recentRequests)
   await fastify.register(accessLog)
   await fastify.register(metrics)
+  await fastify.register(fleetEvents)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(bodyMemory)
@@ -64,6 +69,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(metricsRoutes)
   await fastify.register(gpuRoutes)
   await fastify.register(adminRoutes)
+  await fastify.register(uiRoutes)
 }
 
 export default maestro

@@ -14,13 +14,16 @@
  * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency);
  * (d) the lease engine with 2,048 candidates (4 free) vs 64; (e) one GPU with 1,000 waiters vs 16,
  * and 1,000 waiters in 1,000 queues vs one queue (the engine alone, in this process); (f) a
- * capacity-4 server (OLLAMA_NUM_PARALLEL 4) with 16 clients, gateway vs direct.
+ * capacity-4 server (OLLAMA_NUM_PARALLEL 4) with 16 clients, gateway vs direct;
+ * `events` (only when asked for, `--only events`): (a)'s load with and without 200 open
+ * `GET /gpu/events` streams (200 console pages), whose cost must stay within 5 % of throughput.
  *
  * Options: --seconds N (measured window per run, default 4), --only a,b,c, --log-level L (the
  * gateway's LOG_LEVEL, default info as deployed), --profile DIR (write the gateway's .cpuprofile),
  * --gateway-node-options "FLAGS" (node flags for the gateway process only).
  */
 import { fork, spawn, execFileSync, type ChildProcess } from 'node:child_process'
+import http from 'node:http'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { tmpdir, loadavg, cpus } from 'node:os'
@@ -37,7 +40,8 @@ import { startNginx, stopNginx } from './nginx.js'
 const GPUS = 64
 const WAITERS = 16
 const WARMUP_MS = 3000
-const GOALS = { nginxRatio: 0.35, gapP50Ms: 0.3, gapP99Ms: 1.5, fifoRatio: 2, addedP50Ms: 0.4, costRatio: 0.8, capacityRatio: 0.9 }
+const GOALS = { nginxRatio: 0.35, gapP50Ms: 0.3, gapP99Ms: 1.5, fifoRatio: 2, addedP50Ms: 0.4, costRatio: 0.8, capacityRatio: 0.9, eventStreamsRatio: 0.95 }
+const EVENT_STREAMS = 200
 /** (f): the capacity-4 server's model and GPU, after the 64 single-GPU ones */
 const WIDE = GPUS
 
@@ -313,6 +317,29 @@ const fmt = (n: number, digits = 2): string => Number.isFinite(n) ? n.toFixed(di
 const cpuText = (cpu: CpuShare): string =>
   (['clients', 'simulators', 'gateway', 'redis', 'nginx', 'others'] as const).filter((r) => cpu[r] !== undefined).map((r) => `${r} ${cpu[r]}%`).join(', ')
 
+/** `n` open event streams, read and thrown away as a browser's EventSource would read them. */
+async function openEventStreams (url: string, n: number): Promise<{ bytes: () => number, close: () => void }> {
+  const agent = new http.Agent({ keepAlive: false, maxSockets: n })
+  const requests: http.ClientRequest[] = []
+  let bytes = 0
+  await Promise.all(Array.from({ length: n }, async () => await new Promise<void>((resolve, reject) => {
+    const req = http.get(new URL('/gpu/events', url), { agent }, (res) => {
+      if (res.statusCode !== 200) reject(new Error(`GET /gpu/events answered ${res.statusCode}`))
+      res.on('data', (chunk: Buffer) => { bytes += chunk.length })
+      res.once('error', () => {})
+      resolve()
+    })
+    req.once('error', reject)
+    requests.push(req)
+  })))
+  return { bytes: () => bytes, close: () => { for (const r of requests) r.destroy(); agent.destroy() } }
+}
+
+async function gatewayMetric (url: string, name: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text()
+  return Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? NaN)
+}
+
 async function main (): Promise<void> {
   pids.redis = await redisPid()
   const dir = await mkdtemp(join(tmpdir(), 'maestro-bench-'))
@@ -463,6 +490,52 @@ async function main (): Promise<void> {
         ''
       )
       goals.push({ goal: 'added latency p50 (c)', target: `≤ ${GOALS.addedP50Ms} ms`, reached: `${fmt(g50 - d50, 3)} ms`, pass: g50 - d50 <= GOALS.addedP50Ms })
+    }
+
+    if (only.has('events')) {
+      process.stderr.write(`bench: (events) ${GPUS} clients, without and with ${EVENT_STREAMS} open event streams\n`)
+      // Alternate, so that a change in the machine's load falls on both sides alike.
+      const runs: { without: Run[], with: Run[] } = { without: [], with: [] }
+      let streamed = 0
+      let reads = 0
+      let seconds = 0
+      for (let r = 0; r < 2; r++) {
+        runs.without.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        const streams = await openEventStreams(gw, EVENT_STREAMS)
+        try {
+          const readers = await gatewayMetric(gw, 'maestro_event_stream_readers')
+          if (readers !== EVENT_STREAMS) throw new Error(`${readers} event streams open on the gateway, not ${EVENT_STREAMS}`)
+          const [bytesBefore, readsBefore, started] = [streams.bytes(), await gatewayMetric(gw, 'maestro_fleet_state_reads_total'), performance.now()]
+          runs.with.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+          streamed += streams.bytes() - bytesBefore
+          reads += await gatewayMetric(gw, 'maestro_fleet_state_reads_total') - readsBefore
+          seconds += (performance.now() - started) / 1000
+        } finally {
+          streams.close()
+        }
+      }
+      const w = merged(runs.without)
+      const e = merged(runs.with)
+      const ratio = e.requestsPerSecond / w.requestsPerSecond
+      summary.events = {
+        withoutRps: Math.round(w.requestsPerSecond),
+        withRps: Math.round(e.requestsPerSecond),
+        ratio: +fmt(ratio, 3),
+        streams: EVENT_STREAMS,
+        streamedKBps: Math.round(streamed / seconds / 1024),
+        stateReadsPerSecond: +fmt(reads / seconds, 1),
+        cpuPercent: { without: w.cpu, with: e.cpu }
+      }
+      lines.push(
+        `(events) ${GPUS} clients on /api/generate, without and with ${EVENT_STREAMS} open GET /gpu/events streams`,
+        `  requests/s        without ${Math.round(w.requestsPerSecond)}   with ${Math.round(e.requestsPerSecond)}   → ${fmt(ratio, 3)}×`,
+        `  p99 latency ms    without ${fmt(percentile(w.latencies, 99))}   with ${fmt(percentile(e.latencies, 99))}`,
+        `  streams carried ${Math.round(streamed / seconds / 1024)} KiB/s in all; ${fmt(reads / seconds, 1)} fleet state reads/s (one source for every stream)`,
+        `  CPU % of a core, without: ${cpuText(w.cpu)}`,
+        `  CPU % of a core, with:    ${cpuText(e.cpu)}`,
+        ''
+      )
+      goals.push({ goal: `${EVENT_STREAMS} event streams, throughput kept (events)`, target: `≥ ${GOALS.eventStreamsRatio}×`, reached: `${fmt(ratio, 3)}×`, pass: ratio >= GOALS.eventStreamsRatio })
     }
 
     // (d), (e): the same engine case twice, one thing changed; alternated so that the machine's load falls on both alike

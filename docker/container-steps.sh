@@ -5,7 +5,8 @@
 #   1. the build context: a clean copy of the repository at HEAD (git archive: committed files only)
 #   2. build stage: npm ci, npm run build
 #   3. run stage: package files + a production-only install (npm ci --omit=dev) + dist/ + the Lua
-#      scripts (services/lua) + the default inventory, nothing else
+#      scripts (services/lua) + the default inventory + the console's page and stylesheet
+#      (ui/*.html, ui/*.css), nothing else
 #   4. start it as the image does (node dist/server.js, NODE_ENV=production) in embedded mode,
 #      probe it with the image's HEALTHCHECK command, then expect 200 from /health
 #   5. SIGTERM, and expect a clean exit
@@ -46,6 +47,7 @@ step "3. run stage: production install, dist/, default inventory"
 cp "$work/context/package.json" "$work/context/package-lock.json" "$work/context/inventory.default.json" "$work/app/"
 (cd "$work/app" && npm ci --omit=dev --no-audit --no-fund ${NPM_FLAGS:-} >"$work/npm-run.log" 2>&1) || { tail -n 30 "$work/npm-run.log" >&2; fail "npm ci --omit=dev (run stage)"; }
 cp -R "$work/context/dist" "$work/app/dist"
+mkdir -p "$work/app/ui" && cp "$work/context/ui/"*.html "$work/context/ui/"*.css "$work/app/ui/"
 # the Lua scripts of the Redis stores, read at start (Dockerfile: COPY services/lua)
 mkdir -p "$work/app/services" && cp -R "$work/context/services/lua" "$work/app/services/lua"
 [[ ! -e "$work/app/node_modules/typescript" ]] || fail "a dev dependency (typescript) is in the production install"
@@ -69,6 +71,10 @@ step "HEALTHCHECK passed"
 
 health=$(node -e "fetch('http://127.0.0.1:$port/health').then(async (r) => { console.log(r.status + ' ' + await r.text()); process.exit(r.status === 200 ? 0 : 1) }, (e) => { console.log(String(e)); process.exit(1) })") || fail "/health: $health"
 echo "/health: $health"
+for page in ui/ ui/console.js ui/console.css; do
+  answer=$(node -e "fetch('http://127.0.0.1:$port/$page').then((r) => { console.log(r.status); process.exit(r.status === 200 ? 0 : 1) }, (e) => { console.log(String(e)); process.exit(1) })") || fail "/$page: $answer"
+done
+echo "console: /ui/ and its files answer 200"
 
 step "5. SIGTERM"
 kill -TERM "$server_pid"

@@ -51,6 +51,20 @@ export default fp(async function accessLog (fastify) {
       ms: round(performance.now() - startedAt),
       bytes
     }
+    // Clients' requests for a model (the operator's own calls — admin API, reservations — are not).
+    if (fields.model != null && request.routeOptions.config?.auth !== 'admin') {
+      fastify.recentRequests.add({
+        at: new Date().toISOString(),
+        route: fields.route,
+        model: fields.model,
+        // set by the clients plugin when the request came with an API key
+        client: (request as { client?: { name?: string } }).client?.name,
+        status,
+        queueMs: fields.queueMs,
+        upstreamMs: fields.upstreamMs,
+        assignment: fields.assignment
+      })
+    }
     if (status >= 500) request.log.warn(fields, 'request finished')
     else if (request.routeOptions.config?.accessLogLevel === 'debug') request.log.debug(fields, 'request finished')
     else request.log.info(fields, 'request finished')
@@ -63,4 +77,4 @@ export default fp(async function accessLog (fastify) {
     reply.raw.once('close', () => line(request, reply, startedAt, bytesBefore))
     done()
   })
-}, { name: 'access-log', fastify: '5.x' })
+}, { name: 'access-log', dependencies: ['recent-requests'], fastify: '5.x' })

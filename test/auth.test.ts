@@ -23,7 +23,9 @@ type Style = 'ollama' | 'diffusion' | 'openai' | 'anthropic'
  *   route that says nothing, so a new route is never left open by accident.
  */
 const OPEN = ['GET /', 'HEAD /', 'GET /health', 'HEAD /health', 'GET /health/live', 'HEAD /health/live', 'GET /health/ready', 'HEAD /health/ready',
-  'GET /api/version', 'HEAD /api/version', 'GET /gpu/status', 'HEAD /gpu/status', 'GET /metrics', 'HEAD /metrics']
+  'GET /api/version', 'HEAD /api/version', 'GET /gpu/status', 'HEAD /gpu/status', 'GET /metrics', 'HEAD /metrics',
+  // the console and its feed (CONTRACT 13: readable by whoever may read /gpu/status)
+  'GET /gpu/events', 'HEAD /gpu/events', 'GET /ui', 'HEAD /ui', 'GET /ui/', 'HEAD /ui/', 'GET /ui/:file', 'HEAD /ui/:file']
 const ADMIN = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release', 'DELETE /gpu/cache', 'DELETE /cache', 'POST /api/pull']
 /** The OpenAPI document and its page (`/docs`, `/docs/json`, its files): reading about the API needs no key. */
 const isDocs = (route: string): boolean => /^(GET|HEAD) \/docs(\/|$)/.test(route)
@@ -94,6 +96,11 @@ async function call (base: string, route: string, authorization?: string): Promi
     body.append('file', new Blob(['png']), 'a.png')
   } else if (body != null) headers['content-type'] = 'application/json'
   const res = await fetch(base + url, { method, headers, body })
+  // An event stream never ends: its headers say enough.
+  if (res.headers.get('content-type')?.startsWith('text/event-stream') === true) {
+    await res.body?.cancel()
+    return { status: res.status, headers: res.headers, body: undefined }
+  }
   const text = await res.text()
   let parsed: unknown
   try { parsed = JSON.parse(text) } catch { parsed = text }

@@ -3,6 +3,7 @@ import { GatewayError } from '../../services/errors.js'
 import type { ModelKind } from '../../services/inventory.js'
 import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/lease-store.js'
 import { modelKey } from '../../services/model-name.js'
+import gpuEvents from './events.js'
 import {
   CacheCleared, FleetStatus, LeaseRef, Message, Reservation, ReserveRequest, type OutputType
 } from './schemas.js'
@@ -27,6 +28,7 @@ const iso = (ms: number | undefined): string | undefined => ms == null ? undefin
 const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   const ttlMs = fastify.maestroConfig.leaseTtlMs
   const store = fastify.leases.store
+  await fastify.register(gpuEvents)
 
   /** A lease store that cannot be reached answers 503, as it does for proxied requests. */
   const fromStore = async <T>(work: Promise<T>): Promise<T> => {
@@ -98,6 +100,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
     if (leaseId != null) {
       if (!await fromStore(fastify.leases.releaseReservation(leaseId))) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      fastify.fleetEvents.changed()
       request.log.info({ leaseId }, 'lease released')
       return { message: 'GPU released successfully' }
     }
@@ -105,6 +108,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     // A GPU serving a request in flight stays that request's until it ends: freeing it would put
     // a second request on it. Only reservations are released by GPU id.
     const { released, inFlight } = await fromStore(store.releaseGpus(ids))
+    if (released > 0) fastify.fleetEvents.changed()
     if (released === 0 && inFlight.length > 0) {
       throw new GatewayError(409, `GPU ${inFlight.join(', ')} is serving a request in flight; it is freed when that request ends`)
     }

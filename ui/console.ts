@@ -1,0 +1,183 @@
+import { clock, duration, el, find, keyed, setAttr, setClass, setText } from './dom.js'
+import { applyChange, type Assignment, type Computer, type Fleet, type FleetChange, type Gpu, type Queue, type RecentRequest, type Section } from './fleet.js'
+import { offerAdmin, startAdmin } from './admin.js'
+
+/*
+ * The operator console: one EventSource on `../gpu/events` (relative, so the page works under any
+ * prefix), the fleet kept as snapshot + changes, and every record drawn into its own element,
+ * updated in place. Durations are counted here, once a second, so a long lease sends nothing.
+ */
+
+const STATE_WORDS: Record<Gpu['state'], string> = { idle: 'idle', leased: 'leased', held: 'held for a waiter' }
+const HEALTH_WORDS: Record<string, string> = { up: 'up', cooling: 'cooling down', unreachable: 'unreachable', unknown: 'unknown' }
+
+let fleet: Fleet | undefined
+
+const byName = <T extends { name: string }>(a: T, b: T): number => a.name.localeCompare(b.name, undefined, { numeric: true })
+
+function gpuDetail (gpu: Gpu): string {
+  if (gpu.state === 'held') return 'kept free for a request that has waited long'
+  if (gpu.state !== 'leased') return `${gpu.vramGb} GB`
+  const parts = [gpu.model ?? '?']
+  if (gpu.assignment != null) parts.push(`on ${gpu.assignment}`)
+  if (gpu.purpose === 'reservation') parts.push('reserved')
+  return parts.join(' · ')
+}
+
+function renderComputers (root: HTMLElement, f: Fleet): void {
+  const gpus = new Map(f.gpus.map((g) => [g.id, g]))
+  keyed(root, [...f.computers].sort(byName), (c) => c.id, (c) => el('article', { class: 'computer' }, [
+    el('header', {}, [el('h3', { class: 'computer-name' }), el('span', { class: 'computer-ip' })]),
+    el('ul', { class: 'gpus' })
+  ]), (node, c: Computer) => {
+    setText(find(node, '.computer-name'), c.name)
+    setText(find(node, '.computer-ip'), c.ip)
+    const list = c.gpuIds.map((id) => gpus.get(id)).filter((g): g is Gpu => g != null)
+    keyed(find(node, '.gpus'), list, (g) => g.id, () => el('li', { class: 'gpu' }, [
+      el('div', { class: 'gpu-head' }, [el('span', { class: 'gpu-name' }), el('span', { class: 'gpu-state' })]),
+      el('div', { class: 'gpu-detail' }),
+      el('div', { class: 'gpu-meta' }, [el('span', { class: 'gpu-since' }), el('span', { class: 'gpu-slots' })])
+    ]), (li, g: Gpu) => {
+      setClass(li, `gpu state-${g.state}`)
+      setAttr(li, 'data-gpu', g.id)
+      setText(find(li, '.gpu-name'), g.name)
+      setText(find(li, '.gpu-state'), STATE_WORDS[g.state])
+      setText(find(li, '.gpu-detail'), gpuDetail(g))
+      const since = find(li, '.gpu-since')
+      setAttr(since, 'data-since', g.state === 'leased' && g.since != null ? String(g.since) : undefined)
+      if (g.state !== 'leased') setText(since, '')
+      setText(find(li, '.gpu-slots'), g.state === 'leased' && g.slots != null ? `slots ${g.slots.used}/${g.slots.capacity}` : '')
+    })
+  })
+  setText(find(document, '#gpu-count'), `${f.gpus.filter((g) => g.state === 'leased').length} of ${f.gpus.length} GPUs leased`)
+}
+
+function renderQueues (root: HTMLElement, f: Fleet): void {
+  const queues = [...f.queues].sort((a, b) => b.depth - a.depth || a.id.localeCompare(b.id))
+  keyed(root, queues, (q) => q.id, () => el('tr', {}, [
+    el('td', { class: 'queue-model', 'data-label': 'Model' }), el('td', { class: 'queue-kind', 'data-label': 'Kind' }), el('td', { class: 'queue-depth num', 'data-label': 'Waiting' }), el('td', { class: 'queue-oldest num', 'data-label': 'Oldest' })
+  ]), (tr, q: Queue) => {
+    setText(find(tr, '.queue-model'), q.model)
+    setText(find(tr, '.queue-kind'), q.kind)
+    setText(find(tr, '.queue-depth'), String(q.depth))
+    const oldest = find(tr, '.queue-oldest')
+    setAttr(oldest, 'data-since', q.oldestSince != null ? String(q.oldestSince) : undefined)
+    if (q.oldestSince == null) setText(oldest, '—')
+  })
+  find(document, '#queues-empty').hidden = queues.length > 0
+}
+
+function healthOf (a: Assignment): string {
+  if (a.drained === true) return 'drained'
+  return a.health ?? 'unknown'
+}
+
+function renderAssignments (root: HTMLElement, f: Fleet): void {
+  const gpuNames = new Map(f.gpus.map((g) => [g.id, g.name]))
+  keyed(root, [...f.assignments].sort(byName), (a) => a.id, () => el('tr', {}, [
+    el('td', { class: 'a-name', 'data-label': 'Name' }), el('td', { class: 'a-model', 'data-label': 'Model' }), el('td', { class: 'a-where', 'data-label': 'Address' }), el('td', { class: 'a-gpus', 'data-label': 'GPUs' }),
+    el('td', { class: 'a-slots num', 'data-label': 'Slots' }), el('td', { 'data-label': 'Upstream' }, [el('span', { class: 'a-health pill' })]), el('td', { class: 'a-loaded', 'data-label': 'Loaded' })
+  ]), (tr, a: Assignment) => {
+    setText(find(tr, '.a-name'), a.name)
+    setText(find(tr, '.a-model'), a.model)
+    setText(find(tr, '.a-where'), a.address)
+    setText(find(tr, '.a-gpus'), a.gpuIds.map((id) => gpuNames.get(id) ?? id).join(', '))
+    setText(find(tr, '.a-slots'), `${a.slots.used}/${a.slots.capacity}`)
+    setClass(tr, a.slots.used > 0 ? 'busy' : '')
+    const health = find(tr, '.a-health')
+    const word = healthOf(a)
+    setClass(health, `a-health pill health-${word}`)
+    setText(health, word === 'drained' ? 'drained' : HEALTH_WORDS[word] ?? word)
+    setText(find(tr, '.a-loaded'), a.loaded == null ? '—' : a.loaded.length === 0 ? 'none' : a.loaded.join(', '))
+  })
+}
+
+function renderReplicas (f: Fleet): void {
+  const root = find(document, '#replicas')
+  keyed(root, f.replicas, (r) => r.id, () => el('li', { class: 'replica' }), (li, r) => {
+    setText(li, r.host != null ? `${r.host} · ${r.id.slice(0, 6)}` : r.id)
+    setAttr(li, 'title', `replica ${r.id}${r.pid != null ? `, process ${r.pid}` : ''}${r.id === f.replica ? ' (serving this page)' : ''}`)
+    setClass(li, r.id === f.replica ? 'replica self' : 'replica')
+  })
+  setText(find(document, '#replica-count'), `${f.replicas.length} ${f.replicas.length === 1 ? 'replica' : 'replicas'} alive`)
+}
+
+const ms = (v: number | undefined): string => v == null ? '—' : v < 1000 ? `${Math.round(v)} ms` : `${(v / 1000).toFixed(1)} s`
+
+function renderRecent (root: HTMLElement, f: Fleet): void {
+  // newest first; two requests can share a time, so the key is the time and the position among equals
+  const seen = new Map<string, number>()
+  const rows = f.recent.map((r) => {
+    const base = `${r.at}|${r.model}|${r.status}|${r.client ?? ''}`
+    const n = seen.get(base) ?? 0
+    seen.set(base, n + 1)
+    return { r, key: `${base}|${n}` }
+  })
+  keyed(root, rows, (row) => row.key, () => el('tr', {}, [
+    el('td', { class: 'r-time', 'data-label': 'Time' }), el('td', { class: 'r-route', 'data-label': 'Route' }), el('td', { class: 'r-model', 'data-label': 'Model' }), el('td', { class: 'r-client', 'data-label': 'Client' }), el('td', { 'data-label': 'Status' }, [el('span', { class: 'r-status pill' })]),
+    el('td', { class: 'r-queue num', 'data-label': 'Queue' }), el('td', { class: 'r-upstream num', 'data-label': 'Upstream' })
+  ]), (tr, { r }: { r: RecentRequest }) => {
+    setText(find(tr, '.r-time'), clock(r.at))
+    setText(find(tr, '.r-model'), r.model)
+    setText(find(tr, '.r-route'), r.route ?? '')
+    setAttr(find(tr, '.r-model'), 'title', r.assignment != null ? `served by ${r.assignment}` : undefined)
+    setText(find(tr, '.r-client'), r.client ?? '—')
+    const status = find(tr, '.r-status')
+    setText(status, String(r.status))
+    setClass(status, `r-status pill status-${r.status >= 500 ? 'error' : r.status >= 400 ? 'refused' : 'ok'}`)
+    setText(find(tr, '.r-queue'), ms(r.queueMs))
+    setText(find(tr, '.r-upstream'), ms(r.upstreamMs))
+  })
+  find(document, '#recent-empty').hidden = f.recent.length > 0
+}
+
+function render (f: Fleet, touched?: Set<Section | 'recent'>): void {
+  const all = touched == null
+  if (all || touched.has('computers') || touched.has('gpus')) renderComputers(find(document, '#computers'), f)
+  if (all || touched.has('queues')) renderQueues(find(document, '#queue-rows'), f)
+  if (all || touched.has('assignments') || touched.has('gpus')) renderAssignments(find(document, '#assignment-rows'), f)
+  if (all || touched.has('replicas')) renderReplicas(f)
+  if (all || touched.has('recent')) renderRecent(find(document, '#recent-rows'), f)
+  tick()
+}
+
+/** Every "since" on the page, counted from the server's clock as of the last event. */
+let skewMs = 0
+function tick (): void {
+  const now = Date.now() - skewMs
+  for (const node of Array.from(document.querySelectorAll<HTMLElement>('[data-since]'))) {
+    setText(node, duration(now - Number(node.dataset.since)))
+  }
+}
+
+function setConnection (state: 'live' | 'connecting' | 'unavailable', words: string): void {
+  const pill = find(document, '#connection')
+  setClass(pill, `pill connection-${state}`)
+  setText(pill, words)
+}
+
+function connect (): void {
+  const source = new EventSource('../gpu/events')
+  source.addEventListener('open', () => { setConnection('live', 'live') })
+  source.addEventListener('error', () => { setConnection('connecting', 'reconnecting…') })
+  source.addEventListener('snapshot', (event) => {
+    fleet = JSON.parse((event as MessageEvent<string>).data) as Fleet
+    skewMs = Date.now() - fleet.at
+    setConnection('live', 'live')
+    document.body.dataset.ready = 'true'
+    offerAdmin(fleet.admin)
+    render(fleet)
+  })
+  source.addEventListener('change', (event) => {
+    if (fleet === undefined) return
+    const change = JSON.parse((event as MessageEvent<string>).data) as FleetChange
+    const next = applyChange(fleet, change)
+    fleet = next.fleet
+    render(fleet, next.touched)
+  })
+  source.addEventListener('unavailable', () => { setConnection('unavailable', 'fleet state unavailable') })
+}
+
+connect()
+setInterval(tick, 1000)
+startAdmin()
