@@ -325,7 +325,10 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
       reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {
-      release()
+      // An upstream that never saw the request frees its GPUs at once; one that had it (no headers
+      // in time, broken off) computes on until it notices the cut connection, as after a client left.
+      if (unreachable(error) || bodyTooLarge(error)) release()
+      else setTimeout(release, proxy.config.upstreamCancelGraceMs).unref()
       if (bodyTooLarge(error)) return reply.sendError(413, 'request body is too large')
       if (unreachable(error) && target.body != null && !reply.sent && !request.exchange.closed) {
         leases.unreachable(assignment, error)
