@@ -23,6 +23,11 @@ const gpuEvents: FastifyPluginAsync = async (fastify) => {
       'x-accel-buffering': 'no',
       connection: 'keep-alive'
     })
+    // HEAD (Fastify answers it with this handler): the headers are the whole answer.
+    if (request.method === 'HEAD') {
+      raw.end()
+      return
+    }
     raw.write(`retry: ${RETRY_MS}\n\n`)
     const reader = new StreamReader(raw, MAX_BUFFERED_BYTES, () => {
       request.log.info('event stream reader too far behind: disconnected')
