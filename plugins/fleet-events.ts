@@ -24,18 +24,18 @@ declare module 'fastify' {
 const NOTICE_GAP_MS = 100
 
 /**
- * The upstream poller's view of an assignment (`fastify.upstreams.snapshot(id)`, from the
- * upstream-poller plugin, looked up when the state is read so plugin order does not matter), in the
- * console's words; nothing where the gateway has no poller.
+ * An assignment's upstream as this replica knows it, in the console's words: the background
+ * poll's health and loaded models (`fastify.upstreams`), and `cooling` while the proxy sits it out
+ * after a refused connection (`fastify.upstreamCooldowns`). Both are looked up when the state is
+ * read, so plugin order does not matter; nothing for an upstream the poll does not cover.
  */
 function upstreamHealthOf (fastify: FastifyInstance, id: string): UpstreamHealth | undefined {
-  interface PolledUpstream { health?: string, loaded?: string[] }
-  const poller = (fastify as unknown as { upstreams?: { snapshot?: (id: string) => PolledUpstream | undefined } }).upstreams
-  const s = typeof poller?.snapshot === 'function' ? poller.snapshot(id) : undefined
-  if (s == null) return undefined
+  const s = fastify.hasDecorator('upstreams') ? fastify.upstreams.snapshot(id) : undefined
+  const cooling = fastify.hasDecorator('upstreamCooldowns') && fastify.upstreamCooldowns.cooling(id, Date.now())
+  if (s == null) return cooling ? { health: 'cooling' } : undefined
   return {
-    health: HEALTH_STATES.includes(s.health as UpstreamHealthState) ? s.health as UpstreamHealthState : 'unknown',
-    loaded: Array.isArray(s.loaded) ? s.loaded : undefined
+    health: cooling ? 'cooling' : HEALTH_STATES.includes(s.health as UpstreamHealthState) ? s.health as UpstreamHealthState : 'unknown',
+    loaded: Array.isArray(s.loaded) ? [...s.loaded] : undefined
   }
 }
 

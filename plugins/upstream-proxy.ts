@@ -49,6 +49,8 @@ declare module 'fastify' {
     withLease: <T>(request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>) => Promise<T>
     /** Forward to a chosen upstream without a lease (model info, uploads). */
     forwardTo: (request: FastifyRequest, reply: FastifyReply, assignment: Assignment, path: string, opts?: ForwardOptions) => FastifyReply
+    /** The assignments this replica found unreachable lately and sits out (the console shows them cooling down). */
+    upstreamCooldowns: Cooldowns
   }
 }
 
@@ -99,6 +101,7 @@ export default fp(async function upstreamProxy (fastify) {
     disableRequestLogging: true
   })
   const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: () => config.adminToken != null || fastify.apiKeys.configured }
+  fastify.decorate('upstreamCooldowns', proxy.cooldowns)
 
   fastify.decorateRequest('exchange', null as unknown as Exchange)
   fastify.addHook('onRequest', async (request, reply) => {

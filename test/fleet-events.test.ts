@@ -203,3 +203,22 @@ t.test('heartbeats, and a state that cannot be read', async (t) => {
   await sleep(100)
   t.equal(frames.filter((f) => f.startsWith('event: snapshot')).length, 2, 'a whole snapshot again once it can be read')
 })
+
+t.test('an upstream that refused a connection shows as cooling down on that replica, then up again', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1],
+    upstreams: [{ model: 'qwq', gpus: [0] }, { model: 'qwq', gpus: [1] }],
+    options: { UPSTREAM_POLL_MS: 200 }
+  })
+  const gw = await fleet.replica()
+  const stream = await openFleetStream(gw.url)
+  t.teardown(stream.close)
+  const healthOf = (s: any, name: string): string | undefined => s.assignments.find((a: any) => a.name === name)?.health
+  await stream.until((s) => healthOf(s, 'qwq-1') === 'up' && healthOf(s, 'qwq-2') === 'up', 3000, 'both upstreams up')
+  await fleet.upstreams[0].close() // connections to it are refused from now on
+  const res = await generate(gw, 'qwq')
+  t.equal(res.status, 200, 'served by the other server')
+  t.equal(res.headers.get('x-maestro-assignment'), 'qwq-2')
+  const cooled = await stream.until((s) => healthOf(s, 'qwq-1') === 'cooling', 2000, 'the refusing upstream cooling down')
+  t.equal(healthOf(cooled, 'qwq-2'), 'up', 'the other one stays up')
+})
