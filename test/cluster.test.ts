@@ -253,8 +253,9 @@ t.test('a two-GPU request is not starved by an endless stream of one-GPU request
     `(STARVATION_MS ${STARVATION_MS}, service ${SERVICE_MS} ms); ${servedMeanwhile} alpha requests were served meanwhile`)
   t.ok(servedMeanwhile >= 4, 'alpha kept both GPUs busy while beta waited')
   // Held GPUs wait for the running request on each: starvation threshold plus one service time,
-  // with room for a busy two-core machine.
-  t.ok(waited < STARVATION_MS + SERVICE_MS + 1000, `beta served within STARVATION_MS + one service time (+1 s slack): ${Math.round(waited)} ms`)
+  // with room for a two-core machine running two test files at once (1.6 s seen with the cores
+  // saturated). A starved beta would wait for as long as alpha's stream lasts, far beyond this.
+  t.ok(waited < STARVATION_MS + SERVICE_MS + 3000, `beta served within STARVATION_MS + one service time (+3 s slack): ${Math.round(waited)} ms`)
   t.same(failures, [], 'every alpha request answered 200')
   await fleet.recorder.whenIdle()
   t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
