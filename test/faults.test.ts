@@ -1,21 +1,17 @@
 // What the gateway does when its parts fail: upstreams, Redis, MariaDB, and replicas that die or
 // are told to stop (issue 3). Replicas that must die run as child processes of the built server.
 import t, { type Test } from 'tap'
-import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
-import { readdir, stat } from 'node:fs/promises'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { fileURLToPath } from 'node:url'
-import { promisify } from 'node:util'
 import { Redis } from 'ioredis'
 import { serverUrl } from './helpers/database.js'
 import { startFleet, type TestFleet } from './helpers/gateway.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
-
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
+import { ROOT, buildIfStale } from './helpers/build.js'
 
 type Teardown = Pick<Test, 'teardown'>
 
@@ -272,27 +268,6 @@ async function spawnGateway (t: Teardown, env: Record<string, string | number | 
     void exited.then(({ code, signal }) => reject(new Error(`gateway exited (${code ?? signal}) before listening: ${stderr}`)))
   })
   return { url, proc, exited, logs }
-}
-
-/** `npm run build`, unless dist/server.js is newer than every source and config file it comes from. */
-async function buildIfStale (): Promise<string> {
-  const built = await stat(`${ROOT}dist/server.js`).then((s) => s.mtimeMs, () => 0)
-  const skip = new Set(['node_modules', 'dist', 'test', 'bench'])
-  const newerThanBuild = async (dir: string): Promise<boolean> => {
-    for (const entry of await readdir(dir, { withFileTypes: true })) {
-      const path = `${dir}${entry.name}`
-      if (entry.isDirectory()) {
-        if (!skip.has(entry.name) && !entry.name.startsWith('.') && await newerThanBuild(path + '/')) return true
-      } else if (/(\.ts|tsconfig.*\.json|package\.json)$/.test(entry.name) && (await stat(path)).mtimeMs > built) {
-        return true
-      }
-    }
-    return false
-  }
-  if (built > 0 && !await newerThanBuild(ROOT)) return 'dist/ is up to date'
-  const started = performance.now()
-  await promisify(execFile)('npm', ['run', 'build'], { cwd: ROOT })
-  return `npm run build took ${Math.round(performance.now() - started)} ms`
 }
 
 function envOf (fleet: TestFleet, extra: Record<string, string | number> = {}): Record<string, string | number | undefined> {

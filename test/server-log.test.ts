@@ -1,36 +1,16 @@
 // The standalone server's log lines are written asynchronously, in batches (issue 13): none may be
 // lost on SIGTERM, and on SIGKILL only what was logged in the last flush interval.
 import t, { type Test } from 'tap'
-import { execFile, spawn } from 'node:child_process'
-import { readdir, stat } from 'node:fs/promises'
+import { spawn } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { fileURLToPath } from 'node:url'
-import { promisify } from 'node:util'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { embeddedEnv, writeInventoryFile } from './helpers/embedded.js'
 import { LOG_FLUSH_MS } from '../services/log-destination.js'
+import { ROOT, buildIfStale } from './helpers/build.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const REQUESTS = 40
-
-/** `npm run build`, unless dist/server.js is newer than every source file. */
-async function buildIfStale (): Promise<void> {
-  const built = await stat(`${ROOT}dist/server.js`).then((s) => s.mtimeMs, () => 0)
-  const skip = new Set(['node_modules', 'dist', 'test', 'bench'])
-  const newer = async (dir: string): Promise<boolean> => {
-    for (const entry of await readdir(dir, { withFileTypes: true })) {
-      const path = `${dir}${entry.name}`
-      if (entry.isDirectory()) {
-        if (!skip.has(entry.name) && !entry.name.startsWith('.') && await newer(path + '/')) return true
-      } else if (/(\.ts|tsconfig.*\.json|package\.json)$/.test(entry.name) && (await stat(path)).mtimeMs > built) return true
-    }
-    return false
-  }
-  if (built > 0 && !await newer(ROOT)) return
-  await promisify(execFile)('npm', ['run', 'build'], { cwd: ROOT })
-}
 
 /** The built server in embedded mode, stdout a pipe (as under a container runtime). */
 async function server (t: Test, inventory: string) {
@@ -62,7 +42,7 @@ async function generateAll (url: string): Promise<void> {
   if (answers.some((s) => s !== 200)) throw new Error(`answers: ${answers.join(',')}`)
 }
 
-t.before(buildIfStale)
+t.before(async () => { await buildIfStale() })
 
 t.test('SIGTERM right after a burst: every request has its line', async (t) => {
   const sim = await startSimulator({ models: ['m'], tokens: 1, tokenDelayMs: 0 })
