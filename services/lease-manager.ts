@@ -165,10 +165,12 @@ export class LeaseManager {
         if (this.waiters.has(member)) {
           waiter.place = result.place
           this.watch(waiter)
-        } else {
-          // Settled while the attempt was on its way (shutdown): nobody will wait in that place.
+        } else if (!this.grantedHere(member)) {
+          // Given up while the attempt was on its way (shutdown): nobody will wait in that place.
           void this.leave(req.queue, member)
         }
+        // (Granted meanwhile by another call, heard before this reply: the lease is in use, and a
+        // leave would release it.)
     }
     return await promise
   }
@@ -231,6 +233,11 @@ export class LeaseManager {
       const oldest = this.settled.keys().next().value as string
       this.settled.delete(oldest)
     }
+  }
+
+  /** The member was settled with a lease (not given up): leaving its queue would release that lease. */
+  private grantedHere (member: string): boolean {
+    return this.settled.get(member) != null
   }
 
   private onGrant (grant: Grant): void {
@@ -438,7 +445,7 @@ export class LeaseManager {
         else if (r.status === 'full') {
           this.forget(w, null)
           w.reject(this.fullError(w.req, r.scope))
-        } else if (!this.waiters.has(member)) {
+        } else if (!this.waiters.has(member) && !this.grantedHere(member)) {
           // Gave up while the call was on its way: its leave may have run first.
           void this.leave(w.req.queue, member)
         }

@@ -4,7 +4,7 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { performance } from 'node:perf_hooks'
 import { Ollama } from 'ollama'
-import { startFleet, type Gateway, type TestFleet } from './helpers/gateway.js'
+import { startFleet, watchLeases, type Gateway, type TestFleet } from './helpers/gateway.js'
 import type { RecordedRequest } from './helpers/upstream-simulator.js'
 
 type Kind = 'llm' | 'diffusor'
@@ -118,7 +118,8 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
       { model: 'sd', kind: 'diffusor', gpus: [2], simulator: { imageDelayMs: 15 } },
       { model: 'blocker', gpus: [0, 1, 2], simulator: { tokens: 100000, tokenDelayMs: 20 } }
     ],
-    options: { STARVATION_MS: 500, LEASE_TTL_MS: 3000 }
+    // a ttl no stall of this busy process comes near: these tests are about order and sharing
+    options: { STARVATION_MS: 500, LEASE_TTL_MS: 10_000 }
   })
   const replicas = [await fleet.replica(), await fleet.replica(), await fleet.replica()]
   const models: Array<{ model: string, kind: Kind, ordered: number, slots: number }> = [
@@ -131,6 +132,7 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
   await t.test('each model is served in the order its requests arrived, whichever replica took them', async (t) => {
     // Hold every GPU, so each request stays queued until all have arrived; arrival order is then
     // defined: a request is sent only once the store counts the one before it in the queue.
+    const leasesKept = watchLeases(t, replicas)
     const blocker = new AbortController()
     const blocked = send(replicas[0], 'llm', 'blocker', 'hold-everything', 0, blocker.signal).catch(() => 'aborted')
     await until('the blocker to hold every GPU', async () => (await fleet.heldGpus()).length === 3)
@@ -174,6 +176,7 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
         t.comment(`${model}: ${seen.filter((tag, i) => tag !== expected[i]).length} of ${seen.length} reached their server one place off (granted together)`)
       }
     }
+    await leasesKept()
     await fleet.recorder.whenIdle()
     t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
   })
@@ -181,6 +184,7 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
   await t.test('a free-for-all mix from every replica', async (t) => {
     // the first subtest held every GPU with one request: forget it, so "in parallel" is this mix's own
     fleet.recorder.reset()
+    const leasesKept = watchLeases(t, replicas)
     const jobs: Array<{ model: string, kind: Kind }> = []
     for (let i = 0; i < 140; i++) jobs.push(models[i % models.length])
     let next = 0
@@ -198,6 +202,7 @@ t.test('three replicas, ~300 mixed requests over overlapping GPU sets', async (t
     }))
     t.comment(`${jobs.length} mixed requests in ${Math.round(performance.now() - started)} ms`)
     t.same(failures, [], 'every request answered 200')
+    await leasesKept()
     await fleet.recorder.whenIdle()
     t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
     t.ok(fleet.recorder.maxConcurrent >= 2, `GPUs were used in parallel (up to ${fleet.recorder.maxConcurrent} at once)`)
@@ -220,9 +225,10 @@ t.test('a two-GPU request is not starved by an endless stream of one-GPU request
       { model: 'alpha', gpus: [1], simulator: { tokens: 6, tokenDelayMs: SERVICE_MS / 6 } },
       { model: 'beta', gpus: [0, 1], simulator: { tokens: 6, tokenDelayMs: SERVICE_MS / 6 } }
     ],
-    options: { STARVATION_MS, LEASE_TTL_MS: 3000 }
+    options: { STARVATION_MS, LEASE_TTL_MS: 10_000 }
   })
   const replicas = [await fleet.replica(), await fleet.replica(), await fleet.replica()]
+  const leasesKept = watchLeases(t, replicas)
 
   // Nine clients keep alpha's two servers busy with a queue behind them until told to stop.
   let stop = false
@@ -257,6 +263,7 @@ t.test('a two-GPU request is not starved by an endless stream of one-GPU request
   // saturated). A starved beta would wait for as long as alpha's stream lasts, far beyond this.
   t.ok(waited < STARVATION_MS + SERVICE_MS + 3000, `beta served within STARVATION_MS + one service time (+3 s slack): ${Math.round(waited)} ms`)
   t.same(failures, [], 'every alpha request answered 200')
+  await leasesKept()
   await fleet.recorder.whenIdle()
   t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
   await sleep(50)

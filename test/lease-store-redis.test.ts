@@ -160,6 +160,43 @@ t.test('issue 14.8b: a renewal that runs after the release (a script resent late
   await m.release(lease)
 })
 
+t.test('a grant heard from another replica before the waiter\'s own attempt answered is kept, not given back', async (t) => {
+  // Found by the cluster tests as two requests on one GPU: the other replica's release granted the
+  // waiter and published it; the subscriber connection delivered that before the command
+  // connection delivered the attempt's own "waiting", and the waiter, already settled, "left" its
+  // queue, which releases a lease granted to it meanwhile, the one its request was running on.
+  const prefix = testPrefix(t)
+  const a = await replica(t, REDIS_URL, prefix, { ttlMs: 3000 })
+  const b = await replica(t, REDIS_URL, prefix, { ttlMs: 3000 })
+  const held = await b.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') })
+  // a's attempt runs in Redis at once; its reply reaches a only when the test opens the gate
+  const store = a.store
+  const attempt = store.attempt.bind(store)
+  let openGate!: () => void
+  const gate = new Promise<void>((resolve) => { openGate = resolve })
+  let attempted!: () => void
+  const ran = new Promise<void>((resolve) => { attempted = resolve })
+  store.attempt = async (input) => {
+    const r = await attempt(input)
+    attempted()
+    await gate
+    return r
+  }
+  const waiting = a.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') })
+  await ran
+  await b.release(held)
+  // the grant reaches a by pub/sub while its attempt's "waiting" is still on its way
+  const deadline = performance.now() + 2000
+  while (a.leases().length === 0 && performance.now() < deadline) await sleep(5)
+  t.equal(a.leases().length, 1, 'a heard of its grant first')
+  openGate()
+  const lease = await waiting
+  await sleep(200) // a wrong leave would have run by now
+  t.same(await holders(b.store, ['1']), [lease.token], "the waiter's lease is still held in the store")
+  t.equal(await within(b.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('m') }), 300), 'waiting', 'nobody else is granted its GPU')
+  await a.release(lease)
+})
+
 t.test('issue 14.9: a dead replica\'s waiters in a queue nobody serves leave no keys behind', async (t) => {
   const prefix = testPrefix(t)
   const ttlMs = 300

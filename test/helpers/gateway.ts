@@ -1,5 +1,7 @@
 import Fastify, { type FastifyInstance } from 'fastify'
 import type { Test } from 'tap'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
+import { scrape } from './prometheus.js'
 import maestro, { type MaestroOptions } from '../../app.js'
 import { createTestDatabase, seedInventory, type FleetSpec, type TestDatabase } from './database.js'
 import { Redis } from 'ioredis'
@@ -36,6 +38,25 @@ export async function startGateway (t: Pick<Test, 'teardown'>, options: MaestroO
   }
   t.teardown(close)
   return { app, url: `http://127.0.0.1:${port}`, close }
+}
+
+/**
+ * Call before a load and the function it returns after it, beside the overlap check: it tells
+ * whether GPUs found shared were a replica's lease given up (not renewed in time, or found taken:
+ * the process stalled near the ttl, which the event-loop delay shows) or a double grant.
+ */
+export function watchLeases (t: Pick<Test, 'comment' | 'same'>, replicas: Gateway[]): () => Promise<void> {
+  const delay = monitorEventLoopDelay({ resolution: 10 })
+  delay.enable()
+  return async () => {
+    delay.disable()
+    const lost = await Promise.all(replicas.map(async (r) => {
+      const metrics = await scrape(r.url)
+      return metrics.find('maestro_lease_expiries_total').reduce((n, s) => n + s.value, 0)
+    }))
+    t.comment(`event loop delay: max ${Math.round(delay.max / 1e6)} ms, p99 ${Math.round(delay.percentile(99) / 1e6)} ms`)
+    t.same(lost, replicas.map(() => 0), 'no replica lost a lease (not renewed in time, or found taken)')
+  }
 }
 
 export interface UpstreamSpec {
