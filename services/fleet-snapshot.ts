@@ -53,7 +53,7 @@ export interface QueueView {
   kind: string
   model: string
   depth: number
-  /** arrival time of the oldest live waiter */
+  /** arrival time of the oldest live waiter (absent when the store could not tell) */
   oldestSince?: number
 }
 
@@ -110,8 +110,6 @@ export interface FleetInputs {
   now: number
   /** per assignment, from the upstream poller when there is one */
   upstreamHealth?: (assignmentId: string) => UpstreamHealth | undefined
-  /** per queue name, when the lease store tells */
-  queueSince?: Record<string, number>
 }
 
 export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
@@ -167,7 +165,7 @@ export function buildFleetSnapshot (inputs: FleetInputs): FleetSnapshot {
     // `<kind>:<model key>`; the model key may itself hold colons (tags).
     const label = queueLabel(queue)
     const colon = label.indexOf(':')
-    return { id: label, kind: label.slice(0, colon), model: label.slice(colon + 1), depth, oldestSince: inputs.queueSince?.[queue] }
+    return { id: label, kind: label.slice(0, colon), model: label.slice(colon + 1), depth, oldestSince: status.queueSince[queue] }
   }).sort((x, y) => x.id < y.id ? -1 : x.id > y.id ? 1 : 0)
 
   return {

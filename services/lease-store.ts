@@ -100,6 +100,11 @@ export interface StoreStatus {
   gpus: GpuLeaseState[]
   /** Live waiters per queue (the most recently active queues only). */
   queues: Record<string, number>
+  /**
+   * When the oldest live waiter of each of those queues arrived (epoch ms; a waiter queued again
+   * at its old place keeps its first arrival). No entry for a queue nobody waits in.
+   */
+  queueSince: Record<string, number>
   /** GPUs held back for a starving waiter: gpu id → member. */
   holds: Record<string, string>
 }

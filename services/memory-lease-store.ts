@@ -57,7 +57,8 @@ export class MemoryLeaseStore implements LeaseStore {
   private readonly leases = new Map<string, LeaseRecord>()
   private readonly lines = new Map<string, Line>()
   private readonly waiters = new Map<string, WaiterRecord>()
-  private readonly queued = new Map<string, number>()
+  /** Each queue's waiters (across its lines). */
+  private readonly queued = new Map<string, Set<WaiterRecord>>()
   private queuedTotal = 0
   private readonly listKeys = new WeakMap<Candidate[], string>()
   private events?: StoreEvents
@@ -191,9 +192,9 @@ export class MemoryLeaseStore implements LeaseStore {
 
   private unqueue (w: WaiterRecord): void {
     if (w.line.waiters.delete(w)) this.queuedTotal--
-    const n = (this.queued.get(w.line.queue) ?? 1) - 1
-    if (n <= 0) this.queued.delete(w.line.queue)
-    else this.queued.set(w.line.queue, n)
+    const queued = this.queued.get(w.line.queue)
+    queued?.delete(w)
+    if (queued?.size === 0) this.queued.delete(w.line.queue)
     if (w.line.waiters.size === 0) this.lines.delete(w.line.key)
     if (w.held != null) {
       for (const g of w.held.gpuIds) if (this.holds.get(g)?.member === w.member) this.holds.delete(g)
@@ -290,7 +291,7 @@ export class MemoryLeaseStore implements LeaseStore {
         const index = this.find(probe)
         if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
       }
-      if ((this.queued.get(input.queue) ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
+      if ((this.queued.get(input.queue)?.size ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
       if (this.queuedTotal >= this.opts.queueMaxTotal) return { status: 'full', scope: 'total', grants: [] }
       const level = PRIORITY_LEVEL[client.priority] ?? 1
       let score = input.place?.score
@@ -304,7 +305,9 @@ export class MemoryLeaseStore implements LeaseStore {
       this.queuedTotal++
       this.lines.set(key, line)
       this.waiters.set(w.member, w)
-      this.queued.set(input.queue, (this.queued.get(input.queue) ?? 0) + 1)
+      let queued = this.queued.get(input.queue)
+      if (queued == null) this.queued.set(input.queue, queued = new Set())
+      queued.add(w)
     }
     const grants = this.serve([w.line])
     const granted = this.takeGrant(input.member)
@@ -424,7 +427,7 @@ export class MemoryLeaseStore implements LeaseStore {
   }
 
   async status (gpuIds: string[]): Promise<StoreStatus> {
-    const out: StoreStatus = { gpus: [], queues: {}, holds: {} }
+    const out: StoreStatus = { gpus: [], queues: {}, queueSince: {}, holds: {} }
     for (const g of gpuIds) {
       const h = this.holder(g)
       if (h != null) out.holds[g] = h
@@ -447,9 +450,13 @@ export class MemoryLeaseStore implements LeaseStore {
       })
     }
     let n = 0
-    for (const [queue, depth] of this.queued) {
+    for (const [queue, waiters] of this.queued) {
       if (n++ >= STATUS_QUEUES_LIMIT) break
-      out.queues[queue] = depth
+      out.queues[queue] = waiters.size
+      // Not simply the first added: one queued again at its old place comes later with an earlier since.
+      let oldest = Infinity
+      for (const w of waiters) oldest = Math.min(oldest, w.since)
+      out.queueSince[queue] = this.wall(oldest)
     }
     return out
   }

@@ -32,6 +32,7 @@ import { loadLuaScripts } from './lua-scripts.js'
  *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
  *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
+ *   qa:<queue> zset m->arrival      the same waiters by arrival: the status's oldest wait (PX as qw:)
  *   queues     zset queue->touched  models with waiters, for the status
  * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
  * inventory change. Every script that grants returns its grants in its reply; the store hands
@@ -315,7 +316,7 @@ export class RedisLeaseStore implements LeaseStore {
   async status (gpuIds: string[]): Promise<StoreStatus> {
     const r = await this.run('status', gpuIds.join(','), STATUS_QUEUES_LIMIT)
     const b = r.body.map(String)
-    const out: StoreStatus = { gpus: [], queues: {}, holds: {} }
+    const out: StoreStatus = { gpus: [], queues: {}, queueSince: {}, holds: {} }
     let i = 0
     const now = Date.now()
     for (; b[i] !== '--'; i += 9) {
@@ -332,7 +333,10 @@ export class RedisLeaseStore implements LeaseStore {
         expiresAt: ttl >= 0 ? now + ttl : undefined
       })
     }
-    for (i++; b[i] !== '--'; i += 2) out.queues[b[i]] = Number(b[i + 1])
+    for (i++; b[i] !== '--'; i += 3) {
+      out.queues[b[i]] = Number(b[i + 1])
+      if (b[i + 2] !== '') out.queueSince[b[i]] = Number(b[i + 2])
+    }
     for (i++; i < b.length; i += 2) out.holds[b[i]] = b[i + 1]
     return out
   }

@@ -81,6 +81,10 @@ t.test('the console shows the fleet and follows the other replica live', async (
   const waiting = [generate(two, 'qwq'), generate(one, 'qwq'), generate(two, 'qwq')]
   await page.waitForFunction(() => document.querySelector('#queue-rows tr[data-key="llm:qwq"] .queue-depth')?.textContent === '3', undefined, { timeout: 3000 })
   t.equal(await page.locator('#queue-rows tr[data-key="llm:qwq"] .queue-model').textContent(), 'qwq')
+  // the oldest wait, counted by the page from the first waiter's arrival
+  const oldest = page.locator('#queue-rows tr[data-key="llm:qwq"] .queue-oldest')
+  t.ok(Math.abs(Number(await oldest.getAttribute('data-since')) - Date.now()) < 5000, 'the oldest waiter\'s arrival')
+  t.match(await oldest.textContent(), /^\d+ s$/, 'shown as a wait, not "—"')
   t.ok(await page.locator('#queues-empty').isHidden(), 'no "nobody waiting" while three wait')
   await page.screenshot({ path: join(ARTIFACTS, 'console.png'), fullPage: true })
 

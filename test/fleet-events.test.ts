@@ -62,9 +62,14 @@ t.test('queues, and the last requests of every replica', async (t) => {
   const stream = await openFleetStream(one.url)
   t.teardown(stream.close)
   const reserved = await post(two, '/gpu/reserve', { outputType: 'text', model: 'qwq' })
+  const sent = Date.now()
   const waiting = [generate(two, 'qwq'), generate(one, 'qwq'), generate(two, 'qwq')]
   const queued = await stream.until((s) => s.queues.some((q: any) => q.depth === 3), 3000, 'a queue of three')
-  t.match(queued.queues, [{ id: 'llm:qwq', kind: 'llm', model: 'qwq', depth: 3 }])
+  const counted = Date.now()
+  t.match(queued.queues, [{ id: 'llm:qwq', kind: 'llm', model: 'qwq', depth: 3, oldestSince: Number }])
+  // Redis's clock and this process's: the same machine's
+  const oldest = queued.queues[0].oldestSince
+  t.ok(oldest >= sent - 5 && oldest <= counted + 5, `oldestSince ${oldest}: the first waiter's arrival, within [${sent}, ${counted}]`)
   t.equal((await post(two, '/gpu/release', { leaseId: reserved.body.leaseId })).status, 200)
   for (const res of await Promise.all(waiting)) t.equal(res.status, 200)
   const generates = (s: any): any[] => s.recent.filter((r: any) => r.route === '/api/generate')

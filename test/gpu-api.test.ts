@@ -132,7 +132,8 @@ t.test('reserve queues behind a proxied stream and is granted when it ends; a cl
   const leaving = new AbortController()
   const abandoned = post(gw, '/gpu/reserve', { outputType: 'text', model: 'qwq' }, leaving.signal).catch((err) => err)
   const queued = await statusWhen(gw, (s) => s.waiting.length > 0)
-  t.same(queued.waiting, [{ kind: 'llm', model: 'qwq', depth: 1 }], 'the reservation waits in the model queue')
+  t.same(queued.waiting.map(({ oldestSince: _, ...q }: any) => q), [{ kind: 'llm', model: 'qwq', depth: 1 }], 'the reservation waits in the model queue')
+  t.ok(Number.isFinite(Date.parse(queued.waiting[0].oldestSince)), 'since a given time')
   t.match(queued.gpus[0], { leased: true, purpose: 'proxy', model: 'qwq' })
   leaving.abort()
   t.match(await abandoned, { name: 'AbortError' })
@@ -296,13 +297,18 @@ t.test('/gpu/status counts the waiters per model, across replicas', async (t) =>
   const two = await fleet.replica()
   const holder = await streaming(one, 'qwen2:7b')
   const finished: string[] = []
+  const sent = Date.now()
   const waiting = [generate(one, 'Qwen2:7B'), generate(two, 'qwen2:7b')]
     .map(async (p, i) => await p.then(async (res) => { await res.text(); finished.push(`generate ${i}`); return res }))
   await statusWhen(one, (s) => s.waiting[0]?.depth === 2)
+  const counted = Date.now()
   const reservation = post(two, '/gpu/reserve', { outputType: 'text', model: 'QWEN2:7B' })
     .then((a) => { finished.push('reservation'); return a })
   const seen = await statusWhen(one, (s) => s.waiting[0]?.depth === 3)
-  t.same(seen.waiting, [{ kind: 'llm', model: 'qwen2:7b', depth: 3 }], 'the model key, tag and all')
+  t.same(seen.waiting.map(({ oldestSince: _, ...q }: any) => q), [{ kind: 'llm', model: 'qwen2:7b', depth: 3 }], 'the model key, tag and all')
+  // Redis's clock and this process's: the same machine's
+  const oldest = Date.parse(seen.waiting[0].oldestSince)
+  t.ok(oldest >= sent - 5 && oldest <= counted + 5, `oldestSince ${seen.waiting[0].oldestSince}: the first waiter's arrival`)
   t.same((await status(two)).waiting, seen.waiting, 'both replicas see the same queue')
   t.match(seen.gpus, [{ leased: true, purpose: 'proxy', assignment: 'Qwen2:7B-1' }])
   await holder.done

@@ -214,7 +214,7 @@ t.test('issue 14.9: a dead replica\'s waiters in a queue nobody serves leave no 
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.disconnect())
   const keys = await redis.keys(prefix + '*')
-  const left = keys.map((k) => k.slice(prefix.length)).filter((k) => /^(w|line|age1|age2|vt|lease|gpu|qw):/.test(k))
+  const left = keys.map((k) => k.slice(prefix.length)).filter((k) => /^(w|line|age1|age2|vt|lease|gpu|qw|qa):/.test(k))
   t.same(left.filter((k) => k !== `lease:${held.token}` && k !== 'gpu:9'), [], 'waiter, line and lease keys all expired')
   await other.release(held)
 })

@@ -2,7 +2,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { LeaseError, LeaseManager, type Lease } from '../services/lease-manager.js'
-import type { Candidate, LeaseInfo, LeaseStore } from '../services/lease-store.js'
+import type { Candidate, LeaseInfo, LeaseStore, Place, StoreStatus } from '../services/lease-store.js'
 import { queueName } from '../services/lease-store.js'
 import { MemoryLeaseStore } from '../services/memory-lease-store.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
@@ -28,6 +28,16 @@ const defaults = { ttlMs: 3000, queueMax: 100, starvationMs: 10_000, queueTimeou
 async function holders (store: LeaseStore, gpuIds: string[]): Promise<string[]> {
   const per = await store.tokensOf(gpuIds) as unknown[]
   return per.flatMap((x) => Array.isArray(x) ? x : x == null ? [] : [x as string]).sort()
+}
+
+/** Polls until `check` holds (true) or `ms` pass (false). */
+async function until (check: () => Promise<boolean>, ms = 2000): Promise<boolean> {
+  const end = performance.now() + ms
+  while (!await check()) {
+    if (performance.now() > end) return false
+    await sleep(5)
+  }
+  return true
 }
 
 /** Stop a replica's timers: no renewal, no heartbeat, no fallback poll (a frozen process). */
@@ -347,6 +357,63 @@ for (const [name, make] of Object.entries(clusters)) {
       await m.close()
       await Promise.all(waits)
       void held
+    })
+
+    t.test('the status tells when the oldest live waiter of each queue arrived', async (t) => {
+      const m = await (await make(t)({ queueTimeoutMs: 20_000 })).replica()
+      const list = [cand('1', '1')]
+      const status = async (): Promise<StoreStatus> => await m.store.status(['1'])
+      const held = await m.acquire({ queue: 'q', candidates: list, info: info('a') })
+      // Each waiter's arrival lies between the call and the status that first counts it.
+      const arrivals: Array<[number, number]> = []
+      const leaving = new AbortController()
+      const waits: Array<Promise<Lease>> = []
+      for (const signal of [undefined, leaving.signal, undefined]) {
+        const before = Date.now()
+        const wait = m.acquire({ queue: 'q', candidates: list, info: info('a'), signal })
+        wait.catch(() => {}) // awaited below; should the test stop first, closing the manager rejects it
+        waits.push(wait)
+        const depth = waits.length
+        t.ok(await until(async () => (await status()).queues.q === depth), `waiter ${depth} queued`)
+        arrivals.push([before, Date.now()])
+        await sleep(30)
+      }
+      const isArrival = (since: number | undefined, [from, to]: [number, number], what: string): void => {
+        t.ok(since != null && since >= from - 2 && since <= to + 2, `${what}: ${since} within [${from}, ${to}] (±2 ms)`)
+      }
+      isArrival((await status()).queueSince.q, arrivals[0], 'the first waiter\'s arrival')
+
+      await m.release(held)
+      const first = await waits[0]
+      isArrival((await status()).queueSince.q, arrivals[1], 'the first granted: the second one\'s')
+
+      leaving.abort()
+      t.equal((await waits[1].catch((e) => e)).statusCode, 499)
+      t.ok(await until(async () => (await status()).queues.q === 1), 'the second one left')
+      isArrival((await status()).queueSince.q, arrivals[2], 'the second gone: the third one\'s')
+
+      await m.release(first)
+      await m.release(await waits[2])
+      const empty = await status()
+      t.same([empty.queues, empty.queueSince], [{}, {}], 'an empty queue has no entry')
+    })
+
+    t.test('a waiter queued again at its old place keeps its arrival', async (t) => {
+      const m = await (await make(t)({ queueTimeoutMs: 20_000 })).replica()
+      const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
+      const input = { member: `${m.store.replicaId}|place-test`, queue: 'q', candidates: [cand('1', '1')], info: info('a') }
+      const queued = await m.store.attempt(input)
+      t.equal(queued.status, 'waiting')
+      const arrived = (await m.store.status(['1'])).queueSince.q
+      await m.store.leave('q', input.member)
+      t.same((await m.store.status(['1'])).queueSince, {}, 'gone with its waiter')
+      await sleep(30)
+      const again = await m.store.attempt({ ...input, place: (queued as { place: Place }).place })
+      t.equal(again.status, 'waiting')
+      const kept = (await m.store.status(['1'])).queueSince.q
+      t.ok(Math.abs(kept - arrived) <= 1, `arrival ${kept}, first ${arrived}`)
+      await m.store.leave('q', input.member)
+      await m.release(held)
     })
 
     t.test('12.1: a capacity-4 assignment runs 4 at once, and another assignment on its GPU only when it runs none', async (t) => {

@@ -169,7 +169,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
         // `<kind>:<model key>`; the model key may itself hold colons (tags).
         const label = queueLabel(queue)
         const colon = label.indexOf(':')
-        return { kind: label.slice(0, colon), model: label.slice(colon + 1), depth }
+        return { kind: label.slice(0, colon), model: label.slice(colon + 1), depth, oldestSince: iso(state.queueSince[queue]) }
       }),
       holds: Object.keys(state.holds)
     }

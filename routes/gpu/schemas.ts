@@ -61,7 +61,8 @@ export const FleetStatus = Type.Object({
   waiting: Type.Array(Type.Object({
     kind: Type.String(),
     model: Type.String({ description: 'the model key: lower case, without `:latest`' }),
-    depth: Type.Integer()
+    depth: Type.Integer(),
+    oldestSince: Type.Optional(Type.String({ format: 'date-time', description: 'when the oldest of them arrived (absent when the store could not tell)' }))
   })),
   holds: Type.Array(Type.String(), { description: 'GPUs kept free for a request that has waited past STARVATION_MS' })
 })

@@ -59,20 +59,24 @@ if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) ==
   end
 end
 
--- Room in a full index: entries not kept alive by their replica's sweep are gone; then the gone
--- waiters among the first few are dropped.
-local function room (key, max)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
+-- Room in a full index (allw, or queue q's qw:): entries not kept alive by their replica's sweep
+-- are gone; then the gone waiters among the first few are dropped.
+local function room (key, max, q)
+  if q then expire_queued(q) else redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW) end
   if redis.call('ZCARD', key) < max then return true end
   for _, o in ipairs(redis.call('ZRANGE', key, 0, 7)) do
-    if not live(o) then drop_waiter(o) redis.call('ZREM', key, o) end
+    if not live(o) then
+      drop_waiter(o)
+      -- its record may have expired already: drop_waiter then knows no index to leave
+      if q then leave_queue(q, o) else redis.call('ZREM', key, o) end
+    end
   end
   return redis.call('ZCARD', key) < max
 end
 
 local since = tonumber(ARGV[17]) or NOW
 if not score then
-  if not room(P .. 'qw:' .. q, tonumber(ARGV[14])) then serve_freed() return reply({ 'full', 'queue' }) end
+  if not room(P .. 'qw:' .. q, tonumber(ARGV[14]), q) then serve_freed() return reply({ 'full', 'queue' }) end
   if not room(P .. 'allw', tonumber(ARGV[15])) then serve_freed() return reply({ 'full', 'total' }) end
   local level = tonumber(ARGV[19]) or 1
   score = tonumber(ARGV[16])
@@ -89,6 +93,9 @@ if not score then
   if level == 2 then redis.call('ZADD', P .. 'age2:' .. ln, since, m) end
   redis.call('ZADD', P .. 'qw:' .. q, NOW + LINE_TTL, m)
   redis.call('PEXPIRE', P .. 'qw:' .. q, LINE_TTL)
+  -- since: a waiter queued again at its old place keeps its first arrival
+  redis.call('ZADD', P .. 'qa:' .. q, since, m)
+  redis.call('PEXPIRE', P .. 'qa:' .. q, LINE_TTL)
   redis.call('ZADD', P .. 'allw', NOW + LINE_TTL, m)
   redis.call('ZADD', P .. 'queues', NOW, q)
   redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)

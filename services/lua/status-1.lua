@@ -7,11 +7,27 @@
   ARGV[8]  GPU ids, comma-separated     ARGV[9] most queues to report
 
   Returns reply() with body { per leased GPU: gpu, assignment, slots used, capacity, token, model,
-  purpose, since, ttl ms ...; '--'; queue, depth ...; '--'; gpu, holder ... }
+  purpose, since, ttl ms ...; '--'; queue, depth, arrival of its oldest live waiter ('' when
+  not found among the first few) ...; '--'; gpu, holder ... }
 ]]
 --- @include "includes/prelude"
 --- @include "includes/slots"
 --- @include "includes/queue"
+
+-- The arrival of queue q's oldest waiter still counted in qw: and alive; the entries ahead of it
+-- go (a few per call, as for qw:).
+local function oldest (q)
+  local key, akey = P .. 'qw:' .. q, P .. 'qa:' .. q
+  for _ = 1, 8 do
+    local h = redis.call('ZRANGE', akey, 0, 0, 'WITHSCORES')
+    if #h == 0 then return '' end
+    local ok = live(h[1])
+    if ok and redis.call('ZSCORE', key, h[1]) then return h[2] end
+    if not ok then drop_waiter(h[1]) end
+    leave_queue(q, h[1])
+  end
+  return ''
+end
 
 local out = {}
 local gpus = split(ARGV[8], ',')
@@ -33,14 +49,16 @@ out[#out + 1] = '--'
 redis.call('ZREMRANGEBYSCORE', P .. 'queues', '-inf', NOW - 3 * TTL)
 for _, q in ipairs(redis.call('ZREVRANGE', P .. 'queues', 0, tonumber(ARGV[9]) - 1)) do
   local key = P .. 'qw:' .. q
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
+  expire_queued(q)
   for _, m in ipairs(redis.call('ZRANGE', key, 0, 7)) do
-    if not live(m) then drop_waiter(m) redis.call('ZREM', key, m) end
+    if not live(m) then drop_waiter(m) leave_queue(q, m) end
   end
+  local since = oldest(q)
   local depth = redis.call('ZCARD', key)
   if depth > 0 then
     out[#out + 1] = q
     out[#out + 1] = depth
+    out[#out + 1] = since
   end
 end
 out[#out + 1] = '--'

@@ -46,6 +46,7 @@ for i = 9 + n, #ARGV do
     redis.call('PEXPIRE', wkey, LINE_TTL)
     redis.call('ZADD', P .. 'qw:' .. w[4], 'XX', NOW + LINE_TTL, m)
     redis.call('PEXPIRE', P .. 'qw:' .. w[4], LINE_TTL)
+    redis.call('PEXPIRE', P .. 'qa:' .. w[4], LINE_TTL)
     redis.call('ZADD', P .. 'allw', 'XX', NOW + LINE_TTL, m)
   else
     unknown[#unknown + 1] = m

@@ -10,6 +10,8 @@
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
                  held; token, index once granted (PX)
   qw:<queue>     zset member -> expiry     a model's waiters (QUEUE_MAX)
+  qa:<queue>     zset member -> arrival    the same waiters by arrival, for the status's oldest
+                 wait (kept in step with qw: by leave_queue and expire_queued; PX as qw:)
   allw           zset member -> expiry     every waiter (QUEUE_MAX_TOTAL)
                  (expiry: 3 ttl ahead, pushed on by the waiter's replica's sweep)
   queues         zset queue -> last touch  models with waiters, for the status
@@ -27,12 +29,25 @@ local function touch_line (ln)
   for _, k in ipairs({ a, b, c, d }) do redis.call('PEXPIRE', k, LINE_TTL) end
 end
 
+-- A waiter leaves its model's queue: both of its indexes.
+local function leave_queue (q, m)
+  redis.call('ZREM', P .. 'qw:' .. q, m)
+  redis.call('ZREM', P .. 'qa:' .. q, m)
+end
+
+-- The entries of queue q that their replica's sweep stopped keeping alive are gone.
+local function expire_queued (q)
+  local key = P .. 'qw:' .. q
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', NOW)) do redis.call('ZREM', P .. 'qa:' .. q, m) end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
+end
+
 local function unqueue (m, ln, q)
   local lkey, a1, a2 = line_keys(ln)
   redis.call('ZREM', lkey, m)
   redis.call('ZREM', a1, m)
   redis.call('ZREM', a2, m)
-  redis.call('ZREM', P .. 'qw:' .. q, m)
+  leave_queue(q, m)
   redis.call('ZREM', P .. 'allw', m)
 end
 
@@ -90,7 +105,7 @@ local function pick (ln)
     redis.call('ZREM', lkey, best)
     redis.call('ZREM', a1, best)
     redis.call('ZREM', a2, best)
-    if q then redis.call('ZREM', P .. 'qw:' .. q, best) end
+    if q then leave_queue(q, best) end
     redis.call('ZREM', P .. 'allw', best)
     redis.call('DEL', P .. 'w:' .. best)
   end
