@@ -82,9 +82,12 @@ export class MemoryLeaseStore implements LeaseStore {
     return performance.now()
   }
 
-  /** A monotonic time as wall-clock milliseconds (for display only). */
+  /**
+   * A monotonic time as wall-clock milliseconds (for display only), whole and the same at every
+   * read, so the console sees no change where there was none.
+   */
   private wall (t: number): number {
-    return Date.now() - (this.now() - t)
+    return Math.round(performance.timeOrigin + t)
   }
 
   private used (a: string): number {
