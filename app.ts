@@ -7,6 +7,7 @@ import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import docs from './plugins/docs.js'
 import errors from './plugins/errors.js'
+import exchange from './plugins/exchange.js'
 import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
@@ -41,6 +42,7 @@ export type MaestroOptions = ConfigOptions
 const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(config, opts)
   await fastify.register(errors)
+  await fastify.register(exchange)
   await fastify.register(mariadb)
   await fastify.register(redis)
   await fastify.register(gpuLease)

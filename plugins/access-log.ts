@@ -74,7 +74,7 @@ export default fp(async function accessLog (fastify) {
     // Bytes written on this connection so far: keep-alive connections carry one exchange at a time.
     const bytesBefore = request.raw.socket?.bytesWritten ?? 0
     const startedAt = performance.now()
-    reply.raw.once('close', () => line(request, reply, startedAt, bytesBefore))
+    request.exchange.onClose(() => line(request, reply, startedAt, bytesBefore))
     done()
   })
-}, { name: 'access-log', dependencies: ['recent-requests'], fastify: '5.x' })
+}, { name: 'access-log', dependencies: ['exchange', 'recent-requests'], fastify: '5.x' })

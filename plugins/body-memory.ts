@@ -36,8 +36,8 @@ export default fp(async function bodyMemory (fastify) {
   fastify.addHook('onRequest', (request, reply, done) => {
     const hold = budget.hold()
     request.bodyHold = hold
-    // 'close' fires however the response ends: completed, failed, or the client gone.
-    reply.raw.once('close', () => hold.release())
+    // however the exchange ends: completed, failed, or the client gone
+    request.exchange.onClose(() => hold.release())
     done()
   })
   fastify.addHook('preParsing', async (request, _reply, payload) => {
@@ -50,7 +50,7 @@ export default fp(async function bodyMemory (fastify) {
     // pipeline, not pipe: an error upstream of here (BODY_LIMIT's 413) reaches the parser through it.
     return pipeline(payload, new HeldBody(request.bodyHold), () => {})
   })
-}, { name: 'body-memory', dependencies: ['config', 'metrics', 'request-body'], fastify: '5.x' })
+}, { name: 'body-memory', dependencies: ['config', 'exchange', 'metrics', 'request-body'], fastify: '5.x' })
 
 function noBodyMemory (): GatewayError {
   return new GatewayError(503, 'the gateway holds as many request bodies as it may (BODY_MEMORY_LIMIT); retry later', RETRY_AFTER_S)

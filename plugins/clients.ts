@@ -120,7 +120,7 @@ export default fp(async function clients (fastify) {
   fastify.addHook('onRequest', (request, reply, done) => {
     const credential = request.credential
     request.client = credential === 'admin' ? ADMIN_CLIENT : credential != null ? keyClient(credential) : addressClient(request)
-    reply.raw.once('close', () => {
+    request.exchange.onClose(() => {
       if (!admitted.has(request)) return
       metrics.requests.inc({ client: metrics.label(request.client), status: String(exchangeStatus(reply.statusCode, reply.raw.headersSent)) })
     })
@@ -139,4 +139,4 @@ export default fp(async function clients (fastify) {
       }
     }
   })
-}, { name: 'clients', dependencies: ['config', 'redis', 'metrics', 'auth', 'upstream-proxy'], fastify: '5.x' })
+}, { name: 'clients', dependencies: ['config', 'redis', 'exchange', 'metrics', 'auth', 'upstream-proxy'], fastify: '5.x' })

@@ -205,11 +205,11 @@ export default fp(async function metrics (fastify) {
     for (const failure of exchange?.upstreamFailures ?? []) upstreamErrors.inc(failure)
   }
 
-  // The response's 'close' fires however the exchange ends, also when the client left midway.
+  // however the exchange ends, also when the client left midway
   fastify.addHook('onRequest', (request, reply, done) => {
     // (reply.elapsedTime stays 0 unless Fastify logs requests or has onResponse hooks)
     const startedAt = performance.now()
-    reply.raw.once('close', () => observe(request, reply, startedAt))
+    request.exchange.onClose(() => observe(request, reply, startedAt))
     done()
   })
 
@@ -230,4 +230,4 @@ export default fp(async function metrics (fastify) {
     render: async () => await registry.metrics() + await shared.metrics(),
     contentType: registry.contentType
   })
-}, { name: 'metrics', dependencies: ['config', 'gpu-lease', 'inventory'], fastify: '5.x' })
+}, { name: 'metrics', dependencies: ['config', 'exchange', 'gpu-lease', 'inventory'], fastify: '5.x' })

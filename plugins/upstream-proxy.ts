@@ -4,7 +4,6 @@ import replyFrom from '@fastify/reply-from'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { CandidateRound, Cooldowns } from '../services/candidate-choice.js'
 import { GatewayError } from '../services/errors.js'
-import { Exchange, requestIdFrom } from '../services/exchange.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
 import { LeaseError, type Lease } from '../services/lease-manager.js'
@@ -35,9 +34,6 @@ export interface LeasedForward extends LeaseTarget {
 }
 
 declare module 'fastify' {
-  interface FastifyRequest {
-    exchange: Exchange
-  }
   interface FastifyInstance {
     /** Lease a GPU server for the model, forward the body to it, stream the answer back. */
     forwardLeased: (request: FastifyRequest, reply: FastifyReply, target: LeasedForward) => Promise<FastifyReply>
@@ -103,15 +99,6 @@ export default fp(async function upstreamProxy (fastify) {
   const proxy: Proxy = { fastify, config, cooldowns: new Cooldowns(), dropAuthorization: () => config.adminToken != null || fastify.apiKeys.configured }
   fastify.decorate('upstreamCooldowns', proxy.cooldowns)
 
-  fastify.decorateRequest('exchange', null as unknown as Exchange)
-  fastify.addHook('onRequest', async (request, reply) => {
-    // Attached before any await: attached after the client has gone, 'close' never fires.
-    const exchange = new Exchange(requestIdFrom(request.headers['x-request-id']))
-    request.exchange = exchange
-    reply.raw.once('close', () => exchange.close())
-    reply.header('x-request-id', exchange.requestId)
-  })
-
   // A client that stops reading would keep a streamed answer's GPUs for ever (backpressure pauses
   // the upstream, so it never ends). Once an answer streams, a connection on which nothing moves
   // for longer than a silent upstream is allowed is closed; so is one whose writer has been held
@@ -136,7 +123,7 @@ export default fp(async function upstreamProxy (fastify) {
   fastify.decorate('withLease', async function <T> (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>): Promise<T> {
     return await withLease(proxy, request, reply, target, work)
   })
-}, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'gpu-lease', 'inventory', 'upstream-poller'], fastify: '5.x' })
+}, { name: 'upstream-proxy', dependencies: ['config', 'errors', 'exchange', 'gpu-lease', 'inventory', 'upstream-poller'], fastify: '5.x' })
 
 function requestHeaders (proxy: Proxy, request: FastifyRequest, assignment: Assignment) {
   return (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {

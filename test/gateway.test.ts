@@ -223,3 +223,28 @@ t.test('a client that leaves before the upstream answers keeps its GPU leased un
   t.equal(fleet.recorder.events.filter((e) => e.type === 'start').length, 2)
   t.same(await fleet.heldGpus(), [], 'and the lease was released once the upstream was done')
 })
+
+t.test('a proxied exchange stays within Node\'s listener limit on its response (no leak warning per request)', async (t) => {
+  // Each plugin hanging its own 'close' listener on the response made eleven, and Node printed a
+  // MaxListenersExceededWarning with its stack trace for every request: a sixth of the CPU.
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'llama3.2', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 1 } }],
+    options: { API_KEYS: 'sk-alice-0123456789' }
+  })
+  const gw = await fleet.replica()
+  const warnings: string[] = []
+  const onWarning = (w: Error): void => { warnings.push(`${w.name}: ${w.message}`) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  const headers = { authorization: 'Bearer sk-alice-0123456789' }
+  for (const stream of [true, false]) {
+    const res = await fetch(`${gw.url}/api/generate`, { method: 'POST', headers, body: JSON.stringify({ model: 'llama3.2', prompt: 'hi', stream }) })
+    t.equal(res.status, 200, `stream: ${String(stream)} answered`)
+    await res.text()
+  }
+  const ollama = new Ollama({ host: gw.url, headers })
+  for await (const part of await ollama.chat({ model: 'llama3.2', messages: [{ role: 'user', content: 'hi' }], stream: true })) void part
+  await sleep(50) // warnings are emitted on the next tick
+  t.same(warnings, [], 'no process warning')
+})
