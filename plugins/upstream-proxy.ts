@@ -216,7 +216,7 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
           signal: request.exchange.signal,
           client: { id: request.client.id, priority: request.client.priority },
           // warm servers first among the free ones (the background poll and the gateway's own traffic)
-          preferred: target.kind === 'llm' ? choice.filter((a) => proxy.fastify.upstreams.isLoaded(a.id, target.model)).map((a) => a.id) : undefined
+          preferred: target.kind === 'llm' ? proxy.fastify.upstreams.preferredAmong(choice, target.model) : undefined
         })
         assignment = choice[lease.candidateIndex]
         // Drained while this request waited (its candidates were chosen before): give the lease
@@ -311,7 +311,7 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
       res.stream.once('end', () => { complete = true })
       res.stream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
       // The model answered on that server: it is loaded there now (the scheduler's warm preference).
-      if (target.kind === 'llm' && res.statusCode === 200) proxy.fastify.upstreams.noteServed(assignment.id, target.model)
+      if (target.kind === 'llm' && res.statusCode === 200) proxy.fastify.upstreams.noteServed(assignment, target.model)
       reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {

@@ -38,7 +38,7 @@ export default fp(async function warmModels (fastify) {
       })
       const text = await res.text()
       if (res.ok) {
-        fastify.upstreams.noteServed(assignment.id, model)
+        fastify.upstreams.noteServed(assignment, model)
         fastify.log.info({ model, assignment: assignment.name }, 'warm model loaded')
       } else {
         fastify.log.warn({ model, assignment: assignment.name, status: res.status, answer: text.slice(0, 200) }, 'warm model did not load')

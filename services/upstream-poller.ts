@@ -9,9 +9,12 @@
  *    the last poll; `unreachable`: the last poll failed; `unknown`: not polled yet), the models loaded
  *    there and `polledAt` (ms since the epoch of the last answer). Only llm (Ollama) assignments
  *    are polled: `snapshot()` of any other is undefined.
- *  - `isLoaded(assignmentId, model)`: the model is resident on the assignment's server, from the
+ *  - `isLoaded(assignment, model)`: the model is resident on the assignment's server, from the
  *    last `/api/ps` and the gateway's own traffic since. False when unknown: no preference, never "down".
- *  - `noteServed(assignmentId, model)` / `noteUnloaded(assignmentId, model)`: the gateway's own
+ *  - `preferredAmong(candidates, model)`: a few of the candidates where the model is loaded, for
+ *    the scheduler to try first: cached per candidate list until what is loaded changes, and a
+ *    different few each call, so its cost does not grow with the fleet.
+ *  - `noteServed(assignment, model)` / `noteUnloaded(assignment, model)`: the gateway's own
  *    traffic says the model was just served (so it is loaded) or unloaded there.
  *  - `tags()`, `ps()`, `version()`: the fleet's catalogue (see `upstream-catalog.ts`).
  * No Fastify here.
@@ -63,6 +66,13 @@ interface ServerState {
 
 const DEFAULT_TIMEOUT_MS = 2500
 
+/**
+ * Warm candidates offered to the scheduler per request. It tries them first, one by one, and a
+ * busy one costs it a look: a few are enough for a warm one to be free when any is, and the
+ * scheduler then takes any free one.
+ */
+export const PREFERRED_MAX = 4
+
 /** Says on the wire (and in an upstream's logs) that this is the gateway's poll, not a client's request. */
 const POLL_HEADERS = { 'user-agent': `ai-maestro-proxy/${gatewayVersion} upstream-poll` }
 
@@ -72,6 +82,9 @@ export class UpstreamPoller {
   private closed = false
   private readonly abort = new AbortController()
   private readonly timeoutMs: number
+  /** Bumped whenever a server's set of loaded models changes: the warm lists below are then stale. */
+  private loadedVersion = 0
+  private readonly warm = new WeakMap<readonly Assignment[], { version: number, model: string, ids: string[], next: number }>()
 
   constructor (private readonly opts: UpstreamPollerOptions) {
     this.timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS
@@ -127,7 +140,7 @@ export class UpstreamPoller {
       // What was served since this poll began is loaded whatever the list (read before it) says.
       const servedSince = [...s.servedAt].filter(([, at]) => at >= startedAt).map(([k]) => k)
       s.servedAt.clear()
-      s.loaded = new Set([...ps.map((e) => modelKey(e.name)), ...servedSince])
+      this.setLoaded(s, new Set([...ps.map((e) => modelKey(e.name)), ...servedSince]))
       s.health = 'up'
       s.polledAt = Date.now()
       s.error = undefined
@@ -138,8 +151,13 @@ export class UpstreamPoller {
       if (s.health !== 'unreachable') this.opts.log?.warn({ upstream: s.url, err }, 'upstream poll failed')
       s.health = 'unreachable'
       s.error = (err as Error).message
-      s.loaded = new Set()
+      this.setLoaded(s, new Set())
     }
+  }
+
+  private setLoaded (s: ServerState, loaded: Set<string>): void {
+    if (loaded.size !== s.loaded.size || [...loaded].some((k) => !s.loaded.has(k))) this.loadedVersion++
+    s.loaded = loaded
   }
 
   private async fetchJson (url: string): Promise<any> {
@@ -160,23 +178,39 @@ export class UpstreamPoller {
     return this.opts.assignments().map((a) => toSnapshot(a, this.servers.get(a.url)))
   }
 
-  isLoaded (assignmentId: string, model: string): boolean {
-    return this.serverOf(assignmentId)?.state?.loaded.has(modelKey(model)) ?? false
+  isLoaded (assignment: Pick<Assignment, 'url'>, model: string): boolean {
+    return this.servers.get(assignment.url)?.loaded.has(modelKey(model)) ?? false
   }
 
-  noteServed (assignmentId: string, model: string): void {
-    const state = this.serverOf(assignmentId)?.state
+  /** Up to PREFERRED_MAX ids of `candidates` (one array per model, as the inventory hands it out) where `model` is loaded. */
+  preferredAmong (candidates: readonly Assignment[], model: string): string[] {
+    let w = this.warm.get(candidates)
+    if (w == null || w.version !== this.loadedVersion || w.model !== model) {
+      w = { version: this.loadedVersion, model, ids: candidates.filter((a) => this.isLoaded(a, model)).map((a) => a.id), next: 0 }
+      this.warm.set(candidates, w)
+    }
+    if (w.ids.length <= PREFERRED_MAX) return w.ids
+    const out: string[] = []
+    for (let i = 0; i < PREFERRED_MAX; i++) out.push(w.ids[(w.next + i) % w.ids.length])
+    w.next = (w.next + PREFERRED_MAX) % w.ids.length
+    return out
+  }
+
+  noteServed (assignment: Pick<Assignment, 'url'>, model: string): void {
+    const state = this.servers.get(assignment.url)
     if (state == null) return
     const key = modelKey(model)
     state.servedAt.set(key, Date.now())
+    if (state.loaded.has(key)) return
     state.loaded.add(key)
+    this.loadedVersion++
   }
 
-  noteUnloaded (assignmentId: string, model: string): void {
-    const state = this.serverOf(assignmentId)?.state
+  noteUnloaded (assignment: Pick<Assignment, 'url'>, model: string): void {
+    const state = this.servers.get(assignment.url)
     if (state == null) return
     const key = modelKey(model)
-    state.loaded.delete(key)
+    if (state.loaded.delete(key)) this.loadedVersion++
     state.servedAt.delete(key)
     state.ps = state.ps.filter((e) => modelKey(e.name) !== key)
   }

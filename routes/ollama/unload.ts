@@ -26,7 +26,7 @@ export function isUnloadRequest (path: string, body: Record<string, unknown>): b
 
 /** The servers (one assignment each) among `candidates` that have `model` loaded, as last polled. */
 function loadedOn (fastify: FastifyInstance, candidates: Assignment[], model: string): Assignment[] {
-  return candidates.filter((a) => fastify.upstreams.isLoaded(a.id, model))
+  return candidates.filter((a) => fastify.upstreams.isLoaded(a, model))
 }
 
 /**
@@ -45,7 +45,7 @@ export async function unloadEverywhere (fastify: FastifyInstance, request: Fasti
       if (!res.ok) failures.push(`${assignment.name}: ${(await res.text()).slice(0, 200)} (HTTP ${res.status})`)
       else {
         await res.body?.cancel()
-        fastify.upstreams.noteUnloaded(assignment.id, model)
+        fastify.upstreams.noteUnloaded(assignment, model)
         request.log.info({ model, assignment: assignment.name }, 'model unloaded')
       }
     } catch (err) {
