@@ -29,6 +29,8 @@ const COMMAND_OPTIONS = {
   // Commands issued in one tick go out in one write: under load, the lease scripts of many
   // requests share a syscall (the socket writes were the largest single cost per request).
   enableAutoPipelining: true,
+  // ...but not a release: it hands the GPU to the next waiter, which must not wait for a tick.
+  autoPipeliningIgnoredCommands: ['maestroRelease'],
   // Reconnect soon: after a failover the new master is found on the next attempt.
   retryStrategy: (times: number) => Math.min(times * 100, 500)
 } satisfies RedisOptions
