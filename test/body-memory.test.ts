@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { embeddedEnv, startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
 import { startSimulator, type Simulator } from './helpers/upstream-simulator.js'
+import { TS_LOADER } from './helpers/ts-loader.js'
 
 async function post (url: string, body: string | Buffer): Promise<{ status: number, headers: Headers }> {
   const res = await fetch(url, { method: 'POST', body: body as BodyInit })
@@ -36,13 +37,12 @@ const HEAP_PROBE = fileURLToPath(new URL('./helpers/heap-peak.mjs', import.meta.
 
 /** The standalone server in its own process (its heap measured apart from the test's), embedded mode. */
 async function spawnServer (t: Test, env: Record<string, string>, nodeOptions: string[]): Promise<{ url: string, alive: () => boolean, peakFile: string }> {
-  const loader = process.execArgv.filter((a) => a.includes('@tapjs/typescript') || a === '--enable-source-maps')
   const dir = await mkdtemp(join(tmpdir(), 'maestro-heap-'))
   t.teardown(async () => { await rm(dir, { recursive: true, force: true }) })
   const peakFile = join(dir, 'peak')
   const clean = embeddedEnv()
   delete clean.NODE_OPTIONS
-  const child = spawn(process.execPath, [...nodeOptions, ...loader, `--import=${HEAP_PROBE}`, SERVER], {
+  const child = spawn(process.execPath, [...nodeOptions, ...TS_LOADER, `--import=${HEAP_PROBE}`, SERVER], {
     cwd: dir,
     env: { ...clean, ...env, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', HEAP_PEAK_FILE: peakFile },
     stdio: ['ignore', 'pipe', 'pipe']

@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { Value } from '@sinclair/typebox/value'
 import { clusterKeyPrefix, EnvSchema, resolveConfig, unknownVariables, type Env } from '../services/config.js'
 import { startGateway } from './helpers/gateway.js'
+import { TS_LOADER } from './helpers/ts-loader.js'
 
 const SERVER = fileURLToPath(new URL('../server.ts', import.meta.url))
 
@@ -17,11 +18,9 @@ interface Run { code: number | null, stdout: string, stderr: string, url?: strin
  * is read; resolves when it exits or listens.
  */
 async function runServer (t: { teardown: (fn: () => void) => void }, env: Record<string, string>): Promise<Run> {
-  const loader = process.execArgv.filter((a) => a.startsWith('--import') && a.includes('typescript'))
-  const proc = spawn(process.execPath, [...loader, SERVER], {
+  const proc = spawn(process.execPath, [...TS_LOADER, SERVER], {
     cwd: tmpdir(),
-    // The TypeScript loader tap runs this file with, without type-checking (as tap does).
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', TS_NODE_TRANSPILE_ONLY: '1', PORT: '0', HOST: '127.0.0.1', ...env },
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', PORT: '0', HOST: '127.0.0.1', ...env },
     stdio: ['ignore', 'pipe', 'pipe']
   })
   t.teardown(() => { if (proc.exitCode == null) proc.kill('SIGKILL') })

@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { loadInventoryFromDatabase, type Query } from '../services/inventory.js'
 import { MIGRATIONS, migrate } from '../services/migrations.js'
 import { createTestDatabase, seedInventory } from './helpers/database.js'
+import { TS_LOADER } from './helpers/ts-loader.js'
 
 const ALL = MIGRATIONS.map(m => m.name)
 
@@ -123,11 +124,10 @@ const SCRIPT = fileURLToPath(new URL('../scripts/migrate.ts', import.meta.url))
 
 /** Runs scripts/migrate.ts with the TypeScript loader this test runs under. */
 async function runCli (env: Record<string, string>): Promise<{ code: number | null, stdout: string, stderr: string }> {
-  const loader = process.execArgv.filter(a => a.includes('@tapjs/typescript') || a === '--enable-source-maps')
   const clean = { ...process.env }
   delete clean.MARIADB_URL
   delete clean.ConnectionStrings__MariaDb
-  const child = spawn(process.execPath, [...loader, SCRIPT], { env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [...TS_LOADER, SCRIPT], { env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString() })
