@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { embeddedEnv, startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
 import { startSimulator, type Simulator } from './helpers/upstream-simulator.js'
-import { TS_LOADER } from './helpers/ts-loader.js'
+import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
 async function post (url: string, body: string | Buffer): Promise<{ status: number, headers: Headers }> {
   const res = await fetch(url, { method: 'POST', body: body as BodyInit })
@@ -32,7 +32,6 @@ const metricLine = (text: string, name: string): number => {
 
 /* ------------------------------------------------------------------------------------------ */
 
-const SERVER = fileURLToPath(new URL('../server.ts', import.meta.url))
 const HEAP_PROBE = fileURLToPath(new URL('./helpers/heap-peak.mjs', import.meta.url))
 
 /** The standalone server in its own process (its heap measured apart from the test's), embedded mode. */

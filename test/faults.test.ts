@@ -11,7 +11,7 @@ import { Redis } from 'ioredis'
 import { serverUrl } from './helpers/database.js'
 import { startFleet, type TestFleet } from './helpers/gateway.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
-import { ROOT, buildIfStale } from './helpers/build.js'
+import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
 type Teardown = Pick<Test, 'teardown'>
 
@@ -213,7 +213,7 @@ async function tcpProxy (t: Teardown, target: { host: string, port: number }): P
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The built server as a child process (`node dist/server.js`), configured by environment.
+ * The server as a child process (`server.ts` through the tests' loader), configured by environment.
  */
 interface Child {
   url: string
@@ -232,7 +232,7 @@ async function spawnGateway (t: Teardown, env: Record<string, string | number | 
   }
   for (const [k, v] of Object.entries(env)) if (v !== undefined) base[k] = String(v)
   // Run from a scratch directory so no `.env` is read.
-  const proc = spawn(process.execPath, [`${ROOT}dist/server.js`], {
+  const proc = spawn(process.execPath, [...TS_LOADER, SERVER], {
     cwd: tmpdir(),
     env: { ...base, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info' },
     stdio: ['ignore', 'pipe', 'pipe']
@@ -597,10 +597,6 @@ t.test('MariaDB going away: the last good inventory keeps serving, /health says 
 })
 
 t.test('replicas in child processes', async (t) => {
-  // The built server, as `npm start` runs it.
-  const build = await buildIfStale()
-  t.comment(build)
-
   await t.test('a replica killed while holding a lease: the others get its GPU back within the ttl', async (t) => {
     const TTL = 1500
     const fleet = await startFleet(t, {

@@ -7,9 +7,8 @@ import { fileURLToPath } from 'node:url'
 import { Value } from '@sinclair/typebox/value'
 import { clusterKeyPrefix, EnvSchema, resolveConfig, unknownVariables, type Env } from '../services/config.js'
 import { startGateway } from './helpers/gateway.js'
-import { TS_LOADER } from './helpers/ts-loader.js'
+import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
-const SERVER = fileURLToPath(new URL('../server.ts', import.meta.url))
 
 interface Run { code: number | null, stdout: string, stderr: string, url?: string, kill: () => void }
 

@@ -8,15 +8,15 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { embeddedEnv, writeInventoryFile } from './helpers/embedded.js'
 import { LOG_FLUSH_MS } from '../services/log-destination.js'
-import { ROOT, buildIfStale } from './helpers/build.js'
+import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
 const REQUESTS = 40
 
-/** The built server in embedded mode, stdout a pipe (as under a container runtime). */
+/** The server in embedded mode (`server.ts` through the tests' loader), stdout a pipe (as under a container runtime). */
 async function server (t: Test, inventory: string) {
   const env = embeddedEnv({ INVENTORY_FILE: inventory, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', NODE_ENV: '' })
   delete env.NODE_OPTIONS
-  const proc = spawn(process.execPath, [`${ROOT}dist/server.js`], { cwd: tmpdir(), env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(process.execPath, [...TS_LOADER, SERVER], { cwd: tmpdir(), env, stdio: ['ignore', 'pipe', 'pipe'] })
   const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()))
   t.teardown(async () => { if (proc.exitCode == null && proc.signalCode == null) proc.kill('SIGKILL'); await exited })
   let out = ''
@@ -41,8 +41,6 @@ async function generateAll (url: string): Promise<void> {
   }))
   if (answers.some((s) => s !== 200)) throw new Error(`answers: ${answers.join(',')}`)
 }
-
-t.before(async () => { await buildIfStale() })
 
 t.test('SIGTERM right after a burst: every request has its line', async (t) => {
   const sim = await startSimulator({ models: ['m'], tokens: 1, tokenDelayMs: 0 })
