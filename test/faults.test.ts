@@ -1,5 +1,5 @@
 // What the gateway does when its parts fail: upstreams, Redis, MariaDB, and replicas that die or
-// are told to stop (issue 3). Replicas that must die run as child processes of the built server.
+// are told to stop (issue 3). Replicas that must die run as server processes of their own (server.ts).
 import t, { type Test } from 'tap'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
