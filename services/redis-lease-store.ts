@@ -106,6 +106,8 @@ export class RedisLeaseStore implements LeaseStore {
   private readonly lists = new WeakMap<Candidate[], ListRef>()
   /** This replica's waiting members and their lines (their sweep keeps those alive). */
   private readonly lineOf = new Map<string, string>()
+  /** Releases waiting for this turn's call (`flushReleases`). */
+  private readonly releases: Array<{ token: string, resolve: (released: boolean) => void, reject: (err: unknown) => void }> = []
 
   constructor (opts: RedisLeaseStoreOptions) {
     this.client = opts.client as RedisLeaseStore['client']
@@ -264,9 +266,23 @@ export class RedisLeaseStore implements LeaseStore {
   }
 
   async release (token: string): Promise<boolean> {
-    const r = await this.run('release', token)
-    this.deliver(r.grants)
-    return Number(r.body[0]) > 0
+    if (this.releases.length === 0) setImmediate(this.flushReleases)
+    return await new Promise<boolean>((resolve, reject) => { this.releases.push({ token, resolve, reject }) })
+  }
+
+  /**
+   * The releases asked for in one turn of the event loop, in one script call (setImmediate: after
+   * the sockets whose answers ended in this turn have all been read). Each release is a socket
+   * write and a script run of its own otherwise; under load, several end in one turn.
+   */
+  private readonly flushReleases = (): void => {
+    const batch = this.releases.splice(0)
+    this.run('release', ...batch.map((b) => b.token)).then((r) => {
+      this.deliver(r.grants)
+      batch.forEach((b, i) => b.resolve(Number(r.body[i]) > 0))
+    }, (err: unknown) => {
+      for (const b of batch) b.reject(err)
+    })
   }
 
   async releaseGpus (gpuIds: string[]): Promise<{ released: number, inFlight: string[] }> {
