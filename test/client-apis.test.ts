@@ -9,7 +9,15 @@ import { assertAllFree, startFleet, type TestFleet } from './helpers/gateway.js'
 import { speechBytes, transcriptOf, type SpeechSimulator } from './helpers/upstream-simulator.js'
 
 const anthropicFor = (url: string, fetchImpl?: typeof fetch): Anthropic => new Anthropic({ baseURL: url, apiKey: 'x', maxRetries: 0, fetch: fetchImpl })
-const openaiFor = (url: string): OpenAI => new OpenAI({ baseURL: url + '/v1', apiKey: 'x', maxRetries: 0 })
+const openaiFor = (url: string, fetchImpl?: typeof fetch): OpenAI => new OpenAI({ baseURL: url + '/v1', apiKey: 'x', maxRetries: 0, fetch: fetchImpl })
+
+/** A fetch that keeps each JSON body the client sends, to compare with what reached the upstream. */
+function recordingFetch (sent: string[]): typeof fetch {
+  return async (input, init) => {
+    if (typeof init?.body === 'string') sent.push(init.body)
+    return await fetch(input, init)
+  }
+}
 
 async function settled (t: Test, fleet: TestFleet, gw: { url: string }): Promise<void> {
   await fleet.recorder.whenIdle()
@@ -27,10 +35,7 @@ t.test('Anthropic Messages API: messages.create and messages.stream through the 
   const gw = await fleet.replica()
   const sim = fleet.upstreams[0]
   const sent: string[] = []
-  const client = anthropicFor(gw.url, async (input, init) => {
-    if (typeof init?.body === 'string') sent.push(init.body)
-    return await fetch(input, init)
-  })
+  const client = anthropicFor(gw.url, recordingFetch(sent))
 
   const message = await client.messages.create({ model: 'qwen3', max_tokens: 64, messages: [{ role: 'user', content: 'hello' }] })
   t.equal(message.type, 'message')
@@ -90,7 +95,8 @@ t.test('OpenAI Responses API: responses.create, streamed and not', async (t) => 
   const fleet = await llmFleet(t)
   const gw = await fleet.replica()
   const sim = fleet.upstreams[0]
-  const client = openaiFor(gw.url)
+  const sent: string[] = []
+  const client = openaiFor(gw.url, recordingFetch(sent))
 
   const response = await client.responses.create({ model: 'qwen3', input: 'hello' })
   t.equal(response.object, 'response')
@@ -98,6 +104,7 @@ t.test('OpenAI Responses API: responses.create, streamed and not', async (t) => 
   t.equal(response.output_text, 'The sky is blue')
   t.equal(sim.requests.at(-1)!.path, '/v1/responses')
   t.same(sim.requests.at(-1)!.body, { model: 'qwen3', input: 'hello' }, 'forwarded as sent')
+  t.equal(sim.requests.at(-1)!.rawBody, sent.at(-1), 'the body reached the upstream byte for byte')
 
   const events: Array<{ type: string, sequence_number: number, delta?: string }> = []
   const stream = await client.responses.create({ model: 'qwen3', input: 'hello', stream: true })
@@ -122,6 +129,29 @@ t.test('OpenAI Responses API: responses.create, streamed and not', async (t) => 
   const missing = await client.responses.create({ model: 'nope', input: 'x' }).catch((err: unknown) => err)
   t.ok(missing instanceof OpenAI.NotFoundError)
   t.match((missing as InstanceType<typeof OpenAI.APIError>).error, { message: "model 'nope' not found", type: 'not_found_error' })
+  await settled(t, fleet, gw)
+})
+
+t.test('Messages and Responses clients at once on one GPU, streamed and not: each waits its turn, no GPU overlap', async (t) => {
+  const fleet = await llmFleet(t)
+  const gw = await fleet.replica()
+  const anthropic = anthropicFor(gw.url)
+  const openai = openaiFor(gw.url)
+  const streamedText = async (events: AsyncIterable<{ type: string, delta?: unknown }>): Promise<string> => {
+    let text = ''
+    for await (const e of events) if (e.type === 'response.output_text.delta') text += String(e.delta)
+    return text
+  }
+  // started together: without the lease the one-GPU server would run them side by side (an overlap)
+  const texts = await Promise.all([1, 2].flatMap(() => [
+    anthropic.messages.create({ model: 'qwen3', max_tokens: 8, messages: [{ role: 'user', content: 'x' }] }).then((m) => (m.content[0] as { text: string }).text),
+    anthropic.messages.stream({ model: 'qwen3', max_tokens: 8, messages: [{ role: 'user', content: 'x' }] }).finalText(),
+    openai.responses.create({ model: 'qwen3', input: 'x' }).then((r) => r.output_text),
+    openai.responses.create({ model: 'qwen3', input: 'x', stream: true }).then(streamedText)
+  ]))
+  t.same(texts, Array(8).fill('The sky is blue'), 'every client got its whole answer')
+  t.equal(fleet.recorder.events.filter((e) => e.type === 'start').length, 8, 'all eight were model work on the recorded GPU')
+  t.equal(fleet.recorder.peak(fleet.gpuIds[0]), 1, 'one at a time on the GPU')
   await settled(t, fleet, gw)
 })
 
@@ -167,6 +197,11 @@ t.test('speech: audio.transcriptions.create and audio.speech.create, leased on s
   // the model as a query parameter, for a client that sends the file first
   const first = await client.audio.transcriptions.create({ file: await toFile(Buffer.from('x'), 'b.wav'), model: 'ignored-by-gateway' } as any, { query: { model: 'whisper-1' } })
   t.equal(first.text, transcriptOf(Buffer.from('x')))
+
+  // the lease API hands out speech servers as before
+  const reserved = await (await fetch(`${gw.url}/gpu/reserve`, { method: 'POST', body: JSON.stringify({ outputType: 'speech', model: 'whisper-1' }) })).json() as { name: string, port: number, gpuIds: string, leaseId: string }
+  t.match(reserved, { name: 'stt', port: stt.port, gpuIds: fleet.gpuIds[0] })
+  t.equal((await fetch(`${gw.url}/gpu/release`, { method: 'POST', body: JSON.stringify({ leaseId: reserved.leaseId }) })).status, 200)
   await settled(t, fleet, gw)
 })
 

@@ -42,9 +42,19 @@ t.test('a pull reaches every server assigned the model, streams both servers\' p
   const fleet = await pullFleet(t)
   const gw = await fleet.replica()
   const ollama = new Ollama({ host: gw.url, headers: { Authorization: `Bearer ${TOKEN}` } })
+  // both servers' GPUs held by reservations: a pull that took a lease would wait for them
+  const admin = { authorization: `Bearer ${TOKEN}` }
+  const reserve = async (): Promise<{ leaseId: string }> => await (await fetch(`${gw.url}/gpu/reserve`, {
+    method: 'POST', headers: admin, body: JSON.stringify({ outputType: 'text', model: 'qwen3' }), signal: AbortSignal.timeout(3000)
+  })).json() as { leaseId: string }
+  const reservations = [await reserve(), await reserve()]
+  t.same(await fleet.heldGpus(), [...fleet.gpuIds].sort(), 'every GPU of the model is leased')
   const parts: Array<Record<string, any>> = []
-  for await (const part of await ollama.pull({ model: 'qwen3', stream: true })) parts.push(part)
+  const pulled = (async () => { for await (const part of await ollama.pull({ model: 'qwen3', stream: true })) parts.push(part) })()
+  await Promise.race([pulled, sleep(5000).then(() => { throw new Error('the pull waited for a GPU') })])
+  for (const { leaseId } of reservations) await fetch(`${gw.url}/gpu/release`, { method: 'POST', headers: admin, body: JSON.stringify({ leaseId }) })
   t.same(parts.at(-1), { status: 'success' }, 'the last line is the fleet\'s success')
+  t.ok(parts.slice(0, -1).every((p) => p.server === 'box-a' || p.server === 'box-b'), 'every progress line says its server')
   for (const server of ['box-a', 'box-b']) {
     const mine = parts.filter((p) => p.server === server)
     t.ok(mine.some((p) => p.status === 'pulling manifest'), `${server}: manifest line`)
@@ -120,6 +130,33 @@ t.test('a * assignment serves any model: a model no assignment names is pulled o
   t.equal(any.requests.filter((r) => r.path === '/api/pull').length, 1)
 })
 
+t.test('a model pulled onto * servers is listed (once) by /api/tags and /v1/models when every one of them has it', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1],
+    upstreams: [
+      { model: '*', name: 'any-1', gpus: [0], simulator: { models: ['llama3.2'], tokenDelayMs: 1 } },
+      { model: '*', name: 'any-2', gpus: [1], simulator: { models: ['llama3.2'], tokenDelayMs: 1 } }
+    ],
+    options: { UPSTREAM_POLL_MS: 100 }
+  })
+  const gw = await fleet.replica()
+  const ollama = new Ollama({ host: gw.url })
+  const listed = async (): Promise<{ tags: string[], v1: string[] }> => ({
+    tags: (await ollama.list()).models.map((m) => m.name).sort(),
+    v1: ((await (await fetch(`${gw.url}/v1/models`)).json()) as { data: Array<{ id: string }> }).data.map((m) => m.id).sort()
+  })
+  await until('the first poll', async () => (await listed()).tags.length > 0)
+  t.same(await listed(), { tags: ['llama3.2:latest'], v1: ['llama3.2:latest'] })
+  // on one of the two only (pulled there directly): not offered, a request could land on the other
+  const direct = await new Ollama({ host: fleet.upstreams[0].url }).pull({ model: 'mistral' })
+  t.same(direct, { status: 'success' })
+  await sleep(400)
+  t.same(await listed(), { tags: ['llama3.2:latest'], v1: ['llama3.2:latest'] }, 'a model on one server of two is not listed')
+  t.same(await ollama.pull({ model: 'mistral' }), { status: 'success' }, 'pulled through the gateway: on both now')
+  await until('mistral listed', async () => (await listed()).tags.includes('mistral:latest'))
+  t.same(await listed(), { tags: ['llama3.2:latest', 'mistral:latest'], v1: ['llama3.2:latest', 'mistral:latest'] }, 'listed once, in both lists')
+})
+
 t.test('a client that leaves a pull cancels it on every server', async (t) => {
   const fleet = await pullFleet(t, 60)
   const gw = await fleet.replica()
@@ -149,6 +186,8 @@ t.test('an unload reaches every server where the model is loaded and no other, e
   const gw = await fleet.replica()
   const [a, b, c] = fleet.upstreams
   const ollama = new Ollama({ host: gw.url })
+  const loaded = async (): Promise<Array<{ name: string, servers?: string[] }>> => (await ollama.ps()).models as any
+  t.same((await loaded()).map((m) => [m.name, m.servers]), [['m:latest', ['a', 'b']]], '/api/ps: loaded on a and b, listed once')
   // a request running on a: the unload there waits for it (its lease)
   const busy = ollama.generate({ model: 'm', prompt: 'hi', stream: false })
   await until('a busy', () => a.running() + b.running() > 0)
@@ -158,7 +197,8 @@ t.test('an unload reaches every server where the model is loaded and no other, e
   await busy
   t.same(a.resident(), [], 'unloaded on a')
   t.same(b.resident(), [], 'unloaded on b')
-  t.same(c.requests.filter((r) => r.path === '/api/generate'), [], 'c, where it was not loaded, was not asked')
+  t.same(c.requests.filter((r) => r.method === 'POST'), [], 'c, where it was not loaded, was sent nothing')
+  t.same(await loaded(), [], '/api/ps: loaded nowhere now')
   for (const sim of [a, b]) {
     const unloads = sim.requests.filter((r) => r.path === '/api/generate' && r.body.keep_alive === 0)
     t.equal(unloads.length, 1, 'one unload request per loaded server')
