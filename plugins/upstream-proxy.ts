@@ -6,7 +6,7 @@ import { CandidateRound, Cooldowns } from '../services/candidate-choice.js'
 import { GatewayError } from '../services/errors.js'
 import { clientResponseHeaders, headerValue, upstreamRequestHeaders } from '../services/http-headers.js'
 import type { Assignment, ModelKind } from '../services/inventory.js'
-import { LeaseError, type Lease } from '../services/lease-manager.js'
+import { LeaseError, lostSignal, type Lease } from '../services/lease-manager.js'
 import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import type { ClientPass } from './clients.js'
@@ -213,7 +213,7 @@ function candidateLeases (proxy: Proxy, request: FastifyRequest, reply: FastifyR
           queue,
           candidates: candidatesOf(choice),
           info: { model: target.model, kind: target.kind, purpose: 'proxy' as const },
-          signal: request.exchange.signal,
+          requester: request.exchange,
           client: { id: request.client.id, priority: request.client.priority },
           // warm servers first among the free ones (the background poll and the gateway's own traffic)
           preferred: target.kind === 'llm' ? proxy.fastify.upstreams.preferredAmong(choice, target.model) : undefined
@@ -277,7 +277,7 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
     release()
     return reply
   }
-  lease.lost.addEventListener('abort', () => reply.raw.destroy(), { once: true })
+  lease.onLost(() => reply.raw.destroy())
   // A client gone before the upstream's headers does not stop the upstream (reply-from has no
   // way to): its GPUs stay leased until the headers come (the upstream then learns it is alone),
   // or the headers timeout; a fallback timer bounds it whatever happens.
@@ -341,7 +341,8 @@ async function withLease<T> (proxy: Proxy, request: FastifyRequest, reply: Fasti
     const held = await leases.next()
     if (held == null) throw new GatewayError(502, leases.exhausted())
     const { assignment, lease, release } = held
-    const signal = AbortSignal.any([request.exchange.signal, lease.lost])
+    const lost = lostSignal(lease)
+    const signal = AbortSignal.any([request.exchange.signal, lost])
     // A call under way is not aborted when the client leaves (the upstream would work on, on GPUs
     // released under it): it runs to its end, and no further call is made.
     const post = async (path: string, body: unknown): Promise<Response> => {
@@ -352,7 +353,7 @@ async function withLease<T> (proxy: Proxy, request: FastifyRequest, reply: Fasti
         body: JSON.stringify(body),
         // A redirect is never followed (it could point anywhere): it is this upstream's failure.
         redirect: 'manual',
-        signal: AbortSignal.any([lease.lost, AbortSignal.timeout(proxy.config.upstreamHeadersTimeoutMs)])
+        signal: AbortSignal.any([lost, AbortSignal.timeout(proxy.config.upstreamHeadersTimeoutMs)])
       })
       if (res.status >= 300 && res.status < 400) {
         await res.body?.cancel()
@@ -369,9 +370,9 @@ async function withLease<T> (proxy: Proxy, request: FastifyRequest, reply: Fasti
         leases.unreachable(assignment, error)
         continue
       }
-      if (!request.exchange.closed && !lease.lost.aborted) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
+      if (!request.exchange.closed && !lost.aborted) request.exchange.upstreamFailed(assignment.name, timedOut(error) ? 'timeout' : 'failed')
       if (timedOut(error)) throw new GatewayError(504, `upstream '${assignment.name}' sent no answer within ${proxy.config.upstreamHeadersTimeoutMs} ms`)
-      if (lease.lost.aborted) throw lease.lost.reason
+      if (lost.aborted) throw lost.reason
       proxy.fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
       throw new GatewayError(502, `upstream '${assignment.name}' failed`)
     } finally {

@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
 import type { Assignment } from '../services/inventory.js'
+import { lostSignal, requesterOf } from '../services/lease-manager.js'
 import { queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import { distinctUpstreams } from '../services/upstream-catalog.js'
@@ -27,14 +28,14 @@ export default fp(async function warmModels (fastify) {
         queue: queueName('llm', modelKey(model)),
         candidates: [{ assignmentId: assignment.id, gpuIds: assignment.gpuIds, capacity: assignment.capacity }],
         info: { model, kind: 'llm', purpose: 'proxy' },
-        signal: stopping.signal
+        requester: requesterOf(stopping.signal)
       })
       const res = await fetch(`${assignment.url}/api/generate`, {
         method: 'POST',
         headers: { 'content-type': 'application/json' },
         body: `{"model":${JSON.stringify(model)},"prompt":""${keepAlive},"stream":false}`,
         redirect: 'manual',
-        signal: AbortSignal.any([lease.lost, stopping.signal, AbortSignal.timeout(config.upstreamHeadersTimeoutMs)])
+        signal: AbortSignal.any([lostSignal(lease), stopping.signal, AbortSignal.timeout(config.upstreamHeadersTimeoutMs)])
       })
       const text = await res.text()
       if (res.ok) {

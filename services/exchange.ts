@@ -27,7 +27,8 @@ const EXCHANGE_ENDED = new DOMException('the exchange has ended', 'AbortError')
  * died, timed out), so leases hang their release on it.
  */
 export class Exchange {
-  private readonly controller = new AbortController()
+  /** Made when someone asks for the signal (few do: an AbortController per request had a cost). */
+  private controller?: AbortController
   private readonly cleanups: Array<() => void> = []
   closed = false
   /** The model the request named, once the inventory has a candidate for it. */
@@ -54,6 +55,10 @@ export class Exchange {
 
   /** Aborts when the exchange ends, for whatever reason. */
   get signal (): AbortSignal {
+    if (this.controller == null) {
+      this.controller = new AbortController()
+      if (this.closed) this.controller.abort(EXCHANGE_ENDED)
+    }
     return this.controller.signal
   }
 
@@ -66,7 +71,7 @@ export class Exchange {
   close (): void {
     if (this.closed) return
     this.closed = true
-    this.controller.abort(EXCHANGE_ENDED)
+    this.controller?.abort(EXCHANGE_ENDED)
     for (const fn of this.cleanups.splice(0)) fn()
   }
 }

@@ -16,10 +16,57 @@ export interface Lease extends HeldLease {
   queuedMs: number
   grantedAt: number
   /**
-   * Aborted when renewal finds the lease taken by someone else (it expired while we were paused),
-   * or when it could not be renewed for half the ttl (it may expire and be granted elsewhere).
+   * Run `fn` when the lease is lost (at once if it already is): renewal found it taken by someone
+   * else (it expired while we were paused), or it could not be renewed for half the ttl (it may
+   * expire and be granted elsewhere). A callback, not an AbortSignal: almost no lease is ever
+   * lost, and a signal per lease was a share of every request's cost.
    */
-  lost: AbortSignal
+  onLost: (fn: (reason: LeaseError) => void) => void
+}
+
+/**
+ * The request a waiter waits for: once it has closed (the client left), the waiter leaves the
+ * queue at once. An exchange is one; `requesterOf` makes one of an AbortSignal. `onClose` runs
+ * `fn` at once when it has closed already.
+ */
+export interface Requester {
+  readonly closed: boolean
+  onClose: (fn: () => void) => void
+}
+
+/** A requester that closes when `signal` aborts. */
+export function requesterOf (signal: AbortSignal): Requester {
+  return {
+    get closed () { return signal.aborted },
+    onClose: (fn) => {
+      if (signal.aborted) fn()
+      else signal.addEventListener('abort', fn, { once: true })
+    }
+  }
+}
+
+/** A signal that aborts when the lease is lost, for work that takes one (fetch). */
+export function lostSignal (lease: Lease): AbortSignal {
+  const lost = new AbortController()
+  lease.onLost((reason) => lost.abort(reason))
+  return lost.signal
+}
+
+/** Who is told of a lease's loss, and why it was lost. */
+class LeaseLoss {
+  reason?: LeaseError
+  private listeners?: Array<(reason: LeaseError) => void>
+
+  on (fn: (reason: LeaseError) => void): void {
+    if (this.reason != null) fn(this.reason)
+    else (this.listeners ??= []).push(fn)
+  }
+
+  lose (reason: LeaseError): void {
+    if (this.reason != null) return
+    this.reason = reason
+    for (const fn of this.listeners?.splice(0) ?? []) fn(reason)
+  }
 }
 
 export interface AcquireRequest {
@@ -30,8 +77,8 @@ export interface AcquireRequest {
   client?: ClientRef
   /** Assignment ids that have the model loaded: tried first among the free candidates, never waited for. */
   preferred?: string[]
-  /** Aborting it (client gone) leaves the queue at once. */
-  signal?: AbortSignal
+  /** Its close (client gone) leaves the queue at once. */
+  requester?: Requester
 }
 
 export interface LeaseManagerOptions {
@@ -49,7 +96,6 @@ interface Waiter {
   /** Its place in the line once queued: a re-enqueue keeps it. */
   place?: Place
   timer?: NodeJS.Timeout
-  onAbort?: () => void
   /** Sent away by a shutdown (possibly while its first attempt was still running). */
   refused?: boolean
   resolve: (lease: Lease) => void
@@ -73,7 +119,7 @@ export interface LeaseObserver {
 export class LeaseManager {
   private readonly waiters = new Map<string, Waiter>()
   /** In-flight leases; `renewedAt`: when the store last set their expiry (a call's start, to be safe). */
-  private readonly held = new Map<string, { lease: Lease, lost: AbortController, renewedAt: number }>()
+  private readonly held = new Map<string, { lease: Lease, loss: LeaseLoss, renewedAt: number }>()
   /**
    * Members settled recently, with the token they took (null: gave up). A second notice of that
    * grant is a duplicate; any other grant to them is an orphan and is released at once, not left
@@ -130,7 +176,7 @@ export class LeaseManager {
 
   async acquire (req: AcquireRequest): Promise<Lease> {
     if (this.closed) throw new LeaseError('gateway is shutting down', 503, 1)
-    if (req.signal?.aborted === true) throw new LeaseError('client closed request', 499)
+    if (req.requester?.closed === true) throw new LeaseError('client closed request', 499)
     if (!this.store.available()) throw new LeaseError('lease store unavailable', 503, 1)
     const member = `${this.store.replicaId}|${++this.counter}`
     const startedAt = performance.now()
@@ -206,12 +252,8 @@ export class LeaseManager {
     waiter.timer = setTimeout(() => {
       giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
     }, this.opts.queueTimeoutMs)
-    if (req.signal != null) {
-      waiter.onAbort = () => giveUp(new LeaseError('client closed request', 499))
-      req.signal.addEventListener('abort', waiter.onAbort, { once: true })
-      // The client may have left while the first attempt was on its way: 'abort' will not fire again.
-      if (req.signal.aborted) waiter.onAbort()
-    }
+    // (At once when the client left while the first attempt was on its way; a no-op once settled.)
+    req.requester?.onClose(() => giveUp(new LeaseError('client closed request', 499)))
   }
 
   private async leave (queue: string, member: string): Promise<void> {
@@ -227,7 +269,6 @@ export class LeaseManager {
   private forget (waiter: Waiter, token: string | null): void {
     this.waiters.delete(waiter.member)
     if (waiter.timer != null) clearTimeout(waiter.timer)
-    if (waiter.onAbort != null) waiter.req.signal?.removeEventListener('abort', waiter.onAbort)
     this.settled.set(waiter.member, token)
     if (this.settled.size > RECENT_LIMIT) {
       const oldest = this.settled.keys().next().value as string
@@ -249,7 +290,7 @@ export class LeaseManager {
       void this.releaseToken(grant.token)
       return
     }
-    if (waiter.req.signal?.aborted === true) {
+    if (waiter.req.requester?.closed === true) {
       // Granted just as its client left: the lease goes straight back.
       this.forget(waiter, null)
       waiter.reject(new LeaseError('client closed request', 499))
@@ -258,7 +299,7 @@ export class LeaseManager {
     }
     this.forget(waiter, grant.token)
     const candidate = waiter.req.candidates[grant.candidateIndex]
-    const lost = new AbortController()
+    const loss = new LeaseLoss()
     const now = performance.now()
     const lease: Lease = {
       token: grant.token,
@@ -270,9 +311,9 @@ export class LeaseManager {
       candidateIndex: grant.candidateIndex,
       queuedMs: now - waiter.startedAt,
       grantedAt: now,
-      lost: lost.signal
+      onLost: (fn) => loss.on(fn)
     }
-    if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, lost, renewedAt: now })
+    if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, loss, renewedAt: now })
     else this.noteReservation(lease, now)
     this.stats.grants++
     this.observer?.granted(lease)
@@ -399,7 +440,7 @@ export class LeaseManager {
     this.stats.lost++
     this.observer?.lost(entry.lease)
     this.opts.log?.error({ token, gpus: entry.lease.gpuIds }, message)
-    entry.lost.abort(new LeaseError('lease lost', 503, 1))
+    entry.loss.lose(new LeaseError('lease lost', 503, 1))
     this.noteDrained()
   }
 

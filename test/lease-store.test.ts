@@ -1,7 +1,7 @@
 // The lease rules, run against both stores: Redis (replicas) and memory (embedded mode).
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { LeaseError, LeaseManager, type Lease } from '../services/lease-manager.js'
+import { LeaseError, LeaseManager, requesterOf, type Lease } from '../services/lease-manager.js'
 import type { Candidate, LeaseInfo, LeaseStore, Place, StoreStatus } from '../services/lease-store.js'
 import { queueName } from '../services/lease-store.js'
 import { MemoryLeaseStore } from '../services/memory-lease-store.js'
@@ -169,7 +169,7 @@ for (const [name, make] of Object.entries(clusters)) {
       const m = await (await make(t)()).replica()
       const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
       const ac = new AbortController()
-      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), signal: ac.signal })
+      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), requester: requesterOf(ac.signal) })
       await sleep(20)
       const next = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
       await sleep(20)
@@ -188,7 +188,7 @@ for (const [name, make] of Object.entries(clusters)) {
       const held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a') })
       const ac = new AbortController()
       const started = performance.now()
-      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), signal: ac.signal })
+      const gone = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), requester: requesterOf(ac.signal) })
       ac.abort() // before the store has answered the first attempt
       t.equal((await gone.catch((e) => e)).statusCode, 499)
       t.ok(performance.now() - started < 1000, 'not after the queue timeout')
@@ -370,7 +370,7 @@ for (const [name, make] of Object.entries(clusters)) {
       const waits: Array<Promise<Lease>> = []
       for (const signal of [undefined, leaving.signal, undefined]) {
         const before = Date.now()
-        const wait = m.acquire({ queue: 'q', candidates: list, info: info('a'), signal })
+        const wait = m.acquire({ queue: 'q', candidates: list, info: info('a'), requester: signal != null ? requesterOf(signal) : undefined })
         wait.catch(() => {}) // awaited below; should the test stop first, closing the manager rejects it
         waits.push(wait)
         const depth = waits.length

@@ -50,7 +50,7 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
       queue: queueName(kind, modelKey(model)),
       candidates: candidatesOf(candidates),
       info: { model, kind, purpose: 'reservation' },
-      signal: request.exchange.signal
+      requester: request.exchange
     })
     // Renewing right away makes `expiresAt` a time the lease is sure to last until.
     const renewedAt = Date.now()
