@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { UploadPins } from '../services/upload-pins.js'
 import { startFleet } from './helpers/gateway.js'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
-import { startDiffusionSimulator, startSimulator, type Simulator } from './helpers/upstream-simulator.js'
+import { startDiffusionSimulator, startSimulator, startSpeechSimulator, type Simulator } from './helpers/upstream-simulator.js'
 
 interface Answer { status: number, headers: Headers, text: string, body: any }
 
@@ -94,6 +94,33 @@ t.test('a 1 MB model name is 400 on every route that takes a model, and /metrics
   t.ok(after.split('\n').every((l) => l.length < 1000), 'no metric line carries a long name')
   const longest = await post(gw.url + '/api/generate', JSON.stringify({ model: 'y'.repeat(256), prompt: 'x', stream: false }))
   t.not(longest.status, 400, `256 characters are taken (${longest.status})`)
+})
+
+t.test('a speech upload\'s model (from ?model= or the field before the file) over 256 characters is 400, before any upstream', async (t) => {
+  const speech = await startSpeechSimulator({ models: ['whisper-1'] })
+  t.teardown(() => speech.close())
+  const file = await writeInventoryFile(t, [{ name: 'stt', model: '*', kind: 'speech', port: speech.port, gpus: [1] }])
+  const gw = await startEmbeddedGateway(t, { INVENTORY_FILE: file })
+  const upload = (model: string): { body: string, headers: Record<string, string> } => {
+    const b = 'maestro-boundary'
+    return {
+      body: `--${b}\r\nContent-Disposition: form-data; name="model"\r\n\r\n${model}\r\n--${b}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n--${b}--\r\n`,
+      headers: { 'content-type': `multipart/form-data; boundary=${b}` }
+    }
+  }
+  for (const path of ['/v1/audio/transcriptions', '/v1/audio/translations']) {
+    const inQuery = await post(`${gw.url}${path}?model=${'q'.repeat(8000)}`, upload('').body, upload('').headers)
+    t.equal(inQuery.status, 400, `${path}: ?model= of 8000 characters`)
+    t.match(inQuery.text, /longer than 256 characters/)
+    const { body, headers } = upload('f'.repeat(60_000))
+    const inField = await post(gw.url + path, body, headers)
+    t.equal(inField.status, 400, `${path}: a model field of 60000 characters`)
+    t.match(inField.text, /longer than 256 characters/)
+    t.ok(inField.text.length < 1000, 'the name is not echoed')
+  }
+  t.equal(speech.requests.length, 0, 'no long name reached the speech server')
+  const { body, headers } = upload('w'.repeat(256))
+  t.not((await post(gw.url + '/v1/audio/transcriptions', body, headers)).status, 400, '256 characters are taken')
 })
 
 /* ------------------------------------------------------------------------------------------ */

@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream'
 import type { FastifyPluginAsync } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
 import { multipartBoundary, readLeadingField } from '../../services/multipart-fields.js'
+import { MODEL_NAME_MAX } from '../../services/model-name.js'
 import { ModelRequest } from '../ollama/schemas.js'
 
 /** The text fields before the file are small; past this much without the model field, it is not there. */
@@ -47,6 +48,8 @@ const audioRoutes: FastifyPluginAsync = async (fastify) => {
             request.body = leading.body
           }
           if (model == null || model === '') throw new GatewayError(400, 'model is required: send the model field before the file, or ?model=<name>')
+          // The limit the JSON routes' schemas set (CONTRACT section 8): names become queue names, log fields, metric labels.
+          if (model.length > MODEL_NAME_MAX) throw new GatewayError(400, `model is longer than ${MODEL_NAME_MAX} characters`)
           return await fastify.forwardLeased(request, reply, { kind: 'speech', model, path })
         } catch (err) {
           // The rest of the upload is not read: do not keep the connection for another request.

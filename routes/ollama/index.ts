@@ -22,8 +22,10 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
 
   for (const path of LEASED_PATHS) {
     fastify.post(path, { schema: { body: ModelRequest } }, async (request, reply) => {
-      const body = request.body as { model: string } & Record<string, unknown>
-      if (isUnloadRequest(path, body)) return await unloadEverywhere(fastify, request, reply, path as '/api/generate' | '/api/chat', body.model)
+      // No local for the parsed body: one kept in this handler stays alive across the await below
+      // (a second copy of a waiting request's body, its prompt, beside the forwarded text).
+      const unload = isUnloadRequest(path, request.body as Record<string, unknown>)
+      if (unload) return await unloadEverywhere(fastify, request, reply, path as '/api/generate' | '/api/chat', (request.body as { model: string }).model)
       const { model, forwarded } = normalized(request)
       return await fastify.forwardLeased(request, reply, {
         kind: 'llm', model, path, body: forwarded, streamError: ndjsonError

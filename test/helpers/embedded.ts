@@ -14,7 +14,7 @@ type Teardown = Pick<Test, 'teardown'>
 export interface FileUpstream {
   name: string
   model: string
-  kind?: 'llm' | 'diffusor'
+  kind?: 'llm' | 'diffusor' | 'speech'
   port: number
   /** GPU ids (numbers in the file); each one is created once */
   gpus: number[]
