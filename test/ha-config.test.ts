@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { Value } from '@sinclair/typebox/value'
 import { clusterKeyPrefix, EnvSchema, resolveConfig, unknownVariables, type Env } from '../services/config.js'
+import { redisConnections, type RedisConnection } from '../services/redis-connections.js'
 import { startGateway } from './helpers/gateway.js'
 import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
@@ -99,4 +100,41 @@ t.test('the topology variables', async (t) => {
 
 t.test('a bad LEASE_STORE value stops the gateway with an error naming it', async (t) => {
   await t.rejects(startGateway(t, { LEASE_STORE: 'disk' as never }), /LEASE_STORE/)
+})
+
+t.test('the password and TLS variables reach the ioredis connections of each topology', async (t) => {
+  // Real ioredis objects, pointed at a port nobody listens on (they are only looked at, then closed).
+  const opened: RedisConnection[] = []
+  const connections = (vars: Record<string, string>): Array<Record<string, any>> => {
+    const topology = resolveConfig(env(vars)).redis
+    if (topology == null) throw new Error('no Redis topology')
+    const { client, subscriber } = redisConnections(topology)
+    for (const c of [client, subscriber]) {
+      c.on('error', () => {})
+      opened.push(c)
+    }
+    return [client, subscriber].map((c) => (c as unknown as { options: Record<string, any> }).options)
+  }
+  t.teardown(() => { for (const c of opened) c.disconnect() })
+  const secrets = { REDIS_USERNAME: 'u', REDIS_PASSWORD: 'pw', REDIS_SENTINEL_USERNAME: 'su', REDIS_SENTINEL_PASSWORD: 'spw' }
+
+  for (const o of connections({ REDIS_SENTINELS: '127.0.0.1:1', REDIS_SENTINEL_MASTER: 'm', ...secrets, REDIS_TLS: 'true', REDIS_SENTINEL_TLS: 'true' })) {
+    t.match(o, { name: 'm', role: 'master', username: 'u', password: 'pw', sentinelUsername: 'su', sentinelPassword: 'spw', enableTLSForSentinelMode: true },
+      'Sentinel: data-node and sentinel credentials')
+    t.ok(o.tls != null && o.sentinelTLS != null, 'Sentinel: TLS to the data nodes and to the sentinels')
+  }
+  for (const o of connections({ REDIS_SENTINELS: '127.0.0.1:1', REDIS_PASSWORD: 'pw' })) {
+    t.ok(o.tls == null && o.sentinelTLS == null && o.enableTLSForSentinelMode !== true, 'Sentinel: no TLS unless asked for')
+  }
+  for (const o of connections({ REDIS_CLUSTER_NODES: '127.0.0.1:1', ...secrets, REDIS_TLS: 'true' })) {
+    t.match(o.redisOptions, { username: 'u', password: 'pw' }, 'Cluster: every node connection has the credentials')
+    t.ok(o.redisOptions.tls != null, 'Cluster: and TLS')
+  }
+  for (const o of connections({ REDIS_URL: 'redis://127.0.0.1:1', REDIS_PASSWORD: 'pw', REDIS_TLS: 'true' })) {
+    t.match(o, { password: 'pw' }, 'one Redis: REDIS_PASSWORD')
+    t.ok(o.tls != null, 'one Redis: REDIS_TLS')
+  }
+  for (const o of connections({ REDIS_URL: 'redis://:inurl@127.0.0.1:1' })) {
+    t.match(o, { password: 'inurl' }, 'a URL\'s own password is used')
+  }
 })

@@ -37,6 +37,22 @@ t.test('a three-master Redis Cluster', async (t) => {
 
   t.test('the lease rule suite passes on it', async (t) => {
     // test/lease-store.test.ts, with its helpers switched to Cluster connections and hash-tagged prefixes.
+    // The nodes count the lease scripts they run: the suite must have run them on the Cluster.
+    const scriptCalls = async (): Promise<number> => {
+      let calls = 0
+      for (const node of cluster.nodes) {
+        const c = new Redis({ port: node.port, lazyConnect: true })
+        await c.connect()
+        try {
+          const stats = await c.info('commandstats')
+          for (const m of stats.matchAll(/^cmdstat_(?:evalsha|eval):calls=(\d+)/gm)) calls += Number(m[1])
+        } finally {
+          c.disconnect()
+        }
+      }
+      return calls
+    }
+    const before = await scriptCalls()
     const env: NodeJS.ProcessEnv = { ...process.env, TEST_REDIS_CLUSTER_NODES: cluster.addresses }
     for (const k of Object.keys(env)) if (k.startsWith('TAP') || k.startsWith('_TAPJS')) delete env[k]
     const child = spawn(process.execPath, ['node_modules/.bin/tap', '--jobs=1', '--disable-coverage', '--reporter=tap', 'test/lease-store.test.ts'], { env })
@@ -50,6 +66,8 @@ t.test('a three-master Redis Cluster', async (t) => {
     t.same(failures, [], 'no failed assertion')
     t.equal(code, 0, 'the suite passed')
     t.ok(summary != null && Number(summary[1]) >= 50 && summary[1] === summary[2], `every assertion passed (${summary?.[0] ?? output.slice(-2000)})`)
+    const ran = await scriptCalls() - before
+    t.ok(ran >= 500, `its lease scripts ran on the Cluster's nodes (${ran} calls)`)
   })
 
   t.test('two gateway replicas, mixed load with queueing and starvation', async (t) => {

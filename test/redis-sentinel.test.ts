@@ -5,11 +5,14 @@
 import t from 'tap'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
 import { Redis } from 'ioredis'
 import { Ollama } from 'ollama'
 import { assertAllFree, startFleet, type Gateway } from './helpers/gateway.js'
 import { startSentinelSetup } from './helpers/redis-processes.js'
 
+const run = promisify(execFile)
 const DOWN_AFTER_MS = 1000
 const LEASE_TTL_MS = 6000
 
@@ -136,4 +139,47 @@ t.test('SIGKILL of the Sentinel master under load: no GPU twice, service back by
   for (const gw of replicas) await assertAllFree(t, gw)
   const after = await (await fetch(`${replicas[0].url}/health`)).json() as Record<string, unknown>
   t.match(after, { redisTopology: 'sentinel', redisMaster: `127.0.0.1:${setup.replica.port}` }, '/health names the new master')
+})
+
+t.test('password-protected data nodes and sentinels: REDIS_PASSWORD and REDIS_SENTINEL_PASSWORD reach both connections', async (t) => {
+  const password = 'data-node-secret'
+  const sentinelPassword = 'sentinel-secret'
+  const setup = await startSentinelSetup(t, DOWN_AFTER_MS, { password, sentinelPassword })
+  // Both ask for a password: without one, a client is refused.
+  const cli = async (port: number, ...args: string[]): Promise<string> => (await run('redis-cli', ['-p', String(port), ...args])).stdout
+  t.match(await cli(setup.sentinels[0].port, 'SENTINEL', 'get-master-addr-by-name', setup.name), /NOAUTH/, 'a sentinel refuses a client without its password')
+  t.match(await cli(setup.master.port, 'GET', 'x'), /NOAUTH/, 'the master refuses a client without its password')
+
+  const fleet = await startFleet(t, {
+    gpus: [1],
+    upstreams: [{ model: 'alpha', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 5 } }],
+    options: {
+      REDIS_URL: '',
+      REDIS_SENTINELS: setup.addresses,
+      REDIS_SENTINEL_MASTER: setup.name,
+      REDIS_PASSWORD: password,
+      REDIS_SENTINEL_PASSWORD: sentinelPassword,
+      LEASE_TTL_MS
+    }
+  })
+  const gw = await fleet.replica()
+  const health = await (await fetch(`${gw.url}/health`)).json()
+  t.match(health, { status: 'ok', redis: 'ok', redisTopology: 'sentinel', redisMaster: `127.0.0.1:${setup.master.port}` }, 'connected to the master the sentinels name')
+  t.equal(await stream(gw, 'alpha', 'through the passwords'), 200, 'a request is granted and served')
+  // The lease went through the password-protected master (the subscriber too: the grant path needs both).
+  const master = new Redis({ port: setup.master.port, password, lazyConnect: true })
+  await master.connect()
+  t.ok(await master.exists(`${fleet.prefix}epoch`) === 1, 'the lease store lives on that master')
+  master.disconnect()
+  const subscribers = await (async () => {
+    const c = new Redis({ port: setup.master.port, password, lazyConnect: true })
+    await c.connect()
+    try {
+      return await c.call('PUBSUB', 'NUMSUB', `${fleet.prefix}events`) as [string, number]
+    } finally {
+      c.disconnect()
+    }
+  })()
+  t.equal(Number(subscribers[1]), 1, 'the subscriber connection is subscribed on the master')
+  await assertAllFree(t, gw)
 })

@@ -4,7 +4,7 @@
  * one, tried again when taken). Every process is killed at the end of the test, failed or not,
  * and when the test process exits.
  */
-import { spawn, execFile, type ChildProcess } from 'node:child_process'
+import { spawn, execFile, execFileSync, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -33,8 +33,8 @@ function randomPort (): number {
 }
 
 /** The process `pid` answers on `port` (not another test's Redis that got there first). */
-async function answers (port: number, pid: number | undefined): Promise<boolean> {
-  const c = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
+async function answers (port: number, pid: number | undefined, password?: string): Promise<boolean> {
+  const c = new Redis({ port, host: '127.0.0.1', password, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
   try {
     await c.connect()
     return (await c.info('server')).includes(`process_id:${pid ?? -1}\r\n`)
@@ -47,15 +47,18 @@ async function answers (port: number, pid: number | undefined): Promise<boolean>
 
 /**
  * Start `binary` with a config file (written to a fresh directory) on a port it binds itself;
- * `config(port, dir)` gives the file's text. Retried on another port when that one is taken.
+ * `config(port, dir)` gives the file's text, `args` follow the file on the command line and
+ * `password` is what the process asks its clients for (`requirepass`). Retried on another port
+ * when that one is taken.
  */
-async function startProcess (t: Teardown, binary: string, config: (port: number, dir: string) => string): Promise<RedisProcess> {
+async function startProcess (t: Teardown, binary: string, config: (port: number, dir: string) => string,
+  args: string[] = [], password?: string): Promise<RedisProcess> {
   for (let attempt = 0; attempt < 10; attempt++) {
     const port = randomPort()
     const dir = mkdtempSync(join(tmpdir(), 'maestro-redis-'))
     const file = join(dir, 'redis.conf')
     writeFileSync(file, config(port, dir))
-    const proc = spawn(binary, [file], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const proc = spawn(binary, [file, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
     running.add(proc)
     let output = ''
     proc.stdout?.on('data', (d: Buffer) => { output += d.toString() })
@@ -70,8 +73,8 @@ async function startProcess (t: Teardown, binary: string, config: (port: number,
       rmSync(dir, { recursive: true, force: true })
     })
     const deadline = Date.now() + 10_000
-    while (Date.now() < deadline && proc.exitCode == null && !(await answers(port, proc.pid))) await sleep(20)
-    if (proc.exitCode == null && await answers(port, proc.pid)) return { port, proc, dir, kill }
+    while (Date.now() < deadline && proc.exitCode == null && !(await answers(port, proc.pid, password))) await sleep(20)
+    if (proc.exitCode == null && await answers(port, proc.pid, password)) return { port, proc, dir, kill }
     await kill()
     if (!/Address already in use/i.test(output)) throw new Error(`${binary} did not start: ${output.slice(-500)}`)
   }
@@ -81,9 +84,23 @@ async function startProcess (t: Teardown, binary: string, config: (port: number,
 const DATA_NODE = (port: number, dir: string): string =>
   `port ${port}\nbind 127.0.0.1\ndir ${dir}\nsave ""\nappendonly no\nprotected-mode no\n`
 
-/** A standalone Redis server; `extra` lines go into its config file. */
-export async function startRedisServer (t: Teardown, extra = ''): Promise<RedisProcess> {
-  return await startProcess(t, 'redis-server', (port, dir) => DATA_NODE(port, dir) + extra)
+/** A standalone Redis server; `extra` lines go into its config file; `password` is its `requirepass`. */
+export async function startRedisServer (t: Teardown, extra = '', password?: string): Promise<RedisProcess> {
+  const auth = password != null ? `requirepass ${password}\nmasterauth ${password}\n` : ''
+  return await startProcess(t, 'redis-server', (port, dir) => DATA_NODE(port, dir) + auth + extra, [], password)
+}
+
+/**
+ * Debian's `redis-sentinel` package only adds a `redis-sentinel` name for the server binary,
+ * which runs as a sentinel with `--sentinel` too: use that when the package is not installed.
+ */
+function sentinelCommand (): { binary: string, args: string[] } {
+  try {
+    execFileSync('redis-sentinel', ['--version'], { stdio: 'ignore' })
+    return { binary: 'redis-sentinel', args: [] }
+  } catch {
+    return { binary: 'redis-server', args: ['--sentinel'] }
+  }
 }
 
 export interface SentinelSetup {
@@ -98,15 +115,23 @@ export interface SentinelSetup {
   masterPort: () => Promise<number>
 }
 
+export interface SentinelAuth {
+  /** `requirepass` (and `masterauth`) of the master and the replica; the sentinels' `auth-pass`. */
+  password?: string
+  /** `requirepass` of the sentinels. */
+  sentinelPassword?: string
+}
+
 /**
  * A master, one replica and three sentinels (quorum 2) that call a master down after
- * `downAfterMs` without an answer.
+ * `downAfterMs` without an answer; with `auth`, every one of them asks for a password.
  */
-export async function startSentinelSetup (t: Teardown, downAfterMs = 1000): Promise<SentinelSetup> {
+export async function startSentinelSetup (t: Teardown, downAfterMs = 1000, auth: SentinelAuth = {}): Promise<SentinelSetup> {
   const name = 'maestro-test'
-  const master = await startRedisServer(t)
-  const replica = await startRedisServer(t, `replicaof 127.0.0.1 ${master.port}\n`)
-  const m = new Redis({ port: master.port, lazyConnect: true })
+  const { password, sentinelPassword } = auth
+  const master = await startRedisServer(t, '', password)
+  const replica = await startRedisServer(t, `replicaof 127.0.0.1 ${master.port}\n`, password)
+  const m = new Redis({ port: master.port, password, lazyConnect: true })
   await m.connect()
   try {
     // The replica has its first copy before the sentinels look: they learn replicas from the master.
@@ -119,17 +144,21 @@ export async function startSentinelSetup (t: Teardown, downAfterMs = 1000): Prom
     m.disconnect()
   }
   const sentinels: RedisProcess[] = []
+  const sentinel = sentinelCommand()
   for (let i = 0; i < 3; i++) {
-    sentinels.push(await startProcess(t, 'redis-sentinel', (port, dir) => [
+    sentinels.push(await startProcess(t, sentinel.binary, (port, dir) => [
       `port ${port}`, 'bind 127.0.0.1', `dir ${dir}`, 'protected-mode no',
       `sentinel monitor ${name} 127.0.0.1 ${master.port} 2`,
       `sentinel down-after-milliseconds ${name} ${downAfterMs}`,
       `sentinel failover-timeout ${name} 5000`,
-      `sentinel parallel-syncs ${name} 1`, ''
-    ].join('\n')))
+      `sentinel parallel-syncs ${name} 1`,
+      // The sentinels log in to the data nodes with auth-pass, and to each other with their requirepass.
+      ...(password != null ? [`sentinel auth-pass ${name} ${password}`] : []),
+      ...(sentinelPassword != null ? [`requirepass ${sentinelPassword}`] : []), ''
+    ].join('\n'), sentinel.args, sentinelPassword))
   }
   const masterPort = async (): Promise<number> => {
-    const s = new Redis({ port: sentinels[0].port, lazyConnect: true })
+    const s = new Redis({ port: sentinels[0].port, password: sentinelPassword, lazyConnect: true })
     await s.connect()
     try {
       const [, port] = await s.call('SENTINEL', 'get-master-addr-by-name', name) as [string, string]
@@ -140,7 +169,7 @@ export async function startSentinelSetup (t: Teardown, downAfterMs = 1000): Prom
   }
   // Every sentinel sees the others and the replica before the test starts killing things.
   for (const s of sentinels) {
-    const c = new Redis({ port: s.port, lazyConnect: true })
+    const c = new Redis({ port: s.port, password: sentinelPassword, lazyConnect: true })
     await c.connect()
     try {
       for (let i = 0; ; i++) {
