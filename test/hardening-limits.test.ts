@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net'
 import { writeFile } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { UploadPins } from '../services/upload-pins.js'
-import { startFleet } from './helpers/gateway.js'
+import { assertAllFree, startFleet } from './helpers/gateway.js'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
 import { startDiffusionSimulator, startSimulator, startSpeechSimulator, type Simulator } from './helpers/upstream-simulator.js'
 
@@ -342,4 +342,48 @@ t.test('a client that keeps reading, but slower than the answer comes, loses it 
   const endedMs = performance.now() - started
   t.equal(open, 0, `the upstream answer was ended ${endedMs.toFixed(0)} ms into the trickle (${read} bytes read)`)
   t.ok(endedMs < 8000)
+})
+
+/* ------------------------------------------------------------------------------------------ */
+/* 1. waiters across every model (QUEUE_MAX_TOTAL), over HTTP; the bytes: body-memory.test.ts  */
+/* ------------------------------------------------------------------------------------------ */
+
+t.test('QUEUE_MAX_TOTAL bounds the waiters of every model together: 503 with Retry-After past it, the waiters still served', async (t) => {
+  const fleet = await startFleet(t, {
+    gpus: [1, 1],
+    upstreams: [
+      { model: 'qa', gpus: [0], simulator: { tokens: 30, tokenDelayMs: 50 } },
+      { model: 'qb', gpus: [1], simulator: { tokens: 30, tokenDelayMs: 50 } }
+    ],
+    // each model's own queue has room: only the total can refuse
+    options: { QUEUE_MAX: 10, QUEUE_MAX_TOTAL: 2 }
+  })
+  const gw = await fleet.replica()
+  const generate = async (model: string, stream: boolean): Promise<Response> =>
+    await fetch(`${gw.url}/api/generate`, { method: 'POST', body: JSON.stringify({ model, prompt: 'x', stream }) })
+  // Both GPUs held by streams (about 1.5 s each), read to their first line.
+  const holders = await Promise.all(['qa', 'qb'].map(async (model) => await generate(model, true)))
+  const readers = holders.map((res) => res.body!.getReader())
+  await Promise.all(readers.map(async (r) => await r.read()))
+  // One waiter for each model: the total is reached.
+  const waiters = [generate('qa', false), generate('qb', false)]
+  const waiting = async (): Promise<number> => {
+    const status = await (await fetch(`${gw.url}/gpu/status`)).json() as { waiting: Array<{ depth: number }> }
+    return status.waiting.reduce((n, q) => n + q.depth, 0)
+  }
+  for (let i = 0; i < 100 && await waiting() < 2; i++) await sleep(20)
+  t.equal(await waiting(), 2, 'two requests wait, one per model')
+
+  const refused = await post(`${gw.url}/api/generate`, JSON.stringify({ model: 'qa', prompt: 'x', stream: false }))
+  t.equal(refused.status, 503, 'a third waiter, of a model whose own queue has room, is refused')
+  t.ok(Number(refused.headers.get('retry-after')) > 0, `Retry-After: ${refused.headers.get('retry-after')}`)
+  t.same(refused.body, { error: 'too many requests are waiting for a GPU' }, 'in the Ollama error format')
+
+  // Drain the holders: each waiter then gets its GPU.
+  await Promise.all(readers.map(async (r) => { while (!(await r.read()).done) { /* to the end */ } }))
+  const served = await Promise.all(waiters)
+  t.same(served.map((r) => r.status), [200, 200], 'the waiters are served once the GPUs are free')
+  await Promise.all(served.map(async (r) => await r.text()))
+  t.same(fleet.recorder.overlaps, [], 'no GPU overlap')
+  await assertAllFree(t, gw)
 })
