@@ -596,6 +596,12 @@ t.test('behaviours', async t => {
     const held = performance.now() - cancelled
     t.ok(held >= 140, `the GPU was held ${held.toFixed(0)} ms after the cancel`)
     t.equal(sim.running(), 0, 'the runner slot is free again')
+    // on by default, in every suite's simulators: Ollama's runner notices at its next token, the
+    // diffusion pipeline when its image is done
+    t.equal((await fresh(t)).sim.cancelDelayMs, 5, 'an Ollama simulator: its token delay')
+    const sd = await startDiffusionSimulator({ imageDelayMs: 30 })
+    t.teardown(sd.close)
+    t.equal(sd.cancelDelayMs, 30, 'a diffusion simulator: its image delay')
   })
 })
 
