@@ -123,6 +123,20 @@ const PASSED: Record<string, number> = {
   'POST /api/pull': 404 // model 'nope' has no assignment
 }
 
+/**
+ * What any registered route answers once let through, sent as `call` sends it: PASSED's, else a
+ * model-store route refused for the whole fleet (501), a route given no body or a literal ':id'
+ * (400), or a listing (200). Exact, so a guarded route failing behind its guard (a 500, a wrong
+ * refusal) fails the test: 'not 401' let those pass.
+ */
+function passedStatus (route: string): number {
+  if (PASSED[route] != null) return PASSED[route]
+  const [method, url] = route.split(' ')
+  if (/^\/api\/(delete|copy|create|push|blobs\/)/.test(url)) return 501
+  if (url.includes(':') || !['GET', 'HEAD'].includes(method)) return 400
+  return 200
+}
+
 const KEYS = { API_KEYS: ' key-one , key-two ', ADMIN_TOKEN: 'admin-secret' }
 
 t.test('with API_KEYS and ADMIN_TOKEN every route asks for what it should, and a refusal is a 401 in the route\'s format', async (t) => {
@@ -136,7 +150,8 @@ t.test('with API_KEYS and ADMIN_TOKEN every route asks for what it should, and a
     const style = styleOf(url)
     const anonymous = await call(gw.url, route)
     if (level === 'open') {
-      t.not(anonymous.status, 401, `${route} is open`)
+      // a route with a parameter is asked for a file that does not exist
+      t.equal(anonymous.status, /[:*]/.test(url) ? 404 : 200, `${route} is open`)
       continue
     }
     t.equal(anonymous.status, 401, `${route} without credentials`)
@@ -150,10 +165,10 @@ t.test('with API_KEYS and ADMIN_TOKEN every route asks for what it should, and a
     if (method !== 'HEAD') t.equal(errorText(style, wrong.body), 'invalid API key or token')
 
     const admin = await call(gw.url, route, 'Bearer admin-secret')
-    t.not(admin.status, 401, `${route} with the admin token`)
+    t.equal(admin.status, passedStatus(route), `${route} with the admin token`)
     const key = await call(gw.url, route, 'Bearer key-two')
     if (level === 'admin') t.equal(key.status, 401, `${route} refuses an API key`)
-    else t.not(key.status, 401, `${route} with an API key (${key.status})`)
+    else t.equal(key.status, passedStatus(route), `${route} with an API key`)
   }
   t.same(await fleet.heldGpus(), [], 'nothing left leased')
 })

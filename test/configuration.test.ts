@@ -15,6 +15,7 @@ import { ConfigError, configSources, serverSettings } from '../services/config.j
 import { loadInventoryFromFile } from '../services/inventory.js'
 import { seedInventory } from './helpers/database.js'
 import { startFleet, startGateway } from './helpers/gateway.js'
+import { privateRedis } from './helpers/private-redis.js'
 import { REDIS_URL } from './helpers/redis.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
@@ -132,16 +133,27 @@ t.test('OLLAMA_KEEP_ALIVE end to end: forced durations and passthrough', async (
 
 t.test('ConnectionStrings__Redis reaches Redis through the gateway (REDIS_URL unset)', async (t) => {
   const fleet = await startFleet(t, { gpus: [1], upstreams: [{ model: 'm', gpus: [0], simulator: { tokens: 20, tokenDelayMs: 20 } }] })
-  const url = new URL(REDIS_URL)
+  // A Redis other than the default 127.0.0.1:6379 (the shared one): a gateway that ignored the
+  // connection string would take its lease there, and the test would still pass.
+  const own = await privateRedis(t)
+  const ownClient = new Redis(own.url)
+  t.teardown(() => ownClient.disconnect())
   const { REDIS_URL: _unused, ...options } = fleet.options
-  const gw = await startGateway(t, { ...options, dotenv: false, ConnectionStrings__Redis: `${url.hostname}:${url.port || 6379},abortConnect=false` })
+  const saved = process.env.REDIS_URL // REDIS_URL in the environment would win over the connection string
+  delete process.env.REDIS_URL
+  t.teardown(() => { if (saved !== undefined) process.env.REDIS_URL = saved })
+  // a Redis just started holds grants for one ttl less its uptime (leases from before its start
+  // may exist): a short ttl, so the lease comes within a second rather than 30
+  const gw = await startGateway(t, { ...options, dotenv: false, LEASE_TTL_MS: 1000, ConnectionStrings__Redis: `127.0.0.1:${own.port},abortConnect=false` })
+  const held = async (): Promise<string[]> => (await ownClient.keys(fleet.prefix.replace(/[*?[\]\\]/g, '\\$&') + 'gpu:*')).map((k) => k.slice(fleet.prefix.length))
   const res = await fetch(`${gw.url}/api/generate`, { method: 'POST', body: '{"model":"m","prompt":"x"}' })
-  const redis = new Redis(REDIS_URL)
-  t.teardown(() => redis.disconnect())
-  t.same(await fleet.heldGpus(), fleet.gpuIds, 'the lease is in that Redis, under the prefix')
+  t.equal(res.status, 200)
+  t.same(await held(), ['gpu:' + fleet.gpuIds[0]], 'the lease is in the Redis the connection string names, under the prefix')
+  t.same(await fleet.heldGpus(), [], 'and not in the default one')
   await res.text()
-  for (const deadline = performance.now() + 1000; (await fleet.heldGpus()).length > 0 && performance.now() < deadline;) await sleep(20)
-  t.same(await fleet.heldGpus(), [])
+  for (const deadline = performance.now() + 1000; (await held()).length > 0 && performance.now() < deadline;) await sleep(20)
+  t.same(await held(), [], 'released there')
+  await gw.close() // before its Redis is killed (teardowns run in order): a gateway closing on a dead Redis waits for it
 })
 
 t.test('an assignment added to the database is routable within INVENTORY_REFRESH_MS', async (t) => {

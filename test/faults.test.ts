@@ -10,6 +10,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { serverUrl } from './helpers/database.js'
 import { startFleet, type TestFleet } from './helpers/gateway.js'
+// A Redis of the test's own, which it can kill and start again without touching the shared one;
+// redis-server binds its port itself (helpers/private-redis.ts).
+import { privateRedis } from './helpers/private-redis.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
 import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
@@ -23,15 +26,6 @@ async function until<T> (what: string, check: () => Promise<T | undefined | fals
     if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
     await sleep(10)
   }
-}
-
-async function freePort (): Promise<number> {
-  const server = net.createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const port = (server.address() as net.AddressInfo).port
-  await new Promise((resolve) => server.close(resolve))
-  return port
 }
 
 /** POST a JSON body; the status, headers and body text (never throws on a status). */
@@ -100,58 +94,6 @@ async function heldGpusAt (url: string, prefix: string): Promise<string[]> {
   } finally {
     client.disconnect()
   }
-}
-
-/* ---------------------------------------------------------------------------------------------
- * A Redis of the test's own, which it can kill and start again without touching the shared one.
- */
-interface OwnRedis {
-  url: string
-  /** SIGKILL: it forgets everything (no persistence). */
-  kill: () => Promise<void>
-  /** Start again on the same port, empty. */
-  start: () => Promise<void>
-}
-
-async function ownRedis (t: Teardown): Promise<OwnRedis> {
-  let port = await freePort()
-  let child: ChildProcess | undefined
-  const start = async (): Promise<void> => {
-    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-      '--daemonize', 'no', '--loglevel', 'warning'], { stdio: 'ignore' })
-    child = proc
-    const probe = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
-    await until('redis-server to answer', async () => {
-      if (proc.exitCode != null) throw new Error(`redis-server exited with ${proc.exitCode}`)
-      try {
-        if (probe.status !== 'ready') await probe.connect()
-        return await probe.ping() === 'PONG'
-      } catch {
-        probe.disconnect()
-        return false
-      }
-    })
-    probe.disconnect()
-  }
-  const kill = async (): Promise<void> => {
-    const proc = child
-    if (proc == null || proc.exitCode != null || proc.signalCode != null) return
-    proc.kill('SIGKILL')
-    await once(proc, 'exit')
-  }
-  t.teardown(kill)
-  // The port was free when picked, but another process may bind it before redis-server does
-  // (2 test files run at once): redis-server then exits at once, and another port is tried.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await start()
-      break
-    } catch (err) {
-      if (attempt === 5 || !/redis-server exited/.test((err as Error).message)) throw err
-      port = await freePort()
-    }
-  }
-  return { url: `redis://127.0.0.1:${port}`, kill, start }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -383,7 +325,7 @@ t.test('an upstream that dies mid-stream or sends no headers frees its GPU at on
 })
 
 t.test('Redis restarting during traffic: 503 while it is away, no GPU handed out twice, recovery by itself', async (t) => {
-  const redis = await ownRedis(t)
+  const redis = await privateRedis(t)
   // Long enough that the reconnection (ioredis backs off up to 1 s) comes before a replica has to
   // give up leases it could not renew (half the ttl). Grants pause for one ttl after the restart.
   const TTL = 3000
@@ -498,7 +440,7 @@ t.test('a replica cut off from Redis stops its in-flight request before its leas
 })
 
 t.test('Redis restarting while one replica cannot reach it: its GPU is not granted under its running request', async (t) => {
-  const redis = await ownRedis(t)
+  const redis = await privateRedis(t)
   const TTL = 3000
   const fleet = await startFleet(t, {
     gpus: [1],

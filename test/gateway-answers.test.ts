@@ -15,11 +15,8 @@ async function post (url: string, body: unknown): Promise<{ status: number, head
   return { status: res.status, headers: res.headers, body: parsed, ms: performance.now() - started }
 }
 
-/**
- * The catalogue may come from a background poll of the upstreams (UPSTREAM_POLL_MS, added on
- * another branch): asked to poll often, ignored where the variable does not exist yet.
- */
-const FAST_POLL = { UPSTREAM_POLL_MS: 200 } as unknown as Record<string, never>
+/** The catalogue comes from a background poll of the upstreams (UPSTREAM_POLL_MS): asked to poll often. */
+const FAST_POLL = { UPSTREAM_POLL_MS: 200 }
 
 /** Polls a GET until `ok` holds (the catalogue may come from a background poll): generous 5 s bound. */
 async function eventually (url: string, ok: (status: number, body: any) => boolean): Promise<{ status: number, body: any }> {
@@ -95,8 +92,17 @@ t.test('the catalogue: GET and HEAD /, /api/version, /api/ps listing what an ups
   t.equal(version.status, 200)
   t.match(version.body, { version: /^\d+\.\d+\.\d+/ }, `an Ollama version (${JSON.stringify(version.body)})`)
 
-  // nothing loaded yet; after a request the upstream has the model resident, and /api/ps says so
+  // nothing loaded yet, on the upstream and so through the gateway once it has polled it; after
+  // a request the upstream has the model resident, and /api/ps says so
   t.same((await (await fetch(`${fleet.upstreams[0].url}/api/ps`)).json()), { models: [] })
+  const polled = (): boolean => fleet.upstreams[0].polls.some((p) => p.path === '/api/ps')
+  for (const deadline = performance.now() + 5000; !polled() && performance.now() < deadline;) await sleep(20)
+  t.ok(polled(), 'the gateway has polled the upstream\'s /api/ps')
+  // once polled, the version is the upstream's own (the gateway's fallback is its own version)
+  t.same((await eventually(`${gw.url}/api/version`, (s, b) => b?.version === '0.33.0')).body, { version: '0.33.0' }, 'the upstream\'s version')
+  const before = await fetch(`${gw.url}/api/ps`)
+  t.equal(before.status, 200)
+  t.same(await before.json(), { models: [] }, 'the gateway lists nothing that is not loaded')
   t.equal((await post(`${gw.url}/api/generate`, { model: 'llama3.2', prompt: 'x', stream: false })).status, 200)
   const ps = await eventually(`${gw.url}/api/ps`, (s, b) => s === 200 && Array.isArray(b?.models) && b.models.length > 0)
   t.equal(ps.status, 200)

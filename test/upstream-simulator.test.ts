@@ -596,6 +596,12 @@ t.test('behaviours', async t => {
     const held = performance.now() - cancelled
     t.ok(held >= 140, `the GPU was held ${held.toFixed(0)} ms after the cancel`)
     t.equal(sim.running(), 0, 'the runner slot is free again')
+    // on by default, in every suite's simulators: Ollama's runner notices at its next token, the
+    // diffusion pipeline when its image is done
+    t.equal((await fresh(t)).sim.cancelDelayMs, 5, 'an Ollama simulator: its token delay')
+    const sd = await startDiffusionSimulator({ imageDelayMs: 30 })
+    t.teardown(sd.close)
+    t.equal(sd.cancelDelayMs, 30, 'a diffusion simulator: its image delay')
   })
 })
 
@@ -654,6 +660,12 @@ t.test('Stable Diffusion: txt2img, upload + img2img, FastAPI errors, serialisati
   t.same(readPng(png).pixels, d.inflated, 'readPng agrees and the CRCs check out')
   const again = Buffer.from(await (await post(sd, '/txt2img', { prompt: 'a red fox' })).arrayBuffer())
   t.same(readPng(again).pixels, d.inflated, 'same prompt, same picture')
+  // keys the server does not know are ignored, width and height among them (what OpenAI's size becomes)
+  const sized = await post(sd, '/txt2img', { prompt: 'a red fox', width: 512, height: 768, seed: 7 })
+  t.equal(sized.status, 200, 'unknown keys: no 422')
+  const sizedPng = readPng(Buffer.from(await sized.arrayBuffer()))
+  t.same([sizedPng.width, sizedPng.height], [8, 8], 'width/height change nothing')
+  t.same(sizedPng.pixels, d.inflated, 'the same picture as without them')
   const other = Buffer.from(await (await post(sd, '/txt2img', { prompt: 'a blue whale' })).arrayBuffer())
   t.notSame(readPng(other).pixels, d.inflated, 'other prompt, other picture')
 

@@ -1,11 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtemp, rm } from 'node:fs/promises'
-import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
+import { answers, randomPort } from './redis-processes.js'
 
 type Teardown = { teardown: (fn: () => unknown) => void }
 
@@ -19,39 +18,16 @@ export interface PrivateRedis {
   start: () => Promise<void>
 }
 
-async function freePort (): Promise<number> {
-  const server = net.createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const port = (server.address() as net.AddressInfo).port
-  await new Promise((resolve) => server.close(resolve))
-  return port
-}
-
+/**
+ * The port is bound by redis-server itself (no port picked free, then bound later: another test
+ * file's process could take it in between), and only a server that reports this child's pid counts
+ * as started, so a Redis of another test already on that port is never mistaken for this one.
+ * A port found taken at the first start is given up for another.
+ */
 export async function privateRedis (t: Teardown, opts: { snapshots?: boolean } = {}): Promise<PrivateRedis> {
-  const port = await freePort()
   const dir = await mkdtemp(join(tmpdir(), 'maestro-redis-'))
+  let port = 0
   let child: ChildProcess | undefined
-  const start = async (): Promise<void> => {
-    // snapshots only by an explicit SAVE (never on a timer): the test decides what a restart restores
-    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--daemonize', 'no',
-      '--loglevel', 'warning', '--dir', dir, '--dbfilename', opts.snapshots === true ? 'dump.rdb' : 'never.rdb']
-    const proc = spawn('redis-server', args, { stdio: 'ignore' })
-    child = proc
-    for (let i = 0; ; i++) {
-      if (proc.exitCode != null) throw new Error(`redis-server exited with ${proc.exitCode}`)
-      const probe = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
-      try {
-        await probe.connect()
-        if (await probe.ping() === 'PONG') return
-      } catch {
-        if (i > 500) throw new Error('redis-server did not answer')
-        await sleep(10)
-      } finally {
-        probe.disconnect()
-      }
-    }
-  }
   const kill = async (): Promise<void> => {
     const proc = child
     if (proc == null || proc.exitCode != null || proc.signalCode != null) return
@@ -62,6 +38,32 @@ export async function privateRedis (t: Teardown, opts: { snapshots?: boolean } =
     await kill()
     await rm(dir, { recursive: true, force: true })
   })
-  await start()
+  /** 'taken' when redis-server could not bind the port. */
+  const spawnOn = async (p: number): Promise<'started' | 'taken'> => {
+    // snapshots only by an explicit SAVE (never on a timer): the test decides what a restart restores
+    const args = ['--port', String(p), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--daemonize', 'no',
+      '--loglevel', 'warning', '--dir', dir, '--dbfilename', opts.snapshots === true ? 'dump.rdb' : 'never.rdb']
+    const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    child = proc
+    let output = ''
+    proc.stdout?.on('data', (d: Buffer) => { output += d.toString() })
+    proc.stderr?.on('data', (d: Buffer) => { output += d.toString() })
+    const deadline = Date.now() + 10_000
+    while (Date.now() < deadline && proc.exitCode == null) {
+      if (await answers(p, proc.pid)) return 'started'
+      await sleep(10)
+    }
+    await kill()
+    if (/Address already in use/i.test(output)) return 'taken'
+    throw new Error(`redis-server did not start on port ${p}: ${output.slice(-500)}`)
+  }
+  for (let attempt = 0; ; attempt++) {
+    port = randomPort()
+    if (await spawnOn(port) === 'started') break
+    if (attempt === 9) throw new Error('redis-server: no free port found')
+  }
+  const start = async (): Promise<void> => {
+    if (await spawnOn(port) === 'taken') throw new Error(`redis-server: port ${port} was taken by another process while this one was down`)
+  }
   return { url: `redis://127.0.0.1:${port}`, port, kill, start }
 }

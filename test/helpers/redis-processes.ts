@@ -27,13 +27,13 @@ process.on('exit', () => { for (const p of running) p.kill('SIGKILL') })
 
 const run = promisify(execFile)
 
-function randomPort (): number {
+export function randomPort (): number {
   // Below the ephemeral range, with room for a Cluster's bus port (port + 10000).
   return 20000 + Math.floor(Math.random() * 9000)
 }
 
 /** The process `pid` answers on `port` (not another test's Redis that got there first). */
-async function answers (port: number, pid: number | undefined, password?: string): Promise<boolean> {
+export async function answers (port: number, pid: number | undefined, password?: string): Promise<boolean> {
   const c = new Redis({ port, host: '127.0.0.1', password, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
   try {
     await c.connect()
