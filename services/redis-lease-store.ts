@@ -106,7 +106,8 @@ export class RedisLeaseStore implements LeaseStore {
   private readonly lists = new WeakMap<Candidate[], ListRef>()
   /** This replica's waiting members and their lines (their sweep keeps those alive). */
   private readonly lineOf = new Map<string, string>()
-  /** Releases waiting for this turn's call (`flushReleases`). */
+  /** A release went out in this turn of the event loop; those after it wait for `endReleaseTurn`. */
+  private releaseTurn = false
   private readonly releases: Array<{ token: string, resolve: (released: boolean) => void, reject: (err: unknown) => void }> = []
 
   constructor (opts: RedisLeaseStoreOptions) {
@@ -266,23 +267,37 @@ export class RedisLeaseStore implements LeaseStore {
   }
 
   async release (token: string): Promise<boolean> {
-    if (this.releases.length === 0) setImmediate(this.flushReleases)
-    return await new Promise<boolean>((resolve, reject) => { this.releases.push({ token, resolve, reject }) })
+    if (this.releaseTurn) {
+      return await new Promise<boolean>((resolve, reject) => { this.releases.push({ token, resolve, reject }) })
+    }
+    // The first release of a turn of the event loop goes out at once (it hands a GPU on: the next
+    // waiter should not wait for the turn to end); those after it in the same turn share one call.
+    this.releaseTurn = true
+    setImmediate(this.endReleaseTurn)
+    const [released] = await this.releaseTokens([token])
+    return released
   }
 
   /**
-   * The releases asked for in one turn of the event loop, in one script call (setImmediate: after
-   * the sockets whose answers ended in this turn have all been read). Each release is a socket
-   * write and a script run of its own otherwise; under load, several end in one turn.
+   * The releases asked for after the first in this turn (setImmediate: once the sockets whose
+   * answers ended in this turn have all been read), in one script call: each is a socket write
+   * and a script run of its own otherwise, and under load several end in one turn.
    */
-  private readonly flushReleases = (): void => {
+  private readonly endReleaseTurn = (): void => {
+    this.releaseTurn = false
     const batch = this.releases.splice(0)
-    this.run('release', ...batch.map((b) => b.token)).then((r) => {
-      this.deliver(r.grants)
-      batch.forEach((b, i) => b.resolve(Number(r.body[i]) > 0))
+    if (batch.length === 0) return
+    this.releaseTokens(batch.map((b) => b.token)).then((released) => {
+      batch.forEach((b, i) => b.resolve(released[i]))
     }, (err: unknown) => {
       for (const b of batch) b.reject(err)
     })
+  }
+
+  private async releaseTokens (tokens: string[]): Promise<boolean[]> {
+    const r = await this.run('release', ...tokens)
+    this.deliver(r.grants)
+    return tokens.map((_, i) => Number(r.body[i]) > 0)
   }
 
   async releaseGpus (gpuIds: string[]): Promise<{ released: number, inFlight: string[] }> {
