@@ -253,7 +253,7 @@ export class LeaseManager {
       giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
     }, this.opts.queueTimeoutMs)
     // (At once when the client left while the first attempt was on its way; a no-op once settled.)
-    req.requester?.onClose(() => giveUp(new LeaseError('client closed request', 499)))
+    req.requester?.onClose(() => { if (this.waiters.has(waiter.member)) giveUp(new LeaseError('client closed request', 499)) })
   }
 
   private async leave (queue: string, member: string): Promise<void> {
