@@ -26,7 +26,8 @@ export default fp(async function redis (fastify) {
     return
   }
   const { client, subscriber } = redisConnections(config.redis)
-  const watch = new RedisWatch(config.redis, client, config.leaseTtlMs, fastify.log)
+  // On a Cluster every key of the fleet shares one hash tag, so this one key names the slot that matters.
+  const watch = new RedisWatch(config.redis, client, config.leaseTtlMs, fastify.log, config.redisKeyPrefix + 'epoch')
   client.on('error', (err) => fastify.log.debug({ err }, 'redis error'))
   subscriber.on('error', (err) => fastify.log.debug({ err }, 'redis subscriber error'))
   if (client instanceof Cluster) {

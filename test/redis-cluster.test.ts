@@ -1,6 +1,8 @@
 // Redis Cluster (issue 12): three masters made with `redis-cli --cluster create`. The lease rule
 // suite runs on it, and two gateway replicas serve mixed load with queueing and starvation on
-// it, every key of the fleet under one hash tag (one slot), no GPU ever twice.
+// it, every key of the fleet under one hash tag (one slot), no GPU ever twice. Last, the master
+// of that slot is killed and started again: /health says failing-over until it is back and one
+// lease ttl after.
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { performance } from 'node:perf_hooks'
@@ -9,6 +11,7 @@ import { Redis } from 'ioredis'
 import { Ollama } from 'ollama'
 import { assertAllFree, startFleet, watchLeases, type Gateway } from './helpers/gateway.js'
 import { startRedisCluster } from './helpers/redis-processes.js'
+import { clusterKeyPrefix } from '../services/config.js'
 
 type Kind = 'llm' | 'diffusor'
 
@@ -151,5 +154,109 @@ t.test('a three-master Redis Cluster', async (t) => {
     const keys = found.flatMap((f) => f.keys)
     t.ok(keys.length > 0, `${keys.length} keys, e.g. ${keys.slice(0, 3).join(' ')}`)
     t.same(keys.filter((k) => !k.startsWith(tagged)), [], `every key starts with ${tagged}`)
+  })
+
+  t.test('SIGKILL of the master holding the fleet\'s slot: /health fails over, then ok again', async (t) => {
+    // Short ttl: the pause after the master's return is one ttl. Nothing runs across the kill here
+    // (the Sentinel test does that), so a ttl this short is safe on a busy machine.
+    const TTL = 3000
+    const fleet = await startFleet(t, {
+      gpus: [1, 1],
+      upstreams: [
+        { model: 'alpha', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 10 } },
+        { model: 'alpha', gpus: [1], simulator: { tokens: 3, tokenDelayMs: 10 } }
+      ],
+      options: { REDIS_URL: '', REDIS_CLUSTER_NODES: cluster.addresses, LEASE_TTL_MS: TTL, QUEUE_TIMEOUT_MS: 20_000 }
+    })
+    const gw = await fleet.replica()
+    const health = async (): Promise<{ code: number, body: any }> => {
+      const res = await fetch(`${gw.url}/health`)
+      return { code: res.status, body: await res.json() }
+    }
+
+    // Which node holds the slot of the fleet's keys, as the Cluster itself tells it.
+    const probe = new Redis({ port: cluster.nodes[0].port, lazyConnect: true })
+    await probe.connect()
+    const slot = await probe.call('CLUSTER', 'KEYSLOT', clusterKeyPrefix(fleet.prefix) + 'epoch') as number
+    const ranges = await probe.call('CLUSTER', 'SLOTS') as Array<[number, number, [string, number]]>
+    probe.disconnect()
+    const ownerPort = ranges.find(([from, to]) => from <= slot && slot <= to)?.[2][1]
+    const owner = cluster.nodes.find((n) => n.port === ownerPort)
+    if (owner == null) throw new Error(`no node holds slot ${slot}`)
+
+    t.equal(await send(gw, 'llm', 'alpha', 'before', 1), 200, 'served before the kill')
+    const before = await health()
+    t.match(before, { code: 200, body: { status: 'ok', redis: 'ok', redisTopology: 'cluster', redisMaster: `127.0.0.1:${owner.port}` } },
+      `/health ok and names the master of slot ${slot}`)
+
+    // Every answer from the kill to the first "ok" again.
+    const seen: Array<{ at: number, code: number, redis: string }> = []
+    const pollUntil = async (done: (h: { code: number, body: any }) => boolean, ms: number): Promise<number | undefined> => {
+      const deadline = performance.now() + ms
+      while (performance.now() < deadline) {
+        const h = await health()
+        seen.push({ at: performance.now(), code: h.code, redis: h.body.redis })
+        if (done(h)) return performance.now()
+        await sleep(50)
+      }
+      return undefined
+    }
+
+    const killedAt = performance.now()
+    await owner.kill()
+    const failingAt = await pollUntil((h) => h.body.redis === 'failing-over', 1500)
+    t.ok(failingAt != null, `failing-over ${failingAt != null ? Math.round(failingAt - killedAt) : '> 1500'} ms after the kill (bound 1500 ms)`)
+    // Down for a while: the other masters mark it failed after cluster-node-timeout (2 s) and the
+    // whole Cluster answers CLUSTERDOWN; /health must keep saying failing-over through that.
+    await pollUntil(() => false, 2500)
+
+    // Started again on its port and directory: same node id and slots, a new run id, no data
+    // (no persistence), so the lease scripts pause grants for one ttl from their first run there.
+    // When the node serves the slot again is seen straight on it: an EXISTS of a key of the slot
+    // answers once the Cluster is up again (CLUSTERDOWN before).
+    const restartedAt = performance.now()
+    await owner.restart()
+    const direct = new Redis({ port: owner.port, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => 50 })
+    direct.on('error', () => {})
+    t.teardown(() => { direct.disconnect() })
+    const servedAgain = (async (): Promise<number | undefined> => {
+      const deadline = performance.now() + 15_000
+      while (performance.now() < deadline) {
+        try {
+          await direct.exists(clusterKeyPrefix(fleet.prefix) + 'epoch')
+          return performance.now()
+        } catch {
+          await sleep(25)
+        }
+      }
+      return undefined
+    })()
+    const [servingAt, okAt] = await Promise.all([servedAgain, pollUntil((h) => h.body.redis === 'ok', TTL + 15_000)])
+    const ms = (a?: number, b?: number): string => a != null && b != null ? String(Math.round(a - b)) : '?'
+    t.ok(servingAt != null, `the slot is served again ${ms(servingAt, restartedAt)} ms after the restart (the Cluster's rejoin; bound 15000 ms)`)
+    t.ok(okAt != null, `/health ok again ${ms(okAt, restartedAt)} ms after the restart`)
+    // One ttl of failing-over after the slot answers again (the scripts' pause), plus at most a
+    // probe period (1 s) before the gateway sees it answer; 50 ms of slack for the polling here.
+    const paused = servingAt != null && okAt != null ? okAt - servingAt : NaN
+    t.ok(paused >= TTL - 50 && paused <= TTL + 2500,
+      `failing-over for ${Math.round(paused)} ms after the slot was served again (bounds: ttl ${TTL} - 50 ms .. ttl + 2500 ms)`)
+    const during = seen.slice(0, -1)
+    t.same(during.filter((h) => h.redis !== 'failing-over' || h.code !== 503), [],
+      `every /health between the kill and the first ok said failing-over with 503 (${during.length} probes)`)
+    const after = await health()
+    t.match(after, { code: 200, body: { status: 'ok', redis: 'ok', redisMaster: `127.0.0.1:${owner.port}` } }, '/health names the master again')
+
+    // Leases are granted again, on both GPUs, and every GPU is free at the end.
+    const started = performance.now()
+    const statuses = await Promise.all(Array.from({ length: 4 }, async (_, i) => await send(gw, 'llm', 'alpha', `after ${i}`, i)))
+    const took = performance.now() - started
+    t.same(statuses, [200, 200, 200, 200], 'four requests served after the return')
+    // "ok" means grants flow: the scripts' pause began at their first run on the returned master,
+    // which the sweep (every second) and the probe (every second) see within about a second of
+    // each other. With /health ok at the slot's return instead, these waited a full ttl (3.2 s seen).
+    t.ok(took < TTL, `served ${Math.round(took)} ms after /health said ok (bound: ttl ${TTL} ms)`)
+    await fleet.recorder.whenIdle()
+    t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
+    await assertAllFree(t, gw)
   })
 })

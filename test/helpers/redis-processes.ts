@@ -20,6 +20,12 @@ export interface RedisProcess {
   dir: string
   /** SIGKILL, and wait for the exit. */
   kill: () => Promise<void>
+  /**
+   * After `kill`: the same binary again with the same config file, port and directory (a Cluster
+   * node finds its `nodes.conf` there: same node id, same slots), answering once this resolves.
+   * `proc` is then the new process.
+   */
+  restart: () => Promise<void>
 }
 
 const running = new Set<ChildProcess>()
@@ -58,23 +64,38 @@ async function startProcess (t: Teardown, binary: string, config: (port: number,
     const dir = mkdtempSync(join(tmpdir(), 'maestro-redis-'))
     const file = join(dir, 'redis.conf')
     writeFileSync(file, config(port, dir))
-    const proc = spawn(binary, [file, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
-    running.add(proc)
     let output = ''
-    proc.stdout?.on('data', (d: Buffer) => { output += d.toString() })
-    proc.stderr?.on('data', (d: Buffer) => { output += d.toString() })
-    const exited = new Promise<void>((resolve) => proc.once('exit', () => { running.delete(proc); resolve() }))
+    let proc!: ChildProcess
+    let exited!: Promise<void>
+    const launch = (): void => {
+      const p = spawn(binary, [file, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+      running.add(p)
+      p.stdout?.on('data', (d: Buffer) => { output += d.toString() })
+      p.stderr?.on('data', (d: Buffer) => { output += d.toString() })
+      exited = new Promise<void>((resolve) => p.once('exit', () => { running.delete(p); resolve() }))
+      proc = p
+    }
     const kill = async (): Promise<void> => {
       if (proc.exitCode == null && proc.signalCode == null) proc.kill('SIGKILL')
       await exited
     }
+    const up = async (): Promise<boolean> => {
+      const deadline = Date.now() + 10_000
+      while (Date.now() < deadline && proc.exitCode == null && !(await answers(port, proc.pid, password))) await sleep(20)
+      return proc.exitCode == null && await answers(port, proc.pid, password)
+    }
+    launch()
     t.teardown(async () => {
       await kill()
       rmSync(dir, { recursive: true, force: true })
     })
-    const deadline = Date.now() + 10_000
-    while (Date.now() < deadline && proc.exitCode == null && !(await answers(port, proc.pid, password))) await sleep(20)
-    if (proc.exitCode == null && await answers(port, proc.pid, password)) return { port, proc, dir, kill }
+    const restart = async (): Promise<void> => {
+      await kill()
+      output = ''
+      launch()
+      if (!(await up())) throw new Error(`${binary} did not start again on ${port}: ${output.slice(-500)}`)
+    }
+    if (await up()) return { port, get proc () { return proc }, dir, kill, restart }
     await kill()
     if (!/Address already in use/i.test(output)) throw new Error(`${binary} did not start: ${output.slice(-500)}`)
   }
