@@ -46,6 +46,23 @@ function processMetrics (): Registry {
   return processRegistry
 }
 
+/**
+ * `make(...labels)`, called once per label set: prom-client hashes the label object on every
+ * inc/observe otherwise, on every request. For labels of bounded values only.
+ */
+function childOf<T> (make: (...labels: string[]) => T): (...labels: string[]) => T {
+  const children = new Map<string, T>()
+  return (...labels) => {
+    const key = labels.join('\u0000')
+    let child = children.get(key)
+    if (child === undefined) {
+      child = make(...labels)
+      children.set(key, child)
+    }
+    return child
+  }
+}
+
 export default fp(async function metrics (fastify) {
   const registry = new Registry()
   const registers = [registry]
@@ -171,27 +188,21 @@ export default fp(async function metrics (fastify) {
     registers
   })
 
+  // Per request, each metric's child of one label set is looked up once (`childOf`).
+  const grantsOf = childOf((kind, purpose) => leaseGrants.labels(kind, purpose))
+  const waitOf = childOf((kind, model) => leaseWait.labels(kind, model))
+  const releasesOf = childOf((kind) => leaseReleases.labels(kind))
   fastify.leases.observer = {
     granted: (lease: Lease) => {
-      leaseGrants.inc({ kind: lease.info.kind, purpose: lease.info.purpose })
-      leaseWait.observe({ kind: lease.info.kind, model: modelLabel(lease.info.model) }, lease.queuedMs / 1000)
+      grantsOf(lease.info.kind, lease.info.purpose).inc()
+      waitOf(lease.info.kind, modelLabel(lease.info.model)).observe(lease.queuedMs / 1000)
     },
-    released: (lease: Lease) => { leaseReleases.inc({ kind: lease.info.kind }) },
+    released: (lease: Lease) => { releasesOf(lease.info.kind).inc() },
     lost: (lease: Lease) => { leaseExpiries.inc({ kind: lease.info.kind }) }
   }
 
-  // The children of one label set, looked up once: prom-client hashes the label object on every
-  // inc/observe otherwise, on every request. Bounded: routes × MODEL_LABEL_LIMIT models × statuses.
-  const perLabels = new Map<string, { requests: Counter.Internal, duration: Histogram.Internal<'route' | 'model' | 'status'> }>()
-  const childrenOf = (route: string, model: string, status: string) => {
-    const key = `${route}\u0000${model}\u0000${status}`
-    let children = perLabels.get(key)
-    if (children === undefined) {
-      children = { requests: requests.labels(route, model, status), duration: requestDuration.labels(route, model, status) }
-      perLabels.set(key, children)
-    }
-    return children
-  }
+  // Bounded: routes × MODEL_LABEL_LIMIT models × statuses.
+  const childrenOf = childOf((route, model, status) => ({ requests: requests.labels(route, model, status), duration: requestDuration.labels(route, model, status) }))
 
   const observe = (request: FastifyRequest, reply: FastifyReply, startedAt: number): void => {
     const exchange = request.exchange as typeof request.exchange | null

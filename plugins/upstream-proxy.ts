@@ -11,7 +11,7 @@ import { candidatesOf, queueName } from '../services/lease-store.js'
 import { modelKey } from '../services/model-name.js'
 import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
-import { limitSlowReader } from '../services/slow-reader.js'
+import { SlowReaderLimit } from '../services/slow-reader.js'
 import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
 
 export interface LeaseTarget {
@@ -106,10 +106,11 @@ export default fp(async function upstreamProxy (fastify) {
   // Either ends the exchange and its lease. Longer by a margin: a silent upstream must be given
   // up first (undici's body timeout, whose timers are coarse), so that its stream can still end
   // with an error record on this connection.
+  const slowReaders = new SlowReaderLimit(config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS)
   fastify.addHook('onSend', async (_request, reply, payload) => {
     if (typeof (payload as { pipe?: unknown } | null)?.pipe === 'function') {
       reply.raw.setTimeout(config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS, () => reply.raw.destroy())
-      limitSlowReader(reply.raw, config.upstreamHeadersTimeoutMs + CLIENT_IDLE_MARGIN_MS)
+      slowReaders.watch(reply.raw)
     }
     return payload
   })

@@ -10,7 +10,8 @@ const NONE: ReadonlySet<string> = new Set()
 
 /** The headers a `Connection` header names (hop-by-hop too); most messages name none. */
 function connectionNamed (value: unknown): ReadonlySet<string> {
-  if (typeof value !== 'string') return NONE
+  // what almost every client sends: names a header that is hop-by-hop anyway
+  if (typeof value !== 'string' || value === 'keep-alive' || value === 'close') return NONE
   return new Set(value.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean))
 }
 

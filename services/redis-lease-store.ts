@@ -88,8 +88,17 @@ function parseGrants (flat: unknown[], from: number): Grant[] {
 
 /** Client ids come from outside (API key names, addresses): hashed before they reach a key or field. */
 function clientField (id: string): string {
-  return createHash('sha1').update(id).digest('hex').slice(0, 16)
+  let field = clientFields.get(id)
+  if (field === undefined) {
+    field = createHash('sha1').update(id).digest('hex').slice(0, 16)
+    // A few clients make most requests: remember the last ones, not every address ever seen.
+    if (clientFields.size >= CLIENT_FIELDS_KEPT) clientFields.clear()
+    clientFields.set(id, field)
+  }
+  return field
 }
+const CLIENT_FIELDS_KEPT = 1024
+const clientFields = new Map<string, string>()
 
 export class RedisLeaseStore implements LeaseStore {
   readonly kind = 'redis' as const
