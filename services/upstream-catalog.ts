@@ -1,21 +1,63 @@
+import http from 'node:http'
 import type { Assignment } from './inventory.js'
 import { MODEL_NAME_MAX, modelKey } from './model-name.js'
 
 /** How long an informational request to one upstream may take. */
 const INFO_TIMEOUT_MS = 2500
 
+/** The most an informational answer may be: a fleet's model list is a few hundred KB at most. */
+const INFO_LIMIT = 16 * 1024 * 1024
+
+export interface FetchJsonOptions {
+  timeoutMs?: number
+  signal?: AbortSignal
+  headers?: Record<string, string>
+  /** Connections to keep between calls (the background poll's, one per server). */
+  agent?: http.Agent
+}
+
 /**
- * GET a small JSON document from an upstream: bounded in time, never following a redirect (a 3xx,
- * like any status but 200, is a failure). The error's text names the URL: for logs only.
+ * GET a small JSON document from an upstream: bounded in time and size, never following a
+ * redirect (a 3xx, like any status but 200, is a failure). The error's text names the URL: for
+ * logs only. Over a kept connection the server may have closed meanwhile: then asked once again.
  */
-export async function fetchJson (url: string, opts: { timeoutMs?: number, signal?: AbortSignal, headers?: Record<string, string> } = {}): Promise<any> {
+export async function fetchJson (url: string, opts: FetchJsonOptions = {}): Promise<any> {
   const timeout = AbortSignal.timeout(opts.timeoutMs ?? INFO_TIMEOUT_MS)
-  const res = await fetch(url, { redirect: 'manual', headers: opts.headers, signal: opts.signal == null ? timeout : AbortSignal.any([opts.signal, timeout]) })
-  if (res.status !== 200) {
-    await res.body?.cancel()
-    throw new Error(`${url} answered ${res.status}`)
+  const signal = opts.signal == null ? timeout : AbortSignal.any([opts.signal, timeout])
+  try {
+    return await getJson(url, signal, opts)
+  } catch (err) {
+    if ((err as { reusedSocket?: boolean }).reusedSocket !== true || signal.aborted) throw err
+    return await getJson(url, signal, opts)
   }
-  return await res.json()
+}
+
+function getJson (url: string, signal: AbortSignal, opts: FetchJsonOptions): Promise<any> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { headers: opts.headers, agent: opts.agent, signal }, (res) => {
+      if (res.statusCode !== 200) {
+        res.resume()
+        reject(new Error(`${url} answered ${res.statusCode ?? '?'}`))
+        return
+      }
+      const chunks: Buffer[] = []
+      let size = 0
+      res.on('data', (chunk: Buffer) => {
+        size += chunk.length
+        if (size > INFO_LIMIT) res.destroy(new Error(`${url} answered more than ${INFO_LIMIT} bytes`))
+        else chunks.push(chunk)
+      })
+      res.once('error', reject)
+      res.once('end', () => {
+        try { resolve(JSON.parse(Buffer.concat(chunks).toString('utf8'))) } catch (err) { reject(err) }
+      })
+    })
+    req.once('error', (err) => {
+      // A kept connection closed by the server just as it was used: worth one more try.
+      if (req.reusedSocket && (err as NodeJS.ErrnoException).code === 'ECONNRESET') Object.assign(err, { reusedSocket: true })
+      reject(err)
+    })
+  })
 }
 
 /** One request per distinct upstream server, however many assignments share it. */

@@ -4,7 +4,7 @@ import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Ollama } from 'ollama'
 import { assertAllFree, startFleet, type TestFleet } from './helpers/gateway.js'
-import { failPulls } from '../scripts/simulator/ollama-extras.js'
+import { failPulls, pullsOpen } from '../scripts/simulator/ollama-extras.js'
 import { startSimulator } from './helpers/upstream-simulator.js'
 
 const TOKEN = 'admin-secret'
@@ -168,7 +168,8 @@ t.test('a client that leaves a pull cancels it on every server', async (t) => {
   await reader.read() // the first progress line
   await until('both servers pulling', () => fleet.upstreams.every((s) => s.requests.some((r) => r.path === '/api/pull')))
   controller.abort()
-  await until('the servers\' pull connections closed', () => fleet.upstreams.every((s) => s.activeConnections() === 0))
+  // (the background poll keeps a connection of its own to each server)
+  await until('the servers\' pull connections closed', () => fleet.upstreams.every((s) => pullsOpen(s) === 0))
   // a full pull takes 9 lines × 60 ms: had it gone on, the model would be listed by now
   await sleep(700)
   for (const sim of fleet.upstreams) t.notOk((await tagsOf(sim.url)).includes('qwen3:latest'), 'the pull did not finish unseen')

@@ -52,6 +52,14 @@ export function failPulls (sim: Simulator, message: string | undefined): void {
   else failingPulls.set(sim, message)
 }
 
+/** Pull requests whose connection is still open, per simulator. */
+const openPulls = new WeakMap<Simulator, number>()
+
+/** How many pulls `sim` has with a connection still open (a cancelled pull's closes at once). */
+export function pullsOpen (sim: Simulator): number {
+  return openPulls.get(sim) ?? 0
+}
+
 /**
  * Ollama's PullHandler: `pulling manifest`, per layer `pulling <12 hex>` lines with digest, total
  * and completed, `verifying sha256 digest`, `writing manifest`, `success`. A failure is a
@@ -61,6 +69,8 @@ export function failPulls (sim: Simulator, message: string | undefined): void {
 async function pull (kit: OllamaRouteKit): Promise<void> {
   const { st, ctx, ex, wire } = kit
   const { modelKey, sleep, JSON_TYPE, NDJSON_TYPE } = wire
+  openPulls.set(ctx.sim, pullsOpen(ctx.sim) + 1)
+  ctx.res.once('close', () => openPulls.set(ctx.sim, pullsOpen(ctx.sim) - 1))
   const json = (status: number, obj: unknown): void => ex.plain(status, { 'Content-Type': JSON_TYPE }, JSON.stringify(obj))
   const body = wire.bindNative(ex, ctx.text, 'api.PullRequest', { name: ['string', 'string'], insecure: ['bool', 'bool'] })
   if (body === undefined) return
