@@ -40,13 +40,17 @@ end
 
 local done = granted()
 if done then return done end
-if redis.call('EXISTS', P .. 'list:' .. l) == 0 then
+local list_ttl = redis.call('PTTL', P .. 'list:' .. l)
+if list_ttl == -2 then
   serve_freed()
   return reply({ 'list' })
 end
-redis.call('PEXPIRE', P .. 'list:' .. l, 86400000)
-redis.call('PEXPIRE', P .. 'lpos:' .. l, 86400000)
-redis.call('PEXPIRE', P .. 'free:' .. l, 86400000)
+-- a list in use lives a day from its last use (refreshed twice a day at most: one read otherwise)
+if list_ttl < 43200000 then
+  redis.call('PEXPIRE', P .. 'list:' .. l, 86400000)
+  redis.call('PEXPIRE', P .. 'lpos:' .. l, 86400000)
+  redis.call('PEXPIRE', P .. 'free:' .. l, 86400000)
+end
 
 local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then

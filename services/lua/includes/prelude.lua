@@ -33,6 +33,7 @@ end
 local function pause_for (ms)
   if ms <= 0 then return end
   if redis.call('PTTL', P .. 'pause') < ms then redis.call('SET', P .. 'pause', '1', 'PX', ms) end
+  PAUSED = true
 end
 
 --[[
@@ -47,8 +48,10 @@ end
   - This replica knew another epoch created less than a ttl ago: its leases went with the old one.
 ]]
 local function epoch_check ()
-  local e = redis.call('GET', KEYS[1])
-  local run = redis.call('GET', P .. 'run')
+  -- one read for the three keys every script needs
+  local known = redis.call('MGET', KEYS[1], P .. 'run', P .. 'pause')
+  local e, run = known[1], known[2]
+  PAUSED = known[3] ~= false
   if run ~= ARGV[6] or not e then
     local info = redis.call('INFO', 'server')
     local truth = string.match(info, 'run_id:(%w+)') or ''
@@ -68,7 +71,6 @@ local function epoch_check ()
     pause_for(created + TTL - NOW)
   end
   if not redis.call('SET', P .. 'replica:' .. REPLICA, '1', 'PX', TTL, 'GET') and ARGV[4] == e then FLAGS = 'h' end
-  PAUSED = redis.call('EXISTS', P .. 'pause') == 1
   EPOCH = e
 end
 
