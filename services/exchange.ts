@@ -26,6 +26,8 @@ const EXCHANGE_ENDED = new DOMException('the exchange has ended', 'AbortError')
  * event is the one signal that fires however an exchange ends (completed, client gone, upstream
  * died, timed out), so leases hang their release on it.
  */
+const noop = (): void => {}
+
 export class Exchange {
   /** Made when someone asks for the signal (few do: an AbortController per request had a cost). */
   private controller?: AbortController
@@ -62,10 +64,18 @@ export class Exchange {
     return this.controller.signal
   }
 
-  /** Run `fn` once the exchange has ended (at once if it already has). */
-  onClose (fn: () => void): void {
-    if (this.closed) fn()
-    else this.cleanups.push(fn)
+  /** Run `fn` once the exchange has ended (at once if it already has); returns what takes `fn` back. */
+  onClose (fn: () => void): () => void {
+    if (this.closed) {
+      fn()
+      return noop
+    }
+    this.cleanups.push(fn)
+    // what a waiter that got its lease calls: its "client left" no longer matters
+    return () => {
+      const i = this.cleanups.indexOf(fn)
+      if (i >= 0) this.cleanups.splice(i, 1)
+    }
   }
 
   close (): void {

@@ -27,11 +27,12 @@ export interface Lease extends HeldLease {
 /**
  * The request a waiter waits for: once it has closed (the client left), the waiter leaves the
  * queue at once. An exchange is one; `requesterOf` makes one of an AbortSignal. `onClose` runs
- * `fn` at once when it has closed already.
+ * `fn` at once when it has closed already, and returns what takes `fn` back (called once the
+ * waiter is settled: a long-lived requester would otherwise collect a listener per wait).
  */
 export interface Requester {
   readonly closed: boolean
-  onClose: (fn: () => void) => void
+  onClose: (fn: () => void) => () => void
 }
 
 /** A requester that closes when `signal` aborts. */
@@ -39,8 +40,12 @@ export function requesterOf (signal: AbortSignal): Requester {
   return {
     get closed () { return signal.aborted },
     onClose: (fn) => {
-      if (signal.aborted) fn()
-      else signal.addEventListener('abort', fn, { once: true })
+      if (signal.aborted) {
+        fn()
+        return () => {}
+      }
+      signal.addEventListener('abort', fn, { once: true })
+      return () => signal.removeEventListener('abort', fn)
     }
   }
 }
@@ -96,6 +101,8 @@ interface Waiter {
   /** Its place in the line once queued: a re-enqueue keeps it. */
   place?: Place
   timer?: NodeJS.Timeout
+  /** Stops listening for its client's leaving. */
+  unwatch?: () => void
   /** Sent away by a shutdown (possibly while its first attempt was still running). */
   refused?: boolean
   resolve: (lease: Lease) => void
@@ -253,7 +260,7 @@ export class LeaseManager {
       giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
     }, this.opts.queueTimeoutMs)
     // (At once when the client left while the first attempt was on its way; a no-op once settled.)
-    req.requester?.onClose(() => { if (this.waiters.has(waiter.member)) giveUp(new LeaseError('client closed request', 499)) })
+    waiter.unwatch = req.requester?.onClose(() => { if (this.waiters.has(waiter.member)) giveUp(new LeaseError('client closed request', 499)) })
   }
 
   private async leave (queue: string, member: string): Promise<void> {
@@ -269,6 +276,7 @@ export class LeaseManager {
   private forget (waiter: Waiter, token: string | null): void {
     this.waiters.delete(waiter.member)
     if (waiter.timer != null) clearTimeout(waiter.timer)
+    waiter.unwatch?.()
     this.settled.set(waiter.member, token)
     if (this.settled.size > RECENT_LIMIT) {
       const oldest = this.settled.keys().next().value as string

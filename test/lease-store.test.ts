@@ -1,6 +1,7 @@
 // The lease rules, run against both stores: Redis (replicas) and memory (embedded mode).
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { getEventListeners } from 'node:events'
 import { LeaseError, LeaseManager, requesterOf, type Lease } from '../services/lease-manager.js'
 import type { Candidate, LeaseInfo, LeaseStore, Place, StoreStatus } from '../services/lease-store.js'
 import { queueName } from '../services/lease-store.js'
@@ -181,6 +182,22 @@ for (const [name, make] of Object.entries(clusters)) {
       t.same(l.gpuIds, ['1'], 'the next waiter got the GPU')
       await m.release(l)
       t.same((await m.store.status(['1'])).gpus, [])
+    })
+
+    t.test('waiters served one after another leave no listener on a requester that lives on (a shutdown signal)', async (t) => {
+      const m = await (await make(t)()).replica()
+      const stopping = new AbortController()
+      const requester = requesterOf(stopping.signal)
+      let held = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), requester })
+      for (let i = 0; i < 12; i++) {
+        // each waits (the GPU is held), then gets it as the one before releases
+        const next = m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('a'), requester })
+        await sleep(10)
+        await m.release(held)
+        held = await next
+      }
+      await m.release(held)
+      t.equal(getEventListeners(stopping.signal, 'abort').length, 0, 'every waiter took its listener back once served')
     })
 
     t.test('a client that leaves while its first attempt is on its way leaves the queue at once', async (t) => {
