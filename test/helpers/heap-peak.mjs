@@ -4,14 +4,19 @@
 // kept), how many full collections there were (`majorGcs`) and the heap's limit (`limit`). With
 // --expose-gc, SIGWINCH (a signal the server leaves alone; ignored by default) collects in full at once and adds the heap used after it (`forced`) and a
 // count of such answers (`forcedCount`).
-import { writeFileSync } from 'node:fs'
+import { renameSync, writeFileSync } from 'node:fs'
 import { PerformanceObserver, constants } from 'node:perf_hooks'
 import { getHeapStatistics } from 'node:v8'
 
 const file = process.env.HEAP_PEAK_FILE
 if (file != null) {
   const state = { peak: 0, live: 0, majorGcs: 0, limit: getHeapStatistics().heap_size_limit, forced: 0, forcedCount: 0 }
-  const write = () => writeFileSync(file, JSON.stringify(state))
+  // Written aside and renamed into place: a reader polling the file never sees it truncated
+  // (writeFileSync empties the file before it writes; a read in between parsed as nothing).
+  const write = () => {
+    writeFileSync(file + '.tmp', JSON.stringify(state))
+    renameSync(file + '.tmp', file)
+  }
   const sample = () => {
     const used = getHeapStatistics().used_heap_size
     if (used > state.peak) {
