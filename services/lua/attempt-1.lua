@@ -55,9 +55,9 @@ end
 local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
   -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
-  local pos, a = find(m, l, ARGV[20], want, nil)
+  local pos, a, n = find(m, l, ARGV[20], want, nil)
   if pos then
-    local token = take(m, a, want, q, ARGV[11], ARGV[12], ARGV[13])
+    local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
     serve_freed()
     return reply({ 'granted', token, tostring(pos) })
   end

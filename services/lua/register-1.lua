@@ -21,7 +21,7 @@ for _, c in ipairs(split(ARGV[9], ';')) do
   local a, cap, gpus = string.match(c, '^([^=]+)=(%d+)=(.+)$')
   redis.call('HSET', lk, tostring(n), a)
   redis.call('HSET', lp, a, n)
-  redis.call('HSET', P .. 'asg:' .. a, 'cap', cap, 'gpus', gpus)
+  set_asg(a, cap, gpus)
   redis.call('SADD', P .. 'alist:' .. a, l)
   for _, g in ipairs(split(gpus, ',')) do redis.call('SADD', P .. 'gasg:' .. g, a) end
   if usable(a, nil, 1) then redis.call('ZADD', fk, n, n) end

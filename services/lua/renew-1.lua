@@ -31,7 +31,7 @@ for i = 8, #ARGV, 8 do
     -- forgotten by the store: re-created where nothing else took its place
     local cap = asg(a)
     if redis.call('EXISTS', P .. 'asg:' .. a) == 0 then
-      redis.call('HSET', P .. 'asg:' .. a, 'cap', n, 'gpus', ARGV[i + 1])
+      set_asg(a, n, ARGV[i + 1])
       cap = n
     end
     whole = used(a) + n <= cap

@@ -42,11 +42,12 @@ local function expire_queued (q)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
 end
 
-local function unqueue (m, ln, q)
+-- level: the waiter's ('0' high is in no aging index, '1' normal in age1, '2' low in age2); nil: unknown
+local function unqueue (m, ln, q, level)
   local lkey, a1, a2 = line_keys(ln)
   redis.call('ZREM', lkey, m)
-  redis.call('ZREM', a1, m)
-  redis.call('ZREM', a2, m)
+  if level ~= '0' and level ~= '2' then redis.call('ZREM', a1, m) end
+  if level ~= '0' and level ~= '1' then redis.call('ZREM', a2, m) end
   leave_queue(q, m)
   redis.call('ZREM', P .. 'allw', m)
 end
@@ -65,9 +66,9 @@ end
 
 -- A waiter that is gone (replica dead, record expired, left) leaves every index it is in.
 local function drop_waiter (m)
-  local w = redis.call('HMGET', P .. 'w:' .. m, 'line', 'queue')
+  local w = redis.call('HMGET', P .. 'w:' .. m, 'line', 'queue', 'level')
   if w[1] then
-    unqueue(m, w[1], w[2])
+    unqueue(m, w[1], w[2], w[3])
     clear_holds(m)
   end
   redis.call('DEL', P .. 'w:' .. m)
@@ -80,6 +81,7 @@ end
 -- The next waiter of a line: the best (effective level, tag), where a waiter counts one level
 -- higher for every AGING it has waited (low: normal, then high). Only the oldest normal and the
 -- oldest low waiter can have aged furthest, so only they are looked at. Gone waiters are dropped.
+-- Returns the waiter and its arrival.
 local function pick (ln)
   local lkey, a1, a2 = line_keys(ln)
   while true do
@@ -100,7 +102,9 @@ local function pick (ln)
         end
       end
     end
-    if live(best) then return best end
+    -- live: its replica is alive and its record is there (whose arrival the line's index needs)
+    local since = alive(best) and redis.call('HGET', P .. 'w:' .. best, 'since')
+    if since then return best, since end
     local q = redis.call('HGET', P .. 'w:' .. best, 'queue')
     redis.call('ZREM', lkey, best)
     redis.call('ZREM', a1, best)
@@ -111,28 +115,35 @@ local function pick (ln)
   end
 end
 
--- Keep list l's index of lines in step with line ln's next waiter; returns that waiter.
+-- Keep list l's index of lines in step with line ln's next waiter; returns that waiter and its arrival.
 local function reindex (l, ln)
-  local m = pick(ln)
+  local m, since = pick(ln)
   if m then
-    redis.call('ZADD', P .. 'lines:' .. l, redis.call('HGET', P .. 'w:' .. m, 'since'), ln)
+    redis.call('ZADD', P .. 'lines:' .. l, since, ln)
   else
     redis.call('ZREM', P .. 'lines:' .. l, ln)
   end
-  return m
+  return m, since
 end
 
 -- The first usable position of list l for waiter m: its preferred assignments, the one held for
--- it, then the free index in list order (stale entries dropped; held ones skipped).
+-- it, then the free index in list order (stale entries dropped; held ones skipped). Returns the
+-- position, its assignment and the slots in use there.
 local function find (m, l, pref, want, held)
   local lpos = P .. 'lpos:' .. l
   for _, a in ipairs(split(pref, ',')) do
     local pos = redis.call('HGET', lpos, a)
-    if pos and usable(a, m, want) then return tonumber(pos), a end
+    if pos then
+      local ok, _, n = usable(a, m, want)
+      if ok then return tonumber(pos), a, n end
+    end
   end
   if held and held ~= '' then
     local pos = redis.call('HGET', lpos, held)
-    if pos and usable(held, m, want) then return tonumber(pos), held end
+    if pos then
+      local ok, _, n = usable(held, m, want)
+      if ok then return tonumber(pos), held, n end
+    end
   end
   local fkey = P .. 'free:' .. l
   local skip = 0
@@ -141,13 +152,23 @@ local function find (m, l, pref, want, held)
     if #r == 0 then return nil end
     for _, pos in ipairs(r) do
       local a = redis.call('HGET', P .. 'list:' .. l, pos)
-      local ok, why = false, nil
-      if a then ok, why = usable(a, m, want) end
-      if ok then return tonumber(pos), a end
+      local ok, why, n = false, nil, nil
+      if a then ok, why, n = usable(a, m, want) end
+      if ok then return tonumber(pos), a, n end
       -- only a hold is in the way: it stays free for everyone else
       if why == 'hold' or (a and want == 'all' and usable(a, m, 1)) then skip = skip + 1 else redis.call('ZREM', fkey, pos) end
     end
   end
+end
+
+-- Lease position pos of list l (assignment a, n slots in use) to m; returns the token. An
+-- assignment left with no free slot leaves the list's free index at once: the next request of
+-- the list would otherwise find it there, look at it and drop it.
+local function take_at (m, l, pos, a, n, want, q, model, kind, purpose)
+  local token = take(m, a, want, q, model, kind, purpose)
+  local cap = asg(a)
+  if want == 'all' or n + 1 >= cap then redis.call('ZREM', P .. 'free:' .. l, pos) end
+  return token
 end
 
 -- A waiter that has waited STARVE holds the GPUs of one of its first candidates, so they stay
@@ -174,11 +195,11 @@ end
 local function try_grant (m)
   local wkey = P .. 'w:' .. m
   local w = redis.call('HMGET', wkey, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
-    'purpose', 'score')
-  local pos, a = find(m, w[1], w[5], w[4], w[6])
+    'purpose', 'score', 'level')
+  local pos, a, n = find(m, w[1], w[5], w[4], w[6])
   if pos then
-    local token = take(m, a, w[4], w[3], w[8], w[9], w[10])
-    unqueue(m, w[2], w[3])
+    local token = take_at(m, w[1], pos, a, n, w[4], w[3], w[8], w[9], w[10])
+    unqueue(m, w[2], w[3], w[12])
     clear_holds(m)
     local vt = P .. 'vt:' .. w[2]
     local tag = tonumber(w[11]) % LEVEL
@@ -206,15 +227,21 @@ end
 local function serve (lists)
   if PAUSED then return end
   local heads = {}
+  -- The first line of list l, once its place is brought up to date with its next waiter's
+  -- arrival: still first when no other line's next waiter came earlier (a tie is asked of the index).
   local function head (l)
+    local key = P .. 'lines:' .. l
     while true do
-      local r = redis.call('ZRANGE', P .. 'lines:' .. l, 0, 0, 'WITHSCORES')
+      local r = redis.call('ZRANGE', key, 0, 1, 'WITHSCORES')
       if #r == 0 then heads[l] = nil return end
-      local m = reindex(l, r[1])
+      local m, since = reindex(l, r[1])
       if m then
-        local s = tonumber(redis.call('ZSCORE', P .. 'lines:' .. l, r[1]))
-        local first = redis.call('ZRANGE', P .. 'lines:' .. l, 0, 0)
-        if first[1] == r[1] then heads[l] = { r[1], m, s } return end
+        local s = tonumber(since)
+        local second = tonumber(r[4])
+        if not second or s < second or (s == second and redis.call('ZRANGE', key, 0, 0)[1] == r[1]) then
+          heads[l] = { r[1], m, s }
+          return
+        end
       end
     end
   end

@@ -16,9 +16,23 @@
 local TO_SERVE = {}
 local TO_SERVE_SEEN = {}
 
+-- Assignments read in this call: asg:<a> changes only through set_asg, which forgets it. The GPU
+-- list returned is shared: read it, never change it.
+local ASG = {}
+
 local function asg (a)
-  local r = redis.call('HMGET', P .. 'asg:' .. a, 'cap', 'gpus')
-  return tonumber(r[1]) or 1, split(r[2], ',')
+  local r = ASG[a]
+  if not r then
+    local h = redis.call('HMGET', P .. 'asg:' .. a, 'cap', 'gpus')
+    r = { tonumber(h[1]) or 1, split(h[2], ',') }
+    ASG[a] = r
+  end
+  return r[1], r[2]
+end
+
+local function set_asg (a, cap, gpus)
+  redis.call('HSET', P .. 'asg:' .. a, 'cap', cap, 'gpus', gpus)
+  ASG[a] = nil
 end
 
 local function used (a)
@@ -35,7 +49,8 @@ end
 
 --[[
   Whether assignment a can take `want` more slots ('all' = every slot) for waiter m; holds by other
-  live waiters count unless m is nil. Returns ok, and 'hold' when only a hold is in the way.
+  live waiters count unless m is nil. Returns ok, 'hold' when only a hold is in the way, and the
+  slots in use.
 ]]
 local function usable (a, m, want)
   local cap, gpus = asg(a)
@@ -58,7 +73,7 @@ local function usable (a, m, want)
     end
   end
   if held then return false, 'hold' end
-  return true
+  return true, nil, n
 end
 
 local function note_expiry (a)
@@ -127,15 +142,15 @@ local function take (m, a, want, q, model, kind, purpose)
   local skey = P .. 'slots:' .. a
   redis.call('ZADD', skey, exp, token)
   for k = 2, n do redis.call('ZADD', skey, exp, token .. '/' .. k) end
-  for _, g in ipairs(gpus) do
-    redis.call('SET', P .. 'gpu:' .. g, a, 'PX', TTL)
-    if redis.call('GET', P .. 'hold:' .. g) == m then redis.call('DEL', P .. 'hold:' .. g) end
-  end
+  -- (a hold of m's on these GPUs is cleared by its caller: a waiter's with its wait, and a new
+  -- request has none)
+  for _, g in ipairs(gpus) do redis.call('SET', P .. 'gpu:' .. g, a, 'PX', TTL) end
   local lkey = P .. 'lease:' .. token
   redis.call('HSET', lkey, 'gpus', table.concat(gpus, ','), 'assignment', a, 'n', n, 'queue', q,
     'model', model, 'kind', kind, 'purpose', purpose, 'since', NOW)
   redis.call('PEXPIRE', lkey, TTL)
-  note_expiry(a)
+  -- the new slot expires last of all: the earliest expiry changes only if a had none
+  redis.call('ZADD', P .. 'expiry', 'LT', exp, a)
   return token
 end
 
