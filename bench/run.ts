@@ -271,7 +271,42 @@ const generate = (url: string, i: number): Target => ({
 interface Run extends LoadResult {
   cpu: CpuShare
   logBytesPerRequest: number
+  redis: ScriptWork
 }
+
+/** The lease scripts' work in Redis over a window (INFO commandstats, read before and after). */
+interface ScriptWork {
+  /** EVALSHA calls */
+  scripts: number
+  /** their time in Redis, µs (the scripts' own, without the network) */
+  scriptUs: number
+  /** the Redis commands those scripts ran (every other command counted, bar INFO itself) */
+  innerCalls: number
+}
+
+let statsClient: Redis | undefined
+
+async function scriptWork (): Promise<ScriptWork> {
+  statsClient ??= new Redis(redisUrl, { maxRetriesPerRequest: 1 })
+  const info = await statsClient.info('commandstats')
+  const out: ScriptWork = { scripts: 0, scriptUs: 0, innerCalls: 0 }
+  for (const m of info.matchAll(/^cmdstat_([a-z_|]+):calls=(\d+),usec=(\d+)/gm)) {
+    if (m[1] === 'evalsha') {
+      out.scripts += Number(m[2])
+      out.scriptUs += Number(m[3])
+    } else if (m[1] !== 'info') {
+      out.innerCalls += Number(m[2])
+    }
+  }
+  return out
+}
+
+const workSince = (a: ScriptWork, b: ScriptWork): ScriptWork =>
+  ({ scripts: b.scripts - a.scripts, scriptUs: b.scriptUs - a.scriptUs, innerCalls: b.innerCalls - a.innerCalls })
+
+/** Per request: scripts, µs per script, Redis calls per script. */
+const scriptText = (w: ScriptWork, requests: number): string =>
+  `Redis ${fmt(w.scripts / requests, 1)} scripts per request, ${fmt(w.scriptUs / w.scripts, 0)} µs and ${fmt(w.innerCalls / w.scripts, 1)} calls per script`
 
 let simulators: SimulatorProcess | undefined
 
@@ -279,17 +314,18 @@ async function measure (targets: Target[], opts: { warmupMs: number, durationMs:
   const meter = new CpuMeter()
   let cpu: CpuShare = {}
   let logged = 0
+  let work = await scriptWork()
   const result = await closedLoop({
     targets,
     warmupMs: opts.warmupMs,
     durationMs: opts.durationMs,
     // the recorder keeps every event: start each window with an empty one
-    onWindowStart: async () => { await simulators?.ask({ type: 'reset' }); await meter.begin(); logged = logBytes },
-    onWindowEnd: async () => { cpu = await meter.end(); logged = logBytes - logged; await opts.onWindowEnd?.() }
+    onWindowStart: async () => { await simulators?.ask({ type: 'reset' }); await meter.begin(); logged = logBytes; work = await scriptWork() },
+    onWindowEnd: async () => { cpu = await meter.end(); logged = logBytes - logged; work = workSince(work, await scriptWork()); await opts.onWindowEnd?.() }
   })
   if (result.errors > 0) throw new Error(`${result.errors} failed requests (first: ${result.firstError})`)
   if (result.completed === 0) throw new Error('no request completed in the measured window')
-  return { ...result, cpu, logBytesPerRequest: logged / result.completed }
+  return { ...result, cpu, logBytesPerRequest: logged / result.completed, redis: work }
 }
 
 /** Runs of one kind, as if they were one: latencies pooled, rates and CPU shares averaged. */
@@ -309,9 +345,14 @@ function merged (runs: Run[]): Run {
     latencies: runs.flatMap((r) => r.latencies),
     requestsPerSecond: completed / windowMs * 1000,
     cpu,
-    logBytesPerRequest: runs.reduce((a, r) => a + r.logBytesPerRequest * r.completed, 0) / completed
+    logBytesPerRequest: runs.reduce((a, r) => a + r.logBytesPerRequest * r.completed, 0) / completed,
+    redis: runs.reduce((a, r) => ({ scripts: a.scripts + r.redis.scripts, scriptUs: a.scriptUs + r.redis.scriptUs, innerCalls: a.innerCalls + r.redis.innerCalls }),
+      { scripts: 0, scriptUs: 0, innerCalls: 0 })
   }
 }
+
+const scriptSummary = (w: ScriptWork, requests: number): object =>
+  ({ scriptsPerRequest: +fmt(w.scripts / requests, 2), usPerScript: Math.round(w.scriptUs / w.scripts), callsPerScript: +fmt(w.innerCalls / w.scripts, 1) })
 
 const fmt = (n: number, digits = 2): string => Number.isFinite(n) ? n.toFixed(digits) : '—'
 const cpuText = (cpu: CpuShare): string =>
@@ -393,7 +434,7 @@ async function main (): Promise<void> {
       summary.a = {
         direct: row(d),
         nginx: { ...row(n), cpuPerRequestUs: Math.round(nginxCpuPerRequest * 1000) },
-        gateway: { ...row(g), cpuPerRequestUs: Math.round(gatewayCpuPerRequest * 1000), logBytesPerRequest: Math.round(g.logBytesPerRequest) },
+        gateway: { ...row(g), cpuPerRequestUs: Math.round(gatewayCpuPerRequest * 1000), logBytesPerRequest: Math.round(g.logBytesPerRequest), redis: scriptSummary(g.redis, g.completed) },
         gatewayToNginx: +fmt(toNginx, 3),
         gatewayToDirect: +fmt(toDirect, 3)
       }
@@ -408,6 +449,7 @@ async function main (): Promise<void> {
         `  CPU % of a core, nginx:   ${cpuText(n.cpu)}`,
         `  CPU % of a core, gateway: ${cpuText(g.cpu)}`,
         `  proxy CPU per request: nginx ${fmt(nginxCpuPerRequest * 1000, 0)} µs, gateway ${fmt(gatewayCpuPerRequest * 1000, 0)} µs (${fmt(gatewayCpuPerRequest / nginxCpuPerRequest, 1)}×); gateway log ${Math.round(g.logBytesPerRequest)} bytes per request`,
+        `  gateway: ${scriptText(g.redis, g.completed)}`,
         ''
       )
       goals.push({ goal: 'throughput vs nginx (a)', target: `≥ ${GOALS.nginxRatio}×`, reached: `${fmt(toNginx)}×`, pass: toNginx >= GOALS.nginxRatio })
@@ -444,7 +486,8 @@ async function main (): Promise<void> {
         strictFifoP99Ms: +fmt(fifo),
         fifoRatio: +fmt(p99 / fifo),
         busyOnlyFifoRatio: +fmt(p99 / (WAITERS * busy)),
-        cpuPercent: g.cpu
+        cpuPercent: g.cpu,
+        redis: scriptSummary(g.redis, g.completed)
       }
       lines.push(
         `(b) one GPU, ${WAITERS} clients waiting on it (closed loop, through the gateway)`,
@@ -454,6 +497,7 @@ async function main (): Promise<void> {
         `  client latency ms          p50 ${fmt(percentile(g.latencies, 50))}  p99 ${fmt(p99)}`,
         `  strict FIFO ms             ${fmt(fifo)} (${WAITERS} × ${fmt(service, 3)})  → p99 is ${fmt(p99 / fifo)}× that; ${fmt(p99 / (WAITERS * busy))}× ${WAITERS} × busy alone`,
         `  CPU % of a core: ${cpuText(g.cpu)}`,
+        `  ${scriptText(g.redis, g.completed)}`,
         ''
       )
       goals.push(
@@ -479,7 +523,7 @@ async function main (): Promise<void> {
       const gr = merged(runs.gateway)
       const g = gr.latencies
       const [d50, d99, g50, g99] = [percentile(d, 50), percentile(d, 99), percentile(g, 50), percentile(g, 99)]
-      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu }
+      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu, redis: scriptSummary(gr.redis, gr.completed) }
       lines.push(
         '(c) one client, one request at a time',
         '                      direct       nginx     gateway   added by nginx  added by gateway',
@@ -487,6 +531,7 @@ async function main (): Promise<void> {
         `  p99 latency ms    ${fmt(d99, 3).padStart(8)}  ${fmt(n99, 3).padStart(10)}  ${fmt(g99, 3).padStart(10)}  ${fmt(n99 - d99, 3).padStart(14)}  ${fmt(g99 - d99, 3).padStart(16)}`,
         `  (${d.length} direct and ${g.length} gateway requests; gateway CPU ${fmt((gr.cpu.gateway ?? NaN) * 10 / gr.requestsPerSecond * 1000, 0)} µs per request)`,
         `  CPU % of a core, gateway runs: ${cpuText(gr.cpu)}`,
+        `  ${scriptText(gr.redis, gr.completed)}`,
         ''
       )
       goals.push({ goal: 'added latency p50 (c)', target: `≤ ${GOALS.addedP50Ms} ms`, reached: `${fmt(g50 - d50, 3)} ms`, pass: g50 - d50 <= GOALS.addedP50Ms })
@@ -591,6 +636,7 @@ async function main (): Promise<void> {
     if (nginx != null) await stopNginx(nginx.child)
     await sims.close()
     await deleteKeys()
+    statsClient?.disconnect()
     await rm(dir, { recursive: true, force: true })
   }
 

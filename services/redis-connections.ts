@@ -29,8 +29,10 @@ const COMMAND_OPTIONS = {
   // Commands issued in one tick go out in one write: under load, the lease scripts of many
   // requests share a syscall (the socket writes were the largest single cost per request).
   enableAutoPipelining: true,
-  // ...but not a release: it hands the GPU to the next waiter, which must not wait for a tick.
-  autoPipeliningIgnoredCommands: ['maestroRelease'],
+  // ...but not the lease scripts: the store batches them itself, sending the first of a turn at
+  // once (a release hands the GPU to the next waiter; a request on an idle fleet should not wait
+  // for the turn to end either) and the rest of the turn together (redis-lease-store.ts).
+  autoPipeliningIgnoredCommands: ['maestroRelease', 'maestroAttempt'],
   // Reconnect soon: after a failover the new master is found on the next attempt.
   retryStrategy: (times: number) => Math.min(times * 100, 500)
 } satisfies RedisOptions

@@ -118,6 +118,9 @@ export class RedisLeaseStore implements LeaseStore {
   /** A release went out in this turn of the event loop; those after it wait for `endReleaseTurn`. */
   private releaseTurn = false
   private readonly releases: Array<{ token: string, resolve: (released: boolean) => void, reject: (err: unknown) => void }> = []
+  /** Likewise for attempts: those after the first of a turn wait for `endAttemptTurn`. */
+  private attemptTurn = false
+  private readonly attempts: Array<{ args: Array<string | number>, resolve: (reply: Reply) => void, reject: (err: unknown) => void }> = []
 
   constructor (opts: RedisLeaseStoreOptions) {
     this.client = opts.client as RedisLeaseStore['client']
@@ -177,12 +180,18 @@ export class RedisLeaseStore implements LeaseStore {
     await this.sweep([])
   }
 
+  /** The arguments every script starts with (includes/prelude.lua). */
+  private commonArgs (): Array<string | number> {
+    const o = this.opts
+    return [this.prefix + 'epoch', o.ttlMs, o.starvationMs, this.replicaId, this.knownEpoch, randomUUID(), this.knownRun, o.priorityAgingMs]
+  }
+
   /** Run a script: the common arguments first; the reply's header tells of a lost store or a lost heartbeat. */
   private async run (name: ScriptName, ...args: Array<string | number>): Promise<Reply> {
-    const o = this.opts
-    const r = await this.client[COMMAND[name]](
-      this.prefix + 'epoch', o.ttlMs, o.starvationMs, this.replicaId, this.knownEpoch, randomUUID(), this.knownRun,
-      o.priorityAgingMs, ...args)
+    return this.readReply(await this.client[COMMAND[name]](...this.commonArgs(), ...args))
+  }
+
+  private readReply (r: unknown[]): Reply {
     const epoch = String(r[0])
     if (r[1] !== '' && r[1] != null) this.knownRun = String(r[1])
     const n = Number(r[3])
@@ -214,7 +223,7 @@ export class RedisLeaseStore implements LeaseStore {
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
       input.info.purpose === 'reservation' ? 'all' : '1'
     ]
-    let r = await this.run('attempt', ...args)
+    let r = await this.runAttempt(args)
     if (r.body[0] === 'list') {
       // First use of this list (or the store lost it): register it once, then try again.
       await this.run('register', list.id, list.encoded)
@@ -240,6 +249,39 @@ export class RedisLeaseStore implements LeaseStore {
       default:
         throw new Error(`lease store: unexpected attempt reply ${String(b[0])}`)
     }
+  }
+
+  /**
+   * The first attempt of a turn of the event loop goes out at once (a request on an idle fleet
+   * should not wait for the turn to end); those after it in the same turn go out together at its
+   * end, in one pipeline: one socket write instead of one each.
+   */
+  private async runAttempt (args: Array<string | number>): Promise<Reply> {
+    if (this.attemptTurn) {
+      return await new Promise<Reply>((resolve, reject) => { this.attempts.push({ args, resolve, reject }) })
+    }
+    this.attemptTurn = true
+    setImmediate(this.endAttemptTurn)
+    return await this.run('attempt', ...args)
+  }
+
+  private readonly endAttemptTurn = (): void => {
+    this.attemptTurn = false
+    const batch = this.attempts.splice(0)
+    if (batch.length === 0) return
+    const pipeline = this.client.pipeline() as unknown as Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
+    for (const b of batch) pipeline[COMMAND.attempt](...this.commonArgs(), ...b.args)
+    pipeline.exec().then((results) => {
+      batch.forEach((b, i) => {
+        const [err, r] = results?.[i] ?? [new Error('lease store: no reply in the pipeline'), null]
+        if (err != null) b.reject(err)
+        else {
+          try { b.resolve(this.readReply(r as unknown[])) } catch (e) { b.reject(e) }
+        }
+      })
+    }, (err: unknown) => {
+      for (const b of batch) b.reject(err)
+    })
   }
 
   async sweep (members: string[]): Promise<SweepResult> {
