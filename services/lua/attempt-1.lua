@@ -110,7 +110,10 @@ if not score then
 end
 if PAUSED then return reply({ 'paused', string.format('%.0f', score), tostring(since) }) end
 serve_freed()
-serve({ l })
+-- Every usable candidate of a list is in its free index (find drops only what is not usable, and
+-- a freed slot puts its assignment back): with that index empty none of the list's lines can be
+-- served now, and the next release (or the waiters' sweep) serves them.
+if redis.call('EXISTS', P .. 'free:' .. l) == 1 then serve({ l }) end
 done = granted()
 if done then return done end
 return reply({ 'waiting', tostring(redis.call('ZRANK', lkey, m)), string.format('%.0f', score), tostring(since) })
