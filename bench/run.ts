@@ -20,7 +20,9 @@
  *
  * Options: --seconds N (measured window per run, default 4), --only a,b,c, --log-level L (the
  * gateway's LOG_LEVEL, default info as deployed), --profile DIR (write the gateway's .cpuprofile),
- * --gateway-node-options "FLAGS" (node flags for the gateway process only).
+ * --gateway-node-options "FLAGS" (node flags for the gateway process only), --trace (time the
+ * steps of a request at one client (c) and of a handover on one GPU (b) inside the gateway:
+ * bench/trace.ts).
  */
 import { fork, spawn, execFileSync, type ChildProcess } from 'node:child_process'
 import http from 'node:http'
@@ -36,6 +38,7 @@ import { WIDE_TOKEN_MS, WIDE_TOKENS, benchGpuId, benchModel, inventoryFile, type
 import { closedLoop, mean, percentile, sleep, type LoadResult, type Target } from './load.js'
 import { handoffRate, type EngineCase } from './engine.js'
 import { startNginx, stopNginx } from './nginx.js'
+import type { TraceSummary } from './trace.js'
 
 const GPUS = 64
 const WAITERS = 16
@@ -51,7 +54,8 @@ const { values: args } = parseArgs({
     only: { type: 'string', default: 'a,b,c,d,e,f' },
     'log-level': { type: 'string', default: 'info' },
     profile: { type: 'string' },
-    'gateway-node-options': { type: 'string', default: '' }
+    'gateway-node-options': { type: 'string', default: '' },
+    trace: { type: 'boolean', default: false }
   }
 })
 const windowMs = Math.round(Number(args.seconds) * 1000)
@@ -204,6 +208,10 @@ async function startGateway (dir: string, ports: number[]): Promise<{ child: Chi
   })
   const flags = args['gateway-node-options'].split(' ').filter(Boolean)
   if (args.profile != null) flags.push('--cpu-prof', '--cpu-prof-dir', resolve(args.profile))
+  if (args.trace) {
+    flags.push(`--import=${join(here, 'trace.js')}`)
+    env.MAESTRO_TRACE_FILE = join(dir, 'trace.json')
+  }
   // cwd: an empty folder, so that no `.env` of the working tree changes what is measured.
   // stdout: a pipe, as under a container runtime; its log lines are counted, not kept.
   const child = spawn(process.execPath, [...flags, join(here, '..', 'server.js')], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
@@ -310,7 +318,30 @@ const scriptText = (w: ScriptWork, requests: number): string =>
 
 let simulators: SimulatorProcess | undefined
 
-async function measure (targets: Target[], opts: { warmupMs: number, durationMs: number, onWindowEnd?: () => Promise<void> }): Promise<Run> {
+/** The gateway being measured, when `--trace` asks it to time its steps (SIGWINCH starts and ends a window). */
+let traced: { child: ChildProcess, file: string } | undefined
+
+async function traceWindow (): Promise<void> {
+  if (traced == null) return
+  await rm(traced.file, { force: true })
+  traced.child.kill('SIGWINCH')
+}
+
+async function traceSummary (): Promise<TraceSummary | undefined> {
+  if (traced == null) return undefined
+  traced.child.kill('SIGWINCH')
+  for (let i = 0; i < 50; i++) {
+    const text = await readFile(traced.file, 'utf8').catch(() => '')
+    if (text !== '') return JSON.parse(text) as TraceSummary
+    await sleep(20)
+  }
+  throw new Error('the gateway wrote no trace')
+}
+
+const traceLines = (rows: TraceSummary['request']): string[] =>
+  Object.entries(rows).map(([step, v]) => `    ${step.padEnd(42)} p50 ${fmt(v.p50, 3)}  p90 ${fmt(v.p90, 3)} ms`)
+
+async function measure (targets: Target[], opts: { warmupMs: number, durationMs: number, onWindowEnd?: () => Promise<void>, trace?: (summary: TraceSummary | undefined) => void }): Promise<Run> {
   const meter = new CpuMeter()
   let cpu: CpuShare = {}
   let logged = 0
@@ -320,8 +351,14 @@ async function measure (targets: Target[], opts: { warmupMs: number, durationMs:
     warmupMs: opts.warmupMs,
     durationMs: opts.durationMs,
     // the recorder keeps every event: start each window with an empty one
-    onWindowStart: async () => { await simulators?.ask({ type: 'reset' }); await meter.begin(); logged = logBytes; work = await scriptWork() },
-    onWindowEnd: async () => { cpu = await meter.end(); logged = logBytes - logged; work = workSince(work, await scriptWork()); await opts.onWindowEnd?.() }
+    onWindowStart: async () => {
+      await simulators?.ask({ type: 'reset' }); await meter.begin(); logged = logBytes; work = await scriptWork()
+      if (opts.trace != null) await traceWindow()
+    },
+    onWindowEnd: async () => {
+      cpu = await meter.end(); logged = logBytes - logged; work = workSince(work, await scriptWork()); await opts.onWindowEnd?.()
+      if (opts.trace != null) opts.trace(await traceSummary())
+    }
   })
   if (result.errors > 0) throw new Error(`${result.errors} failed requests (first: ${result.firstError})`)
   if (result.completed === 0) throw new Error('no request completed in the measured window')
@@ -398,6 +435,7 @@ async function main (): Promise<void> {
   const goals: Array<{ goal: string, target: string, reached: string, pass: boolean }> = []
   try {
     gateway = await startGateway(dir, sims.ports)
+    if (args.trace) traced = { child: gateway.child, file: join(dir, 'trace.json') }
     pids.gateway = gateway.child.pid
     const gw = gateway.url
     const direct = (i: number): string => `http://127.0.0.1:${sims.ports[i]}`
@@ -458,10 +496,12 @@ async function main (): Promise<void> {
     if (only.has('b')) {
       process.stderr.write(`bench: (b) 1 GPU, ${WAITERS} waiting clients\n`)
       let report: Extract<SimulatorReply, { type: 'report' }> | undefined
+      let trace: TraceSummary | undefined
       const g = await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), {
         warmupMs: 1000,
         durationMs: windowMs,
-        onWindowEnd: async () => { report = await sims.ask<'report'>({ type: 'report', gpuId: benchGpuId(0) }) }
+        onWindowEnd: async () => { report = await sims.ask<'report'>({ type: 'report', gpuId: benchGpuId(0) }) },
+        trace: (t) => { trace = t }
       })
       if (report == null) throw new Error('no report from the simulators')
       if (report.overlaps > 0) throw new Error(`${report.overlaps} GPU overlaps: two requests were on one GPU at once`)
@@ -487,7 +527,8 @@ async function main (): Promise<void> {
         fifoRatio: +fmt(p99 / fifo),
         busyOnlyFifoRatio: +fmt(p99 / (WAITERS * busy)),
         cpuPercent: g.cpu,
-        redis: scriptSummary(g.redis, g.completed)
+        redis: scriptSummary(g.redis, g.completed),
+        trace: trace?.handover
       }
       lines.push(
         `(b) one GPU, ${WAITERS} clients waiting on it (closed loop, through the gateway)`,
@@ -498,6 +539,7 @@ async function main (): Promise<void> {
         `  strict FIFO ms             ${fmt(fifo)} (${WAITERS} × ${fmt(service, 3)})  → p99 is ${fmt(p99 / fifo)}× that; ${fmt(p99 / (WAITERS * busy))}× ${WAITERS} × busy alone`,
         `  CPU % of a core: ${cpuText(g.cpu)}`,
         `  ${scriptText(g.redis, g.completed)}`,
+        ...(trace != null ? [`  handover inside the gateway (--trace, ${trace.handovers} handovers):`, ...traceLines(trace.handover)] : []),
         ''
       )
       goals.push(
@@ -512,10 +554,12 @@ async function main (): Promise<void> {
       // Alternate short runs so that a change in the machine's load falls on both sides alike.
       const runs: { direct: Run[], nginx: Run[], gateway: Run[] } = { direct: [], nginx: [], gateway: [] }
       const per = Math.max(500, Math.round(windowMs / 2))
+      /** the last gateway run's */
+      let trace: TraceSummary | undefined
       for (let r = 0; r < 3; r++) {
         runs.direct.push(await measure([generate(direct(0), 0)], { warmupMs: 200, durationMs: per }))
         runs.nginx.push(await measure([generate(viaNginx(0), 0)], { warmupMs: 200, durationMs: per }))
-        runs.gateway.push(await measure([generate(gw, 0)], { warmupMs: 200, durationMs: per }))
+        runs.gateway.push(await measure([generate(gw, 0)], { warmupMs: 200, durationMs: per, trace: (t) => { trace = t } }))
       }
       const d = merged(runs.direct).latencies
       const n = merged(runs.nginx).latencies
@@ -523,7 +567,7 @@ async function main (): Promise<void> {
       const gr = merged(runs.gateway)
       const g = gr.latencies
       const [d50, d99, g50, g99] = [percentile(d, 50), percentile(d, 99), percentile(g, 50), percentile(g, 99)]
-      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu, redis: scriptSummary(gr.redis, gr.completed) }
+      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu, redis: scriptSummary(gr.redis, gr.completed), trace: trace?.request }
       lines.push(
         '(c) one client, one request at a time',
         '                      direct       nginx     gateway   added by nginx  added by gateway',
@@ -532,6 +576,7 @@ async function main (): Promise<void> {
         `  (${d.length} direct and ${g.length} gateway requests; gateway CPU ${fmt((gr.cpu.gateway ?? NaN) * 10 / gr.requestsPerSecond * 1000, 0)} µs per request)`,
         `  CPU % of a core, gateway runs: ${cpuText(gr.cpu)}`,
         `  ${scriptText(gr.redis, gr.completed)}`,
+        ...(trace != null ? [`  one request inside the gateway (--trace, the last run's ${trace.requests} requests):`, ...traceLines(trace.request)] : []),
         ''
       )
       goals.push({ goal: 'added latency p50 (c)', target: `≤ ${GOALS.addedP50Ms} ms`, reached: `${fmt(g50 - d50, 3)} ms`, pass: g50 - d50 <= GOALS.addedP50Ms })
