@@ -100,6 +100,45 @@ function clientField (id: string): string {
 const CLIENT_FIELDS_KEPT = 1024
 const clientFields = new Map<string, string>()
 
+/** A rejected answer that TurnBatch hands on: marked handled here, rejected for its caller. */
+function failed (err: unknown): Promise<never> {
+  const p = Promise.reject(err)
+  p.catch(() => {})
+  return p
+}
+
+/**
+ * Calls made in one turn of the event loop: the first goes out at once (it may hand a GPU on, or
+ * start a request on an idle fleet: it must not wait for the turn to end), those after it in the
+ * same turn together at its end (setImmediate: once the sockets read in this turn have all been
+ * handled), in one socket write instead of one each.
+ */
+class TurnBatch<T, R> {
+  private open = false
+  private readonly queued: Array<{ item: T, resolve: (r: R | Promise<R>) => void, reject: (err: unknown) => void }> = []
+
+  /** `one` sends a call alone; `many` sends several at once and answers each (an answer may be a rejection). */
+  constructor (private readonly one: (item: T) => Promise<R>, private readonly many: (items: T[]) => Promise<Array<R | Promise<R>>>) {}
+
+  async call (item: T): Promise<R> {
+    if (this.open) return await new Promise<R>((resolve, reject) => { this.queued.push({ item, resolve, reject }) })
+    this.open = true
+    setImmediate(this.flush)
+    return await this.one(item)
+  }
+
+  private readonly flush = (): void => {
+    this.open = false
+    const batch = this.queued.splice(0)
+    if (batch.length === 0) return
+    this.many(batch.map((b) => b.item)).then((answers) => {
+      batch.forEach((b, i) => b.resolve(answers[i]))
+    }, (err: unknown) => {
+      for (const b of batch) b.reject(err)
+    })
+  }
+}
+
 export class RedisLeaseStore implements LeaseStore {
   readonly kind = 'redis' as const
   readonly replicaId: string
@@ -115,12 +154,15 @@ export class RedisLeaseStore implements LeaseStore {
   private readonly lists = new WeakMap<Candidate[], ListRef>()
   /** This replica's waiting members and their lines (their sweep keeps those alive). */
   private readonly lineOf = new Map<string, string>()
-  /** A release went out in this turn of the event loop; those after it wait for `endReleaseTurn`. */
-  private releaseTurn = false
-  private readonly releases: Array<{ token: string, resolve: (released: boolean) => void, reject: (err: unknown) => void }> = []
-  /** Likewise for attempts: those after the first of a turn wait for `endAttemptTurn`. */
-  private attemptTurn = false
-  private readonly attempts: Array<{ args: Array<string | number>, resolve: (reply: Reply) => void, reject: (err: unknown) => void }> = []
+  /** Releases: those of one turn after the first share one script call. */
+  private readonly releases = new TurnBatch<string, boolean>(
+    async (token) => (await this.releaseTokens([token]))[0],
+    async (tokens) => await this.releaseTokens(tokens))
+
+  /** Attempts: those of one turn after the first go out in one pipeline. */
+  private readonly attempts = new TurnBatch<Array<string | number>, Reply>(
+    async (args) => await this.run('attempt', ...args),
+    async (batch) => await this.pipelinedAttempts(batch))
 
   constructor (opts: RedisLeaseStoreOptions) {
     this.client = opts.client as RedisLeaseStore['client']
@@ -223,7 +265,7 @@ export class RedisLeaseStore implements LeaseStore {
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
       input.info.purpose === 'reservation' ? 'all' : '1'
     ]
-    let r = await this.runAttempt(args)
+    let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {
       // First use of this list (or the store lost it): register it once, then try again.
       await this.run('register', list.id, list.encoded)
@@ -251,36 +293,14 @@ export class RedisLeaseStore implements LeaseStore {
     }
   }
 
-  /**
-   * The first attempt of a turn of the event loop goes out at once (a request on an idle fleet
-   * should not wait for the turn to end); those after it in the same turn go out together at its
-   * end, in one pipeline: one socket write instead of one each.
-   */
-  private async runAttempt (args: Array<string | number>): Promise<Reply> {
-    if (this.attemptTurn) {
-      return await new Promise<Reply>((resolve, reject) => { this.attempts.push({ args, resolve, reject }) })
-    }
-    this.attemptTurn = true
-    setImmediate(this.endAttemptTurn)
-    return await this.run('attempt', ...args)
-  }
-
-  private readonly endAttemptTurn = (): void => {
-    this.attemptTurn = false
-    const batch = this.attempts.splice(0)
-    if (batch.length === 0) return
+  private async pipelinedAttempts (batch: Array<Array<string | number>>): Promise<Array<Reply | Promise<Reply>>> {
     const pipeline = this.client.pipeline() as unknown as Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
-    for (const b of batch) pipeline[COMMAND.attempt](...this.commonArgs(), ...b.args)
-    pipeline.exec().then((results) => {
-      batch.forEach((b, i) => {
-        const [err, r] = results?.[i] ?? [new Error('lease store: no reply in the pipeline'), null]
-        if (err != null) b.reject(err)
-        else {
-          try { b.resolve(this.readReply(r as unknown[])) } catch (e) { b.reject(e) }
-        }
-      })
-    }, (err: unknown) => {
-      for (const b of batch) b.reject(err)
+    for (const args of batch) pipeline[COMMAND.attempt](...this.commonArgs(), ...args)
+    const results = await pipeline.exec()
+    return batch.map((_, i) => {
+      const [err, r] = results?.[i] ?? [new Error('lease store: no reply in the pipeline'), null]
+      if (err != null) return failed(err)
+      try { return this.readReply(r as unknown[]) } catch (e) { return failed(e) }
     })
   }
 
@@ -318,31 +338,7 @@ export class RedisLeaseStore implements LeaseStore {
   }
 
   async release (token: string): Promise<boolean> {
-    if (this.releaseTurn) {
-      return await new Promise<boolean>((resolve, reject) => { this.releases.push({ token, resolve, reject }) })
-    }
-    // The first release of a turn of the event loop goes out at once (it hands a GPU on: the next
-    // waiter should not wait for the turn to end); those after it in the same turn share one call.
-    this.releaseTurn = true
-    setImmediate(this.endReleaseTurn)
-    const [released] = await this.releaseTokens([token])
-    return released
-  }
-
-  /**
-   * The releases asked for after the first in this turn (setImmediate: once the sockets whose
-   * answers ended in this turn have all been read), in one script call: each is a socket write
-   * and a script run of its own otherwise, and under load several end in one turn.
-   */
-  private readonly endReleaseTurn = (): void => {
-    this.releaseTurn = false
-    const batch = this.releases.splice(0)
-    if (batch.length === 0) return
-    this.releaseTokens(batch.map((b) => b.token)).then((released) => {
-      batch.forEach((b, i) => b.resolve(released[i]))
-    }, (err: unknown) => {
-      for (const b of batch) b.reject(err)
-    })
+    return await this.releases.call(token)
   }
 
   private async releaseTokens (tokens: string[]): Promise<boolean[]> {
