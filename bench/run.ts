@@ -9,6 +9,9 @@
  *   redis-server   the one at REDIS_URL, under a key prefix of its own, deleted afterwards
  *
  *   nginx          a plain reverse proxy to the same simulators (one worker), the yardstick
+ *   floors         what stands in the gateway's way, measured beside it in (a), (b), (c): the same
+ *                  gateway with its leases in process memory (one replica, no Redis round trip),
+ *                  and Fastify + reply-from alone (bench/bare-proxy.ts: the fixed stack, nothing else)
  *
  * Scenarios: (a) 64 GPUs and 64 clients, direct vs nginx vs gateway; (b) one GPU with 16 clients waiting
  * (GPU idle gap between requests, fairness against strict FIFO); (c) one client (added latency);
@@ -111,7 +114,7 @@ async function machineBusyMs (): Promise<number | undefined> {
   }
 }
 
-type Role = 'clients' | 'simulators' | 'gateway' | 'redis' | 'nginx'
+type Role = 'clients' | 'simulators' | 'gateway' | 'redis' | 'nginx' | 'memory' | 'bare'
 /** CPU use in percent of one core: the benchmark's processes, and everything else on the machine. */
 type CpuShare = Partial<Record<Role | 'others', number>>
 const pids: Partial<Record<Role, number>> = { clients: process.pid }
@@ -191,7 +194,15 @@ class SimulatorProcess {
 /** Bytes the gateway has logged so far. */
 let logBytes = 0
 
-async function startGateway (dir: string, ports: number[]): Promise<{ child: ChildProcess, url: string }> {
+/**
+ * What is measured in the gateway's place: the gateway as deployed (leases in Redis), the same
+ * gateway with its leases in process memory (`LEASE_STORE=memory`, no Redis at all), or the bare
+ * stack (bench/bare-proxy.ts). Only the first gets --profile, --trace and --gateway-node-options,
+ * and only its log is counted.
+ */
+type ProxyKind = 'gateway' | 'memory' | 'bare'
+
+async function startGateway (dir: string, ports: number[], kind: ProxyKind = 'gateway'): Promise<{ child: ChildProcess, url: string }> {
   const inventory = join(dir, 'inventory.json')
   await writeFile(inventory, JSON.stringify(inventoryFile(ports)))
   const port = await freePort()
@@ -206,16 +217,22 @@ async function startGateway (dir: string, ports: number[]): Promise<{ child: Chi
     INVENTORY_FILE: inventory,
     LOG_LEVEL: args['log-level']
   })
-  const flags = args['gateway-node-options'].split(' ').filter(Boolean)
-  if (args.profile != null) flags.push('--cpu-prof', '--cpu-prof-dir', resolve(args.profile))
-  if (args.trace) {
+  if (kind === 'memory') {
+    env.LEASE_STORE = 'memory'
+    delete env.REDIS_URL
+  }
+  const flags = kind === 'gateway' ? args['gateway-node-options'].split(' ').filter(Boolean) : []
+  if (args.profile != null && kind === 'gateway') flags.push('--cpu-prof', '--cpu-prof-dir', resolve(args.profile))
+  if (args.trace && kind === 'gateway') {
     flags.push(`--import=${join(here, 'trace.js')}`)
     env.MAESTRO_TRACE_FILE = join(dir, 'trace.json')
   }
   // cwd: an empty folder, so that no `.env` of the working tree changes what is measured.
   // stdout: a pipe, as under a container runtime; its log lines are counted, not kept.
-  const child = spawn(process.execPath, [...flags, join(here, '..', 'server.js')], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
-  child.stdout?.on('data', (chunk: Buffer) => { logBytes += chunk.length })
+  const script = kind === 'bare' ? join(here, 'bare-proxy.js') : join(here, '..', 'server.js')
+  const child = spawn(process.execPath, [...flags, script], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  if (kind === 'gateway') child.stdout?.on('data', (chunk: Buffer) => { logBytes += chunk.length })
+  else child.stdout?.resume()
   // however this process ends, the gateway does not outlive it
   process.once('exit', () => child.kill('SIGKILL'))
   let stderr = ''
@@ -223,10 +240,10 @@ async function startGateway (dir: string, ports: number[]): Promise<{ child: Chi
   const url = `http://127.0.0.1:${port}`
   const deadline = Date.now() + 20_000
   for (;;) {
-    if (child.exitCode != null) throw new Error(`the gateway exited at start: ${stderr.trim()}`)
+    if (child.exitCode != null) throw new Error(`the ${kind} proxy exited at start: ${stderr.trim()}`)
     const ok = await fetch(`${url}/health`).then((r) => r.ok, () => false)
     if (ok) break
-    if (Date.now() > deadline) throw new Error(`the gateway did not answer /health within 20 s: ${stderr.trim()}`)
+    if (Date.now() > deadline) throw new Error(`the ${kind} proxy did not answer /health within 20 s: ${stderr.trim()}`)
     await sleep(100)
   }
   return { child, url }
@@ -372,7 +389,7 @@ function merged (runs: Run[]): Run {
     return v.length === 0 ? undefined : Math.round(v.reduce((a, b) => a + b, 0) / v.length)
   }
   const cpu: CpuShare = {}
-  for (const role of ['clients', 'simulators', 'gateway', 'redis', 'nginx', 'others'] as const) cpu[role] = avg((r) => r.cpu[role])
+  for (const role of ROLES) cpu[role] = avg((r) => r.cpu[role])
   const windowMs = runs.reduce((a, r) => a + r.windowMs, 0)
   const completed = runs.reduce((a, r) => a + r.completed, 0)
   return {
@@ -392,8 +409,9 @@ const scriptSummary = (w: ScriptWork, requests: number): object =>
   ({ scriptsPerRequest: +fmt(w.scripts / requests, 2), usPerScript: Math.round(w.scriptUs / w.scripts), callsPerScript: +fmt(w.innerCalls / w.scripts, 1) })
 
 const fmt = (n: number, digits = 2): string => Number.isFinite(n) ? n.toFixed(digits) : '—'
+const ROLES = ['clients', 'simulators', 'gateway', 'memory', 'bare', 'redis', 'nginx', 'others'] as const
 const cpuText = (cpu: CpuShare): string =>
-  (['clients', 'simulators', 'gateway', 'redis', 'nginx', 'others'] as const).filter((r) => cpu[r] !== undefined).map((r) => `${r} ${cpu[r]}%`).join(', ')
+  ROLES.filter((r) => cpu[r] !== undefined).map((r) => `${r} ${cpu[r]}%`).join(', ')
 
 /** `n` open event streams, read and thrown away as a browser's EventSource would read them. */
 async function openEventStreams (url: string, n: number): Promise<{ bytes: () => number, close: () => void }> {
@@ -426,6 +444,7 @@ async function main (): Promise<void> {
   pids.simulators = sims.child.pid
   let gateway: Awaited<ReturnType<typeof startGateway>> | undefined
   let nginx: Awaited<ReturnType<typeof startNginx>> | undefined
+  const floors: { memory?: Awaited<ReturnType<typeof startGateway>>, bare?: Awaited<ReturnType<typeof startGateway>> } = {}
   const summary: Record<string, unknown> = {
     machine: { cpus: cpus().length, loadavg1m: Number(loadavg()[0].toFixed(2)), node: process.version },
     gateway: { process: 'child', leases: 'redis', inventory: 'file', logLevel: args['log-level'] },
@@ -442,6 +461,15 @@ async function main (): Promise<void> {
     nginx = await startNginx(join(dir, 'nginx'), await freePort(), sims.ports.map((port, i) => ({ name: `sim-${i}`, port })))
     pids.nginx = nginx.child.pid
     const viaNginx = (i: number): string => `${nginx!.url}/sim-${i}`
+    const measuresFloors = ['a', 'b', 'c'].some((x) => only.has(x))
+    if (measuresFloors) {
+      floors.memory = await startGateway(dir, sims.ports, 'memory')
+      floors.bare = await startGateway(dir, sims.ports, 'bare')
+      pids.memory = floors.memory.child.pid
+      pids.bare = floors.bare.child.pid
+    }
+    const inMemory = floors.memory?.url ?? ''
+    const bare = floors.bare?.url ?? ''
     process.stderr.write(`bench: ${GPUS} simulators, gateway at ${gw} (pid ${pids.gateway}), Redis ${redisUrl} (pid ${pids.redis ?? '?'}), load ${loadavg()[0].toFixed(2)}\n`)
 
     // A gateway runs for days: measure it with its code optimised, not while the JIT is still at work.
@@ -450,20 +478,31 @@ async function main (): Promise<void> {
     await measure(all.map((i) => generate(gw, i)), { warmupMs: 0, durationMs: WARMUP_MS })
     await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
     await measure(all.map((i) => generate(viaNginx(i), i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+    if (measuresFloors) {
+      await measure(all.map((i) => generate(inMemory, i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+      await measure(all.map((i) => generate(bare, i)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
+    }
     await measure(Array.from({ length: WAITERS }, () => generate(gw, 0)), { warmupMs: 0, durationMs: WARMUP_MS / 2 })
 
     if (only.has('a')) {
       process.stderr.write(`bench: (a) ${GPUS} GPUs, ${GPUS} clients\n`)
       // Alternate direct, nginx and gateway runs, so that a change in the machine's load falls on all alike.
-      const runs: { direct: Run[], nginx: Run[], gateway: Run[] } = { direct: [], nginx: [], gateway: [] }
+      const runs: { direct: Run[], nginx: Run[], gateway: Run[], memory: Run[], bare: Run[] } = { direct: [], nginx: [], gateway: [], memory: [], bare: [] }
       for (let r = 0; r < 2; r++) {
         runs.direct.push(await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
         runs.nginx.push(await measure(all.map((i) => generate(viaNginx(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
         runs.gateway.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        runs.memory.push(await measure(all.map((i) => generate(inMemory, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
+        runs.bare.push(await measure(all.map((i) => generate(bare, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
       }
       const d = merged(runs.direct)
       const n = merged(runs.nginx)
       const g = merged(runs.gateway)
+      const m = merged(runs.memory)
+      const b = merged(runs.bare)
+      /** µs of the proxy's CPU per request */
+      const perRequest = (r: Run, role: Role): number => (r.cpu[role] ?? NaN) * 10 / r.requestsPerSecond * 1000
+      const floorRow = (r: Run, role: Role): object => ({ rps: Math.round(r.requestsPerSecond), cpuPerRequestUs: Math.round(perRequest(r, role)), toNginx: +fmt(r.requestsPerSecond / n.requestsPerSecond, 3) })
       const row = (r: Run): object => ({ rps: Math.round(r.requestsPerSecond), p50Ms: +fmt(percentile(r.latencies, 50)), p99Ms: +fmt(percentile(r.latencies, 99)), cpuPercent: r.cpu })
       const gatewayCpuPerRequest = (g.cpu.gateway ?? NaN) * 10 / g.requestsPerSecond
       const nginxCpuPerRequest = (n.cpu.nginx ?? NaN) * 10 / n.requestsPerSecond
@@ -474,8 +513,11 @@ async function main (): Promise<void> {
         nginx: { ...row(n), cpuPerRequestUs: Math.round(nginxCpuPerRequest * 1000) },
         gateway: { ...row(g), cpuPerRequestUs: Math.round(gatewayCpuPerRequest * 1000), logBytesPerRequest: Math.round(g.logBytesPerRequest), redis: scriptSummary(g.redis, g.completed) },
         gatewayToNginx: +fmt(toNginx, 3),
-        gatewayToDirect: +fmt(toDirect, 3)
+        gatewayToDirect: +fmt(toDirect, 3),
+        floors: { memory: floorRow(m, 'memory'), bare: floorRow(b, 'bare') }
       }
+      const floorLine = (what: string, r: Run, role: Role): string =>
+        `    ${what.padEnd(52)} ${col(String(Math.round(r.requestsPerSecond)), 6)}  ${col(fmt(perRequest(r, role), 0), 6)} µs  ${col(fmt(r.requestsPerSecond / n.requestsPerSecond) + '×', 7)}`
       const col = (x: string, w = 10): string => x.padStart(w)
       lines.push(
         `(a) ${GPUS} single-GPU assignments, ${GPUS} concurrent clients, non-streamed /api/generate`,
@@ -488,6 +530,10 @@ async function main (): Promise<void> {
         `  CPU % of a core, gateway: ${cpuText(g.cpu)}`,
         `  proxy CPU per request: nginx ${fmt(nginxCpuPerRequest * 1000, 0)} µs, gateway ${fmt(gatewayCpuPerRequest * 1000, 0)} µs (${fmt(gatewayCpuPerRequest / nginxCpuPerRequest, 1)}×); gateway log ${Math.round(g.logBytesPerRequest)} bytes per request`,
         `  gateway: ${scriptText(g.redis, g.completed)}`,
+        '  what stands in the way, same run (requests/s, proxy CPU per request, / nginx):',
+        floorLine('Fastify + reply-from alone (bench/bare-proxy.ts)', b, 'bare'),
+        floorLine('the gateway, leases in process memory (one replica)', m, 'memory'),
+        floorLine('the gateway, leases in Redis (as deployed)', g, 'gateway'),
         ''
       )
       goals.push({ goal: 'throughput vs nginx (a)', target: `≥ ${GOALS.nginxRatio}×`, reached: `${fmt(toNginx)}×`, pass: toNginx >= GOALS.nginxRatio })
@@ -505,6 +551,16 @@ async function main (): Promise<void> {
       })
       if (report == null) throw new Error('no report from the simulators')
       if (report.overlaps > 0) throw new Error(`${report.overlaps} GPU overlaps: two requests were on one GPU at once`)
+      // The same with the leases in process memory: the handover without its Redis round trip.
+      let memoryReport: Extract<SimulatorReply, { type: 'report' }> | undefined
+      await measure(Array.from({ length: WAITERS }, () => generate(inMemory, 0)), {
+        warmupMs: 1000,
+        durationMs: windowMs / 2,
+        onWindowEnd: async () => { memoryReport = await sims.ask<'report'>({ type: 'report', gpuId: benchGpuId(0) }) }
+      })
+      if (memoryReport == null) throw new Error('no report from the simulators')
+      if (memoryReport.overlaps > 0) throw new Error(`${memoryReport.overlaps} GPU overlaps with leases in memory`)
+      const [memoryGapP50, memoryGapP99] = [percentile(memoryReport.gaps, 50), percentile(memoryReport.gaps, 99)]
       // Strict FIFO: each client waits for the 15 others ahead of it, then is served itself, so its
       // latency is 16 service times. The service time is what one request costs the GPU, measured:
       // its work plus the handover to the next (the idle gap, which has goals of its own).
@@ -528,7 +584,8 @@ async function main (): Promise<void> {
         busyOnlyFifoRatio: +fmt(p99 / (WAITERS * busy)),
         cpuPercent: g.cpu,
         redis: scriptSummary(g.redis, g.completed),
-        trace: trace?.handover
+        trace: trace?.handover,
+        floors: { memory: { gapP50Ms: +fmt(memoryGapP50, 3), gapP99Ms: +fmt(memoryGapP99, 3) } }
       }
       lines.push(
         `(b) one GPU, ${WAITERS} clients waiting on it (closed loop, through the gateway)`,
@@ -539,6 +596,7 @@ async function main (): Promise<void> {
         `  strict FIFO ms             ${fmt(fifo)} (${WAITERS} × ${fmt(service, 3)})  → p99 is ${fmt(p99 / fifo)}× that; ${fmt(p99 / (WAITERS * busy))}× ${WAITERS} × busy alone`,
         `  CPU % of a core: ${cpuText(g.cpu)}`,
         `  ${scriptText(g.redis, g.completed)}`,
+        `  what stands in the way: with its leases in process memory (no Redis round trip) the gateway's idle gap is p50 ${fmt(memoryGapP50, 3)}  p99 ${fmt(memoryGapP99, 3)} ms`,
         ...(trace != null ? [`  handover inside the gateway (--trace, ${trace.handovers} handovers):`, ...traceLines(trace.handover)] : []),
         ''
       )
@@ -552,7 +610,7 @@ async function main (): Promise<void> {
     if (only.has('c')) {
       process.stderr.write('bench: (c) one client\n')
       // Alternate short runs so that a change in the machine's load falls on both sides alike.
-      const runs: { direct: Run[], nginx: Run[], gateway: Run[] } = { direct: [], nginx: [], gateway: [] }
+      const runs: { direct: Run[], nginx: Run[], gateway: Run[], memory: Run[], bare: Run[] } = { direct: [], nginx: [], gateway: [], memory: [], bare: [] }
       const per = Math.max(500, Math.round(windowMs / 2))
       /** the last gateway run's */
       let trace: TraceSummary | undefined
@@ -560,14 +618,18 @@ async function main (): Promise<void> {
         runs.direct.push(await measure([generate(direct(0), 0)], { warmupMs: 200, durationMs: per }))
         runs.nginx.push(await measure([generate(viaNginx(0), 0)], { warmupMs: 200, durationMs: per }))
         runs.gateway.push(await measure([generate(gw, 0)], { warmupMs: 200, durationMs: per, trace: (t) => { trace = t } }))
+        runs.memory.push(await measure([generate(inMemory, 0)], { warmupMs: 200, durationMs: per }))
+        runs.bare.push(await measure([generate(bare, 0)], { warmupMs: 200, durationMs: per }))
       }
+      const m50 = percentile(merged(runs.memory).latencies, 50)
+      const b50 = percentile(merged(runs.bare).latencies, 50)
       const d = merged(runs.direct).latencies
       const n = merged(runs.nginx).latencies
       const [n50, n99] = [percentile(n, 50), percentile(n, 99)]
       const gr = merged(runs.gateway)
       const g = gr.latencies
       const [d50, d99, g50, g99] = [percentile(d, 50), percentile(d, 99), percentile(g, 50), percentile(g, 99)]
-      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu, redis: scriptSummary(gr.redis, gr.completed), trace: trace?.request }
+      summary.c = { directP50Ms: +fmt(d50, 3), directP99Ms: +fmt(d99, 3), gatewayP50Ms: +fmt(g50, 3), gatewayP99Ms: +fmt(g99, 3), addedP50Ms: +fmt(g50 - d50, 3), addedP99Ms: +fmt(g99 - d99, 3), nginxP50Ms: +fmt(n50, 3), nginxP99Ms: +fmt(n99, 3), nginxAddedP50Ms: +fmt(n50 - d50, 3), floors: { memoryAddedP50Ms: +fmt(m50 - d50, 3), bareAddedP50Ms: +fmt(b50 - d50, 3) }, requests: { direct: d.length, nginx: n.length, gateway: g.length }, cpuPercent: gr.cpu, redis: scriptSummary(gr.redis, gr.completed), trace: trace?.request }
       lines.push(
         '(c) one client, one request at a time',
         '                      direct       nginx     gateway   added by nginx  added by gateway',
@@ -576,6 +638,7 @@ async function main (): Promise<void> {
         `  (${d.length} direct and ${g.length} gateway requests; gateway CPU ${fmt((gr.cpu.gateway ?? NaN) * 10 / gr.requestsPerSecond * 1000, 0)} µs per request)`,
         `  CPU % of a core, gateway runs: ${cpuText(gr.cpu)}`,
         `  ${scriptText(gr.redis, gr.completed)}`,
+        `  what stands in the way, added p50: Fastify + reply-from alone ${fmt(b50 - d50, 3)} ms; the gateway with its leases in process memory ${fmt(m50 - d50, 3)} ms`,
         ...(trace != null ? [`  one request inside the gateway (--trace, the last run's ${trace.requests} requests):`, ...traceLines(trace.request)] : []),
         ''
       )
@@ -678,6 +741,7 @@ async function main (): Promise<void> {
     }
   } finally {
     if (gateway != null) await stopGateway(gateway.child)
+    for (const floor of [floors.memory, floors.bare]) if (floor != null) await stopGateway(floor.child)
     if (nginx != null) await stopNginx(nginx.child)
     await sims.close()
     await deleteKeys()
