@@ -645,6 +645,11 @@ async function main (): Promise<void> {
       goals.push({ goal: 'added latency p50 (c)', target: `≤ ${GOALS.addedP50Ms} ms`, reached: `${fmt(g50 - d50, 3)} ms`, pass: g50 - d50 <= GOALS.addedP50Ms })
     }
 
+    // Nothing after (c) measures the floors: stopped, their background polls take nothing from the rest.
+    for (const floor of [floors.memory, floors.bare]) if (floor != null) await stopGateway(floor.child)
+    delete pids.memory
+    delete pids.bare
+
     if (only.has('events')) {
       process.stderr.write(`bench: (events) ${GPUS} clients, without and with ${EVENT_STREAMS} open event streams\n`)
       // Alternate, so that a change in the machine's load falls on both sides alike.
