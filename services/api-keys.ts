@@ -9,6 +9,7 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto'
 import { readFile, rename, writeFile } from 'node:fs/promises'
 import type { Query } from './inventory.js'
+import { hasTable, notMigrated } from './migrations.js'
 import { modelKey } from './model-name.js'
 
 export type Priority = 'high' | 'normal' | 'low'
@@ -188,15 +189,20 @@ export interface KeyBackend {
   update: (name: string, priority: Priority, limits: ClientLimits) => Promise<boolean>
   /** False when there is no live key of that name. */
   revoke: (name: string) => Promise<boolean>
+  /** Throws the refusal when writes cannot be kept here yet (a table `npm run migrate` has not made). */
+  assertWritable?: () => Promise<void>
 }
 
 const ER_NO_SUCH_TABLE = 1146
 const ER_DUP_ENTRY = 1062
 
-/** The `api_keys` table (migration 003). Fixed SQL, values as placeholders. */
+/** The `api_keys` table (migration 004). Fixed SQL, values as placeholders. */
 export function tableBackend (query: Query): KeyBackend {
   return {
     source: 'table',
+    async assertWritable () {
+      if (!await hasTable(query, 'api_keys')) throw notMigrated('api_keys table')
+    },
     async load () {
       let rows: any[]
       try {
@@ -459,8 +465,10 @@ export class ApiKeyStore {
     return [...this.envKeys, ...this.backendKeys].map(keyInfo)
   }
 
-  private backend (): KeyBackend {
+  /** Where writes go, once it can take them. */
+  private async backend (): Promise<KeyBackend> {
     if (this.opts.backend == null) throw new ApiKeyError(400, 'no key store to write to: keys come from API_KEYS only')
+    await this.opts.backend.assertWritable?.()
     return this.opts.backend
   }
 
@@ -471,7 +479,7 @@ export class ApiKeyStore {
 
   /** Create a key; its secret is in the answer and nowhere else, ever. */
   async create (input: NewKey): Promise<{ key: string, info: ApiKeyInfo }> {
-    const backend = this.backend()
+    const backend = await this.backend()
     const name = checkName(input.name)
     const secret = newSecret()
     const stored: StoredKey = {
@@ -489,7 +497,7 @@ export class ApiKeyStore {
 
   /** Change a key's priority and limits: fields present replace, null removes a limit. */
   async update (name: string, change: KeyChange): Promise<ApiKeyInfo> {
-    const backend = this.backend()
+    const backend = await this.backend()
     const current = this.backendKeys.find((k) => k.name === name) ?? (await backend.load()).find((k) => k.name === name)
     if (current === undefined) throw new ApiKeyError(404, `no API key named '${name}'`)
     const priority = change.priority === undefined ? current.priority : parsePriority(change.priority)
@@ -503,7 +511,7 @@ export class ApiKeyStore {
 
   /** Revoke a key: it stops working on every replica at once (the caller's replica before this resolves). */
   async revoke (name: string): Promise<void> {
-    if (!await this.backend().revoke(name)) throw new ApiKeyError(404, `no live API key named '${name}'`)
+    if (!await (await this.backend()).revoke(name)) throw new ApiKeyError(404, `no live API key named '${name}'`)
     await this.written()
   }
 }

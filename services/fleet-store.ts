@@ -12,6 +12,7 @@ import { GatewayError } from './errors.js'
 import { parseInventoryFile, type ModelKind, type Query } from './inventory.js'
 import { checkInventoryFile, type InventoryFile } from './inventory-schema.js'
 import { cloneFleet, kindOfModel, type Fleet } from './fleet-rules.js'
+import { hasColumn, hasTable, notMigrated } from './migrations.js'
 
 export interface FleetStore {
   readonly source: 'mariadb' | 'file'
@@ -34,6 +35,7 @@ const ER_DUP_ENTRY = 1062
 const ER_ROW_IS_REFERENCED = 1451
 const ER_NO_REFERENCED_ROW = 1452
 const ER_DATA_TOO_LONG = 1406
+const ER_WARN_DATA_OUT_OF_RANGE = 1264
 const ER_LOCK_DEADLOCK = 1213
 
 /** One table as the store writes it: primary key columns, then the others. Fixed names only. */
@@ -66,11 +68,8 @@ const int = (v: unknown): number => Number(v)
 const str = (v: unknown): string => Buffer.isBuffer(v) ? v.toString('utf8') : String(v)
 
 async function readSchema (query: Query): Promise<DbSchema> {
-  const [column, table] = await Promise.all([
-    query("SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'assignments' AND COLUMN_NAME = 'max_parallel'"),
-    query("SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'maestro_assignment_drains'")
-  ])
-  return { maxParallel: column.length > 0, drains: table.length > 0 }
+  const [maxParallel, drains] = await Promise.all([hasColumn(query, 'assignments', 'max_parallel'), hasTable(query, 'maestro_assignment_drains')])
+  return { maxParallel, drains }
 }
 
 /** The whole fleet; `lock` takes the rows for update, so concurrent changes run one after another. */
@@ -178,12 +177,12 @@ function statements (before: Fleet, after: Fleet, schema: DbSchema): Array<[stri
 /** A change the migrations have not made room for yet. */
 function assertMigrated (before: Fleet, after: Fleet, schema: DbSchema): void {
   if (!schema.drains && after.assignments.some((a) => a.drained)) {
-    throw new GatewayError(409, 'this database has no table for drained assignments yet: run npm run migrate')
+    throw notMigrated('table for drained assignments')
   }
   if (!schema.maxParallel) {
     const was = new Map(before.assignments.map((a) => [String(a.id), a.maxParallel]))
     if (after.assignments.some((a) => a.maxParallel !== (was.get(String(a.id)) ?? 1))) {
-      throw new GatewayError(409, 'this database has no assignments.max_parallel column yet: run npm run migrate')
+      throw notMigrated('assignments.max_parallel column')
     }
   }
 }
@@ -191,16 +190,19 @@ function assertMigrated (before: Fleet, after: Fleet, schema: DbSchema): void {
 /** Database refusals the rules could not see coming (a concurrent writer outside the gateway, a narrow column). */
 function refusal (err: unknown): Error {
   const e = err as { errno?: number, sqlMessage?: string }
+  const column = /column '([a-z_]+)'/i.exec(e.sqlMessage ?? '')?.[1]
   switch (e.errno) {
     case ER_DUP_ENTRY: return new GatewayError(409, 'a record with that name or id already exists')
     case ER_ROW_IS_REFERENCED:
     case ER_NO_REFERENCED_ROW: return new GatewayError(409, 'the inventory changed meanwhile (a referenced record was added or removed): try again')
-    case ER_DATA_TOO_LONG: {
-      const column = /column '([a-z_]+)'/i.exec(e.sqlMessage ?? '')?.[1]
+    case ER_DATA_TOO_LONG:
       return new GatewayError(400, column === 'ip_addr'
         ? 'ip: longer than computers.ip_addr holds (the original VARCHAR(15)): run npm run migrate to widen it'
         : `a value is longer than its column${column === undefined ? '' : ` (${column})`} holds`)
-    }
+    // The schemas bound every number by the original columns (services/inventory-schema.ts); this
+    // is for a deployment whose columns are narrower.
+    case ER_WARN_DATA_OUT_OF_RANGE:
+      return new GatewayError(400, `a number is out of its column's range${column === undefined ? '' : ` (${column})`}`)
     default: return err as Error
   }
 }

@@ -19,10 +19,18 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 /** File ids may be names; database ids are the tables' integers. Never anything that could act as part of a key. */
 export const ID_PATTERN = /^[A-Za-z0-9._-]{1,100}$/
 
+/**
+ * The ranges of the original tables' numeric columns (docker/initdb/01-original-schema.sql): a
+ * number outside its column's is refused by the schema (400 naming the field), not by MariaDB.
+ */
+export const INT_MAX = 2_147_483_647
+/** FLOAT's largest magnitude as MariaDB takes it (3.4028235e38 is out of range already). */
+export const FLOAT_MAX = 3.402823466e38
+
 export const RecordId = Type.Union([
-  Type.Integer({ minimum: 0 }),
+  Type.Integer({ minimum: 0, maximum: INT_MAX }),
   Type.String({ pattern: ID_PATTERN.source })
-], { description: "a whole number or a string of letters, digits, '.', '_' or '-'" })
+], { description: `a whole number or a string of letters, digits, '.', '_' or '-' (a number: from 0 to ${INT_MAX})` })
 
 /** Names are VARCHAR(100) in the original tables. */
 export const Name = Type.String({ minLength: 1, maxLength: 100, description: 'a non-empty string of at most 100 characters' })
@@ -35,10 +43,13 @@ export const Address = Type.String({ minLength: 1, maxLength: 255, description: 
 
 export const Port = Type.Integer({ minimum: 1, maximum: 65535, description: 'an integer from 1 to 65535' })
 
-export const VramGb = Type.Number({ minimum: 0, description: 'a number of at least 0 (GB of memory)' })
+/** gpus.vram_size is a FLOAT. */
+export const VramGb = Type.Number({ minimum: 0, maximum: FLOAT_MAX, description: `a number of at least 0 and at most ${FLOAT_MAX} (GB of memory)` })
 
-/** NULL counts as 0 when assignments are ranked (AVG(gpus.weight)). */
-export const Weight = Type.Union([Type.Number(), Type.Null()], { description: 'a number (or null)' })
+/** gpus.weight is a FLOAT NULL; NULL counts as 0 when assignments are ranked (AVG(gpus.weight)). */
+export const Weight = Type.Union([Type.Number({ minimum: -FLOAT_MAX, maximum: FLOAT_MAX }), Type.Null()], {
+  description: `a number from -${FLOAT_MAX} to ${FLOAT_MAX} (or null)`
+})
 
 export const ModelKind = Type.Union([Type.Literal('llm'), Type.Literal('diffusor'), Type.Literal('speech')], {
   description: 'one of "llm", "diffusor", "speech"'

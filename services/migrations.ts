@@ -7,6 +7,7 @@
  * applied ones are recorded in `maestro_migrations`, so `migrate` can run any number of times (and
  * from several replicas at once). Fixed SQL only.
  */
+import { GatewayError } from './errors.js'
 import type { Query } from './inventory.js'
 
 export interface Migration {
@@ -52,8 +53,21 @@ async function columnLength (query: Query, table: string, column: string): Promi
   return rows.length === 0 ? undefined : Number(rows[0].len)
 }
 
-async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
+export async function hasColumn (query: Query, table: string, column: string): Promise<boolean> {
   return await columnLength(query, table, column) !== undefined
+}
+
+export async function hasTable (query: Query, table: string): Promise<boolean> {
+  const rows = await query('SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?', [table])
+  return rows.length > 0
+}
+
+/**
+ * The refusal (409) of a change that needs what only `npm run migrate` adds (`what`: a table or a
+ * column) on a database it has not touched yet: the operator's to run, not a fault of the gateway.
+ */
+export function notMigrated (what: string): GatewayError {
+  return new GatewayError(409, `this database has no ${what} yet: run npm run migrate`)
 }
 
 /** MySQL/MariaDB error number meaning the column exists already (another replica got there first). */

@@ -318,7 +318,7 @@ t.test('file: validation errors name the source and the field', async t => {
     ['duplicate gpu id', f => { f.gpus[2].id = '1' }, /gpus\[2\]\.id 1 is already the id of gpus\[0\]/],
     ['unknown computer', f => { f.gpus[1].computer = 7 }, /gpus\[1\]\.computer names computer 7, which is not in computers/],
     ['misspelt field', f => { f.gpus[0].wieght = 1 }, /gpus\[0\] has unknown field "wieght"/],
-    ['weight not a number', f => { f.gpus[0].weight = '1' }, /gpus\[0\]\.weight must be a number \(or null\) \(got "1"\)/],
+    ['weight not a number', f => { f.gpus[0].weight = '1' }, /gpus\[0\]\.weight must be a number from -3\.402823466e\+38 to 3\.402823466e\+38 \(or null\) \(got "1"\)/],
     ['negative vram', f => { f.gpus[0].vram = -1 }, /gpus\[0\]\.vram must be a number of at least 0/],
     ['models not an object', f => { f.models = ['llama3'] }, /models must be an object/],
     ['unknown model list', f => { f.models.llm = [] }, /models has unknown field "llm"/],
