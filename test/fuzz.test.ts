@@ -15,6 +15,7 @@ import maestro from '../app.js'
 import { httpServerOptions } from '../services/http-server.js'
 import { startFleet } from './helpers/gateway.js'
 import { rawRequest, type RawResponse } from './helpers/raw-http.js'
+import { scrape } from './helpers/prometheus.js'
 
 const SEED = process.env.FUZZ_SEED != null ? Number(process.env.FUZZ_SEED) : randomInt(2 ** 31)
 const BUDGET_MS = Number(process.env.FUZZ_MS ?? 15_000)
@@ -74,12 +75,12 @@ class Gen {
 }
 
 const POST_ROUTES = ['/api/chat', '/api/generate', '/api/embed', '/api/embeddings', '/api/show', '/txt2img', '/img2img', '/upload',
-  '/v1/chat/completions', '/v1/completions', '/v1/embeddings', '/v1/images/generations', '/gpu/reserve', '/gpu/ping', '/gpu/release']
+  '/v1/audio/transcriptions', '/v1/chat/completions', '/v1/completions', '/v1/embeddings', '/v1/images/generations', '/gpu/reserve', '/gpu/ping', '/gpu/release']
 const GET_ROUTES = ['/', '/api/version', '/api/tags', '/api/ps', '/v1/models', '/v1/models/m', '/v1/models/big', '/health', '/health/live', '/health/ready', '/gpu/status', '/metrics']
 const DELETE_ROUTES = ['/gpu/cache', '/cache']
 /** "METHOD path" of every route, for the error-format checks. */
 const KNOWN = new Set([...POST_ROUTES.map((r) => `POST ${r}`), ...GET_ROUTES.flatMap((r) => [`GET ${r}`, `HEAD ${r}`]), ...DELETE_ROUTES.map((r) => `DELETE ${r}`)])
-const MODELS = ['m', 'M:latest', 'big', 'm2', 'sd', 'nope', '', '*', 'm\u0000', 'x'.repeat(5000), 'x'.repeat(257), 'm'.repeat(256), "m'; --", 'm*', 'sd:latest']
+const MODELS = ['m', 'M:latest', 'big', 'm2', 'sd', 'w', 'nope', '', '*', 'm\u0000', 'x'.repeat(5000), 'x'.repeat(257), 'm'.repeat(256), "m'; --", 'm*', 'sd:latest']
 /**
  * Body memory (BODY_MEMORY_LIMIT) just under BODY_LIMIT: of the big bodies made below, those over
  * BODY_LIMIT are 413, those just under it 503 (no room), the rest fit when nothing else is held.
@@ -113,9 +114,9 @@ function validBody (g: Gen, path: string): unknown {
     case '/v1/embeddings': return { model, input: g.pick(['a', ['a', 'b'], 1]) }
     case '/v1/images/generations': return { model, prompt: g.text(10), n: g.pick([1, 2, 0, -1, 100, 'x']), size: g.pick(['64x64', 'big', undefined]), response_format: g.pick(['b64_json', 'url', undefined]) }
     case '/gpu/reserve': return { outputType: g.pick(['text', 'images', 'speech', 'video', 1]), model }
-    // GPU ids as seeded (1..4): a release of GPUs in flight must be refused (409), not obeyed
+    // GPU ids as seeded (1..5): a release of GPUs in flight must be refused (409), not obeyed
     default: return g.pick([{ leaseId: g.text(12) }, { gpuIds: [g.text(3)] }, { gpuIds: 'x' }, {}, { leaseId: 'a', gpuIds: ['1'] },
-      { gpuIds: [String(1 + g.int(4))] }, { gpuIds: ['1', '2', '3', '4'] }])
+      { gpuIds: [String(1 + g.int(5))] }, { gpuIds: ['1', '2', '3', '4', '5'] }])
   }
 }
 
@@ -129,7 +130,29 @@ function mutate (g: Gen, text: string): string {
   return out
 }
 
+/** Routes that take a multipart upload, streamed through. */
+const UPLOAD_ROUTES = new Set(['/upload', '/v1/audio/transcriptions'])
+/** Boundaries of the multipart bodies made here (`b` is also in CONTENT_TYPES). */
+const BOUNDARIES = ['b', 'fuzz-boundary']
+
+/**
+ * A multipart body, whole or cut short: a `model` field before the file, twice, after the file,
+ * on both sides of it, or missing; other fields between; the file with odd names and types.
+ */
+function multipartBody (g: Gen): string {
+  const boundary = g.pick(BOUNDARIES)
+  const part = (disposition: string, value: string, type?: string): string =>
+    `--${boundary}\r\nContent-Disposition: form-data; ${disposition}\r\n${type != null ? `Content-Type: ${type}\r\n` : ''}\r\n${value}\r\n`
+  const model = (): string => part(g.pick(['name="model"', 'name="model"', 'name=model', 'NAME="model"', 'name="model"; filename="m.txt"']), g.pick([...MODELS, ' w ', g.text(8)]))
+  const file = (): string => part(`name="file"; filename="${g.pick(['a.wav', 'a.png', '', 'a"b'])}"`, g.pick(['RIFF\u0000\u0000\u0000\u0000WAVE', '\ufffdPNG', '', g.text(40)]), g.pick(['audio/wav', 'image/png', undefined]))
+  const field = (): string => part(`name="${g.pick(['language', 'response_format', 'prompt', 'temperature'])}"`, g.pick(['en', 'json', 'text', '0.5', g.text(10)]))
+  const layout = g.pick([[model, file], [model, model, file], [file, model], [model, file, model], [field, model, field, file], [model, field, model, file], [file], [model], []])
+  // closed, closed without the final CRLF, or cut short
+  return layout.map((make) => make()).join('') + g.pick([`--${boundary}--\r\n`, `--${boundary}--`, '', `--${boundary}`])
+}
+
 function bodyFor (g: Gen, path: string): string | Buffer | undefined {
+  if (UPLOAD_ROUTES.has(path) && g.chance(0.6)) return multipartBody(g)
   const kind = g.int(100)
   if (kind < 45) return JSON.stringify(validBody(g, path))
   if (kind < 60) return mutate(g, JSON.stringify(validBody(g, path)))
@@ -142,7 +165,7 @@ function bodyFor (g: Gen, path: string): string | Buffer | undefined {
   if (kind < 86) return Buffer.from(Array.from({ length: g.int(200) }, () => g.int(256)))
   if (kind < 87) return `{"model":"m","model":"${g.pick(MODELS)}","prompt":"x","stream":false}`
   if (kind < 89) return caseVariantBody(g, path)
-  if (kind < 93) return '--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\npng\r\n--b--\r\n'
+  if (kind < 93) return multipartBody(g)
   if (kind < 96) return ''
   return undefined
 }
@@ -158,7 +181,15 @@ function pathFor (g: Gen, method: string): string {
   ])
 }
 
-const CONTENT_TYPES = ['application/json', 'application/x-www-form-urlencoded', 'text/plain', 'multipart/form-data; boundary=b', ';;;', 'application/json; charset=utf-16', 'image/png', 'a/b; c', '']
+const CONTENT_TYPES = ['application/json', 'application/x-www-form-urlencoded', 'text/plain', 'multipart/form-data; boundary=b', ';;;', 'application/json; charset=utf-16', 'image/png', 'a/b; c', '',
+  'multipart/form-data', 'multipart/form-data; boundary=', 'multipart/form-data; boundary="b"', 'multipart/form-data;boundary=fuzz-boundary; charset=utf-8', 'MULTIPART/FORM-DATA; BOUNDARY=b',
+  'multipart/form-data; boundary=b; boundary=c', 'multipart/form-data; boundary="' + 'b'.repeat(80), 'application/json; boundary=b', 'text/plain; charset=utf-8', '\u00ff\u00fe', 'x'.repeat(4000), '/', '%%%', 'application/json' + ';'.repeat(500)]
+/**
+ * Origin headers (contract section 18): a loopback page, another site, a sandboxed page (`null`),
+ * garbage and a very long one. A disallowed Origin on a POST, PATCH or DELETE may be 403.
+ */
+const ORIGINS = ['http://localhost:3000', 'https://evil.example', 'null', 'http://127.0.0.1', 'http://[::1]:8080', 'file://', 'app://x', 'http://localhost.evil.example',
+  'http://localhost:3000/path', 'HTTPS://EVIL.EXAMPLE', 'https://' + 'a'.repeat(8000) + '.example', '*', 'http://', '://', 'null, null']
 
 function headersFor (g: Gen, method: string, path: string, body: string | Buffer | undefined): Record<string, string> {
   const headers: Record<string, string> = {}
@@ -168,10 +199,13 @@ function headersFor (g: Gen, method: string, path: string, body: string | Buffer
   // so an authorised release never frees GPUs under a running request (the overlap check below).
   if (auth < 7) headers.authorization = `Bearer ${admin && g.chance(0.8) ? ADMIN_TOKEN : API_KEY}`
   else if (auth === 7) headers.authorization = g.pick(['Bearer', 'Basic ' + API_KEY, `Bearer ${API_KEY}x`, `bearer ${API_KEY}`, 'Bearer ' + g.text(30).replace(/[^\x21-\x7e]/g, '')])
-  if (body !== undefined && g.chance(0.8)) {
+  const multipart = typeof body === 'string' && body.startsWith('--')
+  if (multipart && g.chance(0.6)) headers['content-type'] = `multipart/form-data; boundary=${body.slice(2, body.indexOf('\r\n'))}`
+  else if (body !== undefined && g.chance(0.8)) {
     const type = g.pick(CONTENT_TYPES)
     if (type !== '') headers['content-type'] = type
   }
+  if (g.chance(0.3)) headers.origin = g.chance(0.2) ? g.text(30).replace(/[^\x21-\x7e]/g, '') : g.pick(ORIGINS)
   if (g.chance(0.3)) headers['x-request-id'] = g.pick(['fuzz-1', 'a b', 'x'.repeat(200), '../..', 'id:1/2'])
   if (g.chance(0.2)) headers.connection = g.pick(['close', 'keep-alive', 'keep-alive, x-hop', 'x-hop'])
   if (g.chance(0.1)) headers['x-hop'] = 'secret'
@@ -275,6 +309,10 @@ function upstreamProblem (route: string, method: string, status: number, headers
     if (lines.some((l) => l === undefined)) return `a ${route} answer that is not JSON lines: ${body.slice(0, 200)}`
     if (lines.at(-1)?.done !== true) return `a ${route} answer without its done line: ${body.slice(-200)}`
     if (lines.length > 1 && !/^application\/x-ndjson/.test(type)) return `a streamed ${route} answer as ${type}`
+  } else if (route === '/v1/audio/transcriptions') {
+    // `response_format=text`: the transcript as text/plain; otherwise {"text"}
+    const text = /^text\/plain/.test(type) ? body : json(body)?.text
+    if (typeof text !== 'string' || !text.startsWith('transcript of ')) return `a transcription answer that is not the transcript: ${body.slice(0, 200)}`
   } else if (['/api/embed', '/api/embeddings', '/api/show', '/v1/embeddings', '/v1/images/generations'].includes(route) || (route.startsWith('/v1/') && !/event-stream/.test(type))) {
     if (json(body) === undefined) return `a ${route} answer that is not JSON: ${body.slice(0, 200)}`
   } else if (route.startsWith('/v1/')) {
@@ -295,7 +333,7 @@ function getProblem (method: string, path: string, headers: Record<string, strin
   return outcome.status === 200 ? undefined : `${method} ${path} with the key answered ${outcome.status ?? 'nothing'}`
 }
 
-function check (path: string, method: string, outcome: Outcome, raw: boolean): string | undefined {
+function check (path: string, method: string, outcome: Outcome, raw: boolean, origin = false): string | undefined {
   const { status, headers, body } = outcome
   if (status === undefined) return undefined
   const fromUpstream = headers['x-maestro-assignment'] != null
@@ -305,7 +343,8 @@ function check (path: string, method: string, outcome: Outcome, raw: boolean): s
   // Node's HTTP parser answers broken requests itself, before any route is known.
   if (status === 417 && body === '') return undefined
   const refused = status === 501 && (REFUSED.has(route) || route.startsWith('/api/blobs/'))
-  if (!fromUpstream && !refused && !GATEWAY_STATUSES.has(status) && !(ROUTE_STATUSES[route] ?? []).includes(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
+  const refusedOrigin = status === 403 && origin && ['POST', 'PATCH', 'DELETE'].includes(method)
+  if (!fromUpstream && !refused && !refusedOrigin && !GATEWAY_STATUSES.has(status) && !(ROUTE_STATUSES[route] ?? []).includes(status) && !(FORWARDED_WITHOUT_LEASE.has(route) && status < 500)) return `status ${status} is not one of the gateway's`
   // a gateway's 503 is a queue or memory limit: it says when to come back
   if (status === 503 && !fromUpstream && !route.startsWith('/health') && headers['retry-after'] == null) return `503 without Retry-After: ${body.slice(0, 200)}`
   if (fromUpstream) return upstreamProblem(route, method, status, headers, body)
@@ -344,12 +383,13 @@ function forwardedWhatItMustNot (path: string, method: string, outcome: Outcome,
 t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, every answer in the contract, every GPU free`, async (t) => {
   t.comment(`seed ${SEED} (replay: FUZZ_SEED=${SEED} npx tap test/fuzz.test.ts)`)
   const fleet = await startFleet(t, {
-    gpus: [1, 1, 1, 1],
+    gpus: [1, 1, 1, 1, 1],
     upstreams: [
       { model: 'm', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 5, models: ['m:latest'] } },
       { model: 'big', gpus: [1, 2], simulator: { tokens: 3, tokenDelayMs: 5 } },
       { model: 'm2', gpus: [2], simulator: { tokens: 3, tokenDelayMs: 5 } },
-      { model: 'sd', kind: 'diffusor', gpus: [3], simulator: { imageDelayMs: 5 } }
+      { model: 'sd', kind: 'diffusor', gpus: [3], simulator: { imageDelayMs: 5 } },
+      { model: 'w', kind: 'speech', gpus: [4], simulator: { tokenDelayMs: 5 } }
     ],
     options: { API_KEYS: API_KEY, ADMIN_TOKEN, BODY_LIMIT, BODY_MEMORY_LIMIT: BODY_MEMORY, QUEUE_TIMEOUT_MS: 4000, UPSTREAM_HEADERS_TIMEOUT_MS: 5000 }
   })
@@ -408,7 +448,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
       failures.push(`#${index} ${described.get(index) ?? ''}: connection closed without an answer (${outcome.error ?? ''})`)
     }
     statuses.set(String(outcome.status ?? 'closed'), (statuses.get(String(outcome.status ?? 'closed')) ?? 0) + 1)
-    const problem = check(path, method, outcome, false) ?? getProblem(method, path, headers, body, outcome) ?? forwardedWhatItMustNot(path, method, outcome, body)
+    const problem = check(path, method, outcome, false, headers.origin != null) ?? getProblem(method, path, headers, body, outcome) ?? forwardedWhatItMustNot(path, method, outcome, body)
     if (problem != null) failures.push(`#${index} ${method} ${path.slice(0, 60)} ${JSON.stringify(typeof body === 'string' ? body.slice(0, 60) : body)} → ${outcome.status}: ${problem}`)
     // A reservation the fuzz made is handed back, as a client of the lease API would.
     if (method === 'POST' && path.split(/[?#]/)[0] === '/gpu/reserve' && outcome.status === 200) {
@@ -451,6 +491,9 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
     held = await fleet.heldGpus()
   }
   t.same(held, [], 'every GPU free')
+  const store = await scrape(url)
+  t.equal(store.value('maestro_slots_in_use'), 0, 'no slot in use')
+  t.same(store.find('maestro_queue_depth').filter((s) => s.value !== 0), [], 'no request left in a queue')
   const bodyMemory = (await (await fetch(url + '/metrics')).text()).split('\n').find((l) => l.startsWith('maestro_body_memory_bytes '))
   t.equal(bodyMemory, 'maestro_body_memory_bytes 0', 'every request body given back to BODY_MEMORY_LIMIT')
   await fleet.recorder.whenIdle()

@@ -1,12 +1,43 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Assignment } from '../../services/inventory.js'
 import { distinctUpstreams } from '../../services/upstream-catalog.js'
+import { ClientLimitError } from '../../services/client-limits.js'
 
-/** A Go duration string that is zero (`0`, `0s`, `0m0s`, `-0h`...): Ollama unloads at once. */
-const ZERO_DURATION = /^[-+]?(?:0+(?:\.0*)?(?:ns|us|µs|μs|ms|s|m|h)?)+$/
+/** The length of the Go duration unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`) at `i`, 0 if none. */
+function unitLength (text: string, i: number): number {
+  if (text[i + 1] === 's' && 'nuµμm'.includes(text[i])) return 2
+  return 'smh'.includes(text[i]) ? 1 : 0
+}
 
-function isZeroKeepAlive (value: unknown): boolean {
-  return value === 0 || (typeof value === 'string' && ZERO_DURATION.test(value))
+/**
+ * Whether `text` is a Go duration that is zero (`0`, `0s`, `0m0s`, `-0.0h`, `000ms`...): Ollama
+ * unloads at once. One pass: a sign, then zeros, each run of them followed by at most one `.`
+ * (and more zeros) and at most one unit. The same strings as the pattern it replaces,
+ * /^[-+]?(?:0+(?:\.0*)?(?:ns|us|µs|μs|ms|s|m|h)?)+$/, which backtracked exponentially on `000…0x`.
+ */
+export function isZeroDuration (text: string): boolean {
+  let i = text[0] === '-' || text[0] === '+' ? 1 : 0
+  let last: 'nothing' | 'zero' | 'point' | 'unit' = 'nothing'
+  while (i < text.length) {
+    if (text[i] === '0') {
+      last = 'zero'
+      i++
+    } else if (text[i] === '.' && last === 'zero') {
+      last = 'point'
+      i++
+    } else {
+      const unit = last === 'zero' || last === 'point' ? unitLength(text, i) : 0
+      if (unit === 0) return false
+      last = 'unit'
+      i += unit
+    }
+  }
+  return last !== 'nothing'
+}
+
+/** `keep_alive` 0, or a duration string that is zero. */
+export function isZeroKeepAlive (value: unknown): boolean {
+  return value === 0 || (typeof value === 'string' && isZeroDuration(value))
 }
 
 /**
@@ -37,6 +68,8 @@ function loadedOn (fastify: FastifyInstance, candidates: Assignment[], model: st
 export async function unloadEverywhere (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, path: '/api/generate' | '/api/chat', model: string): Promise<unknown> {
   const candidates = distinctUpstreams(fastify.inventory.current.candidates(model, 'llm'))
   if (candidates.length === 0) return reply.sendError(404, `model '${model}' not found`)
+  // A key's scope holds even where the model is loaded nowhere (nothing to lease): 403.
+  fastify.clientLimits.checkModel(request.client, model)
   const failures: string[] = []
   for (const assignment of loadedOn(fastify, candidates, model)) {
     const body = path === '/api/chat' ? { model, messages: [], keep_alive: 0 } : { model, prompt: '', keep_alive: 0 }
@@ -49,7 +82,8 @@ export async function unloadEverywhere (fastify: FastifyInstance, request: Fasti
         request.log.info({ model, assignment: assignment.name }, 'model unloaded')
       }
     } catch (err) {
-      if (request.exchange.closed) throw err
+      // the client's own limits (429) are its answer, not a server's failure
+      if (request.exchange.closed || err instanceof ClientLimitError) throw err
       failures.push(`${assignment.name}: ${(err as Error).message}`)
     }
   }

@@ -39,7 +39,7 @@ function toModel (entry: OllamaModelEntry, id = entry.name): Static<typeof Model
  * stablediffusion-fastapi-multigpu ignores keys it does not know, `width` and `height` among them:
  * its pipeline makes its own size whatever `size` says. They are sent for servers that read them.
  */
-function dimensions (size: string | undefined): { width?: number, height?: number } {
+export function dimensions (size: string | undefined): { width?: number, height?: number } {
   const m = /^(\d+)x(\d+)$/.exec(size ?? '')
   return m == null ? {} : { width: Number(m[1]), height: Number(m[2]) }
 }
