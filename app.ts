@@ -14,6 +14,7 @@ import inventory from './plugins/inventory.js'
 import mariadb from './plugins/mariadb.js'
 import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
+import origins from './plugins/origins.js'
 import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
@@ -58,6 +59,7 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(upstreamProxy)
   await fastify.register(apiKeys)
   await fastify.register(auth)
+  await fastify.register(origins)
   await fastify.register(clients)
   await fastify.register(warmModels)
   await fastify.register(docs)

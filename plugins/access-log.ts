@@ -52,7 +52,7 @@ export default fp(async function accessLog (fastify) {
       bytes
     }
     // Clients' requests for a model (the operator's own calls — admin API, reservations — are not).
-    if (fields.model != null && request.routeOptions.config?.auth !== 'admin') {
+    if (fields.model != null && request.routeOptions.config?.auth !== 'admin' && request.routeOptions.config?.auth !== 'lease') {
       fastify.recentRequests.add({
         at: new Date().toISOString(),
         route: fields.route,

@@ -12,7 +12,7 @@ import { modelKey } from '../services/model-name.js'
 import type { ClientPass } from './clients.js'
 import { frameAnswer } from '../services/stream-framing.js'
 import { SlowReaderLimit } from '../services/slow-reader.js'
-import { bodyTooLarge, timedOut, unreachable } from '../services/upstream-failure.js'
+import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/upstream-failure.js'
 
 export interface LeaseTarget {
   kind: ModelKind
@@ -160,8 +160,10 @@ function forwardTo (proxy: Proxy, request: FastifyRequest, reply: FastifyReply, 
           }).catch((err) => reply.send(err))
         },
     onError: (reply, { error }) => {
-      // A streamed body (upload) cut off at BODY_LIMIT: the client's fault, not the upstream's.
+      // A streamed body (upload) cut off at BODY_LIMIT, or refused on its way: the client's fault, not the upstream's.
       if (bodyTooLarge(error)) return reply.sendError(413, 'request body is too large')
+      const refused = refusedBody(error, request.body)
+      if (refused != null) return reply.header('connection', 'close').sendError(refused.statusCode, refused.message)
       proxy.fastify.log.warn({ err: error, assignment: assignment.name }, 'upstream failed')
       request.exchange.upstreamFailed(assignment.name, unreachable(error) ? 'unreachable' : timedOut(error) ? 'timeout' : 'failed')
       if (timedOut(error)) reply.sendError(504, `upstream '${assignment.name}' sent no answer in time`)
@@ -316,11 +318,14 @@ function sendOnLease (proxy: Proxy, request: FastifyRequest, reply: FastifyReply
       reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
     },
     onError: (reply, { error }) => {
-      // An upstream that never saw the request frees its GPUs at once; one that had it (no headers
-      // in time, broken off) computes on until it notices the cut connection, as after a client left.
-      if (unreachable(error) || bodyTooLarge(error)) release()
+      // An upstream that never saw the request (or never a whole body) frees its GPUs at once; one
+      // that had it (no headers in time, broken off) computes on until it notices the cut
+      // connection, as after a client left.
+      const refused = refusedBody(error, request.body)
+      if (unreachable(error) || bodyTooLarge(error) || refused != null) release()
       else setTimeout(release, proxy.config.upstreamCancelGraceMs).unref()
       if (bodyTooLarge(error)) return reply.sendError(413, 'request body is too large')
+      if (refused != null) return reply.header('connection', 'close').sendError(refused.statusCode, refused.message)
       if (unreachable(error) && target.body != null && !reply.sent && !request.exchange.closed) {
         leases.unreachable(assignment, error)
         next().catch((err) => reply.send(err))

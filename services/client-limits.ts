@@ -40,6 +40,17 @@ export interface ClientLimitStore {
   granted: (clientId: string, token: string, ttlMs: number) => Promise<void>
   release: (clientId: string, token: string) => Promise<void>
   renew: (clientId: string, tokens: string[], ttlMs: number) => Promise<void>
+  /**
+   * A reservation's hold (CONTRACT 18), under the lease's own token: counted as in flight, and
+   * recording whose the reservation is, until released or, not renewed, it expires after `ttlMs`.
+   */
+  holdReservation: (clientId: string, token: string, ttlMs: number) => Promise<void>
+  /** Renew the client's hold on a reservation; false when it holds none (released, expired, someone else's). */
+  renewReservation: (clientId: string, token: string, ttlMs: number) => Promise<boolean>
+  /** End the client's hold on a reservation (nothing when it holds none). */
+  releaseReservation: (clientId: string, token: string) => Promise<void>
+  /** Who holds each reservation (client id), undefined for a token nobody holds. */
+  reservationHolders: (tokens: string[]) => Promise<Array<string | undefined>>
 }
 
 /** A request over one of its client's limits: 429 with Retry-After, or 403 for a model not allowed. */
@@ -105,15 +116,25 @@ export class ClientLimiter {
     return this.held.size
   }
 
+  /** Whether the client may use an assignment's model (a `*` assignment serves every model, its own among them). */
+  mayUse (client: Client, assignment: { modelKey: string }): boolean {
+    return client.modelKeys == null || assignment.modelKey === '*' || client.modelKeys.has(assignment.modelKey)
+  }
+
+  /** Checks `model` against the client's `models`: 403 when it is not one of them. */
+  checkModel (client: Client, model: string): void {
+    if (client.modelKeys != null && !client.modelKeys.has(modelKey(model))) {
+      this.opts.onRefused?.(client, 'models')
+      throw new ClientLimitError('models', 403, `this API key may not use model '${model}'`)
+    }
+  }
+
   /**
    * Checks `model` against the client's `models` (403) and its counted limits (429). Answers the
    * ticket to release when the request ends. A client with no counted limit costs no store call.
    */
   async admit (client: Client, model: string): Promise<Ticket> {
-    if (client.modelKeys != null && !client.modelKeys.has(modelKey(model))) {
-      this.opts.onRefused?.(client, 'models')
-      throw new ClientLimitError('models', 403, `this API key may not use model '${model}'`)
-    }
+    this.checkModel(client, model)
     if (!hasCountedLimits(client.limits)) return NO_TICKET
     const token = `${this.replica}:${++this.counter}`
     let admission: Admission
@@ -143,6 +164,34 @@ export class ClientLimiter {
         void this.releaseToken(client.id, token)
       }
     }
+  }
+
+  /*
+   * Reservations (`/gpu/reserve`): admitted like a request (`admit`), then held under the lease's
+   * token until released or expired. Renewed by pings only, never by this replica: the holder may
+   * ping another replica, or never again.
+   */
+
+  /** The client holds the reservation `token` now (store failures are thrown). */
+  async holdReservation (client: Client, token: string): Promise<void> {
+    await this.store.holdReservation(client.id, token, this.opts.ttlMs)
+  }
+
+  /** A ping renewed the reservation: so is its holder's hold. False when that client holds none. */
+  async renewReservation (clientId: string, token: string): Promise<boolean> {
+    return await this.store.renewReservation(clientId, token, this.opts.ttlMs)
+  }
+
+  /** The reservation ended: its slot is free. A failure is logged only: the hold expires with its ttl. */
+  async releaseReservation (clientId: string, token: string): Promise<void> {
+    await this.store.releaseReservation(clientId, token).catch((err) => {
+      this.opts.log?.warn({ err }, 'client limits: reservation release failed; it expires with its ttl')
+    })
+  }
+
+  /** Whose each reservation is (client id); undefined for one nobody holds. */
+  async reservationHolders (tokens: string[]): Promise<Array<string | undefined>> {
+    return await this.store.reservationHolders(tokens)
   }
 
   private async releaseToken (clientId: string, token: string): Promise<void> {
@@ -195,6 +244,8 @@ interface MemoryClient {
 export class MemoryClientLimitStore implements ClientLimitStore {
   readonly kind = 'memory' as const
   private readonly clients = new Map<string, MemoryClient>()
+  /** reservation token → its holder, in order of expiry (a renewal moves it to the end) */
+  private readonly holders = new Map<string, { clientId: string, expiry: number }>()
 
   constructor (private readonly now: () => number = Date.now) {}
 
@@ -266,13 +317,46 @@ export class MemoryClientLimitStore implements ClientLimitStore {
       for (const set of [c.active, c.waiting]) if (set.has(token)) set.set(token, expiry)
     }
   }
+
+  private holderOf (token: string): string | undefined {
+    const holder = this.holders.get(token)
+    return holder != null && holder.expiry > this.now() ? holder.clientId : undefined
+  }
+
+  async holdReservation (clientId: string, token: string, ttlMs: number): Promise<void> {
+    const now = this.now()
+    for (const [t, h] of this.holders) {
+      if (h.expiry > now) break
+      this.holders.delete(t)
+    }
+    const expiry = now + ttlMs
+    this.client(clientId).active.set(token, expiry)
+    this.holders.delete(token)
+    this.holders.set(token, { clientId, expiry })
+  }
+
+  async renewReservation (clientId: string, token: string, ttlMs: number): Promise<boolean> {
+    if (this.holderOf(token) !== clientId) return false
+    await this.holdReservation(clientId, token, ttlMs)
+    return true
+  }
+
+  async releaseReservation (clientId: string, token: string): Promise<void> {
+    if (this.holderOf(token) !== clientId) return
+    this.holders.delete(token)
+    await this.release(clientId, token)
+  }
+
+  async reservationHolders (tokens: string[]): Promise<Array<string | undefined>> {
+    return tokens.map((token) => this.holderOf(token))
+  }
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Redis                                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
-const SCRIPT_FILES = ['client-admit-3', 'client-granted-2', 'client-release-2', 'client-renew-2']
+const SCRIPT_FILES = ['client-admit-3', 'client-granted-2', 'client-release-2', 'client-renew-2', 'client-hold-2']
 
 type Command = (...args: Array<string | number>) => Promise<unknown>
 
@@ -285,8 +369,9 @@ export class RedisClientLimitStore implements ClientLimitStore {
   private readonly grantedScript: Command
   private readonly releaseScript: Command
   private readonly renewScript: Command
+  private readonly holdScript: Command
 
-  constructor (client: Redis | Cluster, private readonly prefix: string) {
+  constructor (private readonly client: Redis | Cluster, private readonly prefix: string) {
     const commands = client as unknown as Record<string, Command>
     for (const { name, numberOfKeys, lua } of loadLuaScripts(SCRIPT_FILES)) {
       if (typeof commands[name] !== 'function') client.defineCommand(name, { lua, numberOfKeys })
@@ -296,6 +381,7 @@ export class RedisClientLimitStore implements ClientLimitStore {
     this.grantedScript = bound('client-granted')
     this.releaseScript = bound('client-release')
     this.renewScript = bound('client-renew')
+    this.holdScript = bound('client-hold')
   }
 
   private keys (clientId: string): [string, string, string] {
@@ -323,5 +409,32 @@ export class RedisClientLimitStore implements ClientLimitStore {
   async renew (clientId: string, tokens: string[], ttlMs: number): Promise<void> {
     const [active, waiting] = this.keys(clientId)
     await this.renewScript(active, waiting, ttlMs, ...tokens)
+  }
+
+  /** Lease tokens come back from clients (`/gpu/ping`): hex keeps them from acting as key separators or globs. */
+  private holderKey (token: string): string {
+    return `${this.prefix}reservation:${clientPart(token)}`
+  }
+
+  private async hold (clientId: string, token: string, ttlMs: number, op: 'hold' | 'renew' | 'release'): Promise<boolean> {
+    return Number(await this.holdScript(this.keys(clientId)[0], this.holderKey(token), token, ttlMs, clientId, op)) === 1
+  }
+
+  async holdReservation (clientId: string, token: string, ttlMs: number): Promise<void> {
+    await this.hold(clientId, token, ttlMs, 'hold')
+  }
+
+  async renewReservation (clientId: string, token: string, ttlMs: number): Promise<boolean> {
+    return await this.hold(clientId, token, ttlMs, 'renew')
+  }
+
+  async releaseReservation (clientId: string, token: string): Promise<void> {
+    await this.hold(clientId, token, 0, 'release')
+  }
+
+  async reservationHolders (tokens: string[]): Promise<Array<string | undefined>> {
+    if (tokens.length === 0) return []
+    const holders = await this.client.mget(...tokens.map((token) => this.holderKey(token)))
+    return holders.map((holder) => holder ?? undefined)
   }
 }

@@ -4,6 +4,7 @@ import { Type, type Static } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { mariaDbUrlFromEnv, parseHostPortList, parseLegacyRedis, type HostPort } from './connection-strings.js'
 import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from './ollama-normalizer.js'
+import { parseOriginList } from './origins.js'
 
 /** Every variable the gateway reads (CONTRACT section 2), with its default. */
 export const EnvSchema = Type.Object({
@@ -37,8 +38,11 @@ export const EnvSchema = Type.Object({
   BODY_MEMORY_LIMIT: Type.Integer({ default: 268435456, minimum: 1 }),
   UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
   UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
+  EVENT_STREAMS_MAX: Type.Integer({ default: 100, minimum: 1 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
+  ALLOWED_ORIGINS: Type.Optional(Type.String()),
+  OLLAMA_ORIGINS: Type.Optional(Type.String()),
   TRUST_PROXY: Type.Boolean({ default: false }),
   WARM_MODELS: Type.Optional(Type.String())
 })
@@ -93,8 +97,12 @@ export interface GatewayConfig {
   upstreamPollMs: number
   /** After a client leaves mid-answer, how long its GPUs stay leased while the upstream notices. */
   upstreamCancelGraceMs: number
+  /** `GET /gpu/events` streams open at once on this replica (and at most 10 per client). */
+  eventStreamsMax: number
   adminToken?: string
   apiKeys: string[]
+  /** Browser origins allowed to write without a credential, beyond loopback and local apps (ALLOWED_ORIGINS and OLLAMA_ORIGINS). */
+  allowedOrigins: string[]
   /** Take a client's address from the first hop of X-Forwarded-For (behind a proxy that sets it). */
   trustProxy: boolean
   /** Models loaded on each of their upstreams at start and when an upstream comes back. */
@@ -243,8 +251,10 @@ export function resolveConfig (env: Env): GatewayConfig {
     bodyMemoryLimit: env.BODY_MEMORY_LIMIT,
     upstreamPollMs: env.UPSTREAM_POLL_MS,
     upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
+    eventStreamsMax: env.EVENT_STREAMS_MAX,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    allowedOrigins: [...parseOriginList(env.ALLOWED_ORIGINS), ...parseOriginList(env.OLLAMA_ORIGINS)],
     trustProxy: env.TRUST_PROXY,
     warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)
   }

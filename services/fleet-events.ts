@@ -1,8 +1,11 @@
 import { diffSnapshots, type FleetSnapshot } from './fleet-snapshot.js'
+import { fleetView, fleetViewKey, OPERATOR, type FleetViewer } from './fleet-view.js'
 
 /** One reader of the stream: takes whole server-sent-event frames. */
 export interface FleetReader {
   write: (frame: string) => void
+  /** What it may be told (services/fleet-view.ts); everything when unset. */
+  readonly viewer?: FleetViewer
   /** The hub is closing (the gateway shuts down): finish the stream. */
   end: () => void
 }
@@ -24,8 +27,9 @@ export const frame = (event: string, data: unknown): string => `event: ${event}\
 /**
  * One source of fleet events per gateway instance, however many pages are open: while anyone
  * listens it reads the state every `intervalMs` (sooner after `poke`, never twice within
- * `minGapMs`), diffs it with the last read and writes the same frame to every reader. A new
- * reader gets a whole snapshot first. Nobody listening: no reads at all.
+ * `minGapMs`), diffs it with the last read and writes the same frame to every reader of the same
+ * view (the operator's, the public one, each key's), each view diffed with its own last state. A
+ * new reader gets a whole snapshot first. Nobody listening: no reads at all.
  */
 export class FleetEventHub {
   private readonly readers = new Set<FleetReader>()
@@ -129,17 +133,24 @@ export class FleetEventHub {
     const prev = this.current
     this.current = next
     this.failing = false
-    const change = prev == null ? null : diffSnapshots(prev, next)
-    const changeFrame = change == null ? undefined : frame('change', change)
-    let snapshotFrame: string | undefined
+    // Each view's frames are made once, whatever the number of its readers.
+    const views = new Map<string, ViewFrames>()
     for (const reader of [...this.readers]) {
+      const viewer = reader.viewer ?? OPERATOR
+      const key = fleetViewKey(viewer)
+      let frames = views.get(key)
+      if (frames === undefined) views.set(key, frames = { view: fleetView(next, viewer) })
       if (this.needSnapshot.has(reader) || prev == null) {
         this.needSnapshot.delete(reader)
-        snapshotFrame ??= frame('snapshot', next)
-        reader.write(snapshotFrame)
-      } else if (changeFrame != null) {
-        reader.write(changeFrame)
+        frames.snapshot ??= frame('snapshot', frames.view)
+        reader.write(frames.snapshot)
+        continue
       }
+      if (frames.change === undefined) {
+        const change = diffSnapshots(fleetView(prev, viewer), frames.view)
+        frames.change = change == null ? null : frame('change', change)
+      }
+      if (frames.change != null) reader.write(frames.change)
     }
   }
 
@@ -157,6 +168,14 @@ export class FleetEventHub {
   }
 }
 
+/** One view's frames of one read: made when its first reader needs them. */
+interface ViewFrames {
+  view: FleetSnapshot
+  snapshot?: string
+  /** null: nothing changed in this view */
+  change?: string | null
+}
+
 /** What an event-stream reader writes to: an HTTP response, or any Node writable. */
 export interface FrameSink {
   write: (chunk: string) => boolean
@@ -167,24 +186,68 @@ export interface FrameSink {
 
 /**
  * A reader that writes frames to a socket and is cut off, not buffered for ever, when it does not
- * keep up: once a write is refused (the stream's buffer is full) and more than `maxBufferedBytes`
- * wait unsent, the connection is destroyed. A browser's EventSource then reconnects by itself.
+ * keep up: when a frame comes while more than `maxBufferedBytes` still wait unsent, the connection
+ * is destroyed instead (the page reconnects and starts from a snapshot). The allowance grows to
+ * the largest frame the reader was sent, so a fleet whose snapshot is larger than the bound can
+ * still be read: a reader is kept while it is behind by less than one whole snapshot. So one
+ * stream holds at most max(bound, largest frame) plus one frame. Sizes are counted in characters
+ * (the frames are mostly ASCII JSON).
  */
 export class StreamReader implements FleetReader {
   dropped = false
+  private largestFrame = 0
 
-  constructor (private readonly sink: FrameSink, private readonly maxBufferedBytes: number, private readonly onDrop: () => void) {}
+  constructor (
+    private readonly sink: FrameSink,
+    private readonly maxBufferedBytes: number,
+    private readonly onDrop: () => void,
+    readonly viewer?: FleetViewer
+  ) {}
 
   write (text: string): void {
     if (this.dropped) return
-    if (this.sink.write(text)) return
-    if (this.sink.writableLength <= this.maxBufferedBytes) return
-    this.dropped = true
-    this.sink.destroy()
-    this.onDrop()
+    this.largestFrame = Math.max(this.largestFrame, text.length)
+    if (this.sink.writableLength > Math.max(this.maxBufferedBytes, this.largestFrame)) {
+      this.dropped = true
+      this.sink.destroy()
+      this.onDrop()
+      return
+    }
+    this.sink.write(text)
   }
 
   end (): void {
     if (!this.dropped) this.sink.end()
+  }
+}
+
+/**
+ * Open event streams, counted so that neither all of them together nor one client can hold more
+ * than its share of connections (and their buffers): `max` in all, `perClient` per client.
+ */
+export class EventStreamLimit {
+  private open = 0
+  private readonly byClient = new Map<string, number>()
+
+  constructor (private readonly max: number, private readonly perClient: number) {}
+
+  /** A place for one more stream of `client`, freed by calling what it returns (once is enough), or why there is none. */
+  take (client: string): { release: () => void } | { refused: string } {
+    const mine = this.byClient.get(client) ?? 0
+    if (this.open >= this.max) return { refused: `too many event streams open on this gateway (${this.max}); try again later` }
+    if (mine >= this.perClient) return { refused: `too many event streams open for this client (${this.perClient}); close one first` }
+    this.open++
+    this.byClient.set(client, mine + 1)
+    let released = false
+    return {
+      release: () => {
+        if (released) return
+        released = true
+        this.open--
+        const left = (this.byClient.get(client) ?? 1) - 1
+        if (left > 0) this.byClient.set(client, left)
+        else this.byClient.delete(client)
+      }
+    }
   }
 }

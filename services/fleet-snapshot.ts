@@ -5,7 +5,9 @@ import type { RecentRequest } from './recent-requests.js'
 /*
  * What the console shows, as `GET /gpu/events` sends it: one snapshot, then changes. Times are
  * epoch milliseconds (the page counts "since" itself, so a lease that goes on sends nothing).
- * Fields marked optional are filled when the part of the gateway that knows them is present.
+ * Fields marked optional are filled when the part of the gateway that knows them is present, and
+ * when the reader may see them (services/fleet-view.ts: no addresses, loaded models, admin settings
+ * or other clients' requests without the admin token).
  */
 
 export type GpuState = 'idle' | 'leased' | 'held'
@@ -13,7 +15,13 @@ export type UpstreamHealthState = 'up' | 'cooling' | 'unreachable' | 'unknown'
 
 export interface Slots { used: number, capacity: number }
 
-export interface ComputerView { id: string, name: string, ip: string, gpuIds: string[] }
+export interface ComputerView {
+  id: string
+  name: string
+  /** operator only */
+  ip?: string
+  gpuIds: string[]
+}
 
 export interface GpuView {
   id: string
@@ -37,12 +45,12 @@ export interface AssignmentView {
   name: string
   model: string
   kind: string
-  /** `ip:port` of the upstream server */
-  address: string
+  /** `ip:port` of the upstream server (operator only) */
+  address?: string
   gpuIds: string[]
   slots: Slots
   health?: UpstreamHealthState
-  /** models the upstream has in memory (its `/api/ps`) */
+  /** models the upstream has in memory (its `/api/ps`; operator only) */
   loaded?: string[]
   drained?: boolean
 }
@@ -64,17 +72,18 @@ export interface FleetSnapshot {
   at: number
   /** the replica that built it */
   replica: string
-  store: 'redis' | 'memory'
-  /** the admin API's record kinds this gateway has (`computers`, `api-keys`...), and whether it wants a token */
-  admin: { resources: string[], token: boolean }
+  /** operator only */
+  store?: 'redis' | 'memory'
+  /** the admin API's record kinds this gateway has (`computers`, `api-keys`...), and (operator only) whether it wants a token */
+  admin: { resources: string[], token?: boolean }
   computers: ComputerView[]
   gpus: GpuView[]
   assignments: AssignmentView[]
   queues: QueueView[]
   replicas: ReplicaView[]
-  /** newest first, at most `recentLimit` */
-  recent: RecentRequest[]
-  recentLimit: number
+  /** newest first, at most `recentLimit`: the operator sees all, a key its own among them, others none (absent) */
+  recent?: RecentRequest[]
+  recentLimit?: number
 }
 
 export const KEYED_SECTIONS = ['computers', 'gpus', 'assignments', 'queues', 'replicas'] as const
@@ -202,12 +211,13 @@ export function diffSnapshots (prev: FleetSnapshot, next: FleetSnapshot): FleetC
     if (before.size > 0) change.remove[section] = [...before.keys()]
     changed ||= set.length > 0 || before.size > 0
   }
-  if (!same(prev.recent, next.recent)) {
+  if (next.recent != null && !same(prev.recent, next.recent)) {
     // Usually a few requests joined at the head: send those, not the whole list again.
-    const head = prev.recent[0]
+    const before = prev.recent ?? []
+    const head = before[0]
     const joined = head === undefined ? next.recent.length : next.recent.findIndex((r) => same(r, head))
     const added = next.recent.slice(0, joined)
-    if (joined > 0 && same([...added, ...prev.recent].slice(0, next.recentLimit), next.recent)) {
+    if (prev.recent != null && joined > 0 && same([...added, ...before].slice(0, next.recentLimit), next.recent)) {
       change.recentAdded = added
     } else {
       change.recent = next.recent

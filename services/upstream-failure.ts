@@ -1,3 +1,5 @@
+import { GatewayError } from './errors.js'
+
 /** How a failed upstream call is read: from undici's and @fastify/reply-from's error codes. */
 
 interface UpstreamError { code?: string, name?: string, cause?: { code?: string } }
@@ -25,4 +27,16 @@ export function failureCode (error: unknown): string {
 /** A request body cut off at BODY_LIMIT while it was streamed on: the client's fault, not the upstream's. */
 export function bodyTooLarge (error: unknown): boolean {
   return (error as UpstreamError).cause?.code === 'FST_ERR_CTP_BODY_TOO_LARGE'
+}
+
+/**
+ * The client's streamed body refused on its way by a rule of its content (a second `model` field):
+ * the error to answer with, from the upstream call's failure or from the body stream itself (it
+ * may have failed before the call began), else undefined.
+ */
+export function refusedBody (error: unknown, body: unknown): GatewayError | undefined {
+  const cause = (error as { cause?: unknown } | null)?.cause
+  if (cause instanceof GatewayError) return cause
+  const errored = (body as { errored?: unknown } | null)?.errored
+  return errored instanceof GatewayError ? errored : undefined
 }

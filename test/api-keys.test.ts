@@ -53,7 +53,8 @@ async function loggedGateway (t: Test, options: MaestroOptions): Promise<Gateway
 t.test('a key in the table, one in API_KEYS: each authenticates; a revoked row stops working on every replica', async (t) => {
   const fleet = await fleetOf(t)
   await insertKey(fleet.db.query, 'team-a', 'secret-team-a')
-  const options = { API_KEYS: 'secret-env', INVENTORY_REFRESH_MS: 60_000 }
+  // Cache clearing is an admin route: with keys in use it needs ADMIN_TOKEN (CONTRACT 18).
+  const options = { API_KEYS: 'secret-env', ADMIN_TOKEN: 'admin-secret', INVENTORY_REFRESH_MS: 60_000 }
   const one = await fleet.replica(options)
   const two = await fleet.replica(options)
 
@@ -66,7 +67,7 @@ t.test('a key in the table, one in API_KEYS: each authenticates; a revoked row s
 
   await fleet.db.query('UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = ?', ['team-a'])
   t.equal(await generate(two, 'secret-team-a'), 200, 'before the cache is cleared the copy in memory still has it (refresh is a minute away)')
-  t.equal(await clearCache(one, 'secret-env'), 200)
+  t.equal(await clearCache(one, 'admin-secret'), 200)
   t.equal(await generate(one, 'secret-team-a'), 401, 'revoked on the replica that cleared the cache, by the time it answered')
   t.ok(await eventually(async () => await generate(two, 'secret-team-a') === 401, 1000), 'and on the other replica within a second')
   t.equal(await generate(two, 'secret-env'), 200)
@@ -91,13 +92,13 @@ t.test('table keys alone: a key is needed once the table holds one; new rows are
 
 t.test('the admin functions: a secret is answered once and stored as its hash; lists show neither; updates and revocation take effect at once', async (t) => {
   const fleet = await fleetOf(t)
-  const gw = await fleet.replica({ API_KEYS: 'env-secret', INVENTORY_REFRESH_MS: 60_000 })
+  const gw = await fleet.replica({ API_KEYS: 'env-secret', ADMIN_TOKEN: 'admin-secret', INVENTORY_REFRESH_MS: 60_000 })
   // As the admin routes use it: after a write, the cluster is told (here: the cache clear an operator would send)
   const store = new ApiKeyStore({
     envKeys: ['env-secret'],
     backend: tableBackend(fleet.db.query),
     refreshMs: 60_000,
-    changed: async () => { t.equal(await clearCache(gw, 'env-secret'), 200, 'cluster told') }
+    changed: async () => { t.equal(await clearCache(gw, 'admin-secret'), 200, 'cluster told') }
   })
   await store.start()
   t.teardown(() => store.close())

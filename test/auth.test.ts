@@ -27,6 +27,8 @@ const OPEN = ['GET /', 'HEAD /', 'GET /health', 'HEAD /health', 'GET /health/liv
   // the console and its feed (CONTRACT 13: readable by whoever may read /gpu/status)
   'GET /gpu/events', 'HEAD /gpu/events', 'GET /ui', 'HEAD /ui', 'GET /ui/', 'HEAD /ui/', 'GET /ui/:file', 'HEAD /ui/:file']
 const ADMIN = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release', 'DELETE /gpu/cache', 'DELETE /cache', 'POST /api/pull']
+/** The lease API (the rest of ADMIN are admin routes proper: CONTRACT 18, a key may not call them). */
+const LEASE = ['POST /gpu/reserve', 'POST /gpu/ping', 'POST /gpu/release']
 /** The OpenAPI document and its page (`/docs`, `/docs/json`, its files): reading about the API needs no key. */
 const isDocs = (route: string): boolean => /^(GET|HEAD) \/docs(\/|$)/.test(route)
 /** The admin API: the admin token (CONTRACT 13). */
@@ -250,12 +252,12 @@ t.test('ADMIN_TOKEN alone guards the lease API; the proxied routes stay open', a
   t.same(await fleet.heldGpus(), [])
 })
 
-t.test('API_KEYS alone: the lease API\'s write routes need a key too (a reservation takes GPUs)', async (t) => {
+t.test('API_KEYS alone: the lease API\'s write routes need a key too (a reservation takes GPUs); pull and cache clearing refuse keys', async (t) => {
   const fleet = await fleetOf(t)
   const gw = await gateway(t, fleet, { API_KEYS: 'key-one' })
   for (const route of ADMIN) {
     t.equal((await call(gw.url, route)).status, 401, `${route} without a key`)
-    t.equal((await call(gw.url, route, 'Bearer key-one')).status, PASSED[route], `${route} with a key`)
+    t.equal((await call(gw.url, route, 'Bearer key-one')).status, LEASE.includes(route) ? PASSED[route] : 403, `${route} with a key`)
   }
   t.equal((await call(gw.url, 'GET /health')).status, 200)
   t.same(await fleet.heldGpus(), [])

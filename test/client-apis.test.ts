@@ -194,8 +194,9 @@ t.test('speech: audio.transcriptions.create and audio.speech.create, leased on s
   ])
   t.equal(fleet.recorder.events.filter((e) => e.type === 'start').length, 8, 'all of them model work on the recorded GPUs')
 
-  // the model as a query parameter, for a client that sends the file first
-  const first = await client.audio.transcriptions.create({ file: await toFile(Buffer.from('x'), 'b.wav'), model: 'ignored-by-gateway' } as any, { query: { model: 'whisper-1' } })
+  // the model as a query parameter, for a client that sends the file first (its model field, after
+  // the file, must name the same model: CONTRACT 18, what is checked is what is sent)
+  const first = await client.audio.transcriptions.create({ file: await toFile(Buffer.from('x'), 'b.wav'), model: 'whisper-1' } as any, { query: { model: 'whisper-1' } })
   t.equal(first.text, transcriptOf(Buffer.from('x')))
 
   // the lease API hands out speech servers as before

@@ -8,6 +8,9 @@ import { el, find, keyed, setText } from './dom.js'
 
 const TOKEN_KEY = 'maestro-admin-token'
 
+/** The token (or API key) typed into this tab, if any: the admin calls and the live feed send it. */
+export const adminToken = (): string | null => sessionStorage.getItem(TOKEN_KEY)
+
 type Row = Record<string, unknown>
 
 interface Field {
@@ -181,6 +184,20 @@ function message (root: HTMLElement, words: string, kind: 'ok' | 'error' | '' = 
   setText(box, words)
 }
 
+/**
+ * Says that a change was made once the list shows it: the records are fetched and drawn first, so
+ * whoever reads the outcome finds the table already saying the same (never the row of before).
+ */
+async function announceReloaded (root: HTMLElement, resource: Resource, words: string): Promise<void> {
+  try {
+    await load(root, resource)
+  } catch (err) {
+    message(root, `${words}, but the list could not be reloaded: ${(err as Error).message}`, 'error')
+    return
+  }
+  message(root, words, 'ok')
+}
+
 async function confirmed (question: string): Promise<boolean> {
   const dialog = find<HTMLDialogElement>(document, '#confirm')
   setText(find(dialog, '.confirm-text'), question)
@@ -283,10 +300,10 @@ function openForm (root: HTMLElement, resource: Resource, row?: Row): void {
     const work = editing ? api('PATCH', resource.itemPath(row), body) : api('POST', resource.path, body)
     work.then(async (answer) => {
       holder.replaceChildren()
-      message(root, editing ? `${resource.singular} saved` : `${resource.singular} added`, 'ok')
+      // the secret at once: it is shown this once, whatever the reload does
       const key = (answer as { key?: unknown } | undefined)?.key
       if (!editing && typeof key === 'string') showSecret(root, text(body.name), key)
-      await load(root, resource)
+      await announceReloaded(root, resource, editing ? `${resource.singular} saved` : `${resource.singular} added`)
     }, (err: Error) => { message(root, err.message, 'error') })
   })
   const first = form.querySelector<HTMLElement>('input:not([disabled]), select')
@@ -316,7 +333,7 @@ function renderList (root: HTMLElement, resource: Resource): void {
     for (const action of resource.actions?.(r) ?? []) {
       const b = el('button', { type: 'button', text: action.label })
       b.addEventListener('click', () => {
-        action.run(r).then(async () => { message(root, `${action.label}: ${text(r.name)} done`, 'ok'); await load(root, resource) },
+        action.run(r).then(async () => { await announceReloaded(root, resource, `${action.label}: ${text(r.name)} done`) },
           (err: Error) => { message(root, err.message, 'error') })
       })
       buttons.append(b)
@@ -327,11 +344,11 @@ function renderList (root: HTMLElement, resource: Resource): void {
         if (!yes) return
         try {
           await api('DELETE', resource.itemPath(r))
-          message(root, `${resource.singular} ${text(r.name)} ${resource.key === 'api-keys' ? 'revoked' : 'removed'}`, 'ok')
-          await load(root, resource)
         } catch (err) {
           message(root, (err as Error).message, 'error')
+          return
         }
+        await announceReloaded(root, resource, `${resource.singular} ${text(r.name)} ${resource.key === 'api-keys' ? 'revoked' : 'removed'}`)
       })
     })
     buttons.append(remove)
@@ -371,8 +388,11 @@ function build (root: HTMLElement): void {
   }
 }
 
-/** Offers the changes once the admin API answers; asks for the token when it wants one. */
-export function startAdmin (): void {
+/**
+ * Offers the changes once the admin API answers; asks for the token when it wants one.
+ * `tokenChanged` is told whenever the tab's token is set or forgotten.
+ */
+export function startAdmin (tokenChanged: () => void): void {
   const root = find(document, '#admin')
   const toggle = find<HTMLButtonElement>(document, '#admin-toggle')
   const login = find<HTMLFormElement>(document, '#token-form')
@@ -396,6 +416,7 @@ export function startAdmin (): void {
       if (err instanceof ApiError && err.status === 401) {
         const refused = sessionStorage.getItem(TOKEN_KEY) != null
         sessionStorage.removeItem(TOKEN_KEY)
+        tokenChanged()
         askToken(refused)
         return
       }
@@ -421,11 +442,13 @@ export function startAdmin (): void {
     const field = find<HTMLInputElement>(login, 'input')
     sessionStorage.setItem(TOKEN_KEY, field.value)
     field.value = ''
+    tokenChanged()
     void open()
   })
   find(login, '.cancel').addEventListener('click', () => { login.hidden = true; setText(toggle, 'Edit fleet') })
   find(document, '#logout').addEventListener('click', () => {
     sessionStorage.removeItem(TOKEN_KEY)
+    tokenChanged()
     root.hidden = true
     setText(toggle, 'Edit fleet')
   })
@@ -437,8 +460,9 @@ let needsToken = false
 let offered: Resource[] = []
 
 /** Shows the way to changes where the gateway has the admin API. */
-export function offerAdmin (admin: { resources: string[], token: boolean }): void {
+export function offerAdmin (admin: { resources: string[], token?: boolean }): void {
   offered = RESOURCES.filter((r) => admin.resources.includes(r.path))
   find(document, '#admin-toggle').hidden = offered.length === 0
-  needsToken = admin.token
+  // unknown without the admin token: then the admin API's 401 asks for it
+  needsToken = admin.token === true
 }

@@ -1,11 +1,14 @@
 import { clock, duration, el, find, keyed, setAttr, setClass, setText } from './dom.js'
 import { applyChange, type Assignment, type Computer, type Fleet, type FleetChange, type Gpu, type Queue, type RecentRequest, type Section } from './fleet.js'
-import { offerAdmin, startAdmin } from './admin.js'
+import { adminToken, offerAdmin, startAdmin } from './admin.js'
+import { openEventStream } from './event-stream.js'
 
 /*
- * The operator console: one EventSource on `../gpu/events` (relative, so the page works under any
- * prefix), the fleet kept as snapshot + changes, and every record drawn into its own element,
- * updated in place. Durations are counted here, once a second, so a long lease sends nothing.
+ * The operator console: one event stream on `../gpu/events` (relative, so the page works under any
+ * prefix) with the token typed in, if any, the fleet kept as snapshot + changes, and every record
+ * drawn into its own element, updated in place. Durations are counted here, once a second, so a
+ * long lease sends nothing. Without the admin token the feed has no addresses and no requests
+ * (or a key's own only): those cells stay empty.
  */
 
 const STATE_WORDS: Record<Gpu['state'], string> = { idle: 'idle', leased: 'leased', held: 'held for a waiter' }
@@ -31,7 +34,7 @@ function renderComputers (root: HTMLElement, f: Fleet): void {
     el('ul', { class: 'gpus' })
   ]), (node, c: Computer) => {
     setText(find(node, '.computer-name'), c.name)
-    setText(find(node, '.computer-ip'), c.ip)
+    setText(find(node, '.computer-ip'), c.ip ?? '')
     const list = c.gpuIds.map((id) => gpus.get(id)).filter((g): g is Gpu => g != null)
     keyed(find(node, '.gpus'), list, (g) => g.id, () => el('li', { class: 'gpu' }, [
       el('div', { class: 'gpu-head' }, [el('span', { class: 'gpu-name' }), el('span', { class: 'gpu-state' })]),
@@ -80,7 +83,7 @@ function renderAssignments (root: HTMLElement, f: Fleet): void {
   ]), (tr, a: Assignment) => {
     setText(find(tr, '.a-name'), a.name)
     setText(find(tr, '.a-model'), a.model)
-    setText(find(tr, '.a-where'), a.address)
+    setText(find(tr, '.a-where'), a.address ?? '—')
     setText(find(tr, '.a-gpus'), a.gpuIds.map((id) => gpuNames.get(id) ?? id).join(', '))
     setText(find(tr, '.a-slots'), `${a.slots.used}/${a.slots.capacity}`)
     setClass(tr, a.slots.used > 0 ? 'busy' : '')
@@ -107,7 +110,8 @@ const ms = (v: number | undefined): string => v == null ? '—' : v < 1000 ? `${
 function renderRecent (root: HTMLElement, f: Fleet): void {
   // newest first; two requests can share a time, so the key is the time and the position among equals
   const seen = new Map<string, number>()
-  const rows = f.recent.map((r) => {
+  const recent = f.recent ?? []
+  const rows = recent.map((r) => {
     const base = `${r.at}|${r.model}|${r.status}|${r.client ?? ''}`
     const n = seen.get(base) ?? 0
     seen.set(base, n + 1)
@@ -128,7 +132,9 @@ function renderRecent (root: HTMLElement, f: Fleet): void {
     setText(find(tr, '.r-queue'), ms(r.queueMs))
     setText(find(tr, '.r-upstream'), ms(r.upstreamMs))
   })
-  find(document, '#recent-empty').hidden = f.recent.length > 0
+  const empty = find(document, '#recent-empty')
+  setText(empty, f.recent == null ? 'Shown with an API key (its own) or the admin token.' : 'No requests yet.')
+  empty.hidden = recent.length > 0
 }
 
 function render (f: Fleet, touched?: Set<Section | 'recent'>): void {
@@ -156,28 +162,33 @@ function setConnection (state: 'live' | 'connecting' | 'unavailable', words: str
   setText(pill, words)
 }
 
+let stopFeed: (() => void) | undefined
+
+/** (Re)opens the feed with the token of this tab's session: what it shows depends on it. */
 function connect (): void {
-  const source = new EventSource('../gpu/events')
-  source.addEventListener('open', () => { setConnection('live', 'live') })
-  source.addEventListener('error', () => { setConnection('connecting', 'reconnecting…') })
-  source.addEventListener('snapshot', (event) => {
-    fleet = JSON.parse((event as MessageEvent<string>).data) as Fleet
-    skewMs = Date.now() - fleet.at
-    setConnection('live', 'live')
-    document.body.dataset.ready = 'true'
-    offerAdmin(fleet.admin)
-    render(fleet)
+  stopFeed?.()
+  stopFeed = openEventStream('../gpu/events', adminToken(), {
+    open: () => { setConnection('live', 'live') },
+    error: () => { setConnection('connecting', 'reconnecting…') },
+    event: (name, data) => {
+      if (name === 'snapshot') {
+        fleet = JSON.parse(data) as Fleet
+        skewMs = Date.now() - fleet.at
+        setConnection('live', 'live')
+        document.body.dataset.ready = 'true'
+        offerAdmin(fleet.admin)
+        render(fleet)
+      } else if (name === 'change' && fleet !== undefined) {
+        const next = applyChange(fleet, JSON.parse(data) as FleetChange)
+        fleet = next.fleet
+        render(fleet, next.touched)
+      } else if (name === 'unavailable') {
+        setConnection('unavailable', 'fleet state unavailable')
+      }
+    }
   })
-  source.addEventListener('change', (event) => {
-    if (fleet === undefined) return
-    const change = JSON.parse((event as MessageEvent<string>).data) as FleetChange
-    const next = applyChange(fleet, change)
-    fleet = next.fleet
-    render(fleet, next.touched)
-  })
-  source.addEventListener('unavailable', () => { setConnection('unavailable', 'fleet state unavailable') })
 }
 
 connect()
 setInterval(tick, 1000)
-startAdmin()
+startAdmin(connect)

@@ -1,10 +1,11 @@
 /*
  * What `GET /gpu/events` sends (the server's services/fleet-snapshot.ts; the page is compiled on
- * its own, for the browser, so it states the shapes it reads).
+ * its own, for the browser, so it states the shapes it reads). Without the admin token the feed
+ * leaves out addresses, loaded models, the admin settings and others' requests (services/fleet-view.ts).
  */
 
 export interface Slots { used: number, capacity: number }
-export interface Computer { id: string, name: string, ip: string, gpuIds: string[] }
+export interface Computer { id: string, name: string, ip?: string, gpuIds: string[] }
 export interface Gpu {
   id: string
   name: string
@@ -23,7 +24,7 @@ export interface Assignment {
   name: string
   model: string
   kind: string
-  address: string
+  address?: string
   gpuIds: string[]
   slots: Slots
   health?: 'up' | 'cooling' | 'unreachable' | 'unknown'
@@ -46,15 +47,16 @@ export interface RecentRequest {
 export interface Fleet {
   at: number
   replica: string
-  store: 'redis' | 'memory'
-  admin: { resources: string[], token: boolean }
+  store?: 'redis' | 'memory'
+  admin: { resources: string[], token?: boolean }
   computers: Computer[]
   gpus: Gpu[]
   assignments: Assignment[]
   queues: Queue[]
   replicas: Replica[]
-  recent: RecentRequest[]
-  recentLimit: number
+  /** absent: this reader may not see them (no key, no admin token) */
+  recent?: RecentRequest[]
+  recentLimit?: number
 }
 
 export const SECTIONS = ['computers', 'gpus', 'assignments', 'queues', 'replicas'] as const
@@ -86,7 +88,7 @@ export function applyChange (fleet: Fleet, change: FleetChange): { fleet: Fleet,
     next.recent = change.recent
     touched.add('recent')
   } else if (change.recentAdded != null) {
-    next.recent = [...change.recentAdded, ...fleet.recent].slice(0, fleet.recentLimit)
+    next.recent = [...change.recentAdded, ...fleet.recent ?? []].slice(0, fleet.recentLimit)
     touched.add('recent')
   }
   return { fleet: next, touched }

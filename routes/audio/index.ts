@@ -1,7 +1,7 @@
 import type { Readable } from 'node:stream'
 import type { FastifyPluginAsync } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
-import { multipartBoundary, readLeadingField } from '../../services/multipart-fields.js'
+import { checkedUpload } from '../../services/multipart-fields.js'
 import { MODEL_NAME_MAX } from '../../services/model-name.js'
 import { ModelRequest } from '../ollama/schemas.js'
 
@@ -17,7 +17,9 @@ const UPLOAD_PATHS = ['/v1/audio/transcriptions', '/v1/audio/translations'] as c
  * An upload is streamed through as it arrives, never held: the model is read from `?model=` or
  * from the multipart fields sent before the file (what openai-python, httpx, requests and curl -F
  * with the model first send; openai-node sends the fields in the order given), and what was read
- * to find it is sent on first. BODY_LIMIT bounds the upload like any body.
+ * to find it is sent on first. BODY_LIMIT bounds the upload like any body. What is checked is what
+ * is sent: a `model` field may appear once, and must name the model of `?model=` when both are
+ * given (services/multipart-fields.ts).
  */
 const audioRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'openai' as const }
@@ -37,19 +39,14 @@ const audioRoutes: FastifyPluginAsync = async (fastify) => {
     for (const path of UPLOAD_PATHS) {
       uploads.post(path, { config: uploadConfig }, async (request, reply) => {
         try {
-          const boundary = multipartBoundary(request.headers['content-type'])
-          if (boundary == null) throw new GatewayError(400, 'request body must be multipart/form-data with a boundary')
-          const query = request.query as { model?: unknown }
-          let model = typeof query.model === 'string' ? query.model : undefined
-          if (model == null || model === '') {
-            const leading = await readLeadingField(request.body as Readable, boundary, 'model', LEADING_FIELDS_LIMIT)
-            model = leading.value?.trim()
-            // reply-from streams a request body that is a stream: the upload from its first byte
-            request.body = leading.body
-          }
-          if (model == null || model === '') throw new GatewayError(400, 'model is required: send the model field before the file, or ?model=<name>')
-          // The limit the JSON routes' schemas set (CONTRACT section 8): names become queue names, log fields, metric labels.
-          if (model.length > MODEL_NAME_MAX) throw new GatewayError(400, `model is longer than ${MODEL_NAME_MAX} characters`)
+          // The fields before the file are checked before any lease is taken; the rest on its way.
+          // MODEL_NAME_MAX: the limit the JSON routes' schemas set (CONTRACT section 8).
+          const { model, body } = await checkedUpload(request.headers['content-type'], (request.query as { model?: unknown }).model, request.body as Readable, {
+            leadingLimit: LEADING_FIELDS_LIMIT, modelMax: MODEL_NAME_MAX
+          })
+          // reply-from streams a request body that is a stream: the upload from its first byte
+          request.body = body
+          if (model == null) throw new GatewayError(400, 'model is required: send the model field before the file, or ?model=<name>')
           return await fastify.forwardLeased(request, reply, { kind: 'speech', model, path })
         } catch (err) {
           // The rest of the upload is not read: do not keep the connection for another request.

@@ -1,4 +1,4 @@
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { GatewayError } from '../../services/errors.js'
 import type { ModelKind } from '../../services/inventory.js'
 import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/lease-store.js'
@@ -11,10 +11,12 @@ import {
 const KIND_OF_OUTPUT: Record<OutputType, ModelKind> = { text: 'llm', images: 'diffusor', speech: 'speech' }
 
 /*
- * Who may call what (plugins/auth.ts): the write routes need the admin token when ADMIN_TOKEN is
- * set; the status is open. (`errorStyle` is the default, stated so these objects type-check with
- * or without the auth plugin's `auth` in the route config type.)
+ * Who may call what (plugins/auth.ts): the lease API's writes need the admin token when
+ * ADMIN_TOKEN is set (else a key when keys are in use); cache clearing is an admin route; the
+ * status is open. (`errorStyle` is the default, stated so these objects type-check with or
+ * without the auth plugin's `auth` in the route config type.)
  */
+const leaseHolders = { auth: 'lease', errorStyle: 'ollama' } as const
 const adminOnly = { auth: 'admin', errorStyle: 'ollama' } as const
 const openToAll = { auth: 'open', errorStyle: 'ollama' } as const
 
@@ -40,24 +42,40 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     }
   }
 
-  fastify.post('/gpu/reserve', { schema: { body: ReserveRequest, response: { 200: Reservation } }, config: adminOnly }, async (request, reply) => {
+  fastify.post('/gpu/reserve', { schema: { body: ReserveRequest, response: { 200: Reservation } }, config: leaseHolders }, async (request, reply) => {
     const { outputType, model } = request.body as ReserveRequest
     const kind = KIND_OF_OUTPUT[outputType]
     const candidates = fastify.inventory.current.candidateList(model, kind)
     if (candidates.length === 0) throw new GatewayError(404, `model '${model}' not found`)
+    // The key's `models` and limits, as for a proxied request (403 / 429). This admission ends with
+    // the exchange; the reservation's own hold (below) keeps its slot from then on.
+    const pass = await fastify.admitClient(request, model)
     // The same queue as proxied requests for the model: a reservation waits its turn among them.
     const lease = await fastify.leases.acquire({
       queue: queueName(kind, modelKey(model)),
       candidates: candidatesOf(candidates),
       info: { model, kind, purpose: 'reservation' },
-      requester: request.exchange
+      requester: request.exchange,
+      client: { id: request.client.id, priority: request.client.priority }
     })
+    pass.granted(lease.queuedMs)
     // Renewing right away makes `expiresAt` a time the lease is sure to last until.
     const renewedAt = Date.now()
-    const renewed = await fastify.leases.ping(lease.token).catch(() => undefined)
-    if (renewed == null || request.exchange.closed) {
+    let kept = false
+    try {
+      const renewed = await fastify.leases.ping(lease.token)
+      if (renewed != null && !request.exchange.closed) {
+        // Its client's slot and its ownership, until released or expired with the lease (same ttl).
+        await fastify.clientLimits.holdReservation(request.client, lease.token)
+        kept = !request.exchange.closed
+      }
+    } catch (err) {
+      request.log.warn({ err }, 'reservation could not be renewed or held')
+    }
+    if (!kept) {
       // Nobody will ping or release it (client gone), or it cannot be vouched for: give it back.
       await fastify.leases.releaseReservation(lease.token).catch(() => {})
+      await fastify.clientLimits.releaseReservation(request.client.id, lease.token)
       if (request.exchange.closed) throw new GatewayError(499, 'client closed request')
       throw new GatewayError(503, 'lease store unavailable', 1)
     }
@@ -80,34 +98,85 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
     return { leaseId: body.leaseId, gpuIds: body.gpuIds?.map(String) }
   }
 
-  fastify.post('/gpu/ping', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
+  /**
+   * Whose leases the caller may ping and release (CONTRACT 18): with keys configured, a key (or a
+   * caller without one) only the reservations it made; the admin token, or anyone when no key is
+   * configured, any. Answers the client id to hold to, undefined for any.
+   */
+  const onlyHeldBy = (request: FastifyRequest): string | undefined =>
+    request.credential === 'admin' || !fastify.apiKeys.configured ? undefined : request.client.id
+
+  /** The holder of each token (client id; undefined for none: a request in flight, or an expired hold). */
+  const holdersOf = async (tokens: string[]): Promise<Map<string, string | undefined>> => {
+    const holders = await fromStore(fastify.clientLimits.reservationHolders(tokens))
+    return new Map(tokens.map((token, i) => [token, holders[i]]))
+  }
+
+  /** The leases on each GPU that the caller may act on (someone else's is as if it were not there). */
+  const leasesOnGpus = async (request: FastifyRequest, ids: string[]): Promise<{ tokens: string[][], holders: Map<string, string | undefined> }> => {
+    const tokens = await fromStore(store.tokensOf(ids))
+    const holders = await holdersOf([...new Set(tokens.flat())])
+    const only = onlyHeldBy(request)
+    return { tokens: only == null ? tokens : tokens.map((list) => list.filter((token) => holders.get(token) === only)), holders }
+  }
+
+  fastify.post('/gpu/ping', { schema: { body: LeaseRef, response: { 200: Message } }, config: leaseHolders }, async (request) => {
     const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
     if (leaseId != null) {
-      if (await fromStore(fastify.leases.ping(leaseId)) == null) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      const holder = (await holdersOf([leaseId])).get(leaseId)
+      const only = onlyHeldBy(request)
+      // Someone else's lease answers exactly as an unknown one (ids cannot be probed), and is not renewed.
+      if ((only != null && holder !== only) || await fromStore(fastify.leases.ping(leaseId)) == null) {
+        throw new GatewayError(404, `no live lease '${leaseId}'`)
+      }
+      if (holder != null) await fromStore(fastify.clientLimits.renewReservation(holder, leaseId))
       return { message: 'Ping successful' }
     }
     const ids = gpuIds as string[]
-    const tokens = await fromStore(store.tokensOf(ids))
+    const { tokens, holders } = await leasesOnGpus(request, ids)
     const free = ids.filter((_, i) => tokens[i].length === 0)
     if (free.length > 0) throw new GatewayError(404, `no live lease on GPU ${free.join(', ')}`)
     for (const token of new Set(tokens.flat())) {
       if (await fromStore(fastify.leases.ping(token)) == null) throw new GatewayError(404, `the lease on GPU ${ids.join(', ')} has just ended`)
+      const holder = holders.get(token)
+      if (holder != null) await fromStore(fastify.clientLimits.renewReservation(holder, token))
     }
     return { message: 'Ping successful' }
   })
 
-  fastify.post('/gpu/release', { schema: { body: LeaseRef, response: { 200: Message } }, config: adminOnly }, async (request) => {
+  fastify.post('/gpu/release', { schema: { body: LeaseRef, response: { 200: Message } }, config: leaseHolders }, async (request) => {
     const { leaseId, gpuIds } = targetOf(request.body as LeaseRef)
+    const only = onlyHeldBy(request)
     if (leaseId != null) {
-      if (!await fromStore(fastify.leases.releaseReservation(leaseId))) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      const holder = (await holdersOf([leaseId])).get(leaseId)
+      // Someone else's lease answers exactly as an unknown one, and stays.
+      if (only != null && holder !== only) throw new GatewayError(404, `no live lease '${leaseId}'`)
+      const released = await fromStore(fastify.leases.releaseReservation(leaseId))
+      if (holder != null) await fastify.clientLimits.releaseReservation(holder, leaseId)
+      if (!released) throw new GatewayError(404, `no live lease '${leaseId}'`)
       fastify.fleetEvents.changed()
       request.log.info({ leaseId }, 'lease released')
       return { message: 'GPU released successfully' }
     }
     const ids = gpuIds as string[]
+    const { tokens, holders } = await leasesOnGpus(request, ids)
+    if (only != null) {
+      // The caller's own reservations on these GPUs, each once; anything else on them stays.
+      let released = 0
+      for (const token of new Set(tokens.flat())) {
+        if (await fromStore(fastify.leases.releaseReservation(token))) released++
+        await fastify.clientLimits.releaseReservation(only, token)
+      }
+      if (released === 0) throw new GatewayError(404, `no live lease on GPU ${ids.join(', ')}`)
+      fastify.fleetEvents.changed()
+      request.log.info({ gpus: ids, released }, 'GPUs released')
+      return { message: 'GPU released successfully' }
+    }
     // A GPU serving a request in flight stays that request's until it ends: freeing it would put
     // a second request on it. Only reservations are released by GPU id.
     const { released, inFlight } = await fromStore(store.releaseGpus(ids))
+    // Every reservation on these GPUs is gone now: so are their holders' slots.
+    for (const [token, holder] of holders) if (holder != null) await fastify.clientLimits.releaseReservation(holder, token)
     if (released > 0) fastify.fleetEvents.changed()
     if (released === 0 && inFlight.length > 0) {
       throw new GatewayError(409, `GPU ${inFlight.join(', ')} is serving a request in flight; it is freed when that request ends`)

@@ -42,6 +42,8 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
     if (model == null || model === '') throw new GatewayError(400, 'model is required')
     const [assignment] = fastify.inventory.current.candidates(model, 'llm')
     if (assignment == null) throw new GatewayError(404, `model '${model}' not found`)
+    // A key reaches only the servers of its own models, as on the proxied routes (403).
+    fastify.clientLimits.checkModel(request.client, model)
     return fastify.forwardTo(request, reply, assignment, '/api/show', { body: request.rawBody })
   })
 
