@@ -98,6 +98,9 @@ export function tryLines (url: string): string {
     '  # Prometheus metrics',
     `  curl -s ${url}/metrics | grep ^maestro_`,
     '',
+    '  # the operator console, in a browser: the GPUs, queues and last requests, live',
+    `  ${url}/ui/`,
+    '',
     'Ctrl-C stops the demo.',
     ''
   ].join('\n')

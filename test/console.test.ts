@@ -6,7 +6,7 @@ import { mkdirSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { join } from 'node:path'
 import { startFleet, type Gateway } from './helpers/gateway.js'
-import { startBrowser } from './helpers/browser.js'
+import { startBrowser, textWhenMatching } from './helpers/browser.js'
 import type { Page } from 'playwright-core'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { packageRoot } from '../services/package-root.js'
@@ -160,6 +160,27 @@ async function outcome (page: Page, action: () => Promise<unknown>): Promise<str
   return await page.locator('.admin-message').textContent() ?? ''
 }
 
+/**
+ * Records, in the page, what the `resource` list's row for `name` says at the moment the editing
+ * panel announces an outcome (an observer runs before anything else can redraw the list); the
+ * answer is null while nothing was announced, '' when the row was not there.
+ */
+async function rowAtAnnouncement (page: Page, resource: string, name: string): Promise<() => Promise<string | null>> {
+  await page.evaluate(([resource, name]) => {
+    const box = document.querySelector('.admin-message')
+    const seen = window as unknown as { rowAtAnnouncement?: string }
+    delete seen.rowAtAnnouncement
+    if (box == null) return
+    new MutationObserver((_records, observer) => {
+      if ((box.textContent ?? '') === '') return
+      const rows = Array.from(document.querySelectorAll(`.admin-table[data-resource="${resource}"] tbody tr`))
+      seen.rowAtAnnouncement = rows.find((tr) => tr.textContent?.includes(name) === true)?.textContent ?? ''
+      observer.disconnect()
+    }).observe(box, { childList: true, characterData: true, subtree: true })
+  }, [resource, name])
+  return async () => await page.evaluate(() => (window as unknown as { rowAtAnnouncement?: string }).rowAtAnnouncement ?? null)
+}
+
 t.test('with a token, the console adds a model and a server that a request then reaches, removes it, and makes and revokes an API key', async (t) => {
   const token = 'console-test-token'
   const fleet = await startFleet(t, { gpus: [1, 1], upstreams: [{ model: 'qwq', gpus: [0] }], migrate: true, options: { ADMIN_TOKEN: token } })
@@ -193,7 +214,9 @@ t.test('with a token, the console adds a model and a server that a request then 
   await page.click('[data-pane="models"] .add')
   await page.fill('#f-models-name', 'mistral')
   await page.selectOption('#f-models-kind', 'llm')
+  const modelRow = await rowAtAnnouncement(page, 'models', 'mistral')
   t.equal(await outcome(page, async () => await page.click('.admin-form button[type="submit"]')), 'model added')
+  t.match(await modelRow(), /mistral/, 'announced once the list shows the new model')
 
   await page.click('.tab[data-tab="assignments"]')
   await page.click('[data-pane="assignments"] .add')
@@ -252,8 +275,10 @@ t.test('with a token, the console adds a model and a server that a request then 
   t.equal(await page.locator('.admin-secret').textContent(), '', 'dismissed: the secret is gone from the page')
   const keyRow = page.locator('.admin-table[data-resource="api-keys"] tr', { hasText: 'wall-test' })
   await keyRow.locator('button', { hasText: 'Revoke' }).click()
+  const revokedRow = await rowAtAnnouncement(page, 'api-keys', 'wall-test')
   t.equal(await outcome(page, async () => await page.click('#confirm button[value="yes"]')), 'API key wall-test revoked')
-  t.match(await keyRow.textContent(), /revoked/, 'listed as revoked')
+  t.match(await revokedRow(), /revoked/, 'announced once the list shows the key revoked')
+  t.match(await textWhenMatching(keyRow, /revoked/), /revoked/, 'listed as revoked')
   t.equal(await keyRow.locator('button').count(), 0, 'and past changing')
   let revoked = 200
   for (const until = performance.now() + 2000; performance.now() < until && revoked !== 401;) {

@@ -270,7 +270,8 @@ t.test('an unreachable upstream is skipped and sits out a cooldown; 502 only whe
   t.equal(later.status, 200)
   t.equal(later.headers.get('x-maestro-assignment'), 'm-up')
 
-  await sleep(50)
+  // releases run just after an answer ends: wait for them (the assertion says if they never come)
+  await until('every GPU to be free', async () => (await fleet.heldGpus()).length === 0).catch(() => {})
   t.same(await fleet.heldGpus(), [], 'every GPU free')
   t.same(fleet.recorder.overlaps, [])
 })
@@ -321,6 +322,7 @@ t.test('an upstream that dies mid-stream or sends no headers frees its GPU at on
   t.ok(performance.now() - after < 1000, 'without waiting for a lease to expire')
   await fleet.recorder.whenIdle()
   t.same(fleet.recorder.overlaps, [])
+  await until('every GPU to be free', async () => (await fleet.heldGpus()).length === 0).catch(() => {})
   t.same(await fleet.heldGpus(), [], 'every GPU free')
 })
 
@@ -435,7 +437,7 @@ t.test('a replica cut off from Redis stops its in-flight request before its leas
   await until('the cut-off replica to be ready again', async () => (await get(`${cutOff.url}/health/ready`)).status === 200, 5000)
   t.equal((await post(`${cutOff.url}/api/generate`, { model: 'm', prompt: 'back', stream: false, options: { num_predict: 1 } })).status, 200,
     'and serves again once Redis is back')
-  await sleep(50)
+  await until('every GPU to be free', async () => (await fleet.heldGpus()).length === 0).catch(() => {})
   t.same(await fleet.heldGpus(), [], 'every GPU free')
 })
 
@@ -535,6 +537,7 @@ t.test('MariaDB going away: the last good inventory keeps serving, /health says 
     t.comment(`${how}: healthy again ${Math.round(performance.now() - backAt)} ms after MariaDB came back`)
     t.pass(`${how}: healthy again by itself`)
   }
+  await until('every GPU to be free', async () => (await fleet.heldGpus()).length === 0).catch(() => {})
   t.same(await fleet.heldGpus(), [])
 })
 
@@ -576,7 +579,7 @@ t.test('replicas in child processes', async (t) => {
     t.equal(await queued(store, fleet), 0, 'the dead replica\'s waiters are gone from the queue')
     await fleet.recorder.whenIdle()
     t.same(fleet.recorder.overlaps, [], 'no GPU ever held by two requests')
-    await sleep(50)
+    await until('every GPU to be free', async () => (await fleet.heldGpus()).length === 0).catch(() => {})
     t.same(await fleet.heldGpus(), [], 'every GPU free')
   })
 

@@ -1,7 +1,7 @@
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { chromium, type BrowserContext } from 'playwright-core'
+import { chromium, errors, type BrowserContext, type Locator } from 'playwright-core'
 
 /** Debian's Chromium (`.ci/run` installs it when missing); nothing is downloaded. */
 export const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium'
@@ -23,4 +23,19 @@ export async function startBrowser (t: { teardown: (fn: () => unknown) => void }
     await rm(profile, { recursive: true, force: true })
   })
   return context
+}
+
+/**
+ * `locator`'s text once it matches `pattern` (Playwright polls the page for it), or as it is when
+ * `ms` have passed: the caller asserts on it, so a state that never comes fails that assertion,
+ * with its own message, instead of a timeout. For a read right after an action whose effect the
+ * page draws a moment later.
+ */
+export async function textWhenMatching (locator: Locator, pattern: RegExp | string, ms = 3000): Promise<string> {
+  try {
+    await locator.filter({ hasText: pattern }).first().waitFor({ timeout: ms })
+  } catch (err) {
+    if (!(err instanceof errors.TimeoutError)) throw err
+  }
+  return await locator.textContent() ?? ''
 }
