@@ -2,13 +2,15 @@
  * More of the simulated Ollama: the pull progress stream, and the Anthropic Messages
  * (`/v1/messages`) and OpenAI Responses (`/v1/responses`) APIs Ollama serves beside its own, as
  * their JSON answers and SSE event streams look on the wire (Ollama's `anthropic/` and
- * `openai/responses` middlewares). Hooked into the Ollama simulator's router by one call.
+ * `openai/responses` middlewares). ollama.ts adds them to its routes.
  *
  * Messages and Responses requests are model work: they are recorded on the GPU recorder like
  * `/api/chat`. A pull is a download, no GPU work, so it is not recorded.
  */
 import { createHash, randomBytes } from 'node:crypto'
-import type { OllamaRoute, OllamaRouteKit, Simulator } from './upstream-simulator.js'
+import type { Simulator } from './http.js'
+import type { OllamaRoute, OllamaRouteKit } from './ollama-kit.js'
+import { chatTurns, responsesTurns } from './ollama-costs.js'
 
 /** Parses a JSON object body; undefined (and the error answered) when it is not one. */
 function jsonObject (kit: OllamaRouteKit, fail: (status: number, message: string) => void): Record<string, any> | undefined {
@@ -124,8 +126,8 @@ const event = (name: string, data: unknown): string => `event: ${name}\ndata: ${
 const messageId = (): string => `msg_${randomBytes(12).toString('hex')}`
 
 async function messages (kit: OllamaRouteKit): Promise<void> {
-  const { st, ex, known, wire } = kit
-  const { sleep, tokensFor, promptTokens, JSON_TYPE, SSE_TYPE } = wire
+  const { ex, known, wire } = kit
+  const { sleep, promptTokens, JSON_TYPE, SSE_TYPE } = wire
   const fail = (status: number, message: string): void => ex.plain(status, { 'Content-Type': JSON_TYPE }, JSON.stringify(anthropicError(status, message)))
   const body = jsonObject(kit, (status, message) => fail(status, `Invalid request: ${message}`))
   if (body === undefined) return
@@ -136,34 +138,33 @@ async function messages (kit: OllamaRouteKit): Promise<void> {
   if (msgs.length === 0) return fail(400, 'messages is required')
   if (!known(model)) return fail(404, `model '${model}' not found`)
   if (!await kit.run(model, body)) return
-  const { words, reason } = tokensFor(body.max_tokens, st.tokens)
+  const { words, reason, tokenDelayMs, anthropicUsage } = await kit.answer(model, () => chatTurns(msgs, body.system), promptTokens(msgs), body.max_tokens)
   const stopReason = reason === 'length' ? 'max_tokens' : 'end_turn'
-  const inputTokens = promptTokens(msgs)
   const id = messageId()
   if (body.stream !== true) {
-    await sleep(st.tokenDelayMs * words.length)
+    await sleep(tokenDelayMs * words.length)
     return ex.send(200, { 'Content-Type': JSON_TYPE }, JSON.stringify({
-      id, type: 'message', role: 'assistant', model, content: [{ type: 'text', text: words.join('') }], stop_reason: stopReason, usage: { input_tokens: inputTokens, output_tokens: words.length }
+      id, type: 'message', role: 'assistant', model, content: [{ type: 'text', text: words.join('') }], stop_reason: stopReason, usage: anthropicUsage(words.length)
     }))
   }
   if (!ex.beginStream(SSE_TYPE)) return
-  const start = { id, type: 'message', role: 'assistant', model, content: [], usage: { input_tokens: inputTokens, output_tokens: 0 } }
+  const start = { id, type: 'message', role: 'assistant', model, content: [], usage: anthropicUsage(0) }
   if (!ex.line(event('message_start', { type: 'message_start', message: start }))) return
   for (const [i, w] of words.entries()) {
-    await sleep(st.tokenDelayMs)
+    await sleep(tokenDelayMs)
     const opening = i === 0 ? event('content_block_start', { type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } }) : ''
     if (!ex.line(opening + event('content_block_delta', { type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text: w } }))) return
   }
   if (words.length > 0 && !ex.line(event('content_block_stop', { type: 'content_block_stop', index: 0 }))) return
-  if (!ex.line(event('message_delta', { type: 'message_delta', delta: { stop_reason: stopReason }, usage: { input_tokens: inputTokens, output_tokens: words.length } }))) return
+  if (!ex.line(event('message_delta', { type: 'message_delta', delta: { stop_reason: stopReason }, usage: anthropicUsage(words.length) }))) return
   ex.endStream(event('message_stop', { type: 'message_stop' }))
 }
 
 // --- OpenAI Responses API
 
 async function responses (kit: OllamaRouteKit): Promise<void> {
-  const { st, ex, known, wire } = kit
-  const { sleep, tokensFor, promptTokens, JSON_TYPE, SSE_TYPE } = wire
+  const { ex, known, wire } = kit
+  const { sleep, promptTokens, JSON_TYPE, SSE_TYPE } = wire
   const fail = (status: number, message: string): void => ex.plain(status, { 'Content-Type': JSON_TYPE }, JSON.stringify(wire.openAiError(status, message)))
   const body = jsonObject(kit, fail)
   if (body === undefined) return
@@ -173,8 +174,8 @@ async function responses (kit: OllamaRouteKit): Promise<void> {
   if (input === undefined || input === null || input === '' || (Array.isArray(input) && input.length === 0)) return fail(400, 'input is required')
   if (!known(model)) return fail(404, `model '${model}' not found`)
   if (!await kit.run(model, body)) return
-  const { words, reason } = tokensFor(typeof body.max_output_tokens === 'number' ? body.max_output_tokens : undefined, st.tokens)
-  const inputTokens = promptTokens(input)
+  const limit = typeof body.max_output_tokens === 'number' ? body.max_output_tokens : undefined
+  const { words, reason, tokenDelayMs, promptTokens: inputTokens, cachedTokens, cost } = await kit.answer(model, () => responsesTurns(input, body.instructions), promptTokens(input), limit)
   const responseId = `resp_${randomBytes(12).toString('hex')}`
   const itemId = messageId()
   const createdAt = Math.floor(Date.now() / 1000)
@@ -200,9 +201,14 @@ async function responses (kit: OllamaRouteKit): Promise<void> {
     usage
   })
   const finalStatus = reason === 'length' ? 'incomplete' : 'completed'
-  const usage = { input_tokens: inputTokens, output_tokens: words.length, total_tokens: inputTokens + words.length }
+  const usage = {
+    input_tokens: inputTokens,
+    output_tokens: words.length,
+    total_tokens: inputTokens + words.length,
+    ...(cost ? { input_tokens_details: { cached_tokens: cachedTokens } } : {})
+  }
   if (body.stream !== true) {
-    await sleep(st.tokenDelayMs * words.length)
+    await sleep(tokenDelayMs * words.length)
     return ex.send(200, { 'Content-Type': JSON_TYPE }, JSON.stringify(response(finalStatus, [item('completed', [part(text)])], usage)))
   }
   if (!ex.beginStream(SSE_TYPE)) return
@@ -214,7 +220,7 @@ async function responses (kit: OllamaRouteKit): Promise<void> {
   if (!ex.line(emit('response.output_item.added', { output_index: 0, item: item('in_progress', []) }) +
     emit('response.content_part.added', { ...at, part: part('') }))) return
   for (const w of words) {
-    await sleep(st.tokenDelayMs)
+    await sleep(tokenDelayMs)
     if (!ex.line(emit('response.output_text.delta', { ...at, delta: w, logprobs: [] }))) return
   }
   if (!ex.line(emit('response.output_text.done', { ...at, text, logprobs: [] }) +

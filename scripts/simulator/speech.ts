@@ -19,7 +19,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { AddressInfo, Socket } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { GpuRecorder } from './gpu-recorder.js'
-import { parseMultipart, type RecordedRequest, type Simulator, type SimulatorOptions } from './upstream-simulator.js'
+import { parseMultipart, type RecordedRequest, type Simulator } from './http.js'
+import type { SimulatorOptions } from './options.js'
 
 export interface SpeechSimulator extends Simulator {
   /** Resolves when the next transcription upload has started to arrive (its body not yet complete). */
@@ -76,6 +77,7 @@ export async function startSpeechSimulator (opts: SimulatorOptions & { models?: 
     unloads: [],
     resident: () => [],
     running: () => running,
+    costs: () => ({ computedPromptTokens: 0, cachedPromptTokens: 0, loads: {}, requests: [] }),
     activeConnections: () => [...sockets].filter(s => !s.destroyed).length,
     close: async () => {
       await new Promise<void>(resolve => {
