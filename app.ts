@@ -3,6 +3,7 @@ import accessLog from './plugins/access-log.js'
 import apiKeys from './plugins/api-keys.js'
 import auth from './plugins/auth.js'
 import bodyMemory from './plugins/body-memory.js'
+import candidateLeases from './plugins/candidate-leases.js'
 import clients from './plugins/clients.js'
 import config, { type ConfigOptions } from './plugins/config.js'
 import docs from './plugins/docs.js'
@@ -11,6 +12,7 @@ import exchange from './plugins/exchange.js'
 import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
 import inventory from './plugins/inventory.js'
+import leasedExchange from './plugins/leased-exchange.js'
 import mariadb from './plugins/mariadb.js'
 import metrics from './plugins/metrics.js'
 import ollamaNormalizer from './plugins/ollama-normalizer.js'
@@ -20,6 +22,7 @@ import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
 import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
+import usage from './plugins/usage.js'
 import warmModels from './plugins/warm-models.js'
 import adminRoutes from './routes/admin/index.js'
 import anthropicRoutes from './routes/anthropic/index.js'
@@ -51,12 +54,15 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(recentRequests)
   await fastify.register(accessLog)
   await fastify.register(metrics)
+  await fastify.register(usage)
   await fastify.register(fleetEvents)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(bodyMemory)
   await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
+  await fastify.register(candidateLeases)
+  await fastify.register(leasedExchange)
   await fastify.register(apiKeys)
   await fastify.register(auth)
   await fastify.register(origins)

@@ -39,6 +39,7 @@ export const EnvSchema = Type.Object({
   UPSTREAM_POLL_MS: Type.Integer({ default: 5000, minimum: 50 }),
   UPSTREAM_CANCEL_GRACE_MS: Type.Integer({ default: 250, minimum: 0 }),
   EVENT_STREAMS_MAX: Type.Integer({ default: 100, minimum: 1 }),
+  USAGE_ROLLUP_MS: Type.Integer({ default: 60000, minimum: 1000 }),
   ADMIN_TOKEN: Type.Optional(Type.String()),
   API_KEYS: Type.Optional(Type.String()),
   ALLOWED_ORIGINS: Type.Optional(Type.String()),
@@ -99,6 +100,8 @@ export interface GatewayConfig {
   upstreamCancelGraceMs: number
   /** `GET /gpu/events` streams open at once on this replica (and at most 10 per client). */
   eventStreamsMax: number
+  /** How often one replica moves the usage counted in Redis into MariaDB's `maestro_usage_hourly`. */
+  usageRollupMs: number
   adminToken?: string
   apiKeys: string[]
   /** Browser origins allowed to write without a credential, beyond loopback and local apps (ALLOWED_ORIGINS and OLLAMA_ORIGINS). */
@@ -252,6 +255,7 @@ export function resolveConfig (env: Env): GatewayConfig {
     upstreamPollMs: env.UPSTREAM_POLL_MS,
     upstreamCancelGraceMs: env.UPSTREAM_CANCEL_GRACE_MS,
     eventStreamsMax: env.EVENT_STREAMS_MAX,
+    usageRollupMs: env.USAGE_ROLLUP_MS,
     adminToken: env.ADMIN_TOKEN,
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     allowedOrigins: [...parseOriginList(env.ALLOWED_ORIGINS), ...parseOriginList(env.OLLAMA_ORIGINS)],

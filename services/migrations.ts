@@ -41,6 +41,29 @@ const CREATE_API_KEYS_TABLE = `CREATE TABLE IF NOT EXISTS api_keys (
   UNIQUE KEY uq_api_keys_secret_sha256 (secret_sha256)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
 
+const CREATE_USAGE_HOURLY_TABLE = `CREATE TABLE IF NOT EXISTS maestro_usage_hourly (
+  hour                 DATETIME NOT NULL,
+  client               VARBINARY(800) NOT NULL,
+  model                VARBINARY(800) NOT NULL,
+  assignment           VARBINARY(800) NOT NULL,
+  requests             BIGINT NOT NULL DEFAULT 0,
+  prompt_tokens        BIGINT NOT NULL DEFAULT 0,
+  cached_prompt_tokens BIGINT NOT NULL DEFAULT 0,
+  output_tokens        BIGINT NOT NULL DEFAULT 0,
+  images               BIGINT NOT NULL DEFAULT 0,
+  audio_seconds        DOUBLE NOT NULL DEFAULT 0,
+  gpu_seconds          DOUBLE NOT NULL DEFAULT 0,
+  errors               BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (hour, client, model, assignment)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
+const CREATE_USAGE_ROLLUPS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_usage_rollups (
+  id         VARCHAR(64) CHARACTER SET ascii NOT NULL,
+  applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (id),
+  KEY idx_usage_rollups_applied_at (applied_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
 
@@ -139,6 +162,16 @@ export const MIGRATIONS: readonly Migration[] = [
   PRIMARY KEY (assignment_id),
   FOREIGN KEY (assignment_id) REFERENCES assignments (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`)
+    }
+  },
+  {
+    // Usage per hour, client, model and assignment (CONTRACT 17), and the roll-up batches applied
+    // to it (services/usage/usage-rollup.ts: a batch's id is inserted with its rows, so a second
+    // apply adds nothing). Names are bytes (UTF-8): compared exactly, case and trailing spaces kept.
+    name: '006-usage-hourly',
+    async up (query) {
+      await query(CREATE_USAGE_HOURLY_TABLE)
+      await query(CREATE_USAGE_ROLLUPS_TABLE)
     }
   }
 ]

@@ -46,7 +46,7 @@ t.test('original schema → migrate applies everything once', async t => {
   const inventoryBefore = await loadInventoryFromDatabase(db.query)
 
   t.same(await migrate(db.query), ALL, 'first run applies every migration')
-  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-create-api-keys', '005-assignment-drains'])
+  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-create-api-keys', '005-assignment-drains', '006-usage-hourly'])
 
   const after = await columns(db.query)
   const afterIndexes = await indexes(db.query)
@@ -58,7 +58,7 @@ t.test('original schema → migrate applies everything once', async t => {
       t.same(now, col, `${col.table}.${col.column} unchanged`)
     }
   }
-  const gatewayTables = ['maestro_migrations', 'api_keys', 'maestro_assignment_drains']
+  const gatewayTables = ['maestro_migrations', 'api_keys', 'maestro_assignment_drains', 'maestro_usage_hourly', 'maestro_usage_rollups']
   t.same(after.filter(c => !gatewayTables.includes(c.table) && !(c.table === 'assignments' && c.column === 'max_parallel')).length, before.length,
     'no column added to the original tables but assignments.max_parallel')
   t.same(after.filter(c => c.table === 'api_keys').map(c => c.column),

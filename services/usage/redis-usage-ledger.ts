@@ -1,0 +1,127 @@
+import type { Cluster, Redis } from 'ioredis'
+import { loadLuaScripts } from '../lua-scripts.js'
+import {
+  FRACTIONAL_COUNTERS, USAGE_COUNTERS, cellField, cellsOf, normaliseEntry,
+  type BufferedUsage, type LedgerOptions, type UsageBatch, type UsageEntry, type UsageLedger
+} from './usage-ledger.js'
+
+/*
+ * Keys, under the gateway's prefix (on a Cluster it carries the fleet's hash tag, so the scripts'
+ * keys share one slot):
+ *   usage:hours        zset hour -> hour: hours with a buffer
+ *   usage:h:<hour>     hash JSON [client, model, assignment, counter] -> count (HINCRBY/HINCRBYFLOAT)
+ *   usage:b:<batch>    the same hash once sealed (batch = '<roll-up id>:<hour>'); usage:sealed lists them
+ *   usage:generation   incremented by every seal that moved something
+ * services/lua/usage-seal-1.lua and usage-read-1.lua read and move them atomically.
+ */
+const SCRIPT_FILES = ['usage-seal-1', 'usage-read-1']
+
+type Command = (...args: Array<string | number>) => Promise<unknown>
+
+export interface RedisUsageLedgerOptions extends LedgerOptions {
+  client: Redis | Cluster
+  prefix: string
+  /** Without MariaDB (nothing rolls the hours up): buffered hours expire this long after they start. */
+  retentionMs?: number
+}
+
+/** Flat [field, value, ...] (a script's HGETALL) as an object. */
+function fieldsOf (flat: unknown): Record<string, string> {
+  const out: Record<string, string> = {}
+  const list = Array.isArray(flat) ? flat : []
+  for (let i = 0; i + 1 < list.length; i += 2) out[String(list[i])] = String(list[i + 1])
+  return out
+}
+
+/** A batch id ends with its hour: '<roll-up id>:<hour ms>'. */
+function hourOfBatch (id: string): number {
+  return Number(id.slice(id.lastIndexOf(':') + 1))
+}
+
+/** The buffer in the lease store's Redis, shared by every replica. */
+export class RedisUsageLedger implements UsageLedger {
+  private readonly client: Redis | Cluster
+  private readonly prefix: string
+  private readonly sealScript: Command
+  private readonly readScript: Command
+
+  constructor (private readonly opts: RedisUsageLedgerOptions) {
+    this.client = opts.client
+    this.prefix = opts.prefix
+    const commands = opts.client as unknown as Record<string, Command>
+    for (const { name, numberOfKeys, lua } of loadLuaScripts(SCRIPT_FILES)) {
+      if (typeof commands[name] !== 'function') opts.client.defineCommand(name, { lua, numberOfKeys })
+    }
+    this.sealScript = commands['usage-seal'].bind(opts.client)
+    this.readScript = commands['usage-read'].bind(opts.client)
+  }
+
+  private get hoursKey (): string {
+    return this.prefix + 'usage:hours'
+  }
+
+  async record (entry: UsageEntry): Promise<void> {
+    try {
+      const e = normaliseEntry(entry)
+      this.opts.observe?.(e)
+      const key = `${this.prefix}usage:h:${e.hour}`
+      // One transaction: a seal (a script) never runs between the counts and the hour's listing.
+      const tx = this.client.multi()
+      for (const counter of USAGE_COUNTERS) {
+        const n = e.counts[counter]
+        if (n === 0) continue
+        const field = cellField(e.client, e.model, e.assignment, counter)
+        if (FRACTIONAL_COUNTERS.has(counter)) tx.hincrbyfloat(key, field, n)
+        else tx.hincrby(key, field, n)
+      }
+      tx.zadd(this.hoursKey, e.hour, String(e.hour))
+      const retention = this.opts.retentionMs
+      if (retention !== undefined) {
+        tx.pexpireat(key, e.hour + retention)
+        tx.zremrangebyscore(this.hoursKey, '-inf', `(${Date.now() - retention}`)
+      }
+      const results = await tx.exec()
+      const failed = results?.find(([err]) => err != null)
+      if (failed != null) throw failed[0]
+    } catch (err) {
+      this.opts.onError?.(err)
+    }
+  }
+
+  async buffered (fromHour: number, to: number): Promise<BufferedUsage> {
+    const [generation, live, batches] = await this.readScript(this.hoursKey, fromHour, to) as [number, unknown[], unknown[]]
+    const out: BufferedUsage = { generation: Number(generation), live: [], batches: [] }
+    for (let i = 0; i + 1 < live.length; i += 2) out.live.push(...cellsOf(Number(live[i]), fieldsOf(live[i + 1])))
+    for (let i = 0; i + 1 < batches.length; i += 2) {
+      const id = String(batches[i])
+      const hour = hourOfBatch(id)
+      out.batches.push({ id, hour, cells: cellsOf(hour, fieldsOf(batches[i + 1])) })
+    }
+    return out
+  }
+
+  async generation (): Promise<number> {
+    return Number(await this.client.get(this.prefix + 'usage:generation') ?? 0)
+  }
+
+  async seal (rollupId: string): Promise<void> {
+    await this.sealScript(this.hoursKey, rollupId)
+  }
+
+  async batches (): Promise<UsageBatch[]> {
+    const ids = await this.client.smembers(this.prefix + 'usage:sealed')
+    return await Promise.all(ids.map(async (id) => {
+      const hour = hourOfBatch(id)
+      return { id, hour, cells: cellsOf(hour, await this.client.hgetall(`${this.prefix}usage:b:${id}`)) }
+    }))
+  }
+
+  async drop (batchId: string): Promise<void> {
+    const results = await this.client.multi()
+      .del(`${this.prefix}usage:b:${batchId}`)
+      .srem(this.prefix + 'usage:sealed', batchId)
+      .exec()
+    const failed = results?.find(([err]) => err != null)
+    if (failed != null) throw failed[0]
+  }
+}
