@@ -1,10 +1,10 @@
 import Fastify, { LogController } from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import maestro from './app.js'
-import { configSources, serverSettings, type ServerSettings } from './services/config.js'
-import { gatewayRequestId } from './services/exchange.js'
-import { httpServerOptions } from './services/http-server.js'
-import { asyncStdout } from './services/log-destination.js'
+import { configSources, serverSettings, type ServerSettings } from './services/config/config.js'
+import { gatewayRequestId } from './services/http/exchange.js'
+import { httpServerOptions } from './services/http/http-server.js'
+import { asyncStdout } from './services/config/log-destination.js'
 
 function fail (message: string): never {
   process.stderr.write(`ai-maestro-proxy: ${message}\n`)

@@ -3,7 +3,7 @@
  * the number of candidates, waiters and queues grows (CONTRACT 12.4: they must not matter).
  */
 import { Redis } from 'ioredis'
-import { LeaseManager, type Lease } from '../services/lease-manager.js'
+import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
 import type { Candidate } from '../services/lease-store.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'
 import { sleep } from './load.js'

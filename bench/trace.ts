@@ -18,7 +18,7 @@ import { writeFileSync } from 'node:fs'
 import type { IncomingMessage } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import { Redis } from 'ioredis'
-import { loadLuaScripts } from '../services/lua-scripts.js'
+import { loadLuaScripts } from '../services/lua/lua-scripts.js'
 
 export const REQUEST_STEPS = ['attemptWritten', 'attemptAnswered', 'upstreamWritten', 'upstreamHeaders', 'upstreamEnded', 'releaseWritten', 'responseFinished'] as const
 export const HANDOVER_STEPS = ['releaseAnswered', 'nextUpstreamWritten'] as const

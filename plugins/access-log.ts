@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks'
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { exchangeStatus, type Exchange } from '../services/exchange.js'
+import { exchangeStatus, type Exchange } from '../services/http/exchange.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { ApiKeyStore, fileBackend, tableBackend, type KeyBackend } from '../services/api-keys.js'
+import { ApiKeyStore, fileBackend, tableBackend, type KeyBackend } from '../services/clients/api-keys.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

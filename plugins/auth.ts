@@ -1,8 +1,8 @@
 import { timingSafeEqual } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { sha256, type ApiKey } from '../services/api-keys.js'
-import { isLoopbackAddress } from '../services/loopback.js'
+import { sha256, type ApiKey } from '../services/clients/api-keys.js'
+import { isLoopbackAddress } from '../services/clients/loopback.js'
 
 /**
  * Who may call a route:

@@ -1,8 +1,8 @@
 import { pipeline, Transform, type TransformCallback } from 'node:stream'
 import fp from 'fastify-plugin'
 import { Gauge } from 'prom-client'
-import { BodyBudget, type BodyHold } from '../services/body-budget.js'
-import { GatewayError } from '../services/errors.js'
+import { BodyBudget, type BodyHold } from '../services/http/body-budget.js'
+import { GatewayError } from '../services/http/errors.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {

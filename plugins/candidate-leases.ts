@@ -1,8 +1,8 @@
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { Cooldowns } from '../services/candidate-choice.js'
-import { candidateLeases, type CandidateLeaseDeps, type CandidateLeases, type LeaseTarget } from '../services/candidate-leases.js'
-import { headerValue } from '../services/http-headers.js'
+import { Cooldowns } from '../services/leases/candidate-choice.js'
+import { candidateLeases, type CandidateLeaseDeps, type CandidateLeases, type LeaseTarget } from '../services/leases/candidate-leases.js'
+import { headerValue } from '../services/http/http-headers.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

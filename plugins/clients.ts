@@ -2,9 +2,9 @@ import { isIP } from 'node:net'
 import fp from 'fastify-plugin'
 import { Counter, Histogram, type Registry } from 'prom-client'
 import type { FastifyRequest } from 'fastify'
-import type { ApiKey } from '../services/api-keys.js'
-import { ClientLimiter, MemoryClientLimitStore, RedisClientLimitStore, type Client, type LimitName } from '../services/client-limits.js'
-import { exchangeStatus } from '../services/exchange.js'
+import type { ApiKey } from '../services/clients/api-keys.js'
+import { ClientLimiter, MemoryClientLimitStore, RedisClientLimitStore, type Client, type LimitName } from '../services/clients/client-limits.js'
+import { exchangeStatus } from '../services/http/exchange.js'
 
 /** What a leased route does with its client's admission. */
 export interface ClientPass {

@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import fastifyEnv from '@fastify/env'
-import { configSources, EnvSchema, resolveConfig, unknownVariables, type Env, type GatewayConfig } from '../services/config.js'
+import { configSources, EnvSchema, resolveConfig, unknownVariables, type Env, type GatewayConfig } from '../services/config/config.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

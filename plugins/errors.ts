@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyReply } from 'fastify'
-import { LeaseError } from '../services/lease-manager.js'
-import { errorBody, GatewayError, type ErrorStyle } from '../services/errors.js'
+import { LeaseError } from '../services/leases/lease-manager.js'
+import { errorBody, GatewayError, type ErrorStyle } from '../services/http/errors.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {

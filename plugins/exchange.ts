@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { Exchange, requestIdFrom } from '../services/exchange.js'
+import { Exchange, requestIdFrom } from '../services/http/exchange.js'
 
 declare module 'fastify' {
   interface FastifyRequest {

@@ -2,10 +2,10 @@ import { hostname } from 'node:os'
 import fp from 'fastify-plugin'
 import { Counter, Gauge } from 'prom-client'
 import type { FastifyInstance } from 'fastify'
-import { FleetEventHub } from '../services/fleet-events.js'
-import { buildFleetSnapshot, type UpstreamHealth, type UpstreamHealthState } from '../services/fleet-snapshot.js'
-import { RECENT_REQUESTS_LIMIT } from '../services/recent-requests.js'
-import { ReplicaPresence } from '../services/replica-presence.js'
+import { FleetEventHub } from '../services/fleet/fleet-events.js'
+import { buildFleetSnapshot, type UpstreamHealth, type UpstreamHealthState } from '../services/fleet/fleet-snapshot.js'
+import { RECENT_REQUESTS_LIMIT } from '../services/clients/recent-requests.js'
+import { ReplicaPresence } from '../services/leases/replica-presence.js'
 
 export interface FleetEvents {
   /** The fleet's state as events, one source for every open console page of this instance. */

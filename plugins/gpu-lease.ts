@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { LeaseManager } from '../services/lease-manager.js'
+import { LeaseManager } from '../services/leases/lease-manager.js'
 import type { LeaseStore } from '../services/lease-store.js'
 import { MemoryLeaseStore } from '../services/memory-lease-store.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'

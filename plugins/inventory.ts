@@ -1,9 +1,9 @@
 import { join } from 'node:path'
 import fp from 'fastify-plugin'
-import { InventoryCache, type SharedSnapshot } from '../services/inventory-cache.js'
-import { loadInventoryFromDatabase, loadInventoryFromFile } from '../services/inventory.js'
-import { packageRoot } from '../services/package-root.js'
-import { databaseFleetStore, fileFleetStore, type FleetStore } from '../services/fleet-store.js'
+import { InventoryCache, type SharedSnapshot } from '../services/fleet/inventory-cache.js'
+import { loadInventoryFromDatabase, loadInventoryFromFile } from '../services/fleet/inventory.js'
+import { packageRoot } from '../services/config/package-root.js'
+import { databaseFleetStore, fileFleetStore, type FleetStore } from '../services/fleet/fleet-store.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -1,13 +1,13 @@
 import type { Readable } from 'node:stream'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import type { CandidateLeases, HeldCandidate, LeaseTarget } from '../services/candidate-leases.js'
-import { GatewayError } from '../services/errors.js'
-import { clientResponseHeaders } from '../services/http-headers.js'
-import type { Assignment } from '../services/inventory.js'
-import { LeaseError, lostSignal } from '../services/lease-manager.js'
-import { frameAnswer } from '../services/stream-framing.js'
-import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/upstream-failure.js'
+import type { CandidateLeases, HeldCandidate, LeaseTarget } from '../services/leases/candidate-leases.js'
+import { GatewayError } from '../services/http/errors.js'
+import { clientResponseHeaders } from '../services/http/http-headers.js'
+import type { Assignment } from '../services/fleet/inventory.js'
+import { LeaseError, lostSignal } from '../services/leases/lease-manager.js'
+import { frameAnswer } from '../services/http/stream-framing.js'
+import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/http/upstream-failure.js'
 
 export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
@@ -68,7 +68,7 @@ async function forwardLeased (fastify: FastifyInstance, request: FastifyRequest,
 
 /**
  * Forward the body on a held lease and pass the answer on; the lease is released when the
- * upstream's answer has ended (services/stream-framing.ts), or when it fails (then an upstream
+ * upstream's answer has ended (services/http/stream-framing.ts), or when it fails (then an upstream
  * unreachable before it saw the request is sat out and `next` tries the next candidate).
  */
 function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward, { assignment, lease, release }: HeldCandidate,

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import fastifyMysql from '@fastify/mysql'
 import type { Pool } from 'mysql2/promise'
-import type { Query } from '../services/inventory.js'
+import type { Query } from '../services/fleet/inventory.js'
 
 /**
  * A query with no answer for this long fails. A MariaDB that stops answering (host gone, network

@@ -2,10 +2,10 @@ import { performance } from 'node:perf_hooks'
 import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { exchangeStatus } from '../services/exchange.js'
-import type { Lease } from '../services/lease-manager.js'
+import { exchangeStatus } from '../services/http/exchange.js'
+import type { Lease } from '../services/leases/lease-manager.js'
 import { queueLabel } from '../services/lease-store.js'
-import { MODEL_NAME_MAX, modelKey } from '../services/model-name.js'
+import { MODEL_NAME_MAX, modelKey } from '../services/fleet/model-name.js'
 
 export interface GatewayMetrics {
   /** This gateway's own instruments (not prom-client's global registry: two gateways in one process do not collide). */

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { normalizeOllamaBody, type NormalizeResult } from '../services/ollama-normalizer.js'
+import { normalizeOllamaBody, type NormalizeResult } from '../services/http/ollama-normalizer.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { OriginPolicy } from '../services/origins.js'
+import { OriginPolicy } from '../services/clients/origins.js'
 import { closeIfBodyFollows } from './auth.js'
 
 /** Methods that change nothing and use no GPU: a page on any site may send them. */

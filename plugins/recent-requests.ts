@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { MemoryRecentRequests, RedisRecentRequests, type RecentRequests } from '../services/recent-requests.js'
+import { MemoryRecentRequests, RedisRecentRequests, type RecentRequests } from '../services/clients/recent-requests.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

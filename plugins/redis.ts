@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import fastifyRedis from '@fastify/redis'
 import { Cluster, Redis } from 'ioredis'
-import { redisConnections, RedisWatch, type RedisConnection, type TopologyState } from '../services/redis-connections.js'
+import { redisConnections, RedisWatch, type RedisConnection, type TopologyState } from '../services/config/redis-connections.js'
 
 export interface LeaseRedis {
   /** Commands. Fails fast while disconnected: no request waits on an unreachable store. */

@@ -4,8 +4,8 @@ import type { FastifyRequest } from 'fastify'
 import { TypeCompiler } from '@sinclair/typebox/compiler'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import type { TSchema } from '@sinclair/typebox'
-import { caseVariantKey } from '../services/case-variant-keys.js'
-import { GatewayError } from '../services/errors.js'
+import { caseVariantKey } from '../services/http/case-variant-keys.js'
+import { GatewayError } from '../services/http/errors.js'
 
 declare module 'fastify' {
   interface FastifyRequest {

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { UpstreamPoller } from '../services/upstream-poller.js'
+import { UpstreamPoller } from '../services/fleet/upstream-poller.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -2,10 +2,10 @@ import type { Readable } from 'node:stream'
 import fp from 'fastify-plugin'
 import replyFrom, { type FastifyReplyFromHooks } from '@fastify/reply-from'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { clientResponseHeaders, upstreamRequestHeaders } from '../services/http-headers.js'
-import type { Assignment } from '../services/inventory.js'
-import { SlowReaderLimit } from '../services/slow-reader.js'
-import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/upstream-failure.js'
+import { clientResponseHeaders, upstreamRequestHeaders } from '../services/http/http-headers.js'
+import type { Assignment } from '../services/fleet/inventory.js'
+import { SlowReaderLimit } from '../services/http/slow-reader.js'
+import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/http/upstream-failure.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

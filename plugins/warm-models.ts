@@ -1,9 +1,9 @@
 import fp from 'fastify-plugin'
-import type { Assignment } from '../services/inventory.js'
-import { lostSignal, requesterOf } from '../services/lease-manager.js'
+import type { Assignment } from '../services/fleet/inventory.js'
+import { lostSignal, requesterOf } from '../services/leases/lease-manager.js'
 import { queueName } from '../services/lease-store.js'
-import { modelKey } from '../services/model-name.js'
-import { distinctUpstreams } from '../services/upstream-catalog.js'
+import { modelKey } from '../services/fleet/model-name.js'
+import { distinctUpstreams } from '../services/fleet/upstream-catalog.js'
 
 /**
  * WARM_MODELS: each model is loaded on every server assigned it once the gateway is ready, and

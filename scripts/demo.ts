@@ -9,7 +9,7 @@ import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import Fastify, { LogController, type FastifyInstance } from 'fastify'
 import maestro from '../app.js'
-import { gatewayRequestId } from '../services/exchange.js'
+import { gatewayRequestId } from '../services/http/exchange.js'
 import { startDiffusionSimulator, startSimulator, type Simulator } from './simulator/upstream-simulator.js'
 
 export interface DemoOptions {

@@ -1,11 +1,11 @@
 /**
- * `npm run migrate`: applies the gateway's migrations (services/migrations.ts) to the inventory
+ * `npm run migrate`: applies the gateway's migrations (services/fleet/migrations.ts) to the inventory
  * database named by MARIADB_URL, or by the legacy ConnectionStrings__MariaDb.
  * Prints one line per migration applied; on failure one line on stderr and exit code 1.
  */
 import mysql from 'mysql2/promise'
-import { mariaDbUrlFromEnv } from '../services/connection-strings.js'
-import { migrate } from '../services/migrations.js'
+import { mariaDbUrlFromEnv } from '../services/config/connection-strings.js'
+import { migrate } from '../services/fleet/migrations.js'
 
 function oneLine (err: unknown): string {
   const e = err as { message?: unknown, code?: unknown }

@@ -8,7 +8,7 @@ import { Ollama } from 'ollama'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { createTestDatabase } from './helpers/database.js'
-import { databaseFleetStore } from '../services/fleet-store.js'
+import { databaseFleetStore } from '../services/fleet/fleet-store.js'
 import mysql from 'mysql2/promise'
 
 const TOKEN = 'admin-secret-for-tests'

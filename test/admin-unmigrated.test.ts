@@ -7,8 +7,8 @@ import { readFile } from 'node:fs/promises'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
 import { startSimulator } from './helpers/upstream-simulator.js'
-import { migrate } from '../services/migrations.js'
-import type { Query } from '../services/inventory.js'
+import { migrate } from '../services/fleet/migrations.js'
+import type { Query } from '../services/fleet/inventory.js'
 
 const TOKEN = 'admin-token-for-unmigrated-tests'
 

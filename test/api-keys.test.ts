@@ -8,7 +8,7 @@ import Fastify from 'fastify'
 import type { AddressInfo } from 'node:net'
 import { Ollama } from 'ollama'
 import maestro, { type MaestroOptions } from '../app.js'
-import { ApiKeyStore, tableBackend } from '../services/api-keys.js'
+import { ApiKeyStore, tableBackend } from '../services/clients/api-keys.js'
 import { startFleet, type Gateway, type TestFleet } from './helpers/gateway.js'
 import { eventually, insertKey, sha256Hex } from './helpers/api-keys.js'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
@@ -171,7 +171,7 @@ t.test('embedded mode: the admin functions write the file atomically', async (t)
   const file = await writeInventoryFile(t, [{ name: 'local', model: 'm', port: sim.port, gpus: [1] }])
   const gw = await startEmbeddedGateway(t, { dotenv: false, INVENTORY_FILE: file })
   t.equal(await generate(gw), 200, 'no keys yet: open')
-  const { fileBackend } = await import('../services/api-keys.js')
+  const { fileBackend } = await import('../services/clients/api-keys.js')
   const store = new ApiKeyStore({ envKeys: [], backend: fileBackend(file), refreshMs: 60_000 })
   await store.start()
   t.teardown(() => store.close())

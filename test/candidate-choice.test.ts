@@ -1,7 +1,7 @@
-// Which candidates a request leases among next, without a server (services/candidate-choice.ts).
+// Which candidates a request leases among next, without a server (services/leases/candidate-choice.ts).
 import t from 'tap'
-import { CandidateRound, Cooldowns } from '../services/candidate-choice.js'
-import type { Assignment } from '../services/inventory.js'
+import { CandidateRound, Cooldowns } from '../services/leases/candidate-choice.js'
+import type { Assignment } from '../services/fleet/inventory.js'
 
 const assignment = (id: string): Assignment => ({
   id, name: `a${id}`, model: 'm', modelKey: 'm', kind: 'llm', ip: '127.0.0.1', port: 1000 + Number(id),

@@ -2,7 +2,7 @@
 // with an expiry (never a bare counter), a sliding one-minute window, release exactly what was
 // taken. Both pass the same suite, against a real Redis.
 import t, { type Test } from 'tap'
-import { MemoryClientLimitStore, RedisClientLimitStore, type ClientLimitStore } from '../services/client-limits.js'
+import { MemoryClientLimitStore, RedisClientLimitStore, type ClientLimitStore } from '../services/clients/client-limits.js'
 import { redisClients, testPrefix } from './helpers/redis.js'
 
 type Make = (t: Test) => Promise<ClientLimitStore>

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { mariaDbUrlFromEnv, parseLegacyMariaDb, parseLegacyRedis } from '../services/connection-strings.js'
+import { mariaDbUrlFromEnv, parseLegacyMariaDb, parseLegacyRedis } from '../services/config/connection-strings.js'
 
 t.test('parseLegacyMariaDb', async t => {
   const ok: Array<[string, string]> = [

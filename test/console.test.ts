@@ -9,7 +9,7 @@ import { startFleet, type Gateway } from './helpers/gateway.js'
 import { startBrowser, textWhenMatching } from './helpers/browser.js'
 import type { Page } from 'playwright-core'
 import { startSimulator } from './helpers/upstream-simulator.js'
-import { packageRoot } from '../services/package-root.js'
+import { packageRoot } from '../services/config/package-root.js'
 
 const ARTIFACTS = join(packageRoot, 'test', 'artifacts')
 

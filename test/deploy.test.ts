@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { Value } from '@sinclair/typebox/value'
 import { parseAllDocuments } from 'yaml'
-import { EnvSchema, resolveConfig, ServerEnvSchema, serverSettings, type Env } from '../services/config.js'
+import { EnvSchema, resolveConfig, ServerEnvSchema, serverSettings, type Env } from '../services/config/config.js'
 import { startGateway } from './helpers/gateway.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))

@@ -6,7 +6,7 @@ import t from 'tap'
 import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import { dirname, join, relative, resolve, sep } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { EnvSchema, ServerEnvSchema } from '../services/config.js'
+import { EnvSchema, ServerEnvSchema } from '../services/config/config.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DOC_FILES = ['README.md', 'CHANGELOG.md', ...readdirSync(join(ROOT, 'docs')).filter((f) => f.endsWith('.md')).sort().map((f) => `docs/${f}`)]

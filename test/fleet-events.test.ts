@@ -9,8 +9,8 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 import { openFleetStream } from './helpers/fleet-stream.js'
 import { scrape } from './helpers/prometheus.js'
-import { FleetEventHub, StreamReader } from '../services/fleet-events.js'
-import { diffSnapshots, type FleetSnapshot } from '../services/fleet-snapshot.js'
+import { FleetEventHub, StreamReader } from '../services/fleet/fleet-events.js'
+import { diffSnapshots, type FleetSnapshot } from '../services/fleet/fleet-snapshot.js'
 
 async function post (gw: Gateway, path: string, body: unknown): Promise<{ status: number, body: any }> {
   const res = await fetch(gw.url + path, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })

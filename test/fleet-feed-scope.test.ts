@@ -17,8 +17,8 @@ import { startFleet, type Gateway } from './helpers/gateway.js'
 import { openFleetStream, type FleetStream } from './helpers/fleet-stream.js'
 import { insertKey } from './helpers/api-keys.js'
 import { startBrowser } from './helpers/browser.js'
-import { StreamReader } from '../services/fleet-events.js'
-import { packageRoot } from '../services/package-root.js'
+import { StreamReader } from '../services/fleet/fleet-events.js'
+import { packageRoot } from '../services/config/package-root.js'
 
 const TOKEN = 'feed-scope-admin-token'
 const SECRETS = { alice: 'alice-secret-0123456789abcdef', bob: 'bob-secret-0123456789abcdef' }

@@ -7,8 +7,8 @@ import {
   loadInventoryFromFile,
   parseInventoryFile,
   type Query
-} from '../services/inventory.js'
-import { migrate } from '../services/migrations.js'
+} from '../services/fleet/inventory.js'
+import { migrate } from '../services/fleet/migrations.js'
 import { createTestDatabase, seedInventory } from './helpers/database.js'
 
 const ids = (list: Array<{ id: string }>): string[] => list.map(a => a.id)

@@ -8,7 +8,7 @@ import t, { type Test } from 'tap'
 import { assertAllFree, startFleet, type Gateway, type TestFleet } from './helpers/gateway.js'
 import { clientTokens, eventually, insertKey } from './helpers/api-keys.js'
 import type { SpeechSimulator } from './helpers/upstream-simulator.js'
-import { MemoryClientLimitStore, RedisClientLimitStore, type ClientLimitStore } from '../services/client-limits.js'
+import { MemoryClientLimitStore, RedisClientLimitStore, type ClientLimitStore } from '../services/clients/client-limits.js'
 import { redisClients, testPrefix } from './helpers/redis.js'
 
 const NARROW = 'secret-narrow'

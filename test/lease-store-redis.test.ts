@@ -3,7 +3,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { LeaseManager } from '../services/lease-manager.js'
+import { LeaseManager } from '../services/leases/lease-manager.js'
 import type { Candidate, LeaseInfo, LeaseStore } from '../services/lease-store.js'
 import { MemoryLeaseStore } from '../services/memory-lease-store.js'
 import { RedisLeaseStore } from '../services/redis-lease-store.js'

@@ -2,7 +2,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { getEventListeners } from 'node:events'
-import { LeaseError, LeaseManager, requesterOf, type Lease } from '../services/lease-manager.js'
+import { LeaseError, LeaseManager, requesterOf, type Lease } from '../services/leases/lease-manager.js'
 import type { Candidate, LeaseInfo, LeaseStore, Place, StoreStatus } from '../services/lease-store.js'
 import { queueName } from '../services/lease-store.js'
 import { MemoryLeaseStore } from '../services/memory-lease-store.js'

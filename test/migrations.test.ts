@@ -1,8 +1,8 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import { loadInventoryFromDatabase, type Query } from '../services/inventory.js'
-import { MIGRATIONS, migrate } from '../services/migrations.js'
+import { loadInventoryFromDatabase, type Query } from '../services/fleet/inventory.js'
+import { MIGRATIONS, migrate } from '../services/fleet/migrations.js'
 import { createTestDatabase, seedInventory } from './helpers/database.js'
 import { TS_LOADER } from './helpers/ts-loader.js'
 

@@ -1,6 +1,6 @@
 import { isDeepStrictEqual } from 'node:util'
 import t from 'tap'
-import { normalizeOllamaBody, parseKeepAlive, type KeepAlive } from '../services/ollama-normalizer.js'
+import { normalizeOllamaBody, parseKeepAlive, type KeepAlive } from '../services/http/ollama-normalizer.js'
 
 const FORCE_M1: KeepAlive = { mode: 'force', json: '-1' }
 const FORCE_5M: KeepAlive = { mode: 'force', json: '"5m"' }

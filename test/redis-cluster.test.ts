@@ -11,7 +11,7 @@ import { Redis } from 'ioredis'
 import { Ollama } from 'ollama'
 import { assertAllFree, startFleet, watchLeases, type Gateway } from './helpers/gateway.js'
 import { startRedisCluster } from './helpers/redis-processes.js'
-import { clusterKeyPrefix } from '../services/config.js'
+import { clusterKeyPrefix } from '../services/config/config.js'
 
 type Kind = 'llm' | 'diffusor'
 

@@ -7,7 +7,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { embeddedEnv, writeInventoryFile } from './helpers/embedded.js'
-import { LOG_FLUSH_MS } from '../services/log-destination.js'
+import { LOG_FLUSH_MS } from '../services/config/log-destination.js'
 import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
 const REQUESTS = 40

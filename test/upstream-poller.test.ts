@@ -1,11 +1,11 @@
-// The background poll of the Ollama upstreams (services/upstream-poller.ts): health, residency
+// The background poll of the Ollama upstreams (services/fleet/upstream-poller.ts): health, residency
 // from /api/ps and from the gateway's own traffic, one poll in flight per server, no redirects.
 import t, { type Test } from 'tap'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import type { Assignment } from '../services/inventory.js'
-import { PREFERRED_MAX, UpstreamPoller } from '../services/upstream-poller.js'
+import type { Assignment } from '../services/fleet/inventory.js'
+import { PREFERRED_MAX, UpstreamPoller } from '../services/fleet/upstream-poller.js'
 import { startSimulator, type Simulator } from './helpers/upstream-simulator.js'
 
 async function simulator (t: Test, options: Parameters<typeof startSimulator>[0] = {}): Promise<Simulator> {

@@ -3,14 +3,14 @@
 // twice, races another, or dies between its steps; names that would break a separator round trip.
 import t, { type Test } from 'tap'
 import type { Pool } from 'mysql2/promise'
-import type { Query } from '../services/inventory.js'
+import type { Query } from '../services/fleet/inventory.js'
 import { MemoryUsageLedger, USAGE_COUNTERS, zeroCounts, type UsageCounts, type UsageEntry, type UsageLedger } from '../services/usage/usage-ledger.js'
 import { RedisUsageLedger } from '../services/usage/redis-usage-ledger.js'
 import { applyBatch, redisRollupLock, UsageRollup, type RollupLock, type UsageDb } from '../services/usage/usage-rollup.js'
 import { usageReport, type UsageRow } from '../services/usage/usage-report.js'
 import { createTestDatabase } from './helpers/database.js'
 import { redisClients, testPrefix } from './helpers/redis.js'
-import type { RedisConnection } from '../services/redis-connections.js'
+import type { RedisConnection } from '../services/config/redis-connections.js'
 
 const HOUR = 3_600_000
 /** A fixed hour, so a test never straddles the turn of an hour. */

@@ -1,7 +1,7 @@
 /*
- * What `GET /gpu/events` sends (the server's services/fleet-snapshot.ts; the page is compiled on
+ * What `GET /gpu/events` sends (the server's services/fleet/fleet-snapshot.ts; the page is compiled on
  * its own, for the browser, so it states the shapes it reads). Without the admin token the feed
- * leaves out addresses, loaded models, the admin settings and others' requests (services/fleet-view.ts).
+ * leaves out addresses, loaded models, the admin settings and others' requests (services/fleet/fleet-view.ts).
  */
 
 export interface Slots { used: number, capacity: number }

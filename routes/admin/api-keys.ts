@@ -1,7 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { ApiKeyError, type ApiKeyInfo, type KeyChange } from '../../services/api-keys.js'
-import { GatewayError } from '../../services/errors.js'
-import type { ApiKeyCreate, ApiKeyPatch, ApiKeyRecord } from '../../services/inventory-schema.js'
+import { ApiKeyError, type ApiKeyInfo, type KeyChange } from '../../services/clients/api-keys.js'
+import { GatewayError } from '../../services/http/errors.js'
+import type { ApiKeyCreate, ApiKeyPatch, ApiKeyRecord } from '../../services/fleet/inventory-schema.js'
 import { ApiKeyCreated, ApiKeys, ApiKeyCreate as CreateSchema, ApiKeyPatch as PatchSchema, ApiKeyRecord as RecordSchema, Deleted, errorAnswers, KeyParams } from './schemas.js'
 
 const adminOnly = { auth: 'admin', errorStyle: 'ollama' } as const
@@ -30,7 +30,7 @@ async function keyStore<T> (work: Promise<T>): Promise<T> {
 }
 
 /**
- * `/admin/api-keys`: the key store's create, list, update and revoke (services/api-keys.ts). The
+ * `/admin/api-keys`: the key store's create, list, update and revoke (services/clients/api-keys.ts). The
  * secret is in the answer to the create and nowhere else: not in a list, a log line or a metric.
  */
 const apiKeyRoutes: FastifyPluginAsync = async (fastify) => {

@@ -1,8 +1,8 @@
 import type { FastifyPluginAsync, FastifyReply } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import * as rules from '../../services/fleet-rules.js'
-import type { AssignmentRecord } from '../../services/inventory-schema.js'
-import type { ModelKind } from '../../services/inventory.js'
+import { GatewayError } from '../../services/http/errors.js'
+import * as rules from '../../services/fleet/fleet-rules.js'
+import type { AssignmentRecord } from '../../services/fleet/inventory-schema.js'
+import type { ModelKind } from '../../services/fleet/inventory.js'
 import {
   AssignmentCreate, AssignmentPatch, AssignmentRecord as AssignmentSchema, Assignments, ComputerCreate, ComputerPatch,
   ComputerRecord, Computers, Deleted, errorAnswers, GpuCreate, GpuPatch, GpuRecord, Gpus, IdParams, ModelCreate, ModelParams,
@@ -17,7 +17,7 @@ type IdRequest = { Params: { id: string } }
 /**
  * The admin API (CONTRACT section 13): computers, GPUs, models and assignments, each change one
  * transaction (or one atomic file write), used by every replica within a second. The rules live in
- * services/fleet-rules.ts, the storage in services/fleet-store.ts.
+ * services/fleet/fleet-rules.ts, the storage in services/fleet/fleet-store.ts.
  */
 const fleetRoutes: FastifyPluginAsync = async (fastify) => {
   const store = fastify.fleetStore

@@ -1,12 +1,12 @@
 import { Type } from '@sinclair/typebox'
 import {
   ApiKeyRecord, AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, KeyName, ModelKind, ModelName, ModelRecord
-} from '../../services/inventory-schema.js'
+} from '../../services/fleet/inventory-schema.js'
 
 export {
   ApiKeyCreate, ApiKeyCreated, ApiKeyPatch, ApiKeyRecord, AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
   GpuCreate, GpuPatch, GpuRecord, ModelCreate, ModelRecord
-} from '../../services/inventory-schema.js'
+} from '../../services/fleet/inventory-schema.js'
 
 /** `/admin/<records>/:id`: the table's id (a file may also use names). */
 export const IdParams = Type.Object({

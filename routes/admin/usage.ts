@@ -1,5 +1,5 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
+import { GatewayError } from '../../services/http/errors.js'
 import { usageCsv } from '../../services/usage/usage-csv.js'
 import { DEFAULT_USAGE_WINDOW_MS, USAGE_DIMENSIONS, usageReport, type UsageDimension } from '../../services/usage/usage-report.js'
 import { AdminError } from './schemas.js'

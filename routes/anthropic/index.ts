@@ -1,5 +1,5 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { errorBody } from '../../services/errors.js'
+import { errorBody } from '../../services/http/errors.js'
 import { ModelRequest } from '../ollama/schemas.js'
 
 /**

@@ -1,8 +1,8 @@
 import type { Readable } from 'node:stream'
 import type { FastifyPluginAsync } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import { checkedUpload } from '../../services/multipart-fields.js'
-import { MODEL_NAME_MAX } from '../../services/model-name.js'
+import { GatewayError } from '../../services/http/errors.js'
+import { checkedUpload } from '../../services/http/multipart-fields.js'
+import { MODEL_NAME_MAX } from '../../services/fleet/model-name.js'
 import { ModelRequest } from '../ollama/schemas.js'
 
 /** The text fields before the file are small; past this much without the model field, it is not there. */
@@ -19,7 +19,7 @@ const UPLOAD_PATHS = ['/v1/audio/transcriptions', '/v1/audio/translations'] as c
  * with the model first send; openai-node sends the fields in the order given), and what was read
  * to find it is sent on first. BODY_LIMIT bounds the upload like any body. What is checked is what
  * is sent: a `model` field may appear once, and must name the model of `?model=` when both are
- * given (services/multipart-fields.ts).
+ * given (services/http/multipart-fields.ts).
  */
 const audioRoutes: FastifyPluginAsync = async (fastify) => {
   const config = { errorStyle: 'openai' as const }

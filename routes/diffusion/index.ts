@@ -1,11 +1,11 @@
 import type { Readable } from 'node:stream'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
-import type { Assignment } from '../../services/inventory.js'
-import { MODEL_NAME_MAX } from '../../services/model-name.js'
-import { checkedUpload } from '../../services/multipart-fields.js'
-import { GatewayError } from '../../services/errors.js'
-import { UploadPins } from '../../services/upload-pins.js'
-import { distinctUpstreams } from '../../services/upstream-catalog.js'
+import type { Assignment } from '../../services/fleet/inventory.js'
+import { MODEL_NAME_MAX } from '../../services/fleet/model-name.js'
+import { checkedUpload } from '../../services/http/multipart-fields.js'
+import { GatewayError } from '../../services/http/errors.js'
+import { UploadPins } from '../../services/leases/upload-pins.js'
+import { distinctUpstreams } from '../../services/fleet/upstream-catalog.js'
 import { ModelRequest } from '../ollama/schemas.js'
 
 /** The text fields before the file are small; past this much without the model field, it is not there. */
@@ -49,7 +49,7 @@ const diffusionRoutes: FastifyPluginAsync = async (fastify) => {
   })
 
   // Multipart uploads stream through unchanged, unbuffered; only their `model` field is looked at
-  // on the way (services/multipart-fields.ts: once at most, the model of `?model=` when both are
+  // on the way (services/http/multipart-fields.ts: once at most, the model of `?model=` when both are
   // given). An upload naming a model goes to a server of that model; one naming none to any
   // server, in turn: for a key with a `models` list, a server of one of its models. The server
   // each file went to is remembered.

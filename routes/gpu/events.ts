@@ -1,7 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { EventStreamLimit, StreamReader } from '../../services/fleet-events.js'
-import { fleetViewerOf } from '../../services/fleet-view.js'
-import { isLoopbackAddress } from '../../services/loopback.js'
+import { EventStreamLimit, StreamReader } from '../../services/fleet/fleet-events.js'
+import { fleetViewerOf } from '../../services/fleet/fleet-view.js'
+import { isLoopbackAddress } from '../../services/clients/loopback.js'
 import { clientAddress } from '../../plugins/clients.js'
 
 /**
@@ -19,7 +19,7 @@ const STREAMS_PER_CLIENT = 10
  * `GET /gpu/events`: the console's state as server-sent events — `snapshot` (the whole fleet),
  * then `change` (records set or removed, keyed by id), `unavailable` while the state cannot be
  * read, and a comment line now and then. Open to all, but each reader is told only what its
- * credential may see (services/fleet-view.ts).
+ * credential may see (services/fleet/fleet-view.ts).
  */
 const gpuEvents: FastifyPluginAsync = async (fastify) => {
   const hub = fastify.fleetEvents.hub

@@ -1,8 +1,8 @@
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import type { ModelKind } from '../../services/inventory.js'
+import { GatewayError } from '../../services/http/errors.js'
+import type { ModelKind } from '../../services/fleet/inventory.js'
 import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/lease-store.js'
-import { modelKey } from '../../services/model-name.js'
+import { modelKey } from '../../services/fleet/model-name.js'
 import gpuEvents from './events.js'
 import {
   CacheCleared, FleetStatus, LeaseRef, Message, Reservation, ReserveRequest, type OutputType

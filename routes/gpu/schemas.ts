@@ -1,6 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox'
 import { SAFE_ID } from '../../services/lease-store.js'
-import { MODEL_NAME_MAX } from '../../services/model-name.js'
+import { MODEL_NAME_MAX } from '../../services/fleet/model-name.js'
 
 /** The original API's output types, each naming the kind of model it reserves. */
 export const OutputType = Type.Union([Type.Literal('text'), Type.Literal('images'), Type.Literal('speech')], {

@@ -1,6 +1,6 @@
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import { gatewayVersion } from '../../services/package-root.js'
+import { GatewayError } from '../../services/http/errors.js'
+import { gatewayVersion } from '../../services/config/package-root.js'
 import pullRoute from './pull.js'
 import refusals from './refusals.js'
 import { ModelRequest, ShowRequest } from './schemas.js'

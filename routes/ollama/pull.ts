@@ -1,8 +1,8 @@
 import { PassThrough } from 'node:stream'
 import type { FastifyPluginAsync } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import { pullOnServers, pullVerdict, type PullServer } from '../../services/fleet-pull.js'
-import { distinctUpstreams } from '../../services/upstream-catalog.js'
+import { GatewayError } from '../../services/http/errors.js'
+import { pullOnServers, pullVerdict, type PullServer } from '../../services/fleet/fleet-pull.js'
+import { distinctUpstreams } from '../../services/fleet/upstream-catalog.js'
 import { PullRequest } from './schemas.js'
 
 /**

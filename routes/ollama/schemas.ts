@@ -1,5 +1,5 @@
 import { Type } from '@sinclair/typebox'
-import { MODEL_NAME_MAX } from '../../services/model-name.js'
+import { MODEL_NAME_MAX } from '../../services/fleet/model-name.js'
 
 /** A model name as a request gives it: at most MODEL_NAME_MAX characters (names become queue names, log fields, metric labels). */
 export const ModelName = (description = 'model name, matched case-insensitively, `:latest` optional') =>

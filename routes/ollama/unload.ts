@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import type { Assignment } from '../../services/inventory.js'
-import { distinctUpstreams } from '../../services/upstream-catalog.js'
-import { ClientLimitError } from '../../services/client-limits.js'
+import type { Assignment } from '../../services/fleet/inventory.js'
+import { distinctUpstreams } from '../../services/fleet/upstream-catalog.js'
+import { ClientLimitError } from '../../services/clients/client-limits.js'
 
 /** The length of the Go duration unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`) at `i`, 0 if none. */
 function unitLength (text: string, i: number): number {

@@ -1,8 +1,8 @@
 import type { FastifyPluginAsync } from 'fastify'
 import type { Static } from '@sinclair/typebox'
-import { errorBody, GatewayError } from '../../services/errors.js'
-import { modelKey } from '../../services/model-name.js'
-import type { OllamaModelEntry } from '../../services/upstream-catalog.js'
+import { errorBody, GatewayError } from '../../services/http/errors.js'
+import { modelKey } from '../../services/fleet/model-name.js'
+import type { OllamaModelEntry } from '../../services/fleet/upstream-catalog.js'
 import { ImageGenerationRequest, Model, ModelList, ModelRequest } from './schemas.js'
 
 /** OpenAI's streaming format: a failure after the stream started is one more SSE event carrying an error. */

@@ -1,8 +1,8 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import { extname, join } from 'node:path'
 import type { FastifyPluginAsync, FastifyReply } from 'fastify'
-import { GatewayError } from '../../services/errors.js'
-import { packageRoot } from '../../services/package-root.js'
+import { GatewayError } from '../../services/http/errors.js'
+import { packageRoot } from '../../services/config/package-root.js'
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',

@@ -1,5 +1,5 @@
 import type { Cluster, Redis } from 'ioredis'
-import { loadLuaScripts } from '../lua-scripts.js'
+import { loadLuaScripts } from '../lua/lua-scripts.js'
 import {
   FRACTIONAL_COUNTERS, USAGE_COUNTERS, cellField, cellsOf, normaliseEntry,
   type BufferedUsage, type LedgerOptions, type UsageBatch, type UsageEntry, type UsageLedger

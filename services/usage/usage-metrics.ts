@@ -5,7 +5,7 @@
  * which are labelled by their matching key here too: `llama3:latest` as `llama3`).
  */
 import { Counter, type Registry } from 'prom-client'
-import { modelKey } from '../model-name.js'
+import { modelKey } from '../fleet/model-name.js'
 import type { normaliseEntry } from './usage-ledger.js'
 
 const LABEL_LIMIT = 200

@@ -9,7 +9,7 @@
  * could put counts in MariaDB that the buffer also showed as live: the generation, read again
  * after MariaDB, tells, and the report reads again.
  */
-import type { Query } from '../inventory.js'
+import type { Query } from '../fleet/inventory.js'
 import {
   FRACTIONAL_COUNTERS, HOUR_MS, USAGE_COUNTERS, addCounts, hourOf, roundFraction, zeroCounts,
   type UsageCell, type UsageCounts, type UsageLedger

@@ -19,9 +19,9 @@
  */
 import { randomUUID } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
-import type { Query } from '../inventory.js'
-import { loadLuaScripts } from '../lua-scripts.js'
-import { hasTable } from '../migrations.js'
+import type { Query } from '../fleet/inventory.js'
+import { loadLuaScripts } from '../lua/lua-scripts.js'
+import { hasTable } from '../fleet/migrations.js'
 import { FRACTIONAL_COUNTERS, USAGE_COUNTERS, roundFraction, type UsageBatch, type UsageLedger } from './usage-ledger.js'
 
 export interface UsageDb {

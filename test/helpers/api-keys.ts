@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { Redis } from 'ioredis'
-import type { Query } from '../../services/inventory.js'
+import type { Query } from '../../services/fleet/inventory.js'
 import { REDIS_URL } from './redis.js'
 
 export const sha256Hex = (secret: string): string => createHash('sha256').update(secret, 'utf8').digest('hex')

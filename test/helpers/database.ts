@@ -6,8 +6,8 @@ import { randomBytes } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import mysql, { type Connection, type Pool } from 'mysql2/promise'
 import type { Test } from 'tap'
-import type { Query } from '../../services/inventory.js'
-import { migrate } from '../../services/migrations.js'
+import type { Query } from '../../services/fleet/inventory.js'
+import { migrate } from '../../services/fleet/migrations.js'
 
 export const DEFAULT_MARIADB_URL = 'mysql://root@127.0.0.1:3306'
 

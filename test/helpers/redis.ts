@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto'
 import { Cluster, Redis } from 'ioredis'
-import { clusterKeyPrefix } from '../../services/config.js'
-import { parseHostPortList, type HostPort } from '../../services/connection-strings.js'
-import { redisConnections, type RedisConnection } from '../../services/redis-connections.js'
+import { clusterKeyPrefix } from '../../services/config/config.js'
+import { parseHostPortList, type HostPort } from '../../services/config/connection-strings.js'
+import { redisConnections, type RedisConnection } from '../../services/config/redis-connections.js'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 /**

@@ -1,10 +1,10 @@
 import { CandidateRound, type Cooldowns } from './candidate-choice.js'
-import { GatewayError } from './errors.js'
-import type { Exchange } from './exchange.js'
-import type { Assignment, Inventory, ModelKind } from './inventory.js'
+import { GatewayError } from '../http/errors.js'
+import type { Exchange } from '../http/exchange.js'
+import type { Assignment, Inventory, ModelKind } from '../fleet/inventory.js'
 import type { Lease, LeaseManager } from './lease-manager.js'
-import { candidatesOf, queueName, type ClientRef } from './lease-store.js'
-import { modelKey } from './model-name.js'
+import { candidatesOf, queueName, type ClientRef } from '../lease-store.js'
+import { modelKey } from '../fleet/model-name.js'
 
 /** What a leased route asks for. */
 export interface LeaseTarget {
@@ -43,7 +43,7 @@ export interface HeldCandidate {
 export type CandidateLeases = ReturnType<typeof candidateLeases>
 
 /**
- * One request's way through the model's candidates (services/candidate-choice.ts says which to
+ * One request's way through the model's candidates (services/leases/candidate-choice.ts says which to
  * try next), leasing each in turn. Shared by every leased route, so choice, queueing and release
  * work the same everywhere. Throws 404 for an unknown model, 503 when every server is drained.
  */

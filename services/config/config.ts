@@ -3,8 +3,8 @@ import { parseEnv } from 'node:util'
 import { Type, type Static } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { mariaDbUrlFromEnv, parseHostPortList, parseLegacyRedis, type HostPort } from './connection-strings.js'
-import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from './ollama-normalizer.js'
-import { parseOriginList } from './origins.js'
+import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from '../http/ollama-normalizer.js'
+import { parseOriginList } from '../clients/origins.js'
 
 /** Every variable the gateway reads (CONTRACT section 2), with its default. */
 export const EnvSchema = Type.Object({

@@ -5,7 +5,7 @@
  */
 import { Readable, Transform, type TransformCallback } from 'node:stream'
 import { GatewayError } from './errors.js'
-import { modelKey } from './model-name.js'
+import { modelKey } from '../fleet/model-name.js'
 
 export interface LeadingField {
   /** The field's value, when a text part of that name came before any file part. */

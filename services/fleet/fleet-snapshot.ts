@@ -1,12 +1,12 @@
 import type { InventorySnapshot } from './inventory.js'
-import { queueLabel, type StoreStatus } from './lease-store.js'
-import type { RecentRequest } from './recent-requests.js'
+import { queueLabel, type StoreStatus } from '../lease-store.js'
+import type { RecentRequest } from '../clients/recent-requests.js'
 
 /*
  * What the console shows, as `GET /gpu/events` sends it: one snapshot, then changes. Times are
  * epoch milliseconds (the page counts "since" itself, so a lease that goes on sends nothing).
  * Fields marked optional are filled when the part of the gateway that knows them is present, and
- * when the reader may see them (services/fleet-view.ts: no addresses, loaded models, admin settings
+ * when the reader may see them (services/fleet/fleet-view.ts: no addresses, loaded models, admin settings
  * or other clients' requests without the admin token).
  */
 

@@ -1,7 +1,7 @@
 /**
  * The inventory's records — computer, GPU, model, assignment, API key — as TypeBox schemas. Each
  * record's fields are defined once here and serve three readers: the admin API's bodies and
- * answers (routes/admin), the embedded-mode inventory file (services/inventory.ts) and the OpenAPI
+ * answers (routes/admin), the embedded-mode inventory file (services/fleet/inventory.ts) and the OpenAPI
  * document (generated from the routes' schemas). The file keeps its own, older key names for a few
  * fields (`vram`, `computer`, `gpus`, `parallel`); the field rules behind them are the same objects.
  *
@@ -38,7 +38,7 @@ export const Name = Type.String({ minLength: 1, maxLength: 100, description: 'a 
 /** A model name as stored (matched case-insensitively, `:latest` optional, when requests name it). */
 export const ModelName = Type.String({ minLength: 1, maxLength: 100, description: 'a non-empty string of at most 100 characters (a model name)' })
 
-/** IPv4, IPv6 or a host name; `normaliseAddress` (services/inventory.ts) has the last word. */
+/** IPv4, IPv6 or a host name; `normaliseAddress` (services/fleet/inventory.ts) has the last word. */
 export const Address = Type.String({ minLength: 1, maxLength: 255, description: 'an IPv4 or IPv6 address or a host name' })
 
 export const Port = Type.Integer({ minimum: 1, maximum: 65535, description: 'an integer from 1 to 65535' })
@@ -66,7 +66,7 @@ export const Priority = Type.Union([Type.Literal('high'), Type.Literal('normal')
 /** Key names travel in URLs (`/admin/api-keys/:name`) and logs: a plain alphabet (the key store's KEY_NAME). */
 export const KeyName = Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$', description: "a string of 1 to 64 letters, digits, '.', '_' or '-'" })
 
-/** The key store's bounds (services/api-keys.ts): its INT columns. */
+/** The key store's bounds (services/clients/api-keys.ts): its INT columns. */
 const LIMIT_MAX = 1_000_000_000
 const Count = (description: string, minimum: number): TSchema =>
   Type.Integer({ minimum, maximum: LIMIT_MAX, description: `${description}, at most ${LIMIT_MAX}` })
@@ -200,7 +200,7 @@ export const FileAssignment = strict({
   parallel: Type.Optional(assignment.maxParallel),
   drained: Type.Optional(assignment.drained)
 })
-/** As the key store writes it (services/api-keys.ts): the hash of the secret, never the secret. */
+/** As the key store writes it (services/clients/api-keys.ts): the hash of the secret, never the secret. */
 export const FileApiKey = strict({
   name: apiKey.name,
   sha256: Type.String({ pattern: '^[0-9a-fA-F]{64}$', description: "the key's SHA-256 in hex (64 characters; the file never holds the secret)" }),

@@ -11,9 +11,9 @@
 import { randomUUID } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type { ClientLimits, Priority } from './api-keys.js'
-import { GatewayError } from './errors.js'
-import { modelKey } from './model-name.js'
-import { loadLuaScripts } from './lua-scripts.js'
+import { GatewayError } from '../http/errors.js'
+import { modelKey } from '../fleet/model-name.js'
+import { loadLuaScripts } from '../lua/lua-scripts.js'
 
 /** Who a request is, as the lease engine and the limits see it. */
 export interface Client {

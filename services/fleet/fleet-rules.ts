@@ -2,10 +2,10 @@
  * What the admin API may change in the inventory, as pure functions over the whole fleet: each
  * takes the fleet as it is and a checked body, and answers the fleet as it will be (or throws a
  * GatewayError: 400 naming the field, 404 for an unknown id, 409 for a conflict). The database
- * and the file store (services/fleet-store.ts) apply the difference; the rules are the same for
+ * and the file store (services/fleet/fleet-store.ts) apply the difference; the rules are the same for
  * both. No Fastify here.
  */
-import { GatewayError } from './errors.js'
+import { GatewayError } from '../http/errors.js'
 import { normaliseAddress, WILDCARD, type ModelKind } from './inventory.js'
 import type {
   AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerRecord, GpuRecord, ModelRecord

@@ -2,13 +2,13 @@
  * Where the admin API's changes go: the original tables in MariaDB (plus the gateway's own), each
  * change in one transaction; or, in embedded mode, the inventory file, replaced atomically (a temp
  * file in the same directory, then a rename: a reader sees the old file or the new, never half).
- * A change is a function from the fleet as it is to the fleet as it will be (services/fleet-rules.ts);
+ * A change is a function from the fleet as it is to the fleet as it will be (services/fleet/fleet-rules.ts);
  * the store reads, applies, and writes the difference. No Fastify here.
  */
 import { randomBytes } from 'node:crypto'
 import { open, readFile, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
-import { GatewayError } from './errors.js'
+import { GatewayError } from '../http/errors.js'
 import { parseInventoryFile, type ModelKind, type Query } from './inventory.js'
 import { checkInventoryFile, type InventoryFile } from './inventory-schema.js'
 import { cloneFleet, kindOfModel, type Fleet } from './fleet-rules.js'
@@ -199,7 +199,7 @@ function refusal (err: unknown): Error {
       return new GatewayError(400, column === 'ip_addr'
         ? 'ip: longer than computers.ip_addr holds (the original VARCHAR(15)): run npm run migrate to widen it'
         : `a value is longer than its column${column === undefined ? '' : ` (${column})`} holds`)
-    // The schemas bound every number by the original columns (services/inventory-schema.ts); this
+    // The schemas bound every number by the original columns (services/fleet/inventory-schema.ts); this
     // is for a deployment whose columns are narrower.
     case ER_WARN_DATA_OUT_OF_RANGE:
       return new GatewayError(400, `a number is out of its column's range${column === undefined ? '' : ` (${column})`}`)

@@ -1,4 +1,4 @@
-import type { RedisConnection } from './redis-connections.js'
+import type { RedisConnection } from '../config/redis-connections.js'
 
 /** One finished request that named a model, as the console lists it. */
 export interface RecentRequest {

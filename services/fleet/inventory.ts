@@ -445,7 +445,7 @@ const MODEL_LISTS: Array<['llms' | 'diffusors' | 'speech', ModelKind]> = [['llms
 
 /**
  * Checks an embedded-mode inventory (already parsed from JSON) and turns it into a snapshot: its
- * shape by the record schemas (services/inventory-schema.ts), then what a schema cannot say (ids
+ * shape by the record schemas (services/fleet/inventory-schema.ts), then what a schema cannot say (ids
  * unique, references that resolve, one computer per assignment). Throws an Error naming `source`
  * and the offending field on anything wrong.
  */

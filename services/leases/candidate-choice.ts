@@ -1,5 +1,5 @@
-import type { Assignment } from './inventory.js'
-import { failureCode } from './upstream-failure.js'
+import type { Assignment } from '../fleet/inventory.js'
+import { failureCode } from '../http/upstream-failure.js'
 
 /** How long an assignment that refused a connection sits out before it is tried first again. */
 export const COOLDOWN_MS = 5000

@@ -22,7 +22,7 @@
 import http from 'node:http'
 import type { Assignment } from './inventory.js'
 import { modelKey } from './model-name.js'
-import { gatewayVersion } from './package-root.js'
+import { gatewayVersion } from '../config/package-root.js'
 import { fetchJson, fleetPs, fleetTags, validEntries, type OllamaModelEntry, type ServerListing } from './upstream-catalog.js'
 
 export type UpstreamHealth = 'up' | 'unreachable' | 'unknown'

@@ -1,10 +1,11 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { packageRoot } from './package-root.js'
+import { packageRoot } from '../config/package-root.js'
 
 /**
- * The Lua scripts of the Redis lease store: `services/lua/<name>-<numberOfKeys>.lua`, each opening
+ * The scripts that run in Redis (the lease store's, the client limits', the usage ledger's):
+ * `services/lua/<name>-<numberOfKeys>.lua`, each opening
  * with a header naming its KEYS, ARGV and reply; `--- @include "includes/<file>"` lines pull in the
  * shared functions (each file once). Read once, at start.
  */
@@ -15,10 +16,11 @@ export interface LuaScript {
 }
 
 function luaDir (): string {
-  // Beside this file: in services/ (sources, tests) and in dist/services/ (`npm run build` copies
-  // them there, so dist/ is complete on its own, as in the container image); else the package's.
-  const here = join(dirname(fileURLToPath(import.meta.url)), 'lua')
-  return existsSync(here) ? here : join(packageRoot, 'services', 'lua')
+  // This file's folder: services/lua (sources, tests) and dist/services/lua (`npm run build` copies
+  // the scripts beside the compiled loader, so dist/ is complete on its own, as in the container
+  // image); else the package's.
+  const here = dirname(fileURLToPath(import.meta.url))
+  return existsSync(join(here, 'includes')) ? here : join(packageRoot, 'services', 'lua')
 }
 
 const INCLUDE = /^--- @include "([^"]+)"\s*$/gm

@@ -1,4 +1,4 @@
-import type { ApiKeyInfo } from './api-keys.js'
+import type { ApiKeyInfo } from '../clients/api-keys.js'
 import type { FleetSnapshot } from './fleet-snapshot.js'
 
 /*

@@ -7,7 +7,7 @@
  * applied ones are recorded in `maestro_migrations`, so `migrate` can run any number of times (and
  * from several replicas at once). Fixed SQL only.
  */
-import { GatewayError } from './errors.js'
+import { GatewayError } from '../http/errors.js'
 import type { Query } from './inventory.js'
 
 export interface Migration {

@@ -1,5 +1,5 @@
-import type { RedisConnection } from './redis-connections.js'
-import type { ReplicaView } from './fleet-snapshot.js'
+import type { RedisConnection } from '../config/redis-connections.js'
+import type { ReplicaView } from '../fleet/fleet-snapshot.js'
 
 export interface ReplicaPresenceOptions {
   /** null: one process, no one else to know about */

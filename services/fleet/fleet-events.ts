@@ -4,7 +4,7 @@ import { fleetView, fleetViewKey, OPERATOR, type FleetViewer } from './fleet-vie
 /** One reader of the stream: takes whole server-sent-event frames. */
 export interface FleetReader {
   write: (frame: string) => void
-  /** What it may be told (services/fleet-view.ts); everything when unset. */
+  /** What it may be told (services/fleet/fleet-view.ts); everything when unset. */
   readonly viewer?: FleetViewer
   /** The hub is closing (the gateway shuts down): finish the stream. */
   end: () => void

@@ -8,9 +8,9 @@
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto'
 import { readFile, rename, writeFile } from 'node:fs/promises'
-import type { Query } from './inventory.js'
-import { hasTable, notMigrated } from './migrations.js'
-import { modelKey } from './model-name.js'
+import type { Query } from '../fleet/inventory.js'
+import { hasTable, notMigrated } from '../fleet/migrations.js'
+import { modelKey } from '../fleet/model-name.js'
 
 export type Priority = 'high' | 'normal' | 'low'
 export const PRIORITIES: readonly Priority[] = ['high', 'normal', 'low']
