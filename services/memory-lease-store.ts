@@ -28,6 +28,8 @@ interface Line {
   key: string
   queue: string
   candidates: Candidate[]
+  /** The GPUs of its candidates when it began (its entries in linesByGpu) */
+  gpuIds?: Set<string>
   waiters: Set<WaiterRecord>
   /** Fair queuing: the tag last served, and each client's last tag. */
   served: number
@@ -56,6 +58,8 @@ export class MemoryLeaseStore implements LeaseStore {
   private readonly holds = new Map<string, { member: string, expiresAt: number }>()
   private readonly leases = new Map<string, LeaseRecord>()
   private readonly lines = new Map<string, Line>()
+  /** The lines with waiters by the GPUs of their candidates: a release looks at those of its GPUs only. */
+  private readonly linesByGpu = new Map<string, Set<Line>>()
   private readonly waiters = new Map<string, WaiterRecord>()
   /** Each queue's waiters (across its lines). */
   private readonly queued = new Map<string, Set<WaiterRecord>>()
@@ -198,7 +202,14 @@ export class MemoryLeaseStore implements LeaseStore {
     const queued = this.queued.get(w.line.queue)
     queued?.delete(w)
     if (queued?.size === 0) this.queued.delete(w.line.queue)
-    if (w.line.waiters.size === 0) this.lines.delete(w.line.key)
+    if (w.line.waiters.size === 0 && this.lines.get(w.line.key) === w.line) {
+      this.lines.delete(w.line.key)
+      for (const g of w.line.gpuIds ?? []) {
+        const set = this.linesByGpu.get(g)
+        set?.delete(w.line)
+        if (set?.size === 0) this.linesByGpu.delete(g)
+      }
+    }
     if (w.held != null) {
       for (const g of w.held.gpuIds) if (this.holds.get(g)?.member === w.member) this.holds.delete(g)
       w.held = undefined
@@ -230,11 +241,16 @@ export class MemoryLeaseStore implements LeaseStore {
     return undefined
   }
 
-  /** Serve lines: the one whose next waiter arrived first goes first, until none can be served. */
-  private serve (lines: Iterable<Line>): Grant[] {
+  /**
+   * Serve lines: the one whose next waiter arrived first goes first, until none can be served, or
+   * (a release) until the GPUs it freed are taken again with no slot left: the rest of the lines
+   * that could use them then cannot, and are not tried one by one.
+   */
+  private serve (lines: Iterable<Line>, freedGpus?: string[]): Grant[] {
     const grants: Grant[] = []
     const open = new Set(lines)
     for (;;) {
+      if (freedGpus != null && freedGpus.every((g) => this.full(g))) break
       let best: WaiterRecord | undefined
       for (const line of open) {
         const w = this.pick(line)
@@ -250,12 +266,25 @@ export class MemoryLeaseStore implements LeaseStore {
     return grants
   }
 
-  /** Every line whose candidates share a GPU with these (one process: the lines are few). */
-  private linesUsing (gpuIds: string[]): Line[] {
-    const out: Line[] = []
-    for (const line of this.lines.values()) {
-      if (line.candidates.some((c) => (this.assignments.get(c.assignmentId)?.gpuIds ?? c.gpuIds).some((g) => gpuIds.includes(g)))) out.push(line)
-    }
+  /** Whether the assignment running on GPU g has no free slot. */
+  private full (g: string): boolean {
+    const a = this.owners.get(g)
+    if (a == null) return false
+    const n = this.used(a)
+    return n > 0 && n >= (this.assignments.get(a)?.capacity ?? 1)
+  }
+
+  /** The GPUs a line's candidates run on (as registered when the line began). */
+  private gpusOf (line: Line): Set<string> {
+    const out = new Set<string>()
+    for (const c of line.candidates) for (const g of this.assignments.get(c.assignmentId)?.gpuIds ?? c.gpuIds) out.add(g)
+    return out
+  }
+
+  /** Every line whose candidates share a GPU with these. */
+  private linesUsing (gpuIds: string[]): Set<Line> {
+    const out = new Set<Line>()
+    for (const g of gpuIds) for (const line of this.linesByGpu.get(g) ?? []) out.add(line)
     return out
   }
 
@@ -306,7 +335,15 @@ export class MemoryLeaseStore implements LeaseStore {
       w = { ...probe, level, score, since: input.place?.since ?? this.now() }
       line.waiters.add(w)
       this.queuedTotal++
-      this.lines.set(key, line)
+      if (this.lines.get(key) !== line) {
+        this.lines.set(key, line)
+        line.gpuIds = this.gpusOf(line)
+        for (const g of line.gpuIds) {
+          let set = this.linesByGpu.get(g)
+          if (set == null) this.linesByGpu.set(g, set = new Set())
+          set.add(line)
+        }
+      }
       this.waiters.set(w.member, w)
       let queued = this.queued.get(input.queue)
       if (queued == null) this.queued.set(input.queue, queued = new Set())
@@ -361,7 +398,7 @@ export class MemoryLeaseStore implements LeaseStore {
     if (this.used(l.assignmentId) === 0) {
       for (const g of l.gpuIds) if (this.owners.get(g) === l.assignmentId) this.owners.delete(g)
     }
-    this.serve(this.linesUsing(l.gpuIds))
+    this.serve(this.linesUsing(l.gpuIds), l.gpuIds)
     return l.slots
   }
 

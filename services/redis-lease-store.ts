@@ -26,7 +26,9 @@ import { loadLuaScripts } from './lua/lua-scripts.js'
  *   rel:<t>    (PX)                 released: a late renewal never revives it
  *   list:<l>   hash pos->a, n       a candidate list by content hash (PX a day, refreshed on use)
  *   lpos:<l>   hash a->pos           free:<l> zset pos->pos: its candidates that may be free
- *   alist:<a>  set of l             lists holding a          gasg:<g> set of a: assignments on g
+ *   alist:<a>  set of l             lists holding a
+ *   pk:<g>     set of '<pos>:<l>'   free-index entries parked while another assignment runs on g
+ *   gw:<g>     zset l->arrival      lists that found g in their way, by next waiter (lower bound)
  *   lines:<l>  zset ln->arrival     lines of list l with waiters, by their next waiter's arrival
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
  *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
@@ -40,7 +42,8 @@ import { loadLuaScripts } from './lua/lua-scripts.js'
  * request on the freed GPUs).
  *
  * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
- * of a list, waiters of a line): nothing scans the candidates, the queues or the waiters.
+ * of a list, waiters of a line, lists waiting for a GPU): nothing scans the candidates, the queues,
+ * the waiters or the assignments sharing a GPU (services/lua/includes/slots.lua, at the top).
  */
 const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
 /** Read once, when the first Redis store is made (embedded mode never needs them). */

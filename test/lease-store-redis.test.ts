@@ -248,8 +248,11 @@ async function commandCounts (redis: Redis): Promise<{ calls: number, scriptUs: 
 /**
  * One GPU, `waiters` queued over `queues` queues, each served in turn, on a Redis of the test's
  * own (so that its command counts are this run's alone): the Redis calls and the scripts' time in Redis per handoff, and the rate.
+ * With `assignments` > 1 the GPU carries that many assignments (one Ollama server serving as
+ * many models), queue i's candidate list being assignment i alone. With `measured` < `waiters`,
+ * the first `measured` handoffs are counted and the next grantee keeps its lease (the rest wait).
  */
-async function handoffs (t: Test, waiters: number, queues: number, candidates = 1): Promise<{ callsPerHandoff: number, usPerHandoff: number, rate: number }> {
+async function handoffs (t: Test, waiters: number, queues: number, candidates = 1, assignments = 1, measured = waiters): Promise<{ callsPerHandoff: number, usPerHandoff: number, rate: number }> {
   const own = await privateRedis(t)
   const options = { enableOfflineQueue: false, maxRetriesPerRequest: 0 }
   const client = new Redis(own.url, options)
@@ -268,21 +271,33 @@ async function handoffs (t: Test, waiters: number, queues: number, candidates = 
   t.teardown(() => m.close())
   // many busy candidates and one that frees up: only the last is ever free
   const list = [...Array.from({ length: candidates - 1 }, (_, i) => cand(`b${i}`, `g${i}`)), cand('1', '1')]
+  const shared = Array.from({ length: assignments }, (_, i) => [cand(i === 0 ? '1' : `s${i}`, '1')])
+  const listOf = (q: number): Candidate[] => assignments > 1 ? shared[q % assignments] : list
   const busy = await Promise.all(list.slice(0, -1).map(async (c) => await m.acquire({ queue: 'fill', candidates: [c], info: info('fill') })))
-  const first = await m.acquire({ queue: 'q0', candidates: list, info: info('m') })
+  const first = await m.acquire({ queue: 'q0', candidates: listOf(0), info: info('m') })
+  let handedOn = 0
+  let kept: (() => void) | undefined
+  const stopped = new Promise<void>((resolve) => { kept = resolve })
   const all = Array.from({ length: waiters }, async (_, i) => {
-    const l = await m.acquire({ queue: `q${i % queues}`, candidates: list, info: info(`m${i % queues}`) })
+    const l = await m.acquire({ queue: `q${i % queues}`, candidates: listOf(i % queues), info: info(`m${i % queues}`) })
+    if (++handedOn > measured) {
+      kept?.()
+      return
+    }
     await m.release(l)
   })
-  await sleep(200)
+  // the waiters left when the count stops are sent away by the manager's close
+  for (const p of all) p.catch(() => {})
+  // every waiter queued (a thousand lists to register take a while), none of it in the window
+  while (await stats.zcard(prefix + 'allw') < waiters) await sleep(20)
   const before = await commandCounts(stats)
   const started = performance.now()
   await m.release(first)
-  await Promise.all(all)
-  const rate = waiters / ((performance.now() - started) / 1000)
+  await (measured < waiters ? stopped : Promise.all(all))
+  const rate = measured / ((performance.now() - started) / 1000)
   const after = await commandCounts(stats)
   for (const l of busy) await m.release(l)
-  return { callsPerHandoff: (after.calls - before.calls) / waiters, usPerHandoff: (after.scriptUs - before.scriptUs) / waiters, rate }
+  return { callsPerHandoff: (after.calls - before.calls) / measured, usPerHandoff: (after.scriptUs - before.scriptUs) / measured, rate }
 }
 
 t.test('issue 14.4, 12.4: the cost of a handoff does not grow with the number of queues or candidates', async (t) => {
@@ -302,4 +317,19 @@ t.test('issue 14.4, 12.4: the cost of a handoff does not grow with the number of
   t.comment(`200 waiters, 1 free candidate among 16: ${text(few)}; among 1024: ${text(many)}`)
   t.ok(many.callsPerHandoff < 1.25 * few.callsPerHandoff, 'many busy candidates make about as many Redis calls as few')
   t.ok(many.usPerHandoff < 2 * few.usPerHandoff, 'many busy candidates cost about as much time in Redis as few')
+})
+
+t.test('hardening 3.7: the cost of a handoff does not grow with the assignments sharing its GPU', async (t) => {
+  // One Ollama server serving many models is one assignment per model on the same GPU. A release
+  // of that GPU that visits every assignment on it (to put each back into its list's free index)
+  // or serves every model's queue (to find the one whose waiter came first) costs Redis calls and
+  // script time in proportion to them, and blocks every other lease meanwhile.
+  const text = (h: Awaited<ReturnType<typeof handoffs>>): string =>
+    `${h.callsPerHandoff.toFixed(1)} Redis calls and ${h.usPerHandoff.toFixed(0)} µs of script per handoff, ${Math.round(h.rate)}/s`
+  // the first 50 handoffs among 1,000 waiters (in the old engine each cost tens of thousands of calls)
+  const one = await handoffs(t, 1000, 1, 1, 1, 50)
+  const thousand = await handoffs(t, 1000, 1000, 1, 1000, 50)
+  t.comment(`one GPU, 1,000 waiters: one assignment, one queue: ${text(one)}; 1,000 assignments, one waiter in each of their queues: ${text(thousand)}`)
+  t.ok(thousand.callsPerHandoff < 1.5 * one.callsPerHandoff, 'a thousand assignments on the GPU make about as many Redis calls per handoff as one')
+  t.ok(thousand.usPerHandoff < 2 * one.usPerHandoff, 'a thousand assignments on the GPU cost about as much script time per handoff as one')
 })

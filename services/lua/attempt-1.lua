@@ -52,10 +52,11 @@ if list_ttl < 43200000 then
   redis.call('PEXPIRE', P .. 'free:' .. l, 86400000)
 end
 
+local since = tonumber(ARGV[17]) or NOW
 local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
   -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
-  local pos, a, n = find(m, l, ARGV[20], want, nil)
+  local pos, a, n = find(m, l, ARGV[20], want, nil, since)
   if pos then
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
     serve_freed()
@@ -78,7 +79,6 @@ local function room (key, max, q)
   return redis.call('ZCARD', key) < max
 end
 
-local since = tonumber(ARGV[17]) or NOW
 if not score then
   if not room(P .. 'qw:' .. q, tonumber(ARGV[14]), q) then serve_freed() return reply({ 'full', 'queue' }) end
   if not room(P .. 'allw', tonumber(ARGV[15])) then serve_freed() return reply({ 'full', 'total' }) end
@@ -110,9 +110,10 @@ if not score then
 end
 if PAUSED then return reply({ 'paused', string.format('%.0f', score), tostring(since) }) end
 serve_freed()
--- Every usable candidate of a list is in its free index (find drops only what is not usable, and
--- a freed slot puts its assignment back): with that index empty none of the list's lines can be
--- served now, and the next release (or the waiters' sweep) serves them.
+-- Every usable candidate of a list is in its free index (find drops only what is not usable, a
+-- freed slot puts its assignment back, a freed GPU the entries parked on it): with that index
+-- empty none of the list's lines can be served now, and the next release (or the waiters' sweep)
+-- serves them.
 if redis.call('EXISTS', P .. 'free:' .. l) == 1 then serve({ l }) end
 done = granted()
 if done then return done end

@@ -23,8 +23,8 @@ for _, c in ipairs(split(ARGV[9], ';')) do
   redis.call('HSET', lp, a, n)
   set_asg(a, cap, gpus)
   redis.call('SADD', P .. 'alist:' .. a, l)
-  for _, g in ipairs(split(gpus, ',')) do redis.call('SADD', P .. 'gasg:' .. g, a) end
-  if usable(a, nil, 1) then redis.call('ZADD', fk, n, n) end
+  -- maybe free: the first attempt that finds it in use drops it (or parks it on the GPU in its way)
+  redis.call('ZADD', fk, n, n)
   n = n + 1
 end
 redis.call('HSET', lk, 'n', n)

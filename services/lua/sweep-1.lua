@@ -19,13 +19,27 @@ local n = tonumber(ARGV[8])
 local lists, seen = {}, {}
 for i = 9, 8 + n do
   local ln = ARGV[i]
-  touch_line(ln)
   local l, q = string.match(ln, '^([^:]+):([^:]+):')
-  if q then redis.call('ZADD', P .. 'queues', NOW, q) end
+  -- kept alive (3 ttl) and in the status's index (3 ttl) when a ttl has run down since the last
+  -- touch: one read a line, not five writes, on each sweep
+  if redis.call('PTTL', P .. 'line:' .. ln) < 2 * TTL then
+    touch_line(ln)
+    if q then redis.call('ZADD', P .. 'queues', NOW, q) end
+  end
   if l and not seen[l] then
     seen[l] = true
-    lists[#lists + 1] = l
-    for _, k in ipairs({ 'list:', 'lpos:', 'free:' }) do redis.call('PEXPIRE', P .. k .. l, 86400000) end
+    -- (as an attempt does: a list in use lives a day, refreshed twice a day at most)
+    if redis.call('PTTL', P .. 'list:' .. l) < 43200000 then
+      for _, k in ipairs({ 'list:', 'lpos:', 'free:' }) do redis.call('PEXPIRE', P .. k .. l, 86400000) end
+    end
+    -- A list with an empty free index cannot be served now (what is in its way puts its entries
+    -- back when it frees: see slots.lua), unless its next waiter has starved (its try takes holds).
+    if redis.call('EXISTS', P .. 'free:' .. l) == 1 then
+      lists[#lists + 1] = l
+    else
+      local first = redis.call('ZRANGE', P .. 'lines:' .. l, 0, 0, 'WITHSCORES')
+      if #first > 0 and NOW - tonumber(first[2]) >= STARVE then lists[#lists + 1] = l end
+    end
   end
 end
 serve_freed()

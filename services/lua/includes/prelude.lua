@@ -74,8 +74,12 @@ local function epoch_check ()
   EPOCH = e
 end
 
+-- Work left to the end of a script (slots.lua: entries parked on a GPU that is still free)
+local AT_END = {}
+
 -- { epoch, run id, flags, #body, body..., grants as member, token, index triples... }
 local function reply (body)
+  for _, f in ipairs(AT_END) do f() end
   local out = { EPOCH, RUN, FLAGS, #body }
   for _, v in ipairs(body) do out[#out + 1] = v end
   for _, v in ipairs(GRANTS) do out[#out + 1] = v end

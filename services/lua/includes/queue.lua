@@ -61,7 +61,7 @@ local function clear_holds (m)
       gone[#gone + 1] = g
     end
   end
-  if #gone > 0 then freed(nil, gone) end
+  for _, g in ipairs(gone) do stream_later(g) end
 end
 
 -- A waiter that is gone (replica dead, record expired, left) leaves every index it is in.
@@ -127,9 +127,10 @@ local function reindex (l, ln)
 end
 
 -- The first usable position of list l for waiter m: its preferred assignments, the one held for
--- it, then the free index in list order (stale entries dropped; held ones skipped). Returns the
--- position, its assignment and the slots in use there.
-local function find (m, l, pref, want, held)
+-- it, then the free index in list order (stale entries dropped, those blocked by another
+-- assignment's GPU parked there, held ones skipped; what is in the way notes l with `since`, the
+-- arrival of m). Returns the position, its assignment and the slots in use there.
+local function find (m, l, pref, want, held, since)
   local lpos = P .. 'lpos:' .. l
   for _, a in ipairs(split(pref, ',')) do
     local pos = redis.call('HGET', lpos, a)
@@ -155,8 +156,18 @@ local function find (m, l, pref, want, held)
       local ok, why, n = false, nil, nil
       if a then ok, why, n = usable(a, m, want) end
       if ok then return tonumber(pos), a, n end
-      -- only a hold is in the way: it stays free for everyone else
-      if why == 'hold' or (a and want == 'all' and usable(a, m, 1)) then skip = skip + 1 else redis.call('ZREM', fkey, pos) end
+      if why == 'busy' then
+        park(n, l, pos, since)
+      elseif why == 'hold' then
+        -- only a hold is in the way: it stays free for everyone else
+        note_waiting(n, l, since)
+        skip = skip + 1
+      elseif a and want == 'all' and usable(a, m, 1) then
+        -- partly in use: back in every list of a when its slots free
+        skip = skip + 1
+      else
+        redis.call('ZREM', fkey, pos)
+      end
     end
   end
 end
@@ -196,7 +207,7 @@ local function try_grant (m)
   local wkey = P .. 'w:' .. m
   local w = redis.call('HMGET', wkey, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
     'purpose', 'score', 'level')
-  local pos, a, n = find(m, w[1], w[5], w[4], w[6])
+  local pos, a, n = find(m, w[1], w[5], w[4], w[6], w[7])
   if pos then
     local token = take_at(m, w[1], pos, a, n, w[4], w[3], w[8], w[9], w[10])
     unqueue(m, w[2], w[3], w[12])
@@ -222,50 +233,151 @@ local function note_grant (m, token, pos)
   end
 end
 
--- Serve lists: the line whose next waiter arrived first goes first, until no list can serve.
--- Costs one step per list and per grant, whatever the number of lines or candidates.
+-- Serve lists and the waiting lists of GPUs: the line whose next waiter arrived first goes
+-- first, until none can be served. The lists to serve are `lists`, those the frees of this call
+-- noted (TO_SERVE) and, for each GPU freed (TO_STREAM), the lists of gw:<g> in order, as far as the
+-- GPU stays open (see slots.lua). Costs one step per list and GPU named and per grant or failure,
+-- whatever the number of lines, candidates or assignments sharing a GPU.
 local function serve (lists)
   if PAUSED then return end
-  local heads = {}
+  local heads, named, failed, streams = {}, {}, {}, {}
+  local nfailed = 0
   -- The first line of list l, once its place is brought up to date with its next waiter's
-  -- arrival: still first when no other line's next waiter came earlier (a tie is asked of the index).
+  -- arrival: still first when no other line's next waiter came earlier (a tie is asked of the
+  -- index). Returns { line, waiter, arrival } or nil.
   local function head (l)
     local key = P .. 'lines:' .. l
     while true do
       local r = redis.call('ZRANGE', key, 0, 1, 'WITHSCORES')
-      if #r == 0 then heads[l] = nil return end
+      if #r == 0 then return nil end
       local m, since = reindex(l, r[1])
       if m then
         local s = tonumber(since)
         local second = tonumber(r[4])
         if not second or s < second or (s == second and redis.call('ZRANGE', key, 0, 0)[1] == r[1]) then
-          heads[l] = { r[1], m, s }
+          return { r[1], m, s }
+        end
+      end
+    end
+  end
+  local function name (l)
+    if not named[l] and not failed[l] then
+      named[l] = true
+      heads[l] = head(l)
+    end
+  end
+  -- Whether GPU g is closed to everyone but whom it went to: its assignment has no free slot (or
+  -- some, whose lists are then named), or a live hold keeps it (the holder's list is named).
+  local function closed (g)
+    local o = redis.call('GET', P .. 'gpu:' .. g)
+    if o then
+      local n = used(o)
+      if n > 0 then
+        -- (o's entries in its lists may be parked on g from before: they go back)
+        if n < asg(o) then freed(o) end
+        return true
+      end
+    end
+    local h = redis.call('GET', P .. 'hold:' .. g)
+    if h and hold_valid(h) then
+      local l = redis.call('HGET', P .. 'w:' .. h, 'list')
+      if l then name(l) end
+      return true
+    end
+    return false
+  end
+  -- A list reached through streams only stays among the heads while some stream is at it.
+  local function leave_current (g)
+    local cur = streams[g].l
+    streams[g].l = nil
+    if cur and not named[cur] then
+      for _, st in pairs(streams) do if st.l == cur then return end end
+      heads[cur] = nil
+    end
+  end
+  -- The next list of gw:<g> not failed in this call, its place brought up to date; none (and the
+  -- stream ends) when g is closed or nobody waits for it. The lists failed in this call that are
+  -- still there are passed over (at most `nfailed` of them).
+  local function advance (g)
+    leave_current(g)
+    if closed(g) then streams[g] = nil return end
+    local key = P .. 'gw:' .. g
+    while true do
+      local r = redis.call('ZRANGE', key, 0, nfailed + 1, 'WITHSCORES')
+      local l, stored, second = nil, nil, nil
+      for i = 1, #r, 2 do
+        if not failed[r[i]] then
+          if l == nil then l, stored = r[i], tonumber(r[i + 1]) else second = tonumber(r[i + 1]) break end
+        end
+      end
+      if l == nil then streams[g] = nil return end
+      local h = heads[l]
+      if not named[l] and not h then h = head(l) end
+      if not h then
+        redis.call('ZREM', key, l)
+      else
+        if h[3] ~= stored then redis.call('ZADD', key, h[3], l) end
+        if h[3] <= stored or not second or h[3] <= second then
+          streams[g].l = l
+          heads[l] = h
           return
         end
       end
     end
   end
-  for _, l in ipairs(lists) do head(l) end
+  local function take_new ()
+    for _, l in ipairs(lists) do name(l) end
+    lists = {}
+    local more = TO_SERVE
+    TO_SERVE, TO_SERVE_SEEN = {}, {}
+    for _, l in ipairs(more) do name(l) end
+    local gpus = TO_STREAM
+    TO_STREAM, TO_STREAM_SEEN = {}, {}
+    for _, g in ipairs(gpus) do
+      if not streams[g] then
+        streams[g] = {}
+        advance(g)
+      end
+    end
+  end
   while true do
+    take_new()
     local bl, best = nil, nil
     for l, h in pairs(heads) do
       if best == nil or h[3] < best[3] then bl, best = l, h end
     end
     if bl == nil then break end
+    unpark_list(bl)
     local token, pos = try_grant(best[2])
     if token then
       note_grant(best[2], token, pos)
-      head(bl)
+      heads[bl] = head(bl)
     else
       heads[bl] = nil
+      failed[bl] = true
+      nfailed = nfailed + 1
+    end
+    local gs = {}
+    for g in pairs(streams) do gs[#gs + 1] = g end
+    for _, g in ipairs(gs) do
+      local st = streams[g]
+      if st.l == bl then
+        if token then
+          if heads[bl] then redis.call('ZADD', P .. 'gw:' .. g, heads[bl][3], bl) end
+        elseif not NOTED[g .. '\n' .. bl] then
+          -- what stopped it noted it where that frees
+          redis.call('ZREM', P .. 'gw:' .. g, bl)
+        end
+        advance(g)
+      elseif token and closed(g) then
+        leave_current(g)
+        streams[g] = nil
+      end
     end
   end
 end
 
 -- Serve what the frees of this call made usable.
 local function serve_freed ()
-  local lists = TO_SERVE
-  TO_SERVE = {}
-  TO_SERVE_SEEN = {}
-  serve(lists)
+  serve({})
 end

@@ -10,11 +10,38 @@
   lease:<t>   hash (PX)                gpus, assignment, n, queue, model, kind, purpose, since
   rel:<t>     (PX)                     released: a late renewal must not revive it
   alist:<a>   set of list ids          the candidate lists holding a
-  gasg:<g>    set of assignment ids    the assignments on a GPU
   list:<l> hash pos -> a; lpos:<l> hash a -> pos; free:<l> zset pos -> pos (maybe free, checked on use)
+  pk:<g>      hash l -> 'pos,pos...'   free-index entries parked because another assignment ran on g
+  gw:<g>      zset l -> arrival        lists that found g in their way, by their next waiter's
+                                       arrival (a lower bound, brought up to date when read)
+
+  Constant cost whatever the number of assignments sharing a GPU (one Ollama server serving a
+  thousand models is a thousand assignments on one GPU, each its own model's list):
+  - A release never enumerates the assignments of its GPUs. Free indexes are lazy: an entry stays
+    in free:<l> until an attempt finds it unusable. Found blocked by another assignment running
+    on GPU g, it is parked in pk:<g> (and its list noted in gw:<g>). When g frees, a list served
+    for it gets its own entries on g back before its try; the rest go back only if g is still
+    free when the script ends (each paid for by the attempt that parked it): a GPU handed on at
+    once leaves them parked, where no sweep or attempt has to look at them again. Found full (its
+    own slots), an entry goes back through alist:<a> when a slot of a frees (a's lists, not g's).
+  - A release serves a bounded number of queues: the lists in gw:<g> in the order of their next
+    waiter's arrival (oldest first, O(log n) per step), and stops as soon as g is closed again
+    (its new assignment has no free slot, or a live hold keeps it for one waiter). A list whose
+    waiter still cannot be served leaves gw:<g>: what stopped it (another busy GPU h, a hold, a
+    full assignment) noted it where that frees (gw:<h>, alist), unless it was g itself.
+  - Lists that never waited cost nothing on a release: their entries in gw:<g> are dropped when
+    read (each once per attempt that noted it).
+  A GPU freed by a held key's expiry or a hold dropped as stale wakes nobody: the waiters' sweep
+  serves their lists (as before), and any attempt on the list does.
 ]]
 local TO_SERVE = {}
 local TO_SERVE_SEEN = {}
+-- GPUs freed in this call, whose lists in gw:<g> are to be served
+local TO_STREAM = {}
+local TO_STREAM_SEEN = {}
+-- '<g>\n<l>' noted in gw:<g> by this call (a list that failed is kept there only if so)
+local NOTED = {}
+local DAY = 86400000
 
 -- Assignments read in this call: asg:<a> changes only through set_asg, which forgets it. The GPU
 -- list returned is shared: read it, never change it.
@@ -49,30 +76,30 @@ end
 
 --[[
   Whether assignment a can take `want` more slots ('all' = every slot) for waiter m; holds by other
-  live waiters count unless m is nil. Returns ok, 'hold' when only a hold is in the way, and the
-  slots in use.
+  live waiters count unless m is nil. Returns ok, then what is in the way ('busy' and the GPU
+  another assignment runs on, 'hold' and the GPU, or 'full'), or ok, nil, the slots in use.
 ]]
 local function usable (a, m, want)
   local cap, gpus = asg(a)
-  if #gpus == 0 then return false end
+  if #gpus == 0 then return false, 'full' end
   local n = used(a)
   if want == 'all' then want = cap end
-  if n + (tonumber(want) or 1) > cap then return false end
-  local held = false
+  if n + (tonumber(want) or 1) > cap then return false, 'full' end
+  local held = nil
   for _, g in ipairs(gpus) do
     local o = redis.call('GET', P .. 'gpu:' .. g)
     if o and o ~= a then
-      if used(o) > 0 then return false end
+      if used(o) > 0 then return false, 'busy', g end
       redis.call('DEL', P .. 'gpu:' .. g)
     end
-    if m ~= nil then
+    if m ~= nil and not held then
       local h = redis.call('GET', P .. 'hold:' .. g)
       if h and h ~= m then
-        if hold_valid(h) then held = true else redis.call('DEL', P .. 'hold:' .. g) end
+        if hold_valid(h) then held = g else redis.call('DEL', P .. 'hold:' .. g) end
       end
     end
   end
-  if held then return false, 'hold' end
+  if held then return false, 'hold', held end
   return true, nil, n
 end
 
@@ -88,27 +115,96 @@ local function serve_later (l)
   end
 end
 
--- Slots of a were freed: put a and every assignment sharing its GPUs back into the free indexes
--- of their lists where they are usable now, and note those lists to be served.
-local function freed (a, gpus)
-  local affected, seen = {}, {}
-  if a then affected[1] = a seen[a] = true end
-  for _, g in ipairs(gpus) do
-    for _, b in ipairs(redis.call('SMEMBERS', P .. 'gasg:' .. g)) do
-      if not seen[b] then seen[b] = true affected[#affected + 1] = b end
+local function stream_later (g)
+  if not TO_STREAM_SEEN[g] then
+    TO_STREAM_SEEN[g] = true
+    TO_STREAM[#TO_STREAM + 1] = g
+  end
+end
+
+-- List l found GPU g in its way; `since` is the arrival of the waiter it was looking for (of the
+-- request about to wait): a lower bound of its next waiter's.
+local function note_waiting (g, l, since)
+  local key = P .. 'gw:' .. g
+  redis.call('ZADD', key, 'LT', since, l)
+  redis.call('PEXPIRE', key, DAY)
+  NOTED[g .. '\n' .. l] = true
+end
+
+-- Position pos of list l is blocked by another assignment running on g: out of the free index
+-- until g frees.
+local function park (g, l, pos, since)
+  redis.call('ZREM', P .. 'free:' .. l, pos)
+  local key = P .. 'pk:' .. g
+  local had = redis.call('HGET', key, l)
+  if not had then
+    redis.call('HSET', key, l, pos)
+  elseif not string.find(',' .. had .. ',', ',' .. pos .. ',', 1, true) then
+    redis.call('HSET', key, l, had .. ',' .. pos)
+  end
+  redis.call('PEXPIRE', key, DAY)
+  note_waiting(g, l, since)
+end
+
+local function unpark_entries (l, csv)
+  local fk = P .. 'free:' .. l
+  for _, pos in ipairs(split(csv, ',')) do
+    -- (a list gone meanwhile leaves a key that expires)
+    if redis.call('ZADD', fk, pos, pos) == 1 then redis.call('PEXPIRE', fk, DAY) end
+  end
+end
+
+-- GPUs freed in this call (their parked entries are settled at the end)
+local FREED_GPUS = {}
+local FREED_SEEN = {}
+
+-- List l is about to be served: its entries parked on the GPUs freed in this call go back.
+local function unpark_list (l)
+  for _, g in ipairs(FREED_GPUS) do
+    local key = P .. 'pk:' .. g
+    local csv = redis.call('HGET', key, l)
+    if csv then
+      redis.call('HDEL', key, l)
+      unpark_entries(l, csv)
     end
   end
-  for _, b in ipairs(affected) do
-    if usable(b, nil, 1) then
-      for _, l in ipairs(redis.call('SMEMBERS', P .. 'alist:' .. b)) do
-        local pos = redis.call('HGET', P .. 'lpos:' .. l, b)
-        if pos then
-          redis.call('ZADD', P .. 'free:' .. l, pos, pos)
-          serve_later(l)
-        else
-          redis.call('SREM', P .. 'alist:' .. b, l)
-        end
+end
+
+-- At the end of a script: the entries parked on a GPU freed in it that nobody took go back.
+AT_END[#AT_END + 1] = function ()
+  for _, g in ipairs(FREED_GPUS) do
+    local o = redis.call('GET', P .. 'gpu:' .. g)
+    if not o or used(o) == 0 then
+      local key = P .. 'pk:' .. g
+      local parked = redis.call('HGETALL', key)
+      if #parked > 0 then
+        redis.call('DEL', key)
+        for i = 1, #parked, 2 do unpark_entries(parked[i], parked[i + 1]) end
       end
+    end
+  end
+end
+
+-- GPU g is free: its waiting lists are to be served, its parked entries go back (see above).
+local function gpu_freed (g)
+  if not FREED_SEEN[g] then
+    FREED_SEEN[g] = true
+    FREED_GPUS[#FREED_GPUS + 1] = g
+  end
+  stream_later(g)
+end
+
+-- A slot of a was freed: a goes back into the free indexes of its lists (not every assignment of
+-- its GPUs: see the top), and those lists are to be served.
+local function freed (a)
+  if not usable(a, nil, 1) then return end
+  for _, l in ipairs(redis.call('SMEMBERS', P .. 'alist:' .. a)) do
+    local pos = redis.call('HGET', P .. 'lpos:' .. l, a)
+    if pos then
+      redis.call('ZADD', P .. 'free:' .. l, pos, pos)
+      serve_later(l)
+    else
+      redis.call('SREM', P .. 'alist:' .. a, l)
     end
   end
 end
@@ -117,11 +213,13 @@ end
 local function settle (a, gpus)
   if used(a) == 0 then
     for _, g in ipairs(gpus) do
-      if redis.call('GET', P .. 'gpu:' .. g) == a then redis.call('DEL', P .. 'gpu:' .. g) end
+      local o = redis.call('GET', P .. 'gpu:' .. g)
+      if o == a then redis.call('DEL', P .. 'gpu:' .. g) end
+      if o == a or not o then gpu_freed(g) end
     end
   end
   note_expiry(a)
-  freed(a, gpus)
+  freed(a)
 end
 
 -- Expired slots (holders that stopped renewing) free their assignments; a few per call.
