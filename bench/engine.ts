@@ -4,8 +4,8 @@
  */
 import { Redis } from 'ioredis'
 import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
-import type { Candidate } from '../services/lease-store.js'
-import { RedisLeaseStore } from '../services/redis-lease-store.js'
+import type { Candidate } from '../services/leases/lease-store.js'
+import { RedisLeaseStore } from '../services/leases/redis-lease-store.js'
 import { sleep } from './load.js'
 
 export interface EngineCase {

@@ -1,8 +1,8 @@
 import fp from 'fastify-plugin'
 import { LeaseManager } from '../services/leases/lease-manager.js'
-import type { LeaseStore } from '../services/lease-store.js'
-import { MemoryLeaseStore } from '../services/memory-lease-store.js'
-import { RedisLeaseStore } from '../services/redis-lease-store.js'
+import type { LeaseStore } from '../services/leases/lease-store.js'
+import { MemoryLeaseStore } from '../services/leases/memory-lease-store.js'
+import { RedisLeaseStore } from '../services/leases/redis-lease-store.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -4,7 +4,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { exchangeStatus } from '../services/http/exchange.js'
 import type { Lease } from '../services/leases/lease-manager.js'
-import { queueLabel } from '../services/lease-store.js'
+import { queueLabel } from '../services/leases/lease-store.js'
 import { MODEL_NAME_MAX, modelKey } from '../services/fleet/model-name.js'
 
 export interface GatewayMetrics {

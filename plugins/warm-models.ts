@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { Assignment } from '../services/fleet/inventory.js'
 import { lostSignal, requesterOf } from '../services/leases/lease-manager.js'
-import { queueName } from '../services/lease-store.js'
+import { queueName } from '../services/leases/lease-store.js'
 import { modelKey } from '../services/fleet/model-name.js'
 import { distinctUpstreams } from '../services/fleet/upstream-catalog.js'
 

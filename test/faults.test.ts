@@ -13,7 +13,7 @@ import { startFleet, type TestFleet } from './helpers/gateway.js'
 // A Redis of the test's own, which it can kill and start again without touching the shared one;
 // redis-server binds its port itself (helpers/private-redis.ts).
 import { privateRedis } from './helpers/private-redis.js'
-import { RedisLeaseStore } from '../services/redis-lease-store.js'
+import { RedisLeaseStore } from '../services/leases/redis-lease-store.js'
 import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
 
 type Teardown = Pick<Test, 'teardown'>

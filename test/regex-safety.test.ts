@@ -14,7 +14,7 @@ import { multipartBoundary, readLeadingField } from '../services/http/multipart-
 import { normaliseAddress } from '../services/fleet/inventory.js'
 import { headerValue } from '../services/http/http-headers.js'
 import { KEY_NAME } from '../services/clients/api-keys.js'
-import { SAFE_ID } from '../services/lease-store.js'
+import { SAFE_ID } from '../services/leases/lease-store.js'
 import { ID_PATTERN } from '../services/fleet/inventory-schema.js'
 import { modelFamily } from './helpers/upstream-simulator.js'
 import { startFleet } from './helpers/gateway.js'

@@ -1,7 +1,7 @@
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { GatewayError } from '../../services/http/errors.js'
 import type { ModelKind } from '../../services/fleet/inventory.js'
-import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/lease-store.js'
+import { candidatesOf, queueLabel, queueName, type StoreStatus } from '../../services/leases/lease-store.js'
 import { modelKey } from '../../services/fleet/model-name.js'
 import gpuEvents from './events.js'
 import {

@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
-import { SAFE_ID } from '../../services/lease-store.js'
+import { SAFE_ID } from '../../services/leases/lease-store.js'
 import { MODEL_NAME_MAX } from '../../services/fleet/model-name.js'
 
 /** The original API's output types, each naming the kind of model it reserves. */

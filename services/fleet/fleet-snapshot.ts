@@ -1,5 +1,5 @@
 import type { InventorySnapshot } from './inventory.js'
-import { queueLabel, type StoreStatus } from '../lease-store.js'
+import { queueLabel, type StoreStatus } from '../leases/lease-store.js'
 import type { RecentRequest } from '../clients/recent-requests.js'
 
 /*

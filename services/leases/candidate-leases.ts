@@ -3,7 +3,7 @@ import { GatewayError } from '../http/errors.js'
 import type { Exchange } from '../http/exchange.js'
 import type { Assignment, Inventory, ModelKind } from '../fleet/inventory.js'
 import type { Lease, LeaseManager } from './lease-manager.js'
-import { candidatesOf, queueName, type ClientRef } from '../lease-store.js'
+import { candidatesOf, queueName, type ClientRef } from './lease-store.js'
 import { modelKey } from '../fleet/model-name.js'
 
 /** What a leased route asks for. */

@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks'
-import type { Candidate, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from '../lease-store.js'
-import { capacityOf } from '../lease-store.js'
+import type { Candidate, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from './lease-store.js'
+import { capacityOf } from './lease-store.js'
 
 /** Errors a waiting request can end with; each maps to one HTTP answer. */
 export class LeaseError extends Error {

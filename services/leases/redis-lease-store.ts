@@ -7,7 +7,7 @@ import type {
 import {
   DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf
 } from './lease-store.js'
-import { loadLuaScripts } from './lua/lua-scripts.js'
+import { loadLuaScripts } from '../lua/lua-scripts.js'
 
 /*
  * Key layout (every key starts with the configured prefix P; the scripts declare KEYS[1] =
