@@ -11,6 +11,7 @@ import errors from './plugins/errors.js'
 import exchange from './plugins/exchange.js'
 import fleetEvents from './plugins/fleet-events.js'
 import gpuLease from './plugins/gpu-lease.js'
+import gpuTimeline from './plugins/gpu-timeline.js'
 import inventory from './plugins/inventory.js'
 import leasedExchange from './plugins/leased-exchange.js'
 import mariadb from './plugins/mariadb.js'
@@ -20,6 +21,8 @@ import origins from './plugins/origins.js'
 import recentRequests from './plugins/recent-requests.js'
 import redis from './plugins/redis.js'
 import requestBody from './plugins/request-body.js'
+import scheduling from './plugins/scheduling.js'
+import tracing from './plugins/tracing.js'
 import upstreamPoller from './plugins/upstream-poller.js'
 import upstreamProxy from './plugins/upstream-proxy.js'
 import usage from './plugins/usage.js'
@@ -35,7 +38,10 @@ import ollamaRoutes from './routes/ollama/index.js'
 import openaiRoutes from './routes/openai/index.js'
 import uiRoutes from './routes/ui/index.js'
 
-export type MaestroOptions = ConfigOptions
+export type MaestroOptions = ConfigOptions & {
+  /** The clock of usage counts and token budgets (ms since the epoch); default Date.now. Tests set it. */
+  now?: () => number
+}
 
 /**
  * The whole gateway as one Fastify plugin. Register it in any Fastify app, with or without a
@@ -43,7 +49,7 @@ export type MaestroOptions = ConfigOptions
  * over them. It is deliberately not wrapped in fastify-plugin: its decorators, hooks and parsers
  * stay inside, so a host app's own `redis`, `mysql` and error handling are left alone.
  */
-const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
+const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, { now, ...opts }) => {
   await fastify.register(config, opts)
   await fastify.register(errors)
   await fastify.register(exchange)
@@ -54,13 +60,16 @@ const maestro: FastifyPluginAsync<MaestroOptions> = async (fastify, opts) => {
   await fastify.register(recentRequests)
   await fastify.register(accessLog)
   await fastify.register(metrics)
-  await fastify.register(usage)
+  await fastify.register(usage, { now })
+  await fastify.register(tracing)
+  await fastify.register(gpuTimeline)
   await fastify.register(fleetEvents)
   await fastify.register(ollamaNormalizer)
   await fastify.register(requestBody)
   await fastify.register(bodyMemory)
   await fastify.register(upstreamPoller)
   await fastify.register(upstreamProxy)
+  await fastify.register(scheduling)
   await fastify.register(candidateLeases)
   await fastify.register(leasedExchange)
   await fastify.register(apiKeys)

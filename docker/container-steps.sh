@@ -71,7 +71,7 @@ step "HEALTHCHECK passed"
 
 health=$(node -e "fetch('http://127.0.0.1:$port/health').then(async (r) => { console.log(r.status + ' ' + await r.text()); process.exit(r.status === 200 ? 0 : 1) }, (e) => { console.log(String(e)); process.exit(1) })") || fail "/health: $health"
 echo "/health: $health"
-for page in ui/ ui/console.js ui/console.css; do
+for page in ui/ ui/console.js ui/console.css ui/usage.js ui/uPlot.esm.js; do
   answer=$(node -e "fetch('http://127.0.0.1:$port/$page').then((r) => { console.log(r.status); process.exit(r.status === 200 ? 0 : 1) }, (e) => { console.log(String(e)); process.exit(1) })") || fail "/$page: $answer"
 done
 echo "console: /ui/ and its files answer 200"

@@ -23,7 +23,7 @@ declare module 'fastify' {
      * Check the request's client may use `model` now (403 / 429 otherwise, as a GatewayError); its
      * hold on the client's limits ends with the exchange, however it ends. Once per request.
      */
-    admitClient: (request: FastifyRequest, model: string) => Promise<ClientPass>
+    admitClient: (request: FastifyRequest, model: string, aliasTarget?: string) => Promise<ClientPass>
   }
 }
 
@@ -72,7 +72,7 @@ function clientMetrics (registry: Registry) {
     }),
     refused: new Counter({
       name: 'maestro_client_limited_total',
-      help: 'Requests refused by a client limit: 429 for maxConcurrent, maxQueued, rpm; 403 for models',
+      help: 'Requests refused by a client limit: 429 for maxConcurrent, maxQueued, rpm, tokensPerDay, tokensPerMonth; 403 for models',
       labelNames: ['client', 'limit'] as const,
       registers
     })
@@ -102,7 +102,10 @@ export default fp(async function clients (fastify) {
     {
       ttlMs: config.leaseTtlMs,
       log: fastify.log,
-      onRefused: (client: Client, limit: LimitName) => { metrics.refused.inc({ client: metrics.label(client), limit }) }
+      onRefused: (client: Client, limit: LimitName) => { metrics.refused.inc({ client: metrics.label(client), limit }) },
+      // token budgets: the usage ledger's per-key counters (shared by the replicas), on the usage clock
+      tokensUsed: async (keyName: string, at: number) => (await fastify.usage.tokensUsed([keyName], at))[0],
+      now: fastify.usageClock
     }
   )
   limiter.start()
@@ -127,10 +130,10 @@ export default fp(async function clients (fastify) {
     done()
   })
 
-  fastify.decorate('admitClient', async function (request: FastifyRequest, model: string): Promise<ClientPass> {
+  fastify.decorate('admitClient', async function (request: FastifyRequest, model: string, aliasTarget?: string): Promise<ClientPass> {
     const client = request.client
     admitted.add(request)
-    const ticket = await limiter.admit(client, model)
+    const ticket = await limiter.admit(client, model, aliasTarget)
     request.exchange.onClose(ticket.release)
     return {
       granted: (queuedMs: number) => {
@@ -139,4 +142,4 @@ export default fp(async function clients (fastify) {
       }
     }
   })
-}, { name: 'clients', dependencies: ['config', 'redis', 'exchange', 'metrics', 'auth', 'upstream-proxy'], fastify: '5.x' })
+}, { name: 'clients', dependencies: ['config', 'redis', 'exchange', 'metrics', 'auth', 'upstream-proxy', 'usage'], fastify: '5.x' })

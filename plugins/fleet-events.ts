@@ -68,11 +68,14 @@ export default fp(async function fleetEvents (fastify) {
   const hub = new FleetEventHub({
     build: async () => {
       const inventory = fastify.inventory.current
+      const gpuIds = inventory.snapshot.gpus.map((g) => g.id)
       const [status, recent, replicas] = await Promise.all([
-        store.status(inventory.snapshot.gpus.map((g) => g.id)),
+        store.status(gpuIds),
         fastify.recentRequests.list(),
         presence.list()
       ])
+      // the same read feeds the GPU timeline (the Usage view), which then skips its own
+      fastify.gpuTimeline.observe(Date.now(), gpuIds, status)
       return buildFleetSnapshot({
         inventory: inventory.snapshot,
         status,
@@ -131,4 +134,4 @@ export default fp(async function fleetEvents (fastify) {
     clearTimeout(trailing)
     await presence.close()
   })
-}, { name: 'fleet-events', dependencies: ['config', 'redis', 'gpu-lease', 'inventory', 'recent-requests', 'metrics'], fastify: '5.x' })
+}, { name: 'fleet-events', dependencies: ['config', 'redis', 'gpu-lease', 'gpu-timeline', 'inventory', 'recent-requests', 'metrics'], fastify: '5.x' })

@@ -6,8 +6,11 @@ import { GatewayError } from '../services/http/errors.js'
 import { clientResponseHeaders } from '../services/http/http-headers.js'
 import type { Assignment } from '../services/fleet/inventory.js'
 import { LeaseError, lostSignal } from '../services/leases/lease-manager.js'
-import { frameAnswer } from '../services/http/stream-framing.js'
+import { frameAnswer, renameModel } from '../services/http/stream-framing.js'
+import { withModel } from '../services/http/ollama-normalizer.js'
+import type { AnswerMeter } from '../services/usage/usage-capture.js'
 import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/http/upstream-failure.js'
+import { fingerprintOf, fingerprints, type PromptFingerprint } from '../services/scheduling/prefix-fingerprint.js'
 
 export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
@@ -24,6 +27,8 @@ export interface LeasedForward extends LeaseTarget {
 /** The upstream a `withLease` work runs against. */
 export interface LeasedUpstream {
   assignment: Assignment
+  /** The model leased (an alias's target, or a fallback): the one a body sent upstream names. */
+  model: string
   /** Aborts when the client leaves or the lease is lost: stop the work. */
   signal: AbortSignal
   /** POST a JSON body to `path` on the leased upstream (each call bounded by UPSTREAM_HEADERS_TIMEOUT_MS). */
@@ -55,6 +60,10 @@ export default fp(async function leasedExchange (fastify) {
 
 /** Lease a GPU server for the model, forward the body to it, stream the answer back. */
 async function forwardLeased (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward): Promise<FastifyReply> {
+  // Scheduler v3: the prompt's fingerprints, from the body as sent (never changed)
+  if (target.kind === 'llm' && target.prompt === undefined && target.body != null && fingerprints(target.path)) {
+    target = { ...target, prompt: promptOf(target.path, target.body, request.headers['x-session-id']) }
+  }
   const leases = fastify.candidateLeases(request, reply, target)
 
   const forward = async (): Promise<FastifyReply> => {
@@ -71,9 +80,14 @@ async function forwardLeased (fastify: FastifyInstance, request: FastifyRequest,
  * upstream's answer has ended (services/http/stream-framing.ts), or when it fails (then an upstream
  * unreachable before it saw the request is sat out and `next` tries the next candidate).
  */
-function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward, { assignment, lease, release }: HeldCandidate,
+function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward, { assignment, model, alias, lease, release: releaseLease }: HeldCandidate,
   leases: CandidateLeases, next: () => Promise<FastifyReply>): FastifyReply {
   const config = fastify.maestroConfig
+  // The request's usage is recorded once its lease is released (its GPU-seconds end there).
+  const release = (): void => {
+    releaseLease()
+    request.usage?.released()
+  }
   // The client left while the lease was on its way: nothing to send.
   if (request.exchange.closed) {
     release()
@@ -97,23 +111,51 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
     graced = true
     setTimeout(release, config.upstreamCancelGraceMs).unref()
   }
+  // An alias's target or a fallback: the body names the model whose server it goes to (CONTRACT 17).
+  const body = target.body != null && model !== target.model ? withModel(target.body, model) : target.body
   return reply.from(assignment.url + target.path, {
-    body: target.body,
+    body,
     contentType: target.body != null ? 'application/json' : undefined,
     ...fastify.upstreamRequestOptions(request, assignment),
     rewriteHeaders: (headers) => {
       // From here, the client leaving ends the upstream answer too (its stream is destroyed).
       answered = true
       request.exchange.onClose(releaseAnswered)
-      return clientResponseHeaders(headers)
+      const answerHeaders = clientResponseHeaders(headers)
+      // An alias's answer is renamed on its way (its length changes): sent chunked.
+      if (alias !== undefined) delete answerHeaders['content-length']
+      return answerHeaders
     },
     onResponse: (_request, reply, raw) => {
       const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
-      res.stream.once('end', () => { complete = true })
-      res.stream.once('error', () => request.exchange.upstreamFailed(assignment.name, 'mid-stream'))
+      const usage = request.usage
+      const meter = usage?.answer(target.path, String(res.headers['content-type'] ?? ''), res.statusCode)
+      res.stream.once('end', () => {
+        complete = true
+        usage?.ended()
+      })
+      res.stream.once('error', () => {
+        // a client that left destroys the upstream's stream too: that is not the upstream's failure
+        if (!request.exchange.closed) usage?.upstreamBrokeOff()
+        request.exchange.upstreamFailed(assignment.name, 'mid-stream')
+      })
+      request.exchange.trace?.upstreamResponse(res.statusCode, res.stream)
       // The model answered on that server: it is loaded there now (the scheduler's warm preference).
-      if (target.kind === 'llm' && res.statusCode === 200) fastify.upstreams.noteServed(assignment, target.model)
-      reply.send(frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError))
+      if (target.kind === 'llm' && res.statusCode === 200) fastify.upstreams.noteServed(assignment, model)
+      const framed = frameAnswer(res.stream, res.headers, releaseAnswered, target.streamError)
+      // The answer's `model` is the alias the client asked for (a fallback's answer names the fallback).
+      const answer = alias !== undefined ? renameModel(framed, { from: model, to: alias }) : framed
+      if (meter !== undefined) meterAnswer(answer, meter)
+      // Once the client has been sent the whole answer (the meter has read its last line), scheduler
+      // v3 learns the server's rates and remembers where the prompt's prefixes now are.
+      if (target.kind === 'llm' && res.statusCode === 200 && meter !== undefined) {
+        answer.once('end', () => {
+          if (!complete) return
+          const counts = meter.counts(true, res.statusCode)
+          fastify.scheduling.answered({ assignment, model, timings: { promptTokens: counts.promptTokens, cachedTokens: counts.cachedPromptTokens, ...meter.timings() } })
+        })
+      }
+      reply.send(answer)
     },
     onError: (reply, { error }) => {
       // An upstream that never saw the request (or never a whole body) frees its GPUs at once; one
@@ -138,6 +180,24 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
   })
 }
 
+/** The fingerprints of a JSON body (an unparsable one has none: the route has refused it already). */
+function promptOf (path: string, body: string, sessionId: string | string[] | undefined): PromptFingerprint | undefined {
+  try {
+    return fingerprintOf(path, JSON.parse(body), typeof sessionId === 'string' ? sessionId : undefined)
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * What the client is sent passes through the usage meter: a chunk is seen as it is written on, so
+ * a client that leaves is counted for what it was served. Added once the reply's pipe has started
+ * the stream (a 'data' listener added earlier would start the flow and lose the data).
+ */
+function meterAnswer (answer: Readable, meter: AnswerMeter): void {
+  answer.once('resume', () => answer.prependListener('data', (chunk: Buffer) => meter.chunk(chunk)))
+}
+
 /** Lease a GPU server for the model and run `work` against it; released when `work` settles. */
 async function withLease<T> (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeaseTarget, work: (upstream: LeasedUpstream) => Promise<T>): Promise<T> {
   const config = fastify.maestroConfig
@@ -145,7 +205,7 @@ async function withLease<T> (fastify: FastifyInstance, request: FastifyRequest, 
   for (;;) {
     const held = await leases.next()
     if (held == null) throw new GatewayError(502, leases.exhausted())
-    const { assignment, lease, release } = held
+    const { assignment, model, lease, release } = held
     const lost = lostSignal(lease)
     const signal = AbortSignal.any([request.exchange.signal, lost])
     // A call under way is not aborted when the client leaves (the upstream would work on, on GPUs
@@ -154,7 +214,7 @@ async function withLease<T> (fastify: FastifyInstance, request: FastifyRequest, 
       if (request.exchange.closed) throw new LeaseError('client closed request', 499)
       const res = await fetch(assignment.url + path, {
         method: 'POST',
-        headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId },
+        headers: { 'content-type': 'application/json', 'x-request-id': request.exchange.requestId, ...request.exchange.trace?.upstreamRequest(assignment, request.exchange.model) },
         body: JSON.stringify(body),
         // A redirect is never followed (it could point anywhere): it is this upstream's failure.
         redirect: 'manual',
@@ -168,7 +228,7 @@ async function withLease<T> (fastify: FastifyInstance, request: FastifyRequest, 
       return res
     }
     try {
-      return await work({ assignment, signal, post })
+      return await work({ assignment, model, signal, post })
     } catch (error) {
       if (error instanceof GatewayError || error instanceof LeaseError) throw error
       if (unreachable(error) && !request.exchange.closed) {
@@ -182,6 +242,7 @@ async function withLease<T> (fastify: FastifyInstance, request: FastifyRequest, 
       throw new GatewayError(502, `upstream '${assignment.name}' failed`)
     } finally {
       release()
+      request.usage?.released()
     }
   }
 }

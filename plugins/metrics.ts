@@ -21,6 +21,12 @@ export interface GatewayMetrics {
   gpus: Gauge
   leaseStoreUp: Gauge
   upstreamErrors: Counter<'assignment' | 'reason'>
+  /** Scheduler v3 (CONTRACT 16): affinity look-ups, prefill saved, model loads, decision time. */
+  affinity: Counter<'result'>
+  prefillTokensSaved: Counter
+  /** A load of `model` on `assignment` (its name); the model label bounded like every model label. */
+  modelLoad: (assignment: string, model: string) => void
+  scheduleDecision: Histogram
   /** The exposition text: this gateway's metrics, then the process's. */
   render: () => Promise<string>
   contentType: string
@@ -188,6 +194,31 @@ export default fp(async function metrics (fastify) {
     registers
   })
 
+  const affinity = new Counter({
+    name: 'maestro_affinity_total',
+    help: 'Prompt-prefix affinity look-ups of leased LLM requests: hit (a server of the candidates held a prefix of the prompt) or miss',
+    labelNames: ['result'] as const,
+    registers
+  })
+  const prefillTokensSaved = new Counter({
+    name: 'maestro_prefill_tokens_saved_total',
+    help: 'Prompt tokens (estimated, chars/4) not computed again because the request went to the server holding its prefix',
+    registers
+  })
+  const modelLoads = new Counter({
+    name: 'maestro_model_loads_total',
+    help: 'Model loads seen on the final lines of answers (load_duration above 100 ms), by assignment and model',
+    labelNames: ['assignment', 'model'] as const,
+    registers
+  })
+  const scheduleDecision = new Histogram({
+    name: 'maestro_schedule_decision_seconds',
+    help: 'Time the scheduler took to choose (affinity read, cost estimate, the status read when a wait is considered), per leased LLM request',
+    buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1],
+    registers
+  })
+  const loadsOf = childOf((assignment, model) => modelLoads.labels(assignment, model))
+
   // Per request, each metric's child of one label set is looked up once (`childOf`).
   const grantsOf = childOf((kind, purpose) => leaseGrants.labels(kind, purpose))
   const waitOf = childOf((kind, model) => leaseWait.labels(kind, model))
@@ -238,6 +269,10 @@ export default fp(async function metrics (fastify) {
     gpus,
     leaseStoreUp,
     upstreamErrors,
+    affinity,
+    prefillTokensSaved,
+    modelLoad: (assignment: string, model: string) => { loadsOf(assignment, modelLabel(model)).inc() },
+    scheduleDecision,
     render: async () => await registry.metrics() + await shared.metrics(),
     contentType: registry.contentType
   })

@@ -74,7 +74,8 @@ export default fp(async function upstreamProxy (fastify) {
       rewriteRequestHeaders: (_req: unknown, headers: Record<string, any>) => upstreamRequestHeaders(headers, {
         host: assignment.host,
         requestId: request.exchange.requestId,
-        dropAuthorization: dropAuthorization()
+        dropAuthorization: dropAuthorization(),
+        trace: request.exchange.trace?.upstreamRequest(assignment, request.exchange.model)
       })
     }
   })

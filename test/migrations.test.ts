@@ -46,7 +46,7 @@ t.test('original schema → migrate applies everything once', async t => {
   const inventoryBefore = await loadInventoryFromDatabase(db.query)
 
   t.same(await migrate(db.query), ALL, 'first run applies every migration')
-  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-create-api-keys', '005-assignment-drains', '006-usage-hourly'])
+  t.same(ALL, ['001-widen-computers-ip-addr', '002-index-assignments-model-name', '003-assignments-max-parallel', '004-create-api-keys', '005-assignment-drains', '006-usage-hourly', '007-model-aliases-fallbacks', '008-api-keys-token-budgets'])
 
   const after = await columns(db.query)
   const afterIndexes = await indexes(db.query)
@@ -58,11 +58,11 @@ t.test('original schema → migrate applies everything once', async t => {
       t.same(now, col, `${col.table}.${col.column} unchanged`)
     }
   }
-  const gatewayTables = ['maestro_migrations', 'api_keys', 'maestro_assignment_drains', 'maestro_usage_hourly', 'maestro_usage_rollups']
+  const gatewayTables = ['maestro_migrations', 'api_keys', 'maestro_assignment_drains', 'maestro_usage_hourly', 'maestro_usage_rollups', 'maestro_model_aliases', 'maestro_model_fallbacks']
   t.same(after.filter(c => !gatewayTables.includes(c.table) && !(c.table === 'assignments' && c.column === 'max_parallel')).length, before.length,
     'no column added to the original tables but assignments.max_parallel')
   t.same(after.filter(c => c.table === 'api_keys').map(c => c.column),
-    ['id', 'name', 'secret_sha256', 'priority', 'max_concurrent', 'max_queued', 'rpm', 'models', 'created_at', 'revoked_at'], 'api_keys created')
+    ['id', 'name', 'secret_sha256', 'priority', 'max_concurrent', 'max_queued', 'rpm', 'models', 'created_at', 'revoked_at', 'tokens_per_day', 'tokens_per_month'], 'api_keys created, with its budget columns (008)')
   t.ok(afterIndexes.includes('api_keys.uq_api_keys_name.1.name'), 'key names are unique')
   t.match(after.find(c => c.table === 'assignments' && c.column === 'max_parallel'), { type: /^int/, nullable: 'YES' }, 'max_parallel INT NULL')
   t.ok(afterIndexes.includes('assignments.idx_assignments_model_name.1.model_name'))

@@ -203,6 +203,7 @@ t.test('reports while roll-ups run: each report counts every request once', asyn
     generation: async () => await reader.generation(),
     seal: async (id) => { await reader.seal(id) },
     batches: async () => await reader.batches(),
+    tokensUsed: async (keys, at) => await reader.tokensUsed(keys, at),
     drop: async (id) => { await reader.drop(id) }
   }
   const expected = new Expected()

@@ -49,6 +49,10 @@ const lists: Record<string, Row[]> = {}
 const article = (word: string): string => /^[aeiouAEIOU]/.test(word) ? `an ${word}` : `a ${word}`
 const text = (v: unknown): string => v == null ? '' : Array.isArray(v) ? v.join(', ') : String(v)
 const enc = encodeURIComponent
+const tokenCount = new Intl.NumberFormat('en-US')
+/** A key's tokens against its budget: "12,345 / 100,000 today", or "12,345 today" with none. */
+const tokenUse = (used: unknown, budget: unknown, window: string): string =>
+  typeof used !== 'number' ? '' : `${tokenCount.format(used)}${typeof budget === 'number' ? ` / ${tokenCount.format(budget)}` : ''} ${window}`
 
 class ApiError extends Error {
   constructor (readonly status: number, message: string) { super(message) }
@@ -164,11 +168,15 @@ const RESOURCES: Resource[] = [
       { name: 'maxConcurrent', label: 'Requests at once', type: 'number' },
       { name: 'maxQueued', label: 'Waiting at most', type: 'number' },
       { name: 'rpm', label: 'Requests a minute', type: 'number' },
-      { name: 'models', label: 'Models allowed', type: 'list', hint: 'comma-separated; empty: all' }
+      { name: 'models', label: 'Models allowed', type: 'list', hint: 'comma-separated; empty: all' },
+      { name: 'tokensPerDay', label: 'Tokens a day', type: 'number', hint: 'prompt + output, UTC day; empty: no budget' },
+      { name: 'tokensPerMonth', label: 'Tokens a month', type: 'number', hint: 'prompt + output, UTC month; empty: no budget' }
     ],
     columns: [
       ['Name', (r) => text(r.name)], ['Priority', (r) => text(r.priority)], ['At once', (r) => text(r.maxConcurrent)],
       ['Queued', (r) => text(r.maxQueued)], ['Per minute', (r) => text(r.rpm)], ['Models', (r) => text(r.models)],
+      ['Today', (r) => tokenUse(r.usedToday, r.tokensPerDay, 'today')],
+      ['This month', (r) => tokenUse(r.usedThisMonth, r.tokensPerMonth, 'this month')],
       ['State', (r) => r.revokedAt != null ? 'revoked' : 'active']
     ],
     // a revoked key stays listed (its name cannot be used again), and can no longer be changed

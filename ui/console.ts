@@ -2,6 +2,7 @@ import { clock, duration, el, find, keyed, setAttr, setClass, setText } from './
 import { applyChange, type Assignment, type Computer, type Fleet, type FleetChange, type Gpu, type Queue, type RecentRequest, type Section } from './fleet.js'
 import { adminToken, offerAdmin, startAdmin } from './admin.js'
 import { openEventStream } from './event-stream.js'
+import { startUsage } from './usage.js'
 
 /*
  * The operator console: one event stream on `../gpu/events` (relative, so the page works under any
@@ -192,3 +193,4 @@ function connect (): void {
 connect()
 setInterval(tick, 1000)
 startAdmin(connect)
+startUsage()

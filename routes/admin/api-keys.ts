@@ -36,8 +36,13 @@ async function keyStore<T> (work: Promise<T>): Promise<T> {
 const apiKeyRoutes: FastifyPluginAsync = async (fastify) => {
   const keys = fastify.apiKeys
 
+  // Each key's tokens this UTC day and month beside its budgets (the usage ledger's counters).
   fastify.get('/admin/api-keys', { schema: { tags, response: { 200: ApiKeys } }, config: adminOnly },
-    async () => keys.list().map(record))
+    async () => {
+      const list = keys.list()
+      const used = await fastify.usage.tokensUsed(list.map((k) => k.name), fastify.usageClock())
+      return list.map((info, i) => ({ ...record(info), usedToday: used[i].day, usedThisMonth: used[i].month }))
+    })
 
   fastify.post<{ Body: ApiKeyCreate }>('/admin/api-keys', {
     schema: { tags, body: CreateSchema, response: { 201: ApiKeyCreated, ...errorAnswers } },

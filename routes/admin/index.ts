@@ -1,6 +1,8 @@
 import type { FastifyPluginAsync } from 'fastify'
+import aliasRoutes from './aliases.js'
 import apiKeyRoutes from './api-keys.js'
 import fleetRoutes from './fleet.js'
+import gpuTimelineRoutes from './gpu-timeline.js'
 import usageRoutes from './usage.js'
 
 /**
@@ -13,6 +15,8 @@ const adminRoutes: FastifyPluginAsync = async (fastify) => {
   await fastify.register(fleetRoutes)
   await fastify.register(apiKeyRoutes)
   await fastify.register(usageRoutes)
+  await fastify.register(aliasRoutes)
+  await fastify.register(gpuTimelineRoutes)
 }
 
 export default adminRoutes

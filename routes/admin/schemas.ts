@@ -1,10 +1,10 @@
 import { Type } from '@sinclair/typebox'
 import {
-  ApiKeyRecord, AssignmentRecord, ComputerRecord, GpuRecord, ID_PATTERN, KeyName, ModelKind, ModelName, ModelRecord
+  AliasRecord, ApiKeyRecord, AssignmentRecord, FallbacksRecord, ComputerRecord, GpuRecord, ID_PATTERN, KeyName, ModelKind, ModelName, ModelRecord
 } from '../../services/fleet/inventory-schema.js'
 
 export {
-  ApiKeyCreate, ApiKeyCreated, ApiKeyPatch, ApiKeyRecord, AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
+  AliasRecord, FallbacksBody, FallbacksRecord, ApiKeyCreate, ApiKeyCreated, ApiKeyPatch, ApiKeyRecord, AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerCreate, ComputerPatch, ComputerRecord,
   GpuCreate, GpuPatch, GpuRecord, ModelCreate, ModelRecord
 } from '../../services/fleet/inventory-schema.js'
 
@@ -24,6 +24,12 @@ export const Models = Type.Array(ModelRecord)
 export const Assignments = Type.Array(AssignmentRecord)
 
 export const AdminError = Type.Object({ error: Type.String() })
+
+export const AliasCreate = AliasRecord
+export const Aliases = Type.Array(AliasRecord)
+export const FallbacksList = Type.Array(FallbacksRecord)
+/** `/admin/aliases/*`, `/admin/fallbacks/*`: a model name or an alias, slashes and all. */
+export const NameParams = Type.Object({ '*': Type.String({ minLength: 1, maxLength: 100, description: 'a model name or an alias' }) })
 
 /** A delete's answer: nothing. */
 export const Deleted = Type.Null({ description: 'deleted (no body)' })

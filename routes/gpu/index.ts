@@ -43,13 +43,16 @@ const gpuRoutes: FastifyPluginAsync = async (fastify) => {
   }
 
   fastify.post('/gpu/reserve', { schema: { body: ReserveRequest, response: { 200: Reservation } }, config: leaseHolders }, async (request, reply) => {
-    const { outputType, model } = request.body as ReserveRequest
+    const { outputType, model: asked } = request.body as ReserveRequest
     const kind = KIND_OF_OUTPUT[outputType]
+    // An alias reserves a server of its target (CONTRACT 17), checked against the key's list as its alias.
+    const aliasTarget = fastify.inventory.current.aliasTarget(asked)
+    const model = aliasTarget ?? asked
     const candidates = fastify.inventory.current.candidateList(model, kind)
-    if (candidates.length === 0) throw new GatewayError(404, `model '${model}' not found`)
+    if (candidates.length === 0) throw new GatewayError(404, `model '${asked}' not found`)
     // The key's `models` and limits, as for a proxied request (403 / 429). This admission ends with
     // the exchange; the reservation's own hold (below) keeps its slot from then on.
-    const pass = await fastify.admitClient(request, model)
+    const pass = await fastify.admitClient(request, asked, aliasTarget)
     // The same queue as proxied requests for the model: a reservation waits its turn among them.
     const lease = await fastify.leases.acquire({
       queue: queueName(kind, modelKey(model)),

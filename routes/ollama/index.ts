@@ -1,6 +1,8 @@
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { GatewayError } from '../../services/http/errors.js'
 import { gatewayVersion } from '../../services/config/package-root.js'
+import { withAliases } from '../../services/fleet/model-aliases.js'
+import { withModel } from '../../services/http/ollama-normalizer.js'
 import pullRoute from './pull.js'
 import refusals from './refusals.js'
 import { ModelRequest, ShowRequest } from './schemas.js'
@@ -40,11 +42,14 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
     const body = request.body as { model?: string, name?: string }
     const model = body.model ?? body.name
     if (model == null || model === '') throw new GatewayError(400, 'model is required')
-    const [assignment] = fastify.inventory.current.candidates(model, 'llm')
+    // An alias shows its target (CONTRACT 17), asked of the server by the target's name.
+    const target = fastify.inventory.current.aliasTarget(model)
+    const [assignment] = fastify.inventory.current.candidates(target ?? model, 'llm')
     if (assignment == null) throw new GatewayError(404, `model '${model}' not found`)
     // A key reaches only the servers of its own models, as on the proxied routes (403).
-    fastify.clientLimits.checkModel(request.client, model)
-    return fastify.forwardTo(request, reply, assignment, '/api/show', { body: request.rawBody })
+    fastify.clientLimits.checkModel(request.client, model, target)
+    const forwarded = target === undefined ? request.rawBody : withModel(request.rawBody as string, target, body.model != null ? 'model' : 'name')
+    return fastify.forwardTo(request, reply, assignment, '/api/show', { body: forwarded })
   })
 
   // Clients probe `/` and `/api/version` before anything else: open even when API_KEYS is set.
@@ -58,7 +63,8 @@ const ollamaRoutes: FastifyPluginAsync = async (fastify) => {
   // The catalogue answers from the background poll (fastify.upstreams): no upstream call per request.
   fastify.get('/api/version', { config: { auth: 'open' } }, async () => ({ version: fastify.upstreams.version() ?? gatewayVersion }))
 
-  fastify.get('/api/tags', async () => ({ models: fastify.upstreams.tags() }))
+  // Aliases as entries of their own, with their target's details (CONTRACT 17).
+  fastify.get('/api/tags', async () => ({ models: withAliases(fastify.upstreams.tags(), fastify.inventory.current.aliases()) }))
 
   fastify.get('/api/ps', async () => ({ models: fastify.upstreams.ps() }))
 }

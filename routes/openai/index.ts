@@ -2,6 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import type { Static } from '@sinclair/typebox'
 import { errorBody, GatewayError } from '../../services/http/errors.js'
 import { modelKey } from '../../services/fleet/model-name.js'
+import { withAliases } from '../../services/fleet/model-aliases.js'
 import type { OllamaModelEntry } from '../../services/fleet/upstream-catalog.js'
 import { ImageGenerationRequest, Model, ModelList, ModelRequest } from './schemas.js'
 
@@ -67,8 +68,8 @@ const openaiRoutes: FastifyPluginAsync = async (fastify) => {
     })
   }
 
-  /** The same models as `/api/tags`, from the background poll. */
-  const fleetModels = (): OllamaModelEntry[] => fastify.upstreams.tags()
+  /** The same models as `/api/tags`, from the background poll, aliases among them. */
+  const fleetModels = (): OllamaModelEntry[] => withAliases(fastify.upstreams.tags(), fastify.inventory.current.aliases())
 
   fastify.get('/v1/models', { schema: { response: { 200: ModelList } }, config }, async () => {
     return { object: 'list' as const, data: fleetModels().map((entry) => toModel(entry)) }
@@ -96,7 +97,7 @@ const openaiRoutes: FastifyPluginAsync = async (fastify) => {
     const answer = await fastify.withLease<UpstreamAnswer>(request, reply, { kind: 'diffusor', model: rest.model }, async (upstream) => {
       const images: string[] = []
       for (let i = 0; i < n; i++) {
-        const res = await upstream.post('/txt2img', txt2img)
+        const res = await upstream.post('/txt2img', { ...txt2img, model: upstream.model })
         const body = Buffer.from(await res.arrayBuffer())
         if (!res.ok) return { failed: { status: res.status, contentType: res.headers.get('content-type'), body } }
         images.push(body.toString('base64'))
@@ -109,6 +110,7 @@ const openaiRoutes: FastifyPluginAsync = async (fastify) => {
       if (contentType != null) reply.type(contentType)
       return reply.code(status).send(body)
     }
+    request.usage?.add({ images: answer.images.length })
     return { created: Math.floor(Date.now() / 1000), data: answer.images.map((b64) => ({ b64_json: b64 })) }
   })
 

@@ -1,5 +1,6 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs'
-import { extname, join } from 'node:path'
+import { createRequire } from 'node:module'
+import { dirname, extname, join } from 'node:path'
 import type { FastifyPluginAsync, FastifyReply } from 'fastify'
 import { GatewayError } from '../../services/http/errors.js'
 import { packageRoot } from '../../services/config/package-root.js'
@@ -13,7 +14,21 @@ const TYPES: Record<string, string> = {
 
 interface UiFile { body: Buffer, type: string }
 
-/** The page and its style from `ui/`, its scripts as `npm run build` compiled them to `dist/ui/`. */
+/** The charting library's files the Usage view loads (uPlot, a dependency: found wherever npm put it). */
+const UPLOT_FILES = ['uPlot.esm.js', 'uPlot.min.css']
+
+function uplotFolder (): string | undefined {
+  try {
+    return join(dirname(createRequire(join(packageRoot, 'package.json')).resolve('uplot/package.json')), 'dist')
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * The page and its style from `ui/`, its scripts as `npm run build` compiled them to `dist/ui/`,
+ * and uPlot from its package.
+ */
 function loadFiles (): Map<string, UiFile> {
   const files = new Map<string, UiFile>()
   const add = (dir: string, name: string): void => {
@@ -24,6 +39,8 @@ function loadFiles (): Map<string, UiFile> {
   if (existsSync(sources)) for (const name of readdirSync(sources)) if (!name.endsWith('.ts')) add(sources, name)
   const compiled = join(packageRoot, 'dist', 'ui')
   if (existsSync(compiled)) for (const name of readdirSync(compiled)) if (name.endsWith('.js')) add(compiled, name)
+  const uplot = uplotFolder()
+  if (uplot !== undefined) for (const name of UPLOT_FILES) if (existsSync(join(uplot, name))) add(uplot, name)
   return files
 }
 

@@ -9,7 +9,7 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto'
 import { readFile, rename, writeFile } from 'node:fs/promises'
 import type { Query } from '../fleet/inventory.js'
-import { hasTable, notMigrated } from '../fleet/migrations.js'
+import { hasColumn, hasTable, notMigrated } from '../fleet/migrations.js'
 import { modelKey } from '../fleet/model-name.js'
 
 export type Priority = 'high' | 'normal' | 'low'
@@ -25,6 +25,9 @@ export interface ClientLimits {
   rpm?: number
   /** The only models the key may use, as given (matched like Ollama matches names). */
   models?: string[]
+  /** Prompt + output tokens a UTC day / month (CONTRACT 17); over it, 429 until the window turns. */
+  tokensPerDay?: number
+  tokensPerMonth?: number
 }
 
 export type KeySource = 'env' | 'table' | 'file'
@@ -63,6 +66,8 @@ export const KEY_NAME = /^[A-Za-z0-9._-]{1,64}$/
 const SHA256_HEX = /^[0-9a-f]{64}$/
 /** Largest value of a numeric limit (fits the INT columns). */
 const LIMIT_MAX = 1_000_000_000
+/** Largest token budget (fits the BIGINT columns with room; a trillion tokens). */
+export const TOKEN_BUDGET_MAX = 1_000_000_000_000
 const MODELS_MAX = 1000
 
 export const sha256 = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest()
@@ -83,11 +88,11 @@ export const envKeyName = (n: number): string => `API_KEYS#${n}`
 /* Checking input (table rows, file entries and the admin API share these rules)              */
 /* ------------------------------------------------------------------------------------------ */
 
-function limit (value: unknown, field: string, min: number): number | undefined {
+function limit (value: unknown, field: string, min: number, max = LIMIT_MAX): number | undefined {
   if (value === undefined || value === null) return undefined
-  const n = typeof value === 'string' && /^\d+$/.test(value) ? Number(value) : value
-  if (typeof n !== 'number' || !Number.isInteger(n) || n < min || n > LIMIT_MAX) {
-    throw new ApiKeyError(400, `${field} must be a whole number from ${min} to ${LIMIT_MAX} (or null for no limit)`)
+  const n = typeof value === 'string' && /^\d{1,16}$/.test(value) ? Number(value) : value
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < min || n > max) {
+    throw new ApiKeyError(400, `${field} must be a whole number from ${min} to ${max} (or null for no limit)`)
   }
   return n
 }
@@ -132,10 +137,14 @@ export function parseLimits (o: Record<string, unknown>, path = ''): ClientLimit
   const maxQueued = limit(o.maxQueued, `${path}maxQueued`, 1)
   const rpm = limit(o.rpm, `${path}rpm`, 1)
   const models = parseModels(o.models, `${path}models`)
+  const tokensPerDay = limit(o.tokensPerDay, `${path}tokensPerDay`, 1, TOKEN_BUDGET_MAX)
+  const tokensPerMonth = limit(o.tokensPerMonth, `${path}tokensPerMonth`, 1, TOKEN_BUDGET_MAX)
   if (maxConcurrent !== undefined) limits.maxConcurrent = maxConcurrent
   if (maxQueued !== undefined) limits.maxQueued = maxQueued
   if (rpm !== undefined) limits.rpm = rpm
   if (models !== undefined) limits.models = models
+  if (tokensPerDay !== undefined) limits.tokensPerDay = tokensPerDay
+  if (tokensPerMonth !== undefined) limits.tokensPerMonth = tokensPerMonth
   return limits
 }
 
@@ -196,8 +205,25 @@ export interface KeyBackend {
 const ER_NO_SUCH_TABLE = 1146
 const ER_DUP_ENTRY = 1062
 
-/** The `api_keys` table (migration 004). Fixed SQL, values as placeholders. */
+/** The migration that adds the budget columns to `api_keys`. */
+export const BUDGET_MIGRATION = '008-api-keys-token-budgets'
+
+const hasBudget = (limits: ClientLimits): boolean => limits.tokensPerDay != null || limits.tokensPerMonth != null
+
+/** The `api_keys` table (migration 004; budgets: 008). Fixed SQL, values as placeholders. */
 export function tableBackend (query: Query): KeyBackend {
+  // Once seen, the budget columns stay (a migration never drops a column).
+  let budgetColumns = false
+  const withBudgets = async (): Promise<boolean> => {
+    budgetColumns ||= await hasColumn(query, 'api_keys', 'tokens_per_day')
+    return budgetColumns
+  }
+  /** A budget on a table without its columns: 409 naming the migration. */
+  const assertBudgetsWritable = async (limits: ClientLimits): Promise<boolean> => {
+    const columns = await withBudgets()
+    if (!columns && hasBudget(limits)) throw notMigrated(`api_keys.tokens_per_day and tokens_per_month columns (migration ${BUDGET_MIGRATION})`)
+    return columns
+  }
   return {
     source: 'table',
     async assertWritable () {
@@ -206,7 +232,9 @@ export function tableBackend (query: Query): KeyBackend {
     async load () {
       let rows: any[]
       try {
-        rows = await query('SELECT name, secret_sha256, priority, max_concurrent, max_queued, rpm, models, created_at, revoked_at FROM api_keys ORDER BY id')
+        rows = await query(await withBudgets()
+          ? 'SELECT name, secret_sha256, priority, max_concurrent, max_queued, rpm, models, tokens_per_day, tokens_per_month, created_at, revoked_at FROM api_keys ORDER BY id'
+          : 'SELECT name, secret_sha256, priority, max_concurrent, max_queued, rpm, models, created_at, revoked_at FROM api_keys ORDER BY id')
       } catch (err) {
         // not migrated yet: no keys in the table
         if ((err as { errno?: number }).errno === ER_NO_SUCH_TABLE) return []
@@ -219,7 +247,14 @@ export function tableBackend (query: Query): KeyBackend {
         if (!SHA256_HEX.test(hex)) throw new Error(`api_keys: key ${JSON.stringify(name)} has a secret_sha256 that is not 64 hex digits`)
         let limits: ClientLimits
         try {
-          limits = parseLimits({ maxConcurrent: r.max_concurrent, maxQueued: r.max_queued, rpm: r.rpm, models: r.models })
+          limits = parseLimits({
+            maxConcurrent: r.max_concurrent,
+            maxQueued: r.max_queued,
+            rpm: r.rpm,
+            models: r.models,
+            tokensPerDay: r.tokens_per_day == null ? null : Number(r.tokens_per_day),
+            tokensPerMonth: r.tokens_per_month == null ? null : Number(r.tokens_per_month)
+          })
         } catch (err) {
           throw new Error(`api_keys: key ${JSON.stringify(name)}: ${(err as Error).message}`)
         }
@@ -236,19 +271,28 @@ export function tableBackend (query: Query): KeyBackend {
       return keys
     },
     async insert (k) {
+      const budgets = await assertBudgetsWritable(k.limits)
+      const values = [k.name, k.sha256, k.priority, k.limits.maxConcurrent ?? null, k.limits.maxQueued ?? null, k.limits.rpm ?? null,
+        k.limits.models == null ? null : JSON.stringify(k.limits.models)]
       try {
-        await query('INSERT INTO api_keys (name, secret_sha256, priority, max_concurrent, max_queued, rpm, models) VALUES (?, ?, ?, ?, ?, ?, ?)',
-          [k.name, k.sha256, k.priority, k.limits.maxConcurrent ?? null, k.limits.maxQueued ?? null, k.limits.rpm ?? null,
-            k.limits.models == null ? null : JSON.stringify(k.limits.models)])
+        if (budgets) {
+          await query('INSERT INTO api_keys (name, secret_sha256, priority, max_concurrent, max_queued, rpm, models, tokens_per_day, tokens_per_month) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+            [...values, k.limits.tokensPerDay ?? null, k.limits.tokensPerMonth ?? null])
+        } else {
+          await query('INSERT INTO api_keys (name, secret_sha256, priority, max_concurrent, max_queued, rpm, models) VALUES (?, ?, ?, ?, ?, ?, ?)', values)
+        }
       } catch (err) {
         if ((err as { errno?: number }).errno === ER_DUP_ENTRY) throw new ApiKeyError(409, `an API key named '${k.name}' already exists`)
         throw err
       }
     },
     async update (name, priority, limits) {
-      const result: any = await query('UPDATE api_keys SET priority = ?, max_concurrent = ?, max_queued = ?, rpm = ?, models = ? WHERE name = ?',
-        [priority, limits.maxConcurrent ?? null, limits.maxQueued ?? null, limits.rpm ?? null,
-          limits.models == null ? null : JSON.stringify(limits.models), name])
+      const values = [priority, limits.maxConcurrent ?? null, limits.maxQueued ?? null, limits.rpm ?? null,
+        limits.models == null ? null : JSON.stringify(limits.models)]
+      const result: any = await assertBudgetsWritable(limits)
+        ? await query('UPDATE api_keys SET priority = ?, max_concurrent = ?, max_queued = ?, rpm = ?, models = ?, tokens_per_day = ?, tokens_per_month = ? WHERE name = ?',
+          [...values, limits.tokensPerDay ?? null, limits.tokensPerMonth ?? null, name])
+        : await query('UPDATE api_keys SET priority = ?, max_concurrent = ?, max_queued = ?, rpm = ?, models = ? WHERE name = ?', [...values, name])
       return Number(result?.affectedRows ?? 0) > 0
     },
     async revoke (name) {
@@ -258,7 +302,7 @@ export function tableBackend (query: Query): KeyBackend {
   }
 }
 
-const FILE_KEY_FIELDS = ['name', 'sha256', 'priority', 'maxConcurrent', 'maxQueued', 'rpm', 'models', 'createdAt', 'revokedAt']
+const FILE_KEY_FIELDS = ['name', 'sha256', 'priority', 'maxConcurrent', 'maxQueued', 'rpm', 'models', 'tokensPerDay', 'tokensPerMonth', 'createdAt', 'revokedAt']
 
 /** One entry of an inventory file's `apiKeys` list, checked. */
 export function parseFileKey (raw: unknown, path: string): StoredKey {
@@ -378,6 +422,8 @@ export interface NewKey {
   maxQueued?: unknown
   rpm?: unknown
   models?: unknown
+  tokensPerDay?: unknown
+  tokensPerMonth?: unknown
 }
 
 /**

@@ -1,5 +1,7 @@
 /**
- * A client's limits (CONTRACT 12.3): `maxConcurrent`, `maxQueued`, `rpm` and `models`.
+ * A client's limits (CONTRACT 12.3): `maxConcurrent`, `maxQueued`, `rpm` and `models`; and a key's
+ * token budgets (CONTRACT 17): `tokensPerDay`, `tokensPerMonth`, read from the usage ledger's
+ * counters (shared by the replicas) at admission, against the clock the limiter is given.
  *
  * Each request of a client with a numeric limit holds one token from admission to its end: a
  * `waiting` token until its lease is granted, then an `active` one. Tokens live in sets with an
@@ -14,6 +16,7 @@ import type { ClientLimits, Priority } from './api-keys.js'
 import { GatewayError } from '../http/errors.js'
 import { modelKey } from '../fleet/model-name.js'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
+import { budgetWindows, type TokensUsed } from '../usage/usage-ledger.js'
 
 /** Who a request is, as the lease engine and the limits see it. */
 export interface Client {
@@ -27,11 +30,13 @@ export interface Client {
   modelKeys?: ReadonlySet<string>
 }
 
-export type LimitName = 'maxConcurrent' | 'maxQueued' | 'rpm' | 'models'
+export type LimitName = 'maxConcurrent' | 'maxQueued' | 'rpm' | 'models' | 'tokensPerDay' | 'tokensPerMonth'
 
 export type Admission =
   | { admitted: true }
-  | { admitted: false, limit: Exclude<LimitName, 'models'>, retryAfterMs: number }
+  | { admitted: false, limit: CountedLimit, retryAfterMs: number }
+
+type CountedLimit = 'maxConcurrent' | 'maxQueued' | 'rpm'
 
 /** Where tokens and windows live: Redis for many replicas, memory for one. */
 export interface ClientLimitStore {
@@ -74,7 +79,7 @@ const NO_TICKET: Ticket = { granted: () => {}, release: () => {} }
 export const hasCountedLimits = (limits: ClientLimits): boolean =>
   limits.maxConcurrent != null || limits.maxQueued != null || limits.rpm != null
 
-const LIMIT_TEXT: Record<Exclude<LimitName, 'models'>, (l: ClientLimits) => string> = {
+const LIMIT_TEXT: Record<CountedLimit, (l: ClientLimits) => string> = {
   maxConcurrent: (l) => `too many requests in flight for this API key (maxConcurrent ${String(l.maxConcurrent)})`,
   maxQueued: (l) => `too many requests waiting for this API key (maxQueued ${String(l.maxQueued)})`,
   rpm: (l) => `rate limit reached for this API key (rpm ${String(l.rpm)})`
@@ -91,6 +96,10 @@ export interface ClientLimiterOptions {
   log?: { warn: (obj: object, msg: string) => void }
   /** Told of every refusal (metrics). */
   onRefused?: (client: Client, limit: LimitName) => void
+  /** A key's tokens in the UTC day and month of `at` (the usage ledger); none: budgets are not checked. */
+  tokensUsed?: (keyName: string, at: number) => Promise<TokensUsed>
+  /** The budgets' clock (tests set it); default Date.now. */
+  now?: () => number
 }
 
 /**
@@ -121,20 +130,59 @@ export class ClientLimiter {
     return client.modelKeys == null || assignment.modelKey === '*' || client.modelKeys.has(assignment.modelKey)
   }
 
-  /** Checks `model` against the client's `models`: 403 when it is not one of them. */
-  checkModel (client: Client, model: string): void {
-    if (client.modelKeys != null && !client.modelKeys.has(modelKey(model))) {
+  /**
+   * Whether `model` is one of the client's `models`. An alias (`target`: the model it names) is
+   * allowed when the list names the alias or its target: an alias is another name of its model.
+   */
+  allows (client: Client, model: string, target?: string): boolean {
+    return client.modelKeys == null || client.modelKeys.has(modelKey(model)) || (target !== undefined && client.modelKeys.has(modelKey(target)))
+  }
+
+  /** Checks `model` (an alias: with its `target`) against the client's `models`: 403 when it is not one of them. */
+  checkModel (client: Client, model: string, target?: string): void {
+    if (!this.allows(client, model, target)) {
       this.opts.onRefused?.(client, 'models')
       throw new ClientLimitError('models', 403, `this API key may not use model '${model}'`)
     }
   }
 
   /**
+   * A key over `tokensPerDay` or `tokensPerMonth` (prompt + output tokens of its answered requests
+   * in the UTC day / month) is refused with 429 until the window turns; over both, until the later
+   * turns. Requests already running finish: their tokens count when they end.
+   */
+  async checkBudgets (client: Client): Promise<void> {
+    const { tokensPerDay: perDay, tokensPerMonth: perMonth } = client.limits
+    const tokensUsed = this.opts.tokensUsed
+    if ((perDay == null && perMonth == null) || tokensUsed == null || !client.id.startsWith('key:')) return
+    const at = (this.opts.now ?? Date.now)()
+    let used: TokensUsed
+    try {
+      used = await tokensUsed(client.name, at)
+    } catch (err) {
+      this.opts.log?.warn({ err }, 'token budgets: store unavailable')
+      throw new GatewayError(503, 'lease store unavailable', 1)
+    }
+    const windows = budgetWindows(at)
+    let refusal: { limit: 'tokensPerDay' | 'tokensPerMonth', message: string, until: number } | undefined
+    if (perDay != null && used.day >= perDay) {
+      refusal = { limit: 'tokensPerDay', message: `token budget of this API key used up for today (tokensPerDay ${perDay}, used ${used.day})`, until: windows.dayEnd }
+    }
+    if (perMonth != null && used.month >= perMonth) {
+      refusal = { limit: 'tokensPerMonth', message: `token budget of this API key used up for this month (tokensPerMonth ${perMonth}, used ${used.month})`, until: windows.monthEnd }
+    }
+    if (refusal === undefined) return
+    this.opts.onRefused?.(client, refusal.limit)
+    throw new ClientLimitError(refusal.limit, 429, refusal.message, Math.max(1, Math.ceil((refusal.until - at) / 1000)))
+  }
+
+  /**
    * Checks `model` against the client's `models` (403) and its counted limits (429). Answers the
    * ticket to release when the request ends. A client with no counted limit costs no store call.
    */
-  async admit (client: Client, model: string): Promise<Ticket> {
-    this.checkModel(client, model)
+  async admit (client: Client, model: string, target?: string): Promise<Ticket> {
+    this.checkModel(client, model, target)
+    await this.checkBudgets(client)
     if (!hasCountedLimits(client.limits)) return NO_TICKET
     const token = `${this.replica}:${++this.counter}`
     let admission: Admission

@@ -5,6 +5,7 @@ import { Value } from '@sinclair/typebox/value'
 import { mariaDbUrlFromEnv, parseHostPortList, parseLegacyRedis, type HostPort } from './connection-strings.js'
 import { DEFAULT_KEEP_ALIVE, parseKeepAlive, type KeepAlive } from '../http/ollama-normalizer.js'
 import { parseOriginList } from '../clients/origins.js'
+import { DEFAULT_SERVICE_NAME, otlpTracesUrl, type TracingConfig } from '../tracing/request-trace.js'
 
 /** Every variable the gateway reads (CONTRACT section 2), with its default. */
 export const EnvSchema = Type.Object({
@@ -31,6 +32,10 @@ export const EnvSchema = Type.Object({
   QUEUE_MAX_TOTAL: Type.Integer({ default: 10000, minimum: 0 }),
   PRIORITY_AGING_MS: Type.Integer({ default: 30000, minimum: 0 }),
   QUEUE_TIMEOUT_MS: Type.Integer({ default: 300000, minimum: 0 }),
+  FALLBACK_AFTER_MS: Type.Optional(Type.Integer({ minimum: 0 })),
+  AFFINITY_ENTRIES: Type.Integer({ default: 100000, minimum: 0 }),
+  AFFINITY_TTL_MS: Type.Integer({ default: 1800000, minimum: 1000 }),
+  AFFINITY_MAX_WAIT_MS: Type.Integer({ default: 10000, minimum: 0 }),
   STARVATION_MS: Type.Integer({ default: 10000, minimum: 0 }),
   OLLAMA_KEEP_ALIVE: Type.String({ default: DEFAULT_KEEP_ALIVE, minLength: 1 }),
   BODY_LIMIT: Type.Integer({ default: 52428800, minimum: 1 }),
@@ -45,7 +50,10 @@ export const EnvSchema = Type.Object({
   ALLOWED_ORIGINS: Type.Optional(Type.String()),
   OLLAMA_ORIGINS: Type.Optional(Type.String()),
   TRUST_PROXY: Type.Boolean({ default: false }),
-  WARM_MODELS: Type.Optional(Type.String())
+  WARM_MODELS: Type.Optional(Type.String()),
+  OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://' })),
+  OTEL_SERVICE_NAME: Type.Optional(Type.String({ minLength: 1 })),
+  OTEL_EXPORTER_OTLP_HEADERS: Type.Optional(Type.String())
 })
 export type Env = Static<typeof EnvSchema>
 
@@ -88,6 +96,12 @@ export interface GatewayConfig {
   /** A waiter that has waited this long is served as one priority level higher. */
   priorityAgingMs: number
   queueTimeoutMs: number
+  /** A request whose expected wait passes this goes to a fallback model that can serve it sooner; undefined: never by wait. */
+  fallbackAfterMs?: number
+  /** Prefix affinity (CONTRACT 16.2): entries per model (0: off), their life, the longest wait for the server holding a prefix. */
+  affinityEntries: number
+  affinityTtlMs: number
+  affinityMaxWaitMs: number
   starvationMs: number
   keepAlive: KeepAlive
   bodyLimit: number
@@ -110,6 +124,8 @@ export interface GatewayConfig {
   trustProxy: boolean
   /** Models loaded on each of their upstreams at start and when an upstream comes back. */
   warmModels: string[]
+  /** Where request spans go over OTLP/HTTP; undefined: tracing off (no OpenTelemetry module is loaded). */
+  tracing?: TracingConfig
 }
 
 /** Thrown for a value that cannot be used; the message names the variable. */
@@ -247,6 +263,10 @@ export function resolveConfig (env: Env): GatewayConfig {
     queueMaxTotal: env.QUEUE_MAX_TOTAL,
     priorityAgingMs: env.PRIORITY_AGING_MS,
     queueTimeoutMs: env.QUEUE_TIMEOUT_MS,
+    fallbackAfterMs: env.FALLBACK_AFTER_MS,
+    affinityEntries: env.AFFINITY_ENTRIES,
+    affinityTtlMs: env.AFFINITY_TTL_MS,
+    affinityMaxWaitMs: env.AFFINITY_MAX_WAIT_MS,
     starvationMs: env.STARVATION_MS,
     keepAlive: wrap('OLLAMA_KEEP_ALIVE', () => parseKeepAlive(env.OLLAMA_KEEP_ALIVE)),
     bodyLimit: env.BODY_LIMIT,
@@ -260,7 +280,14 @@ export function resolveConfig (env: Env): GatewayConfig {
     apiKeys: (env.API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     allowedOrigins: [...parseOriginList(env.ALLOWED_ORIGINS), ...parseOriginList(env.OLLAMA_ORIGINS)],
     trustProxy: env.TRUST_PROXY,
-    warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean)
+    warmModels: (env.WARM_MODELS ?? '').split(',').map((m) => m.trim()).filter(Boolean),
+    tracing: env.OTEL_EXPORTER_OTLP_ENDPOINT == null
+      ? undefined
+      : {
+          tracesUrl: wrap('OTEL_EXPORTER_OTLP_ENDPOINT', () => otlpTracesUrl(env.OTEL_EXPORTER_OTLP_ENDPOINT as string)),
+          serviceName: env.OTEL_SERVICE_NAME ?? DEFAULT_SERVICE_NAME,
+          headers: env.OTEL_EXPORTER_OTLP_HEADERS
+        }
   }
 }
 

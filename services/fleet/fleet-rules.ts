@@ -11,12 +11,17 @@ import type {
   AssignmentCreate, AssignmentPatch, AssignmentRecord, ComputerRecord, GpuRecord, ModelRecord
 } from './inventory-schema.js'
 import { modelKey } from './model-name.js'
+import { aliasProblem, fallbacksProblem, type AliasProblem, type ModelAlias, type ModelFallbacks } from './model-aliases.js'
 
 export interface Fleet {
   computers: ComputerRecord[]
   gpus: GpuRecord[]
   models: ModelRecord[]
   assignments: AssignmentRecord[]
+  /** Model aliases (CONTRACT 17); absent: none. */
+  aliases?: ModelAlias[]
+  /** Each model's fallbacks, in order; absent: none. */
+  fallbacks?: ModelFallbacks[]
 }
 
 export type RecordId = string | number
@@ -145,6 +150,8 @@ export function createModel (fleet: Fleet, body: ModelRecord, ctx: Pick<RuleCont
   if (body.name === WILDCARD && !ctx.modelsInTables) throw bad('name', "'*' is not a model here: give a '*' assignment its kind instead")
   const known = kindOfModel(fleet, body.name)
   if (known !== undefined) throw conflict(`model ${JSON.stringify(body.name)} is already listed (as ${known})`)
+  const alias = (fleet.aliases ?? []).find((a) => modelKey(a.alias) === modelKey(body.name))
+  if (alias !== undefined) throw conflict(`${JSON.stringify(body.name)} is an alias (of ${JSON.stringify(alias.model)}): delete the alias first`)
   const record: ModelRecord = body.kind === 'speech' ? { kind: body.kind, name: body.name } : { kind: body.kind, name: body.name, size: body.size ?? 0 }
   fleet.models.push(record)
   return record
@@ -157,7 +164,57 @@ export function deleteModel (fleet: Fleet, kind: ModelKind, name: string): void 
   if (record === undefined) throw new GatewayError(404, `no ${kind} model ${JSON.stringify(name)}`)
   const users = fleet.assignments.filter((a) => keyOf(a.model) === key)
   if (users.length > 0) throw conflict(`model ${JSON.stringify(record.name)} is still served by assignment ${users.map((a) => `${a.id} ${JSON.stringify(a.name)}`).join(', ')}`)
+  const alias = (fleet.aliases ?? []).find((a) => modelKey(a.model) === key)
+  if (alias !== undefined) throw conflict(`model ${JSON.stringify(record.name)} is the target of alias ${JSON.stringify(alias.alias)}: delete the alias first`)
   fleet.models = fleet.models.filter((m) => m !== record)
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+/** A model of the fleet: listed, or served by an assignment that names it. */
+const modelOfFleet = (fleet: Fleet) => (key: string): boolean =>
+  fleet.models.some((m) => m.name !== WILDCARD && modelKey(m.name) === key) ||
+  fleet.assignments.some((a) => a.model !== WILDCARD && modelKey(a.model) === key)
+
+const refusalOf = (p: AliasProblem): GatewayError => p.status === 409 ? conflict(p.message) : bad(p.field, p.message)
+
+export function getAliases (fleet: Fleet): ModelAlias[] {
+  return fleet.aliases ?? []
+}
+
+/**
+ * A new alias: refused when it names a model or another alias (400: an alias resolves in one
+ * step), and when its own name is a model's or an alias's already (409, as any name taken).
+ */
+export function createAlias (fleet: Fleet, body: ModelAlias): ModelAlias {
+  const aliases = fleet.aliases ?? []
+  const record = { alias: body.alias, model: body.model }
+  const problem = aliasProblem(record, aliases, modelOfFleet(fleet))
+  if (problem !== undefined) throw refusalOf(problem)
+  fleet.aliases = [...aliases, record]
+  return record
+}
+
+export function deleteAlias (fleet: Fleet, alias: string): void {
+  const aliases = fleet.aliases ?? []
+  const record = aliases.find((a) => modelKey(a.alias) === modelKey(alias))
+  if (record === undefined) throw new GatewayError(404, `no alias ${JSON.stringify(alias)}`)
+  fleet.aliases = aliases.filter((a) => a !== record)
+}
+
+export function getFallbacks (fleet: Fleet, model: string): ModelFallbacks {
+  const found = (fleet.fallbacks ?? []).find((f) => modelKey(f.model) === modelKey(model))
+  return found ?? { model, fallbacks: [] }
+}
+
+/** Replaces a model's fallbacks (an empty list removes them). */
+export function setFallbacks (fleet: Fleet, model: string, fallbacks: string[]): ModelFallbacks {
+  const record = { model, fallbacks: [...fallbacks] }
+  const problem = fallbacksProblem(record, fleet.aliases ?? [], modelOfFleet(fleet))
+  if (problem !== undefined) throw refusalOf(problem)
+  const others = (fleet.fallbacks ?? []).filter((f) => modelKey(f.model) !== modelKey(model))
+  fleet.fallbacks = fallbacks.length === 0 ? others : [...others, record]
+  return record
 }
 
 /* ------------------------------------------------------------------------------------------ */

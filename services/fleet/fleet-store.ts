@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto'
 import { open, readFile, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { GatewayError } from '../http/errors.js'
-import { parseInventoryFile, type ModelKind, type Query } from './inventory.js'
+import { fallbacksOfRows, parseInventoryFile, type ModelKind, type Query } from './inventory.js'
 import { checkInventoryFile, type InventoryFile } from './inventory-schema.js'
 import { cloneFleet, kindOfModel, type Fleet } from './fleet-rules.js'
 import { hasColumn, hasTable, notMigrated } from './migrations.js'
@@ -51,12 +51,15 @@ function tablesOf (schema: DbSchema): Table[] {
     { name: 'speech_models', key: ['name'], columns: [] },
     { name: 'assignments', key: ['id'], columns: schema.maxParallel ? ['name', 'model_name', 'port', 'max_parallel'] : ['name', 'model_name', 'port'] },
     { name: 'assignment_gpus', key: ['assignment_id', 'gpu_id'], columns: [] },
-    ...(schema.drains ? [{ name: 'maestro_assignment_drains', key: ['assignment_id'], columns: [] }] : [])
+    ...(schema.drains ? [{ name: 'maestro_assignment_drains', key: ['assignment_id'], columns: [] }] : []),
+    ...(schema.aliases
+      ? [{ name: 'maestro_model_aliases', key: ['alias'], columns: ['model'] }, { name: 'maestro_model_fallbacks', key: ['model', 'position'], columns: ['fallback'] }]
+      : [])
   ]
 }
 
 /** What the gateway's migrations have added to this database (they may not have run). */
-interface DbSchema { maxParallel: boolean, drains: boolean }
+interface DbSchema { maxParallel: boolean, drains: boolean, aliases: boolean }
 
 type Rows = Map<string, unknown[]>
 
@@ -68,8 +71,10 @@ const int = (v: unknown): number => Number(v)
 const str = (v: unknown): string => Buffer.isBuffer(v) ? v.toString('utf8') : String(v)
 
 async function readSchema (query: Query): Promise<DbSchema> {
-  const [maxParallel, drains] = await Promise.all([hasColumn(query, 'assignments', 'max_parallel'), hasTable(query, 'maestro_assignment_drains')])
-  return { maxParallel, drains }
+  const [maxParallel, drains, aliases] = await Promise.all([
+    hasColumn(query, 'assignments', 'max_parallel'), hasTable(query, 'maestro_assignment_drains'), hasTable(query, 'maestro_model_aliases')
+  ])
+  return { maxParallel, drains, aliases }
 }
 
 /** The whole fleet; `lock` takes the rows for update, so concurrent changes run one after another. */
@@ -86,6 +91,8 @@ async function readFleet (query: Query, schema: DbSchema, lock: boolean): Promis
     : 'SELECT id, name, model_name, port FROM assignments ORDER BY id') + forUpdate)
   const links = await query('SELECT assignment_id, gpu_id FROM assignment_gpus ORDER BY assignment_id, gpu_id' + forUpdate)
   const drains = schema.drains ? await query('SELECT assignment_id FROM maestro_assignment_drains' + forUpdate) : []
+  const aliases = schema.aliases ? await query('SELECT alias, model FROM maestro_model_aliases ORDER BY alias' + forUpdate) : []
+  const fallbacks = schema.aliases ? await query('SELECT model, position, fallback FROM maestro_model_fallbacks ORDER BY model, position' + forUpdate) : []
   const drained = new Set(drains.map((r) => str(r.assignment_id)))
   const gpusOf = new Map<string, number[]>()
   for (const l of links) {
@@ -107,7 +114,9 @@ async function readFleet (query: Query, schema: DbSchema, lock: boolean): Promis
       weight: r.weight === null ? null : float(r.weight)
     })),
     models,
-    assignments: []
+    assignments: [],
+    aliases: aliases.map((r) => ({ alias: str(r.alias), model: str(r.model) })),
+    fallbacks: fallbacksOfRows(fallbacks)
   }
   for (const r of assignments) {
     const model = str(r.model_name)
@@ -140,6 +149,8 @@ function rowsOf (fleet: Fleet, schema: DbSchema): Map<string, Rows> {
     for (const g of a.gpuIds) put('assignment_gpus', [a.id, g], [])
     if (a.drained) put('maestro_assignment_drains', [a.id], [])
   }
+  for (const a of fleet.aliases ?? []) put('maestro_model_aliases', [a.alias], [a.model])
+  for (const f of fleet.fallbacks ?? []) f.fallbacks.forEach((fallback, position) => put('maestro_model_fallbacks', [f.model, position], [fallback]))
   return tables
 }
 
@@ -178,6 +189,9 @@ function statements (before: Fleet, after: Fleet, schema: DbSchema): Array<[stri
 function assertMigrated (before: Fleet, after: Fleet, schema: DbSchema): void {
   if (!schema.drains && after.assignments.some((a) => a.drained)) {
     throw notMigrated('table for drained assignments')
+  }
+  if (!schema.aliases && ((after.aliases ?? []).length > 0 || (after.fallbacks ?? []).length > 0)) {
+    throw notMigrated('tables for model aliases and fallbacks')
   }
   if (!schema.maxParallel) {
     const was = new Map(before.assignments.map((a) => [String(a.id), a.maxParallel]))
@@ -266,7 +280,9 @@ function fleetOfFile (file: InventoryFile): Fleet {
       gpuIds: a.gpus,
       maxParallel: a.parallel ?? 1,
       drained: a.drained === true
-    }))
+    })),
+    aliases: Object.entries(file.aliases ?? {}).map(([alias, model]) => ({ alias, model })),
+    fallbacks: Object.entries(file.fallbacks ?? {}).map(([model, fallbacks]) => ({ model, fallbacks }))
   }
 }
 
@@ -296,8 +312,15 @@ function fileOfFleet (raw: Raw, fleet: Fleet): Raw {
       gpus: a.gpuIds,
       ...(a.maxParallel === 1 ? {} : { parallel: a.maxParallel }),
       ...(a.drained ? { drained: true } : {})
-    }))
+    })),
+    ...namedLists(raw, 'aliases', Object.fromEntries((fleet.aliases ?? []).map((a) => [a.alias, a.model]))),
+    ...namedLists(raw, 'fallbacks', Object.fromEntries((fleet.fallbacks ?? []).map((f) => [f.model, f.fallbacks])))
   }
+}
+
+/** `"aliases"` / `"fallbacks"` as objects; left out when empty and the file had none. */
+function namedLists (raw: Raw, field: 'aliases' | 'fallbacks', value: Raw): Raw {
+  return Object.keys(value).length === 0 && !(field in raw) ? {} : { [field]: value }
 }
 
 /** Replaces `path` with `content` so that no reader ever sees it half-written. */

@@ -94,7 +94,9 @@ const apiKey = {
   maxConcurrent: Count('an integer of at least 1 (requests in flight at once)', 1),
   maxQueued: Count('an integer of at least 1 (requests waiting at once)', 1),
   rpm: Count('an integer of at least 1 (requests per minute)', 1),
-  models: Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000, description: 'a list of at most 1000 model names the key may use' })
+  models: Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000, description: 'a list of at most 1000 model names the key may use' }),
+  tokensPerDay: Type.Integer({ minimum: 1, maximum: 1e12, description: 'an integer from 1 to 10^12 (prompt + output tokens a UTC day)' }),
+  tokensPerMonth: Type.Integer({ minimum: 1, maximum: 1e12, description: 'an integer from 1 to 10^12 (prompt + output tokens a UTC month)' })
 }
 
 /** Objects that name every field they allow: a misspelt field is an error, not silently ignored. */
@@ -146,7 +148,9 @@ const keyLimits = {
   maxConcurrent: Type.Optional(apiKey.maxConcurrent),
   maxQueued: Type.Optional(apiKey.maxQueued),
   rpm: Type.Optional(apiKey.rpm),
-  models: Type.Optional(apiKey.models)
+  models: Type.Optional(apiKey.models),
+  tokensPerDay: Type.Optional(apiKey.tokensPerDay),
+  tokensPerMonth: Type.Optional(apiKey.tokensPerMonth)
 }
 // (no `format`: TypeBox's compiler knows no formats unless registered, and these only describe)
 const Time = Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T', maxLength: 40, description: 'a time in ISO 8601 (2026-12-01T10:00:00.000Z)' })
@@ -157,13 +161,17 @@ const keyLimitsOrNull = {
   maxConcurrent: Type.Optional(orNull(apiKey.maxConcurrent)),
   maxQueued: Type.Optional(orNull(apiKey.maxQueued)),
   rpm: Type.Optional(orNull(apiKey.rpm)),
-  models: Type.Optional(orNull(apiKey.models))
+  models: Type.Optional(orNull(apiKey.models)),
+  tokensPerDay: Type.Optional(orNull(apiKey.tokensPerDay)),
+  tokensPerMonth: Type.Optional(orNull(apiKey.tokensPerMonth))
 }
 /** An API key as lists show it: never its secret, nor the secret's hash. */
 export const ApiKeyRecord = strict({
   name: apiKey.name,
   source: Type.Union([Type.Literal('env'), Type.Literal('table'), Type.Literal('file')], { description: 'where the key is kept: API_KEYS, the api_keys table or the inventory file' }),
   ...keyLimits,
+  usedToday: Type.Optional(Type.Integer({ minimum: 0, description: 'prompt + output tokens the key used this UTC day' })),
+  usedThisMonth: Type.Optional(Type.Integer({ minimum: 0, description: 'prompt + output tokens the key used this UTC month' })),
   createdAt: Type.Optional(Time),
   revokedAt: Type.Optional(Time)
 })
@@ -200,6 +208,20 @@ export const FileAssignment = strict({
   parallel: Type.Optional(assignment.maxParallel),
   drained: Type.Optional(assignment.drained)
 })
+/* ------------------------------------------------------------------------------------------ */
+/* Model aliases and fallbacks (CONTRACT 17)                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+export const AliasRecord = strict({
+  alias: Type.String({ minLength: 1, maxLength: 100, description: 'a non-empty string of at most 100 characters (a name no model has)' }),
+  model: ModelName
+})
+export type AliasRecord = Static<typeof AliasRecord>
+export const FallbackList = Type.Array(ModelName, { maxItems: 16, description: 'a list of at most 16 model names or aliases, tried in order' })
+export const FallbacksBody = strict({ fallbacks: FallbackList })
+export const FallbacksRecord = strict({ model: ModelName, fallbacks: FallbackList })
+export type FallbacksRecord = Static<typeof FallbacksRecord>
+
 /** As the key store writes it (services/clients/api-keys.ts): the hash of the secret, never the secret. */
 export const FileApiKey = strict({
   name: apiKey.name,
@@ -213,7 +235,13 @@ export const InventoryFile = strict({
   gpus: Type.Array(FileGpu),
   models: Type.Optional(FileModels),
   assignments: Type.Array(FileAssignment),
-  apiKeys: Type.Optional(Type.Array(FileApiKey))
+  apiKeys: Type.Optional(Type.Array(FileApiKey)),
+  aliases: Type.Optional(Type.Record(Type.String({ minLength: 1, maxLength: 100 }), ModelName, {
+    description: 'an object of alias → model name (an alias is a name of its own for one model)'
+  })),
+  fallbacks: Type.Optional(Type.Record(Type.String({ minLength: 1, maxLength: 100 }), FallbackList, {
+    description: 'an object of model → its fallback models, in order'
+  }))
 })
 export type InventoryFile = Static<typeof InventoryFile>
 export type FileAssignment = Static<typeof FileAssignment>

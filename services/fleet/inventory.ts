@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises'
 import { isIP } from 'node:net'
 import { checkInventoryFile, show, type InventoryFile } from './inventory-schema.js'
 import { modelKey } from './model-name.js'
+import { aliasProblem, fallbacksProblem, type ModelAlias, type ModelFallbacks } from './model-aliases.js'
 
 export type ModelKind = 'llm' | 'diffusor' | 'speech'
 
@@ -68,6 +69,10 @@ export interface InventorySnapshot {
   models: Array<{ name: string, kind: ModelKind }>
   /** What was left out of the inventory, and why. */
   warnings: string[]
+  /** Other names of models (CONTRACT 17); absent when there are none. */
+  aliases?: ModelAlias[]
+  /** Models that serve a model's requests when it cannot, in order; absent when there are none. */
+  fallbacks?: ModelFallbacks[]
 }
 
 export type Query = (sql: string, params?: unknown[]) => Promise<any[]>
@@ -89,14 +94,20 @@ export class Inventory {
   readonly #kindByKey = new Map<string, ModelKind>()
   /** candidateList() answers the same array for the same question while this inventory lasts. */
   readonly #answers = new Map<string, Assignment[]>()
+  readonly #aliasByKey = new Map<string, ModelAlias>()
+  readonly #fallbacksByKey = new Map<string, string[]>()
 
   constructor (snapshot: InventorySnapshot) {
     this.snapshot = {
       gpus: snapshot.gpus,
       assignments: snapshot.assignments,
       models: snapshot.models,
-      warnings: snapshot.warnings ?? []
+      warnings: snapshot.warnings ?? [],
+      ...(snapshot.aliases === undefined ? {} : { aliases: snapshot.aliases }),
+      ...(snapshot.fallbacks === undefined ? {} : { fallbacks: snapshot.fallbacks })
     }
+    for (const a of snapshot.aliases ?? []) this.#aliasByKey.set(modelKey(a.alias), a)
+    for (const f of snapshot.fallbacks ?? []) this.#fallbacksByKey.set(modelKey(f.model), f.fallbacks)
     for (const gpu of snapshot.gpus) this.#gpuById.set(gpu.id, gpu)
     for (const { name, kind } of snapshot.models) {
       const key = modelKey(name)
@@ -185,6 +196,23 @@ export class Inventory {
     return this.#byId.get(String(id))
   }
 
+  /** The model an alias names (as stored), or undefined when `name` is no alias. */
+  aliasTarget (name: string): string | undefined {
+    if (typeof name !== 'string' || this.#aliasByKey.size === 0) return undefined
+    return this.#aliasByKey.get(modelKey(name))?.model
+  }
+
+  /** Every alias, as stored. */
+  aliases (): readonly ModelAlias[] {
+    return this.snapshot.aliases ?? []
+  }
+
+  /** The models that serve `name`'s requests when it cannot, in order, aliases among them resolved. */
+  fallbacksOf (name: string): string[] {
+    if (typeof name !== 'string' || this.#fallbacksByKey.size === 0) return []
+    return (this.#fallbacksByKey.get(modelKey(name)) ?? []).map((f) => this.aliasTarget(f) ?? f)
+  }
+
   /** Every assignment of `kind`, wildcards included, in preference order. */
   assignmentsOfKind (kind: ModelKind): Assignment[] {
     return [...(this.#byKind.get(kind) ?? [])]
@@ -223,6 +251,8 @@ interface Facts {
   /** in listing order; a model listed twice keeps its first kind */
   models: Array<{ name: string, kind: ModelKind }>
   assignments: Array<{ id: string, name: string, model: string, port: number, gpuIds: string[], kind?: ModelKind, capacity?: number, drained?: boolean }>
+  aliases?: ModelAlias[]
+  fallbacks?: ModelFallbacks[]
 }
 
 const TABLE_OF_KIND: Record<ModelKind, string> = { llm: 'llms', diffusor: 'diffusors', speech: 'speech_models' }
@@ -349,7 +379,30 @@ function buildSnapshot (facts: Facts): InventorySnapshot {
   }
   assignments.sort((a, b) => compareIds(a.id, b.id))
 
-  return { gpus, assignments, models, warnings }
+  // Aliases and fallbacks of the models as they are now: one that no longer holds (its model was
+  // removed by hand) is left out, with a warning, rather than sending requests astray.
+  const isModel = (key: string): boolean => kindByKey.has(key) || assignments.some((a) => a.modelKey === key)
+  const aliases: ModelAlias[] = []
+  for (const a of facts.aliases ?? []) {
+    const problem = aliasProblem(a, aliases, isModel)
+    if (problem === undefined) aliases.push(a)
+    else warnings.push(`alias ${JSON.stringify(a.alias)}: ${problem.message}: left out`)
+  }
+  const fallbacks: ModelFallbacks[] = []
+  for (const f of facts.fallbacks ?? []) {
+    const problem = fallbacksProblem(f, aliases, isModel)
+    if (problem === undefined) fallbacks.push(f)
+    else warnings.push(`fallbacks of ${JSON.stringify(f.model)}: ${problem.field} ${problem.message}: left out`)
+  }
+
+  return {
+    gpus,
+    assignments,
+    models,
+    warnings,
+    ...(aliases.length > 0 ? { aliases } : {}),
+    ...(fallbacks.length > 0 ? { fallbacks } : {})
+  }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -374,6 +427,32 @@ const SQL_ASSIGNMENT_GPUS =
 const SQL_DRAINED = 'SELECT d.assignment_id FROM maestro_assignment_drains d'
 const ER_NO_SUCH_TABLE = 1146
 
+/** The gateway's own tables (migration 007): model aliases and fallbacks. */
+const SQL_ALIASES = 'SELECT al.alias, al.model FROM maestro_model_aliases al ORDER BY al.alias'
+const SQL_FALLBACKS = 'SELECT f.model, f.position, f.fallback FROM maestro_model_fallbacks f ORDER BY f.model, f.position'
+
+/** Rows of a table the gateway's migrations add; none on a database they have not touched. */
+async function rowsIfMigrated (query: Query, sql: string): Promise<any[]> {
+  try {
+    return await query(sql)
+  } catch (err) {
+    if ((err as { errno?: number }).errno === ER_NO_SUCH_TABLE) return []
+    throw err
+  }
+}
+
+/** Fallback rows (model, position, fallback) as one ordered list per model. */
+export function fallbacksOfRows (rows: Array<{ model: unknown, fallback: unknown }>): ModelFallbacks[] {
+  const byModel = new Map<string, ModelFallbacks>()
+  for (const r of rows) {
+    const model = text(r.model)
+    const entry = byModel.get(model)
+    if (entry === undefined) byModel.set(model, { model, fallbacks: [text(r.fallback)] })
+    else entry.fallbacks.push(text(r.fallback))
+  }
+  return [...byModel.values()]
+}
+
 /** Drained assignment ids; none on a database the gateway's migrations have not touched. */
 async function drainedIds (query: Query): Promise<Set<string>> {
   try {
@@ -397,13 +476,15 @@ function num (v: unknown): number {
 }
 
 export async function loadInventoryFromDatabase (query: Query): Promise<InventorySnapshot> {
-  const [computers, gpus, models, assignments, links, drained] = await Promise.all([
+  const [computers, gpus, models, assignments, links, drained, aliasRows, fallbackRows] = await Promise.all([
     query(SQL_COMPUTERS),
     query(SQL_GPUS),
     query(SQL_MODELS),
     query(SQL_ASSIGNMENTS),
     query(SQL_ASSIGNMENT_GPUS),
-    drainedIds(query)
+    drainedIds(query),
+    rowsIfMigrated(query, SQL_ALIASES),
+    rowsIfMigrated(query, SQL_FALLBACKS)
   ])
   const gpusOf = new Map<string, string[]>()
   for (const row of links) {
@@ -433,7 +514,9 @@ export async function loadInventoryFromDatabase (query: Query): Promise<Inventor
       gpuIds: gpusOf.get(text(r.id)) ?? [],
       capacity: capacityFrom(r.max_parallel),
       drained: drained.has(text(r.id))
-    }))
+    })),
+    aliases: aliasRows.map(r => ({ alias: text(r.alias), model: text(r.model) })),
+    fallbacks: fallbacksOfRows(fallbackRows)
   })
 }
 
@@ -543,7 +626,22 @@ export function parseInventoryFile (json: unknown, source: string): InventorySna
     assignments.push({ id, name: a.name, model: a.model, port: a.port, gpuIds, kind, capacity: a.parallel, drained: a.drained === true })
   })
 
-  return buildSnapshot({ computers, gpus, models, assignments })
+  // Aliases and fallbacks must hold in a file (it is the operator's to fix), not just be left out.
+  const isModel = (key: string): boolean => listed.has(key)
+  const aliases: ModelAlias[] = []
+  for (const [alias, model] of Object.entries(file.aliases ?? {})) {
+    const problem = aliasProblem({ alias, model }, aliases, isModel)
+    if (problem !== undefined) fail(`aliases[${JSON.stringify(alias)}]`, problem.message)
+    aliases.push({ alias, model })
+  }
+  const fallbacks: ModelFallbacks[] = []
+  for (const [model, list] of Object.entries(file.fallbacks ?? {})) {
+    const problem = fallbacksProblem({ model, fallbacks: list }, aliases, isModel)
+    if (problem !== undefined) fail(`fallbacks[${JSON.stringify(model)}]`, `${problem.field === 'model' ? '' : problem.field.slice('fallbacks'.length) + ' '}${problem.message}`)
+    fallbacks.push({ model, fallbacks: list })
+  }
+
+  return buildSnapshot({ computers, gpus, models, assignments, aliases, fallbacks })
 }
 
 export async function loadInventoryFromFile (path: string): Promise<InventorySnapshot> {

@@ -64,6 +64,21 @@ const CREATE_USAGE_ROLLUPS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_usage_rol
   KEY idx_usage_rollups_applied_at (applied_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
 
+const CREATE_MODEL_ALIASES_TABLE = `CREATE TABLE IF NOT EXISTS maestro_model_aliases (
+  alias      VARCHAR(100) NOT NULL,
+  model      VARCHAR(100) NOT NULL,
+  created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  PRIMARY KEY (alias)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
+/** A model's fallbacks in order: `position` 0 is tried first. */
+const CREATE_MODEL_FALLBACKS_TABLE = `CREATE TABLE IF NOT EXISTS maestro_model_fallbacks (
+  model    VARCHAR(100) NOT NULL,
+  position INT NOT NULL,
+  fallback VARCHAR(100) NOT NULL,
+  PRIMARY KEY (model, position)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`
+
 /** MySQL/MariaDB error numbers meaning "already there" (another replica got there first). */
 const ER_DUP_KEYNAME = 1061
 
@@ -172,6 +187,29 @@ export const MIGRATIONS: readonly Migration[] = [
     async up (query) {
       await query(CREATE_USAGE_HOURLY_TABLE)
       await query(CREATE_USAGE_ROLLUPS_TABLE)
+    }
+  },
+  {
+    // Model aliases and fallbacks (CONTRACT 17). No foreign keys: a model lives in one of three
+    // tables (llms, diffusors, speech_models); the admin API checks the names when they are written.
+    name: '007-model-aliases-fallbacks',
+    async up (query) {
+      await query(CREATE_MODEL_ALIASES_TABLE)
+      await query(CREATE_MODEL_FALLBACKS_TABLE)
+    }
+  },
+  {
+    // A key's token budgets (CONTRACT 17): prompt + output tokens a UTC day / month, NULL: none.
+    name: '008-api-keys-token-budgets',
+    async up (query) {
+      for (const column of ['tokens_per_day', 'tokens_per_month']) {
+        if (await hasColumn(query, 'api_keys', column)) continue
+        try {
+          await query(`ALTER TABLE api_keys ADD COLUMN ${column} BIGINT NULL`)
+        } catch (err) {
+          if ((err as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw err
+        }
+      }
     }
   }
 ]

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { performance } from 'node:perf_hooks'
+import type { RequestTrace } from '../tracing/request-trace.js'
 
 /** How an upstream failed: before it saw the request, with no headers in time, otherwise, or after its stream began. */
 export type UpstreamFailureReason = 'unreachable' | 'timeout' | 'failed' | 'mid-stream'
@@ -38,21 +39,26 @@ export class Exchange {
   /** The last upstream leased for this exchange (a retry replaces an unreachable one). */
   upstream?: UpstreamUse
   readonly upstreamFailures: Array<{ assignment: string, reason: UpstreamFailureReason }> = []
+  /** The request's spans, when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT); told what happens below. */
+  trace?: RequestTrace
 
   constructor (readonly requestId: string) {}
 
   /** A lease on `assignment` was granted; the request goes there now. */
   leased (assignment: string, gpuIds: string[], queuedMs: number): void {
     this.upstream = { assignment, gpuIds, queuedMs, startedAt: performance.now() }
+    this.trace?.leased(assignment, gpuIds, queuedMs)
   }
 
   /** The lease was released: the upstream's part is over. */
   released (): void {
     if (this.upstream != null) this.upstream.endedAt ??= performance.now()
+    this.trace?.released()
   }
 
   upstreamFailed (assignment: string, reason: UpstreamFailureReason): void {
     this.upstreamFailures.push({ assignment, reason })
+    this.trace?.upstreamFailed(reason)
   }
 
   /** Aborts when the exchange ends, for whatever reason. */

@@ -21,6 +21,8 @@ export interface UpstreamHeaderOptions {
   requestId: string
   /** Drop the client's Authorization: it carries the gateway's own API key. */
   dropAuthorization: boolean
+  /** With tracing on: the upstream exchange span's `traceparent` (and `tracestate`), instead of the client's. */
+  trace?: Record<string, string>
 }
 
 /** The client's end-to-end headers, made fit for the upstream. */
@@ -37,6 +39,11 @@ export function upstreamRequestHeaders (headers: IncomingHttpHeaders, opts: Upst
   }
   out.host = opts.host
   out['x-request-id'] = opts.requestId
+  if (opts.trace != null) {
+    delete out.traceparent
+    delete out.tracestate
+    Object.assign(out, opts.trace)
+  }
   return out
 }
 

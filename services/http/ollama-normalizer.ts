@@ -199,3 +199,61 @@ export function normalizeOllamaBody (raw: string, parsed: Record<string, unknown
   }
   return { body: out + raw.slice(copied), changed: true }
 }
+
+/**
+ * The body with its top-level `model` member's value replaced by `model` (every occurrence, should
+ * the client send it twice), every other byte as sent: an alias becomes its target, a request
+ * taken by a fallback names the fallback (CONTRACT 17, the one rewrite besides the two above).
+ * One scan of the text, no parse; used for every leased route's JSON body, Ollama's or not.
+ */
+export function withModel (raw: string, model: string, key: 'model' | 'name' = 'model'): string {
+  const open = raw.indexOf('{')
+  if (open === -1) throw new SyntaxError('JSON body is not an object')
+  const value = JSON.stringify(model)
+  const n = raw.length
+  let out = ''
+  let copied = 0
+  let depth = 1
+  let expectKey = true
+  let i = open + 1
+  while (i < n) {
+    const c = raw.charCodeAt(i)
+    if (c === QUOTE) {
+      const end = stringEnd(raw, i)
+      if (depth === 1 && expectKey) {
+        expectKey = false
+        if (isKey(raw, i, end, key)) {
+          let k = end + 1
+          while (isWs(raw.charCodeAt(k))) k++
+          k++ // the ':'
+          while (isWs(raw.charCodeAt(k))) k++
+          // The value is a string (the route's schema says so): replace it up to its closing quote.
+          if (raw.charCodeAt(k) !== QUOTE) throw new SyntaxError(`${key} is not a string`)
+          const valueEnd = stringEnd(raw, k)
+          out += raw.slice(copied, k) + value
+          copied = valueEnd + 1
+          i = valueEnd + 1
+          continue
+        }
+      }
+      i = end + 1
+      continue
+    }
+    if (c === OPEN_BRACE || c === OPEN_BRACKET) {
+      depth++
+    } else if (c === CLOSE_BRACE || c === CLOSE_BRACKET) {
+      if (--depth === 0) break
+    } else if (c === COMMA && depth === 1) {
+      expectKey = true
+    }
+    i++
+  }
+  return out + raw.slice(copied)
+}
+
+/** Whether the key string raw[start..end] (quotes included) decodes to `key`. */
+function isKey (raw: string, start: number, end: number, key: string): boolean {
+  const escaped = raw.indexOf('\\', start + 1)
+  if (escaped !== -1 && escaped < end) return JSON.parse(raw.slice(start, end + 1)) === key
+  return end - start - 1 === key.length && raw.startsWith(key, start + 1)
+}

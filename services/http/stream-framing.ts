@@ -1,4 +1,5 @@
-import { PassThrough, type Readable } from 'node:stream'
+import { PassThrough, pipeline, Transform, type Readable, type TransformCallback } from 'node:stream'
+import { StringDecoder } from 'node:string_decoder'
 
 /**
  * How an upstream's answer is passed on to the client so that the GPUs are released when the
@@ -77,4 +78,74 @@ function withStreamError (upstream: Readable, format: (message: string) => strin
   // Client gone: stop the upstream too, so its GPU work stops with it.
   out.once('close', () => { if (!upstream.destroyed) upstream.destroy() })
   return out
+}
+
+/** An alias's answer: the upstream names the target (`from`), the client is shown the alias (`to`). */
+export interface ModelRename { from: string, to: string }
+
+/**
+ * The answer with every JSON `"model":"<from>"` member written as `"model":"<to>"` (CONTRACT 17:
+ * the answer's `model` is the alias the client asked for), in JSON answers and in every NDJSON line
+ * and SSE event (`message.model` of Anthropic's `message_start`, `response.model` of the
+ * Responses API: nested members match too). Chunk by chunk, never buffering the answer: only a
+ * chunk's last few characters that may begin a match wait for the next chunk. Text inside a JSON
+ * string has its quotes escaped, so a model's output that spells such a member never matches.
+ * The answer's length changes: the caller drops its Content-Length.
+ */
+export function renameModel (answer: Readable, rename: ModelRename): Readable {
+  const out = new ModelRenamer(rename)
+  // Either side ending early ends the other: a client gone stops the upstream, as withStreamError does.
+  pipeline(answer, out, () => {})
+  return out
+}
+
+class ModelRenamer extends Transform {
+  private readonly decoder = new StringDecoder('utf8')
+  private readonly patterns: Array<[string, string]> = []
+  private readonly longest: number
+  private held = ''
+
+  constructor ({ from, to }: ModelRename) {
+    super()
+    const names = [from]
+    // Ollama answers a name without a tag with `:latest` added.
+    if (!from.includes(':')) names.push(from + ':latest')
+    for (const name of names) {
+      for (const colon of [':', ': ']) this.patterns.push([`"model"${colon}${JSON.stringify(name)}`, `"model"${colon}${JSON.stringify(to)}`])
+    }
+    this.longest = Math.max(...this.patterns.map(([p]) => p.length))
+  }
+
+  override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    const text = this.held + this.decoder.write(chunk)
+    let out = ''
+    let i = 0
+    for (;;) {
+      const at = text.indexOf('"model"', i)
+      if (at === -1) break
+      const found = this.patterns.find(([p]) => text.startsWith(p, at))
+      if (found !== undefined) {
+        out += text.slice(i, at) + found[1]
+        i = at + found[0].length
+        continue
+      }
+      // Cut off by the chunk's end: kept below for the next chunk.
+      if (this.patterns.some(([p]) => p.startsWith(text.slice(at)))) break
+      out += text.slice(i, at + 1)
+      i = at + 1
+    }
+    // The tail that may begin a match waits (a line's or an event's end never does).
+    let hold = text.length
+    for (let q = Math.max(i, text.length - this.longest + 1); q < text.length; q++) {
+      if (text.charCodeAt(q) === 0x22 && this.patterns.some(([p]) => p.startsWith(text.slice(q)))) { hold = q; break }
+    }
+    out += text.slice(i, hold)
+    this.held = text.slice(hold)
+    done(null, out === '' ? undefined : Buffer.from(out, 'utf8'))
+  }
+
+  override _flush (done: TransformCallback): void {
+    const rest = this.held + this.decoder.end()
+    done(null, rest === '' ? undefined : Buffer.from(rest, 'utf8'))
+  }
 }

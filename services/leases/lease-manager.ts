@@ -82,6 +82,8 @@ export interface AcquireRequest {
   client?: ClientRef
   /** Assignment ids that have the model loaded: tried first among the free candidates, never waited for. */
   preferred?: string[]
+  /** Its cost in the fair order between clients (estimated tokens); default 1. */
+  cost?: number
   /** Its close (client gone) leaves the queue at once. */
   requester?: Requester
 }
@@ -237,6 +239,7 @@ export class LeaseManager {
       info: req.info,
       client: req.client,
       preferred: req.preferred,
+      cost: req.cost,
       place: w.place
     }
   }

@@ -69,6 +69,11 @@ export interface AttemptInput {
   client?: ClientRef
   /** Assignment ids to try first among the free candidates (model loaded there); never waited for. */
   preferred?: string[]
+  /**
+   * What the request costs its client in the fair order (CONTRACT 16.4): its estimated tokens
+   * (prompt + output); the start-time fair queuing tag advances by it. Default 1 (a request).
+   */
+  cost?: number
   /** Set when the waiter was queued before and lost its place (store restarted): keeps its order. */
   place?: Place
 }
@@ -189,6 +194,14 @@ export interface LeaseStore {
 export const STATUS_QUEUES_LIMIT = 200
 
 export const PRIORITY_LEVEL: Record<Priority, number> = { high: 0, normal: 1, low: 2 }
+
+/** Most a request is charged in the fair order: tags stay far below the priority levels' 2^40. */
+export const FAIR_COST_MAX = 1_000_000
+
+/** A request's cost in the fair order: a whole number of tokens, 1 to FAIR_COST_MAX (1 when absent). */
+export function fairCost (cost: number | undefined): number {
+  return cost !== undefined && Number.isFinite(cost) ? Math.min(FAIR_COST_MAX, Math.max(1, Math.round(cost))) : 1
+}
 
 export function capacityOf (c: Candidate): number {
   return Number.isInteger(c.capacity) && (c.capacity as number) >= 1 ? c.capacity as number : 1

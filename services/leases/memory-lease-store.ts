@@ -5,7 +5,7 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
 } from './lease-store.js'
 
 /*
@@ -328,7 +328,7 @@ export class MemoryLeaseStore implements LeaseStore {
       const level = PRIORITY_LEVEL[client.priority] ?? 1
       let score = input.place?.score
       if (score == null) {
-        const tag = Math.max(line.served, line.clients.get(client.id) ?? 0) + 1
+        const tag = Math.max(line.served, line.clients.get(client.id) ?? 0) + fairCost(input.cost)
         line.clients.set(client.id, tag)
         score = level * LEVEL + tag
       }

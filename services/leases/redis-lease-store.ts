@@ -5,7 +5,7 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
 } from './lease-store.js'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 
@@ -266,7 +266,7 @@ export class RedisLeaseStore implements LeaseStore {
       input.member, input.queue, list.id, input.info.model, input.info.kind, input.info.purpose,
       this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
-      input.info.purpose === 'reservation' ? 'all' : '1'
+      input.info.purpose === 'reservation' ? 'all' : '1', fairCost(input.cost)
     ]
     let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {

@@ -10,6 +10,7 @@
   ARGV[18] client (hashed)   ARGV[19] level: 0 high, 1 normal, 2 low
   ARGV[20] preferred assignment ids, comma-separated (tried first, never waited for)
   ARGV[21] slots wanted: '1', or 'all' (a reservation takes the whole assignment)
+  ARGV[22] the request's cost in the fair order (its estimated tokens; 1 when absent)
 
   Returns reply() with body
     { 'granted', token, candidate index } | { 'waiting', position, score, arrival }
@@ -88,7 +89,7 @@ if not score then
     -- start-time fair queuing: a client's tag follows its own last one, or the line's clock
     local vt = P .. 'vt:' .. ln
     local r = redis.call('HMGET', vt, 'v', 'c' .. ARGV[18])
-    local tag = math.max(tonumber(r[1]) or 0, tonumber(r[2]) or 0) + 1
+    local tag = math.max(tonumber(r[1]) or 0, tonumber(r[2]) or 0) + (tonumber(ARGV[22]) or 1)
     redis.call('HSET', vt, 'c' .. ARGV[18], tag)
     score = level * LEVEL + tag
   end

@@ -1,8 +1,8 @@
 import type { Cluster, Redis } from 'ioredis'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 import {
-  FRACTIONAL_COUNTERS, USAGE_COUNTERS, cellField, cellsOf, normaliseEntry,
-  type BufferedUsage, type LedgerOptions, type UsageBatch, type UsageEntry, type UsageLedger
+  DAY_MS, FRACTIONAL_COUNTERS, USAGE_COUNTERS, budgetTokens, budgetWindows, cellField, cellsOf, normaliseEntry,
+  type BufferedUsage, type LedgerOptions, type TokensUsed, type UsageBatch, type UsageEntry, type UsageLedger
 } from './usage-ledger.js'
 
 /*
@@ -12,6 +12,9 @@ import {
  *   usage:h:<hour>     hash JSON [client, model, assignment, counter] -> count (HINCRBY/HINCRBYFLOAT)
  *   usage:b:<batch>    the same hash once sealed (batch = '<roll-up id>:<hour>'); usage:sealed lists them
  *   usage:generation   incremented by every seal that moved something
+ *   usage:budget:d:<YYYY-MM-DD>:<key>, usage:budget:m:<YYYY-MM>:<key>
+ *                      a key's prompt + output tokens in a UTC day / month (its budgets), kept a
+ *                      day past the window's end (key names have no ':')
  * services/lua/usage-seal-1.lua and usage-read-1.lua read and move them atomically.
  */
 const SCRIPT_FILES = ['usage-seal-1', 'usage-read-1']
@@ -75,6 +78,16 @@ export class RedisUsageLedger implements UsageLedger {
         else tx.hincrby(key, field, n)
       }
       tx.zadd(this.hoursKey, e.hour, String(e.hour))
+      const tokens = budgetTokens(e.counts)
+      if (entry.budgetKey !== undefined && tokens > 0) {
+        const at = entry.at ?? Date.now()
+        const w = budgetWindows(at)
+        // relative expiries: right whatever clock `at` came from
+        for (const [key, end] of [[this.budgetKey('d', w.day, entry.budgetKey), w.dayEnd], [this.budgetKey('m', w.month, entry.budgetKey), w.monthEnd]] as const) {
+          tx.incrby(key, tokens)
+          tx.pexpire(key, end - at + DAY_MS)
+        }
+      }
       const retention = this.opts.retentionMs
       if (retention !== undefined) {
         tx.pexpireat(key, e.hour + retention)
@@ -114,6 +127,17 @@ export class RedisUsageLedger implements UsageLedger {
       const hour = hourOfBatch(id)
       return { id, hour, cells: cellsOf(hour, await this.client.hgetall(`${this.prefix}usage:b:${id}`)) }
     }))
+  }
+
+  private budgetKey (window: 'd' | 'm', name: string, key: string): string {
+    return `${this.prefix}usage:budget:${window}:${name}:${key}`
+  }
+
+  async tokensUsed (keys: string[], at: number): Promise<TokensUsed[]> {
+    if (keys.length === 0) return []
+    const { day, month } = budgetWindows(at)
+    const values = await this.client.mget(...keys.flatMap((k) => [this.budgetKey('d', day, k), this.budgetKey('m', month, k)]))
+    return keys.map((_, i) => ({ day: Number(values[2 * i] ?? 0), month: Number(values[2 * i + 1] ?? 0) }))
   }
 
   async drop (batchId: string): Promise<void> {

@@ -27,6 +27,14 @@ export interface UsageEntry extends Partial<UsageCounts> {
   /** the assignment that served it ('' when none did) */
   assignment: string
   at?: number
+  /** The API key's name when the client is a key: its prompt + output tokens count against its budgets too. */
+  budgetKey?: string
+}
+
+/** Prompt + output tokens a key used in the UTC day and month of an instant (CONTRACT 17, budgets). */
+export interface TokensUsed {
+  day: number
+  month: number
 }
 
 /** One hour's counts of one client, model and assignment. */
@@ -70,6 +78,23 @@ export interface UsageLedger {
   batches: () => Promise<UsageBatch[]>
   /** Forgets a batch once MariaDB has it. */
   drop: (batchId: string) => Promise<void>
+  /** Each key's tokens in the UTC day and month of `at` (the budgets' counters, kept beside the hours). */
+  tokensUsed: (keys: string[], at: number) => Promise<TokensUsed[]>
+}
+
+export const DAY_MS = 86_400_000
+
+/** The UTC day and month of an instant: their names (the counters' keys) and when each turns. */
+export function budgetWindows (at: number): { day: string, month: string, dayEnd: number, monthEnd: number } {
+  const d = new Date(at)
+  const dayStart = Date.UTC(d.getUTCFullYear(), d.getUTCMonth(), d.getUTCDate())
+  const iso = new Date(dayStart).toISOString()
+  return { day: iso.slice(0, 10), month: iso.slice(0, 7), dayEnd: dayStart + DAY_MS, monthEnd: Date.UTC(d.getUTCFullYear(), d.getUTCMonth() + 1, 1) }
+}
+
+/** Tokens that count against a budget: the whole prompt and the output. */
+export function budgetTokens (counts: UsageCounts): number {
+  return counts.promptTokens + counts.outputTokens
 }
 
 export const HOUR_MS = 3_600_000
@@ -158,12 +183,28 @@ export class MemoryUsageLedger implements UsageLedger {
   private live = new Map<number, Map<string, UsageCell>>()
   private sealed = new Map<string, UsageBatch>()
   private sealings = 0
+  /** `d:<day>` or `m:<month>` → key name → tokens (only the current windows are kept) */
+  private budgets = new Map<string, Map<string, number>>()
 
   constructor (private readonly opts: LedgerOptions & { retentionMs?: number } = {}) {}
 
   async record (entry: UsageEntry): Promise<void> {
     const e = normaliseEntry(entry)
     this.opts.observe?.(e)
+    const tokens = budgetTokens(e.counts)
+    if (entry.budgetKey !== undefined && tokens > 0) {
+      const { day, month } = budgetWindows(entry.at ?? Date.now())
+      for (const window of [`d:${day}`, `m:${month}`]) {
+        let used = this.budgets.get(window)
+        if (used === undefined) {
+          used = new Map()
+          this.budgets.set(window, used)
+          // a new window: older ones of its kind are over
+          for (const old of this.budgets.keys()) if (old[0] === window[0] && old < window) this.budgets.delete(old)
+        }
+        used.set(entry.budgetKey, (used.get(entry.budgetKey) ?? 0) + tokens)
+      }
+    }
     let hour = this.live.get(e.hour)
     if (hour === undefined) {
       hour = new Map()
@@ -214,5 +255,12 @@ export class MemoryUsageLedger implements UsageLedger {
 
   async drop (batchId: string): Promise<void> {
     this.sealed.delete(batchId)
+  }
+
+  async tokensUsed (keys: string[], at: number): Promise<TokensUsed[]> {
+    const { day, month } = budgetWindows(at)
+    const days = this.budgets.get(`d:${day}`)
+    const months = this.budgets.get(`m:${month}`)
+    return keys.map((k) => ({ day: days?.get(k) ?? 0, month: months?.get(k) ?? 0 }))
   }
 }

@@ -1,0 +1,299 @@
+/**
+ * Usage captured from the answers (CONTRACT 17): what one admitted request used, read from the
+ * answer the gateway passes on, and recorded once in the usage ledger when the exchange has ended
+ * and its lease is released (GPU-seconds run from grant to release, which may follow a client
+ * that left by a grace period).
+ *
+ * Cheap on the hot path: a streamed answer is cut into lines and a line is read only when it
+ * carries the family's usage marker (Ollama's final line, an SSE event with `"usage"`); token
+ * lines are only counted, never parsed. A JSON answer keeps its last USAGE_TAIL bytes, where every
+ * family puts its counts (after the content), and reads them at its end. Counts are read as the
+ * numbers after a key (`"eval_count":12`): a JSON string cannot hold an unescaped quote, so no
+ * model output can pose as one.
+ */
+import type { UsageCounts, UsageEntry } from './usage-ledger.js'
+
+/** How an answer states its counts. */
+export type AnswerFamily = 'ollama' | 'openai' | 'anthropic' | 'responses' | 'image' | 'speech'
+
+/** The family of the answer to an upstream path (the route's own path, never the client's). */
+export function familyOf (path: string): AnswerFamily {
+  if (path.startsWith('/api/')) return 'ollama'
+  if (path === '/v1/messages') return 'anthropic'
+  if (path === '/v1/responses') return 'responses'
+  if (path.startsWith('/v1/audio/')) return 'speech'
+  if (path === '/txt2img' || path === '/img2img') return 'image'
+  return 'openai'
+}
+
+interface FamilyKeys {
+  prompt: string
+  cached: string
+  output: string
+  /** a line is read only when it holds this */
+  marker: string
+  /** a line holding this is a streamed token (counted when the stream breaks off before its counts) */
+  token: string
+  /** a line holding this carries the stream's final counts */
+  final: string
+}
+
+type TextFamily = 'ollama' | 'openai' | 'anthropic' | 'responses'
+
+const KEYS: Record<TextFamily, FamilyKeys> = {
+  ollama: { prompt: 'prompt_eval_count', cached: 'prompt_eval_cached_count', output: 'eval_count', marker: '_count"', token: '"done":false', final: '"done":true' },
+  openai: { prompt: 'prompt_tokens', cached: 'cached_tokens', output: 'completion_tokens', marker: '"usage"', token: '"choices":[{', final: '"completion_tokens"' },
+  // Ollama's Anthropic API gives the whole prompt as input_tokens, its cached part as cache_read_input_tokens
+  anthropic: { prompt: 'input_tokens', cached: 'cache_read_input_tokens', output: 'output_tokens', marker: '"usage"', token: '"content_block_delta"', final: '"message_delta"' },
+  responses: { prompt: 'input_tokens', cached: 'cached_tokens', output: 'output_tokens', marker: '"usage"', token: '"response.output_text.delta"', final: '"output_tokens"' }
+}
+
+/** The markers as bytes, made once: a string needle is encoded again on every Buffer.indexOf. */
+const MARKERS = Object.fromEntries(Object.entries(KEYS).map(([family, k]) => [family, { marker: Buffer.from(k.marker), token: Buffer.from(k.token) }])) as
+  Record<TextFamily, { marker: Buffer, token: Buffer }>
+
+/** Bytes of a JSON answer kept for its counts: they follow the content, in a few hundred bytes. */
+export const USAGE_TAIL = 16 * 1024
+/** A line longer than this (a huge final event) is read from its last USAGE_TAIL bytes only. */
+const LINE_MAX = 1024 * 1024
+
+const isSpace = (c: string | undefined): boolean => c === ' ' || c === '\t' || c === '\n' || c === '\r'
+
+/** The whole number after the last `"key":` in `text`, if there is one. */
+export function lastCount (text: string, key: string): number | undefined {
+  const needle = `"${key}"`
+  let at = text.lastIndexOf(needle)
+  while (at >= 0) {
+    let i = at + needle.length
+    while (isSpace(text[i])) i++
+    if (text[i] === ':') {
+      i++
+      while (isSpace(text[i])) i++
+      let j = i
+      while (j < text.length && j - i < 16 && text.charCodeAt(j) >= 48 && text.charCodeAt(j) <= 57) j++
+      if (j > i) return Number(text.slice(i, j))
+    }
+    if (at === 0) break
+    at = text.lastIndexOf(needle, at - 1)
+  }
+  return undefined
+}
+
+/** The first number after `"key":` (a fraction allowed), for speech's seconds. */
+function lastSeconds (text: string, key: string): number | undefined {
+  const needle = `"${key}"`
+  const at = text.lastIndexOf(needle)
+  if (at < 0) return undefined
+  let i = at + needle.length
+  while (isSpace(text[i])) i++
+  if (text[i] !== ':') return undefined
+  i++
+  while (isSpace(text[i])) i++
+  let j = i
+  while (j < text.length && j - i < 24 && '0123456789.eE+-'.includes(text[j])) j++
+  const n = Number(text.slice(i, j))
+  return j > i && Number.isFinite(n) ? n : undefined
+}
+
+const NEWLINE = 10
+
+/**
+ * Watches one answer's bytes as they are passed on and says what it used. Feed it every chunk
+ * (`chunk`), then read `counts(complete)`: complete is whether the upstream's answer ended whole.
+ */
+export class AnswerMeter {
+  private readonly keys?: FamilyKeys
+  private readonly markers?: { marker: Buffer, token: Buffer }
+  private readonly lines: boolean
+  private partial: Buffer[] = []
+  private partialLength = 0
+  /** JSON answers: the last bytes */
+  private tail: Buffer[] = []
+  private tailLength = 0
+  private prompt?: number
+  private cached?: number
+  private output?: number
+  private finalSeen = false
+  private tokenLines = 0
+  private seconds?: number
+  /** Ollama's final line: prefill and load durations (ns), what the scheduler learns its rates from. */
+  private promptEvalNs?: number
+  private loadNs?: number
+
+  constructor (readonly family: AnswerFamily, contentType: string) {
+    this.keys = family === 'image' || family === 'speech' ? undefined : KEYS[family]
+    this.markers = family === 'image' || family === 'speech' ? undefined : MARKERS[family]
+    const type = contentType.toLowerCase()
+    this.lines = this.keys !== undefined && (type.includes('text/event-stream') || type.includes('application/x-ndjson'))
+  }
+
+  chunk (data: Buffer): void {
+    if (this.lines) return this.lineChunk(data)
+    if (this.family === 'image') return
+    this.tail.push(data)
+    this.tailLength += data.length
+    while (this.tail.length > 1 && this.tailLength - this.tail[0].length >= USAGE_TAIL) this.tailLength -= (this.tail.shift() as Buffer).length
+  }
+
+  private lineChunk (data: Buffer): void {
+    let start = 0
+    let nl = data.indexOf(NEWLINE)
+    while (nl >= 0) {
+      if (this.partialLength > 0) {
+        this.partial.push(data.subarray(start, nl))
+        this.line(Buffer.concat(this.partial))
+        this.partial = []
+        this.partialLength = 0
+      } else {
+        this.line(data.subarray(start, nl))
+      }
+      start = nl + 1
+      nl = data.indexOf(NEWLINE, start)
+    }
+    if (start < data.length) {
+      this.partial.push(data.subarray(start))
+      this.partialLength += data.length - start
+      // an endless line: keep its end only
+      while (this.partialLength > LINE_MAX && this.partial.length > 1) this.partialLength -= (this.partial.shift() as Buffer).length
+    }
+  }
+
+  private line (line: Buffer): void {
+    const keys = this.keys as FamilyKeys
+    const markers = this.markers as { marker: Buffer, token: Buffer }
+    if (line.length === 0) return
+    if (line.indexOf(markers.marker) < 0) {
+      if (line.indexOf(markers.token) >= 0) this.tokenLines++
+      return
+    }
+    this.read(line.length > LINE_MAX ? line.subarray(line.length - USAGE_TAIL).toString() : line.toString(), keys)
+  }
+
+  private read (text: string, keys: FamilyKeys): void {
+    const prompt = lastCount(text, keys.prompt)
+    const cached = lastCount(text, keys.cached)
+    const output = lastCount(text, keys.output)
+    if (prompt !== undefined) this.prompt = prompt
+    if (cached !== undefined) this.cached = cached
+    if (output !== undefined) this.output = output
+    if (this.family === 'ollama') {
+      this.promptEvalNs = lastCount(text, 'prompt_eval_duration') ?? this.promptEvalNs
+      this.loadNs = lastCount(text, 'load_duration') ?? this.loadNs
+    }
+    if (text.includes(keys.final) && (output !== undefined || prompt !== undefined)) this.finalSeen = true
+  }
+
+  /** The server's own timings, ms (Ollama's final line only): prefill of the computed prompt tokens, and the model's load. */
+  timings (): { promptEvalMs?: number, loadMs?: number } {
+    if (this.keys !== undefined && !this.lines && this.tailLength > 0 && this.promptEvalNs === undefined) this.read(Buffer.concat(this.tail).toString(), this.keys)
+    return {
+      ...(this.promptEvalNs !== undefined ? { promptEvalMs: this.promptEvalNs / 1e6 } : {}),
+      ...(this.loadNs !== undefined ? { loadMs: this.loadNs / 1e6 } : {})
+    }
+  }
+
+  /**
+   * What the answer used. A stream broken off before its final counts counts what was served:
+   * the last counts seen, its streamed token records as output when there were more of them.
+   */
+  counts (complete: boolean, statusCode: number): Partial<UsageCounts> {
+    if (statusCode < 200 || statusCode >= 300) return {}
+    if (this.family === 'image') return complete ? { images: 1 } : {}
+    const text = this.tailLength > 0 ? Buffer.concat(this.tail).toString() : ''
+    if (this.family === 'speech') {
+      // a transcription that says how long its audio was (verbose_json's duration, or usage.seconds)
+      this.seconds = lastSeconds(text, 'seconds') ?? lastSeconds(text, 'duration')
+      return this.seconds !== undefined ? { audioSeconds: this.seconds } : {}
+    }
+    const keys = this.keys as FamilyKeys
+    if (!this.lines) this.read(text, keys)
+    let output = this.output ?? 0
+    // broken off before its counts: what was served. A whole answer that states none: none.
+    if (this.lines && !this.finalSeen && !complete) output = Math.max(output, this.tokenLines)
+    return { promptTokens: this.prompt ?? 0, cachedPromptTokens: this.cached ?? 0, outputTokens: output }
+  }
+}
+
+/** What the record of one request needs from its exchange when it is written. */
+export interface RequestUsageEnd {
+  /** the assignment that served it ('' when none did) */
+  assignment: string
+  gpuSeconds: number
+  /** a gateway- or upstream-made 4xx/5xx */
+  failed: boolean
+}
+
+/**
+ * One admitted request's usage: counts added while it runs, recorded once when both its exchange
+ * has ended (`closed`) and no lease of it is still held (`released`).
+ */
+export class RequestUsage {
+  private readonly counts: Partial<UsageCounts> = {}
+  private meter?: AnswerMeter
+  private complete = false
+  private statusCode = 0
+  private closed = false
+  private recorded = false
+  private brokenOff = false
+
+  constructor (
+    private readonly entry: Pick<UsageEntry, 'client' | 'model' | 'budgetKey'>,
+    private readonly end: () => RequestUsageEnd & { holding: boolean },
+    private readonly record: (entry: UsageEntry) => void
+  ) {}
+
+  /** Counts the route knows itself (the images of a generation it made). */
+  add (counts: Partial<UsageCounts>): void {
+    for (const [k, v] of Object.entries(counts) as Array<[keyof UsageCounts, number]>) this.counts[k] = (this.counts[k] ?? 0) + v
+  }
+
+  /** The answer passed on: its chunks go to `meter.chunk`; `ended` when the upstream's answer ended whole. */
+  answer (path: string, contentType: string, statusCode: number): AnswerMeter {
+    this.meter = new AnswerMeter(familyOf(path), contentType)
+    this.statusCode = statusCode
+    this.complete = false
+    return this.meter
+  }
+
+  /** The upstream's answer ended whole. */
+  ended (): void {
+    this.complete = true
+  }
+
+  /** The upstream broke off mid-answer while the client was there: an error too. */
+  upstreamBrokeOff (): void {
+    this.brokenOff = true
+  }
+
+  /** What the answer used so far, as it will be recorded (the request's trace reads it when the exchange ends). */
+  used (): Partial<UsageCounts> {
+    return this.meter !== undefined ? this.meter.counts(this.complete, this.statusCode) : {}
+  }
+
+  /** The exchange has ended. */
+  close (): void {
+    this.closed = true
+    this.maybeRecord()
+  }
+
+  /** A lease of the request was released. */
+  released (): void {
+    this.maybeRecord()
+  }
+
+  private maybeRecord (): void {
+    if (this.recorded || !this.closed) return
+    const end = this.end()
+    if (end.holding) return
+    this.recorded = true
+    if (this.meter !== undefined) this.add(this.meter.counts(this.complete, this.statusCode))
+    this.record({
+      ...this.entry,
+      ...this.counts,
+      assignment: end.assignment,
+      requests: 1,
+      gpuSeconds: end.gpuSeconds,
+      errors: end.failed || this.brokenOff ? 1 : 0
+    })
+  }
+}
