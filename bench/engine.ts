@@ -6,7 +6,12 @@ import { Redis } from 'ioredis'
 import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
 import type { Candidate } from '../services/leases/lease-store.js'
 import { RedisLeaseStore } from '../services/leases/redis-lease-store.js'
-import { sleep } from './load.js'
+import { mean, sleep } from './load.js'
+import { fmt } from './report.js'
+import type { BenchContext } from './scenario.js'
+
+/** (d), (e)'s goal: the bigger case keeps at least this share of the grants/s */
+const COST_RATIO = 0.8
 
 export interface EngineCase {
   /** candidates of the model; all but `free` of them are held busy for the whole run */
@@ -62,4 +67,22 @@ export async function handoffRate (redisUrl: string, prefix: string, c: EngineCa
     client.disconnect()
     subscriber.disconnect()
   }
+}
+
+/**
+ * (d), (e): the same engine case twice, one thing changed, alternated so that the machine's load
+ * falls on both alike; one line, its summary and its goal (≥ 0.8×: the change must not matter).
+ */
+export async function compareEngineCases (ctx: BenchContext, name: string, what: string, base: EngineCase, big: EngineCase): Promise<void> {
+  const { lines, goals, summary } = ctx.report
+  const rates: { base: number[], big: number[] } = { base: [], big: [] }
+  for (let r = 0; r < 2; r++) {
+    rates.base.push(await handoffRate(ctx.redisUrl, `${ctx.prefix}${name}${r}a:`, base, ctx.windowMs / 2))
+    rates.big.push(await handoffRate(ctx.redisUrl, `${ctx.prefix}${name}${r}b:`, big, ctx.windowMs / 2))
+  }
+  const b = mean(rates.base)
+  const g = mean(rates.big)
+  summary[name] = { what, base, big, baseGrantsPerSecond: Math.round(b), bigGrantsPerSecond: Math.round(g), ratio: +fmt(g / b) }
+  lines.push(`(${name}) ${what}: ${Math.round(b)} vs ${Math.round(g)} grants/s (${fmt(g / b)}×)`)
+  goals.push({ goal: `${what} (${name})`, target: `≥ ${COST_RATIO}×`, reached: `${fmt(g / b)}×`, pass: g / b >= COST_RATIO })
 }

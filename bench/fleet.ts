@@ -38,3 +38,27 @@ export function inventoryFile (ports: number[]): object {
     }))
   }
 }
+
+/**
+ * (j): one Ollama server serving SHARED_MODELS models on GPU 1, one assignment per model (as the
+ * original schema records it), beside one serving a single model on GPU 2.
+ */
+export const SHARED_MODELS = 1000
+export const sharedModel = (i: number): string => `shared-${String(i).padStart(4, '0')}`
+export const SINGLE_MODEL = 'single'
+export const SHARED_GPU = '1'
+export const SINGLE_GPU = '2'
+
+/** (j)'s inventory: `ports` are the shared server's and the single-model server's. */
+export function sharedInventoryFile (ports: number[]): object {
+  return {
+    computers: [{ id: 1, name: 'bench', ip: '127.0.0.1' }],
+    gpus: [SHARED_GPU, SINGLE_GPU].map((id) => ({ id: Number(id), computer: 1, name: `gpu ${id}`, weight: 1 })),
+    assignments: [
+      ...Array.from({ length: SHARED_MODELS }, (_, i) => ({
+        id: i + 1, name: `shared-${i}`, model: sharedModel(i), kind: 'llm', port: ports[0], gpus: [Number(SHARED_GPU)]
+      })),
+      { id: SHARED_MODELS + 1, name: 'single', model: SINGLE_MODEL, kind: 'llm', port: ports[1], gpus: [Number(SINGLE_GPU)] }
+    ]
+  }
+}

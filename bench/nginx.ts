@@ -10,6 +10,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { killOnExit } from './processes.js'
 
 const NGINX = '/usr/sbin/nginx'
 
@@ -31,6 +32,15 @@ export function nginxConfig (dir: string, listenPort: number, upstreams: NginxUp
   // Host as the upstream's own host:port (Ollama on loopback refuses other names, and so does the
   // simulator); set per location, as a location's proxy_set_header replaces the inherited ones.
   const locations = upstreams.map((u) => `    location /${u.name}/ { proxy_pass http://${u.name}/; proxy_set_header Host 127.0.0.1:${u.port}; proxy_set_header Connection ""; }`).join('\n')
+  return httpConfig(dir, `${blocks}
+  server {
+    listen 127.0.0.1:${listenPort};
+${locations}
+  }`)
+}
+
+/** The process and http settings both configurations share, around their upstreams and server. */
+function httpConfig (dir: string, body: string): string {
   return `daemon off;
 master_process on;
 worker_processes 1;
@@ -48,13 +58,24 @@ http {
   proxy_http_version 1.1;
   proxy_buffering off;
   proxy_request_buffering off;
-${blocks}
-  server {
-    listen 127.0.0.1:${listenPort};
-${locations}
-  }
+${body}
 }
 `
+}
+
+/**
+ * One upstream of `ports` balanced by nginx (`round-robin`, its default, or `least_conn`), every
+ * path proxied to it: what a user puts in front of a fleet without a gateway (Scheduler v3's
+ * scenarios). No buffering, so a streamed answer's first line passes at once.
+ */
+export function nginxBalancerConfig (dir: string, listenPort: number, ports: number[], method: 'round-robin' | 'least_conn'): string {
+  const servers = ports.map((p) => `server 127.0.0.1:${p};`).join(' ')
+  const balance = method === 'least_conn' ? 'least_conn; ' : ''
+  return httpConfig(dir, `  upstream fleet { ${balance}${servers} keepalive 64; }
+  server {
+    listen 127.0.0.1:${listenPort};
+    location / { proxy_pass http://fleet; proxy_set_header Host 127.0.0.1; proxy_set_header Connection ""; proxy_read_timeout 600s; }
+  }`)
 }
 
 /**
@@ -62,16 +83,25 @@ ${locations}
  * (one core's worth of event loop), so one nginx worker is the like-for-like comparison.
  */
 export async function startNginx (dir: string, listenPort: number, upstreams: NginxUpstream[]): Promise<{ child: ChildProcess, url: string }> {
-  const binary = nginxBinary()
   await mkdir(dir, { recursive: true })
+  return await launchNginx(dir, nginxConfig(dir, listenPort, upstreams), `http://127.0.0.1:${listenPort}`, `/${upstreams[0].name}/`)
+}
+
+/** nginx balancing over `ports` (nginxBalancerConfig). */
+export async function startBalancingNginx (dir: string, listenPort: number, ports: number[], method: 'round-robin' | 'least_conn'): Promise<{ child: ChildProcess, url: string }> {
+  await mkdir(dir, { recursive: true })
+  return await launchNginx(dir, nginxBalancerConfig(dir, listenPort, ports, method), `http://127.0.0.1:${listenPort}`, '/')
+}
+
+async function launchNginx (dir: string, config: string, url: string, probePath: string): Promise<{ child: ChildProcess, url: string }> {
+  const binary = nginxBinary()
   const conf = join(dir, 'nginx.conf')
-  await writeFile(conf, nginxConfig(dir, listenPort, upstreams))
+  await writeFile(conf, config)
   const child = spawn(binary, ['-p', dir, '-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] })
-  process.once('exit', () => child.kill('SIGKILL'))
+  killOnExit(child)
   let stderr = ''
   child.stderr?.on('data', (chunk: Buffer) => { stderr += chunk.toString() })
-  const url = `http://127.0.0.1:${listenPort}`
-  const probe = `${url}/${upstreams[0].name}/`
+  const probe = `${url}${probePath}`
   const deadline = Date.now() + 10_000
   for (;;) {
     if (child.exitCode != null) throw new Error(`nginx exited at start: ${stderr.trim()}`)

@@ -55,6 +55,13 @@ export class ModelRunners {
   private waiters: Array<() => void> = []
   /** per model, the requests waiting for a slot, in arrival order (Ollama queues inside) */
   private readonly queues = new Map<string, number[]>()
+  /**
+   * the requests waiting for room to load their model (ticket → model). Ollama's scheduler takes
+   * waiting requests in arrival order across models: a later request neither takes a slot ahead of
+   * these nor evicts a model an earlier request still waits for (else two models evict each other
+   * before either runs).
+   */
+  private readonly blocked = new Map<number, string>()
   private tickets = 0
 
   constructor (readonly opts: RunnerOptions) {}
@@ -83,7 +90,8 @@ export class ModelRunners {
       this.expire()
       const r = this.resident.get(key)
       if (r !== undefined) {
-        if (r.busy < this.opts.numParallel && queue[0] === ticket) {
+        if (r.busy < this.opts.numParallel && queue[0] === ticket && !this.blockedBefore(ticket, key)) {
+          this.blocked.delete(ticket)
           queue.shift()
           if (queue.length === 0) this.queues.delete(key)
           else this.wake() // the next in line may fit too
@@ -99,10 +107,11 @@ export class ModelRunners {
           continue
         }
         if (this.resident.size + this.loading.size >= this.opts.maxLoadedModels) {
-          const idle = [...this.resident].filter(([, x]) => x.busy === 0).sort(([, a], [, b]) => a.lastUsed - b.lastUsed)[0]
+          const idle = [...this.resident].filter(([k, x]) => x.busy === 0 && !this.queuedBefore(k, ticket)).sort(([, a], [, b]) => a.lastUsed - b.lastUsed)[0]
           if (idle !== undefined) this.drop(idle[0])
         }
         if (this.resident.size + this.loading.size < this.opts.maxLoadedModels) {
+          this.blocked.delete(ticket)
           const load = sleep(this.opts.loadMs).then(() => {
             this.loading.delete(key)
             this.resident.set(key, { name, expiresAt: Infinity, contextLength, busy: 0, lastUsed: performance.now() })
@@ -114,9 +123,22 @@ export class ModelRunners {
           await load
           continue
         }
+        this.blocked.set(ticket, key)
       }
       await new Promise<void>(resolve => this.waiters.push(resolve))
     }
+  }
+
+  /** An earlier request waits for room to load another model. */
+  private blockedBefore (ticket: number, key: string): boolean {
+    for (const [t, k] of this.blocked) if (t < ticket && k !== key) return true
+    return false
+  }
+
+  /** An earlier request than `ticket` waits for a slot on `key`'s model. */
+  private queuedBefore (key: string, ticket: number): boolean {
+    const q = this.queues.get(key)
+    return q !== undefined && q.length > 0 && q[0] < ticket
   }
 
   /** A request's slot back; the model stays until `expiresAt` (Date.now() ms). */
