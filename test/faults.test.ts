@@ -1,10 +1,8 @@
 // What the gateway does when its parts fail: upstreams, Redis, MariaDB, and replicas that die or
 // are told to stop (issue 3). Replicas that must die run as server processes of their own (server.ts).
 import t, { type Test } from 'tap'
-import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import net from 'node:net'
-import { tmpdir } from 'node:os'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
@@ -14,7 +12,8 @@ import { startFleet, type TestFleet } from './helpers/gateway.js'
 // redis-server binds its port itself (helpers/private-redis.ts).
 import { privateRedis } from './helpers/private-redis.js'
 import { RedisLeaseStore } from '../services/leases/redis-lease-store.js'
-import { SERVER, TS_LOADER } from './helpers/ts-loader.js'
+// Replicas that must die: server.ts as a process of its own.
+import { envOf, spawnGateway } from './helpers/child-gateway.js'
 
 type Teardown = Pick<Test, 'teardown'>
 
@@ -151,74 +150,6 @@ async function tcpProxy (t: Teardown, target: { host: string, port: number }): P
       dropAll()
       if (!server.listening) await listen(port)
     }
-  }
-}
-
-/* ---------------------------------------------------------------------------------------------
- * The server as a child process (`server.ts` through the tests' loader), configured by environment.
- */
-interface Child {
-  url: string
-  proc: ChildProcess
-  /** Resolves when the process has exited. */
-  exited: Promise<{ code: number | null, signal: NodeJS.Signals | null }>
-  /** Its log lines, parsed. */
-  logs: any[]
-}
-
-async function spawnGateway (t: Teardown, env: Record<string, string | number | undefined>): Promise<Child> {
-  // A clean environment: no tap loader in NODE_OPTIONS, no developer's variables.
-  const base: Record<string, string> = {}
-  for (const [k, v] of Object.entries(process.env)) {
-    if (v !== undefined && !/^(NODE_OPTIONS|TAP|_TAPJS|MARIADB|REDIS|ConnectionStrings|INVENTORY|LEASE|QUEUE|STARVATION|API_KEYS|ADMIN_TOKEN|PORT|HOST)/.test(k)) base[k] = v
-  }
-  for (const [k, v] of Object.entries(env)) if (v !== undefined) base[k] = String(v)
-  // Run from a scratch directory so no `.env` is read.
-  const proc = spawn(process.execPath, [...TS_LOADER, SERVER], {
-    cwd: tmpdir(),
-    env: { ...base, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info' },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => {
-    proc.once('exit', (code, signal) => resolve({ code, signal }))
-  })
-  t.teardown(async () => {
-    if (proc.exitCode == null && proc.signalCode == null) proc.kill('SIGKILL')
-    await exited
-  })
-  const logs: any[] = []
-  let stderr = ''
-  proc.stderr?.on('data', (d: Buffer) => { stderr += d.toString() })
-  const url = await new Promise<string>((resolve, reject) => {
-    let pending = ''
-    proc.stdout?.on('data', (d: Buffer) => {
-      pending += d.toString()
-      let nl
-      while ((nl = pending.indexOf('\n')) >= 0) {
-        const line = pending.slice(0, nl)
-        pending = pending.slice(nl + 1)
-        try {
-          const entry = JSON.parse(line)
-          logs.push(entry)
-          const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(String(entry.msg))
-          if (m != null) resolve(m[1])
-        } catch {
-          logs.push(line)
-        }
-      }
-    })
-    void exited.then(({ code, signal }) => reject(new Error(`gateway exited (${code ?? signal}) before listening: ${stderr}`)))
-  })
-  return { url, proc, exited, logs }
-}
-
-function envOf (fleet: TestFleet, extra: Record<string, string | number> = {}): Record<string, string | number | undefined> {
-  const o = fleet.options as Record<string, unknown>
-  return {
-    MARIADB_URL: o.MARIADB_URL as string,
-    REDIS_URL: o.REDIS_URL as string,
-    REDIS_KEY_PREFIX: o.REDIS_KEY_PREFIX as string,
-    ...extra
   }
 }
 
