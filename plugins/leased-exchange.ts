@@ -10,7 +10,7 @@ import { frameAnswer, renameModel } from '../services/http/stream-framing.js'
 import { withModel } from '../services/http/ollama-normalizer.js'
 import type { AnswerMeter } from '../services/usage/usage-capture.js'
 import { bodyTooLarge, refusedBody, timedOut, unreachable } from '../services/http/upstream-failure.js'
-import { fingerprintOf, fingerprints, type PromptFingerprint } from '../services/scheduling/prefix-fingerprint.js'
+import { fingerprints } from '../services/scheduling/prefix-fingerprint.js'
 
 export interface LeasedForward extends LeaseTarget {
   /** The upstream path: always the route's own, never taken from the client's URL. */
@@ -60,9 +60,9 @@ export default fp(async function leasedExchange (fastify) {
 
 /** Lease a GPU server for the model, forward the body to it, stream the answer back. */
 async function forwardLeased (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward): Promise<FastifyReply> {
-  // Scheduler v3: the prompt's fingerprints, from the body as sent (never changed)
+  // Scheduler v3: the prompt's fingerprints, taken from the parsed body when the route forgot it
   if (target.kind === 'llm' && target.prompt === undefined && target.body != null && fingerprints(target.path)) {
-    target = { ...target, prompt: promptOf(target.path, target.body, request.headers['x-session-id']) }
+    target = { ...target, prompt: request.promptFingerprint }
   }
   const leases = fastify.candidateLeases(request, reply, target)
 
@@ -180,14 +180,6 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
   })
 }
 
-/** The fingerprints of a JSON body (an unparsable one has none: the route has refused it already). */
-function promptOf (path: string, body: string, sessionId: string | string[] | undefined): PromptFingerprint | undefined {
-  try {
-    return fingerprintOf(path, JSON.parse(body), typeof sessionId === 'string' ? sessionId : undefined)
-  } catch {
-    return undefined
-  }
-}
 
 /**
  * What the client is sent passes through the usage meter: a chunk is seen as it is written on, so

@@ -6,6 +6,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import type { TSchema } from '@sinclair/typebox'
 import { caseVariantKey } from '../services/http/case-variant-keys.js'
 import { GatewayError } from '../services/http/errors.js'
+import { fingerprintOf, fingerprintPathOf, type PromptFingerprint } from '../services/scheduling/prefix-fingerprint.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -17,6 +18,11 @@ declare module 'fastify' {
      * request holds one copy.
      */
     forgetBody: () => void
+    /**
+     * The prompt's fingerprints (scheduler v3), taken from the parsed body when the route forgets
+     * it: a second parse of the forwarded text would hold another copy of a large body.
+     */
+    promptFingerprint?: PromptFingerprint
   }
 }
 
@@ -28,7 +34,13 @@ declare module 'fastify' {
 export default fp(async function requestBody (fastify) {
   const bodyLimit = fastify.maestroConfig.bodyLimit
   fastify.decorateRequest('rawBody', undefined)
+  fastify.decorateRequest('promptFingerprint', undefined)
   fastify.decorateRequest('forgetBody', function (this: FastifyRequest) {
+    const path = fingerprintPathOf(this.routeOptions.url)
+    if (path !== undefined && this.body != null) {
+      const session = this.headers['x-session-id']
+      this.promptFingerprint = fingerprintOf(path, this.body, typeof session === 'string' ? session : undefined)
+    }
     // Only the model stays (the access log names it, found or not).
     const model = (this.body as { model?: unknown } | undefined)?.model
     this.body = typeof model === 'string' ? { model } : undefined

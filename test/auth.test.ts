@@ -118,6 +118,7 @@ const PASSED: Record<string, number> = {
   'POST /img2img': 404, // the upstream's own {"detail":"File not found"}: file_id "none"
   // models and leases that do not exist: the route ran and said so
   'POST /gpu/reserve': 404,
+  'DELETE /admin/aliases/*': 404, // no alias named 'm'
   'POST /gpu/ping': 404,
   'POST /gpu/release': 404,
   'DELETE /gpu/cache': 200,

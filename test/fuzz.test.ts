@@ -383,13 +383,15 @@ function forwardedWhatItMustNot (path: string, method: string, outcome: Outcome,
 t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, every answer in the contract, every GPU free`, async (t) => {
   t.comment(`seed ${SEED} (replay: FUZZ_SEED=${SEED} npx tap test/fuzz.test.ts)`)
   const fleet = await startFleet(t, {
-    gpus: [1, 1, 1, 1, 1],
+    gpus: [1, 1, 1, 1, 1, 1],
     upstreams: [
       { model: 'm', gpus: [0], simulator: { tokens: 3, tokenDelayMs: 5, models: ['m:latest'] } },
       { model: 'big', gpus: [1, 2], simulator: { tokens: 3, tokenDelayMs: 5 } },
       { model: 'm2', gpus: [2], simulator: { tokens: 3, tokenDelayMs: 5 } },
       { model: 'sd', kind: 'diffusor', gpus: [3], simulator: { imageDelayMs: 5 } },
-      { model: 'w', kind: 'speech', gpus: [4], simulator: { tokenDelayMs: 5 } }
+      { model: 'w', kind: 'speech', gpus: [4], simulator: { tokenDelayMs: 5 } },
+      // answers slowly: still in flight when the release below arrives, however loaded the machine
+      { model: 'slow', gpus: [5], simulator: { tokens: 3, tokenDelayMs: 1000 } }
     ],
     options: { API_KEYS: API_KEY, ADMIN_TOKEN, BODY_LIMIT, BODY_MEMORY_LIMIT: BODY_MEMORY, QUEUE_TIMEOUT_MS: 4000, UPSTREAM_HEADERS_TIMEOUT_MS: 5000 }
   })
@@ -480,7 +482,7 @@ t.test(`fuzz: generated requests for ${BUDGET_MS} ms leave the gateway serving, 
   const served = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"big","prompt":"x","stream":false}' })
   t.equal(served.status, 200, 'and still serves')
   // The authorised release by GPU ids the fuzz sends, once for certain: GPUs in flight are refused.
-  const inFlight = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"m","prompt":"x"}' })
+  const inFlight = await fetch(url + '/api/generate', { method: 'POST', headers: { authorization: `Bearer ${API_KEY}` }, body: '{"model":"slow","prompt":"x"}' })
   const gpu = inFlight.headers.get('x-maestro-gpus') ?? ''
   const refused = await fetch(url + '/gpu/release', { method: 'POST', headers: { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ gpuIds: [gpu] }) })
   t.equal(refused.status, 409, `releasing GPU ${gpu} under a request in flight is refused`)

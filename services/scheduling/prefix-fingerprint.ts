@@ -46,6 +46,13 @@ export function fingerprints (path: string): boolean {
   return MESSAGE_PATHS.has(path) || PROMPT_PATHS.has(path)
 }
 
+/** The fingerprinted API path a route's URL ends with (`/maestro/api/chat` → `/api/chat`), if any. */
+export function fingerprintPathOf (routeUrl: string | undefined): string | undefined {
+  if (routeUrl === undefined) return undefined
+  for (const path of [...MESSAGE_PATHS, ...PROMPT_PATHS]) if (routeUrl.endsWith(path)) return path
+  return undefined
+}
+
 type Body = Record<string, unknown>
 
 /** The text of a message's content, whatever its shape (a string, or parts with `text`). */
