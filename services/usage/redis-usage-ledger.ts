@@ -17,7 +17,7 @@ import {
  *                      day past the window's end (key names have no ':')
  * services/lua/usage-seal-1.lua and usage-read-1.lua read and move them atomically.
  */
-const SCRIPT_FILES = ['usage-seal-1', 'usage-read-1']
+const SCRIPT_FILES = ['usage-seal-1', 'usage-read-1', 'usage-record-1']
 
 type Command = (...args: Array<string | number>) => Promise<unknown>
 
@@ -41,12 +41,49 @@ function hourOfBatch (id: string): number {
   return Number(id.slice(id.lastIndexOf(':') + 1))
 }
 
+/** What one turn of the event loop recorded, summed per field (services/lua/usage-record-1.lua's arguments). */
+class PendingUsage {
+  /** hour → field → [amount, fractional] */
+  readonly hours = new Map<number, Map<string, [number, boolean]>>()
+  /** budget key suffix → [tokens, time to live ms] */
+  private readonly budgets = new Map<string, [number, number]>()
+  resolve: () => void = () => {}
+  readonly done = new Promise<void>((resolve) => { this.resolve = resolve })
+
+  add (hour: number, field: string, n: number, fractional: boolean): void {
+    let fields = this.hours.get(hour)
+    if (fields === undefined) {
+      fields = new Map()
+      this.hours.set(hour, fields)
+    }
+    const was = fields.get(field)
+    if (was === undefined) fields.set(field, [n, fractional])
+    else was[0] += n
+  }
+
+  addBudget (suffix: string, tokens: number, ttlMs: number): void {
+    const was = this.budgets.get(suffix)
+    this.budgets.set(suffix, [(was?.[0] ?? 0) + tokens, ttlMs])
+  }
+
+  args (): Array<string | number> {
+    const out: Array<string | number> = [this.hours.size]
+    for (const [hour, fields] of this.hours) {
+      out.push(hour, fields.size)
+      for (const [field, [n, fractional]] of fields) out.push(field, n, fractional ? 'f' : 'i')
+    }
+    for (const [suffix, [tokens, ttlMs]] of this.budgets) out.push(suffix, tokens, ttlMs)
+    return out
+  }
+}
+
 /** The buffer in the lease store's Redis, shared by every replica. */
 export class RedisUsageLedger implements UsageLedger {
   private readonly client: Redis | Cluster
   private readonly prefix: string
   private readonly sealScript: Command
   private readonly readScript: Command
+  private readonly recordScript: Command
 
   constructor (private readonly opts: RedisUsageLedgerOptions) {
     this.client = opts.client
@@ -57,47 +94,58 @@ export class RedisUsageLedger implements UsageLedger {
     }
     this.sealScript = commands['usage-seal'].bind(opts.client)
     this.readScript = commands['usage-read'].bind(opts.client)
+    this.recordScript = commands['usage-record'].bind(opts.client)
   }
 
   private get hoursKey (): string {
     return this.prefix + 'usage:hours'
   }
 
+  /**
+   * Counts the entry with the others recorded in the same turn of the event loop: one script call
+   * per turn, not a transaction of a dozen commands per request (the hot path's largest cost).
+   * Resolves once that call is answered.
+   */
   async record (entry: UsageEntry): Promise<void> {
+    let turn = this.turn
+    if (turn === undefined) {
+      turn = new PendingUsage()
+      this.turn = turn
+      setImmediate(() => { void this.flush() })
+    }
     try {
       const e = normaliseEntry(entry)
       this.opts.observe?.(e)
-      const key = `${this.prefix}usage:h:${e.hour}`
-      // One transaction: a seal (a script) never runs between the counts and the hour's listing.
-      const tx = this.client.multi()
       for (const counter of USAGE_COUNTERS) {
         const n = e.counts[counter]
-        if (n === 0) continue
-        const field = cellField(e.client, e.model, e.assignment, counter)
-        if (FRACTIONAL_COUNTERS.has(counter)) tx.hincrbyfloat(key, field, n)
-        else tx.hincrby(key, field, n)
+        if (n !== 0) turn.add(e.hour, cellField(e.client, e.model, e.assignment, counter), n, FRACTIONAL_COUNTERS.has(counter))
       }
-      tx.zadd(this.hoursKey, e.hour, String(e.hour))
       const tokens = budgetTokens(e.counts)
       if (entry.budgetKey !== undefined && tokens > 0) {
         const at = entry.at ?? Date.now()
         const w = budgetWindows(at)
         // relative expiries: right whatever clock `at` came from
-        for (const [key, end] of [[this.budgetKey('d', w.day, entry.budgetKey), w.dayEnd], [this.budgetKey('m', w.month, entry.budgetKey), w.monthEnd]] as const) {
-          tx.incrby(key, tokens)
-          tx.pexpire(key, end - at + DAY_MS)
-        }
+        turn.addBudget(`d:${w.day}:${entry.budgetKey}`, tokens, w.dayEnd - at + DAY_MS)
+        turn.addBudget(`m:${w.month}:${entry.budgetKey}`, tokens, w.monthEnd - at + DAY_MS)
       }
-      const retention = this.opts.retentionMs
-      if (retention !== undefined) {
-        tx.pexpireat(key, e.hour + retention)
-        tx.zremrangebyscore(this.hoursKey, '-inf', `(${Date.now() - retention}`)
-      }
-      const results = await tx.exec()
-      const failed = results?.find(([err]) => err != null)
-      if (failed != null) throw failed[0]
     } catch (err) {
       this.opts.onError?.(err)
+    }
+    await turn.done
+  }
+
+  private turn: PendingUsage | undefined
+
+  private async flush (): Promise<void> {
+    const turn = this.turn
+    if (turn === undefined) return
+    this.turn = undefined
+    try {
+      await this.recordScript(this.hoursKey, this.opts.retentionMs ?? 0, Date.now(), ...turn.args())
+    } catch (err) {
+      this.opts.onError?.(err)
+    } finally {
+      turn.resolve()
     }
   }
 
