@@ -76,7 +76,7 @@ export default fp(async function candidateLeasesPlugin (fastify) {
           reply.header('x-maestro-gpus', held.lease.gpuIds.join(','))
           reply.header('x-maestro-queue-ms', held.lease.queuedMs.toFixed(1))
           if (held.route !== undefined) reply.header('x-maestro-route', held.route)
-          if (held.plan !== undefined && target.prompt !== undefined && fastify.scheduling.affinity !== undefined) {
+          if (held.plan?.chose === true && target.prompt !== undefined && fastify.scheduling.affinity !== undefined) {
             fastify.metrics.affinity.inc({ result: held.plan.hit !== undefined ? 'hit' : 'miss' })
             const saved = scheduler.savedTokens(held.plan, held.assignment)
             if (saved > 0) fastify.metrics.prefillTokensSaved.inc(saved)

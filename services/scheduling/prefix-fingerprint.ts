@@ -7,10 +7,13 @@
  * same beginning matches. A client that names its conversation (OpenAI's `prompt_cache_key`, then
  * `user`, then the header `X-Session-Id`) is matched by that name alone.
  *
+ * The hash is a running 64-bit one (PrefixHash), not a cryptographic digest: Node's sha256 costs
+ * more to set up and to copy per prefix than a short prompt costs to hash, and the map is only a
+ * hint (a collision sends one request to a server without its prefix; nothing else rests on it).
+ *
  * Token counts are estimates: characters / 4 (what a tokenizer gives for English text, roughly;
  * the servers' own counts correct the fairness charge when the answer ends). No Fastify here.
  */
-import { createHash } from 'node:crypto'
 
 /** Characters per estimated token. */
 export const CHARS_PER_TOKEN = 4
@@ -34,6 +37,37 @@ export interface PromptFingerprint {
   promptTokens: number
   /** The output tokens asked for at most, when the body says (`num_predict`, `max_tokens`, ...). */
   maxOutputTokens?: number
+}
+
+/**
+ * A running hash of text, snapshot at every prefix: two 32-bit lanes multiplied per character, and
+ * cyrb53's final mix on digest (which leaves the running state as it was).
+ */
+export class PrefixHash {
+  private h1 = 0xdeadbeef
+  private h2 = 0x41c6ce57
+
+  update (text: string): this {
+    let h1 = this.h1
+    let h2 = this.h2
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i)
+      h1 = Math.imul(h1 ^ c, 2654435761)
+      h2 = Math.imul(h2 ^ c, 1597334677)
+    }
+    this.h1 = h1
+    this.h2 = h2
+    return this
+  }
+
+  /** The hash of everything so far, 13 or fewer characters per lane. */
+  digest (): string {
+    let h1 = Math.imul(this.h1 ^ (this.h1 >>> 16), 2246822507)
+    h1 ^= Math.imul(this.h2 ^ (this.h2 >>> 13), 3266489909)
+    let h2 = Math.imul(this.h2 ^ (this.h2 >>> 16), 2246822507)
+    h2 ^= Math.imul(h1 ^ (h1 >>> 13), 3266489909)
+    return (h1 >>> 0).toString(36) + '.' + (h2 >>> 0).toString(36)
+  }
 }
 
 const estimate = (chars: number): number => Math.ceil(chars / CHARS_PER_TOKEN)
@@ -81,7 +115,7 @@ function bounded (hashes: string[], tokens: number[], held: number[]): { hashes:
 
 /** The cumulative hashes of a sequence of parts (each part's JSON text). */
 function cumulative (parts: unknown[]): { hashes: string[], tokens: number[], held: number[], chars: number } {
-  const hash = createHash('sha256')
+  const hash = new PrefixHash()
   const hashes: string[] = []
   const tokens: number[] = []
   const held: number[] = []
@@ -93,7 +127,7 @@ function cumulative (parts: unknown[]): { hashes: string[], tokens: number[], he
     // a length before each part: no two different lists of parts hash alike
     hash.update(`${text.length}:`).update(text)
     chars += textLength(part)
-    hashes.push(hash.copy().digest('base64url').slice(0, 22))
+    hashes.push(hash.digest())
     tokens.push(estimate(chars))
     held.push(estimate(chars))
   }
@@ -104,7 +138,7 @@ const isAssistant = (part: unknown): boolean => part != null && typeof part === 
 
 /** The hashes of a bare prompt at every PROMPT_CHUNK_CHARS characters and at its end. */
 function chunked (prefix: string, prompt: string): { hashes: string[], tokens: number[], held: number[], chars: number } {
-  const hash = createHash('sha256').update(`${prefix.length}:`).update(prefix)
+  const hash = new PrefixHash().update(`${prefix.length}:`).update(prefix)
   const hashes: string[] = []
   const tokens: number[] = []
   let at = 0
@@ -112,7 +146,7 @@ function chunked (prefix: string, prompt: string): { hashes: string[], tokens: n
     const end = Math.min(prompt.length, at + PROMPT_CHUNK_CHARS)
     hash.update(prompt.slice(at, end))
     // a partial last chunk is hashed too: the same prompt again matches whole
-    hashes.push(hash.copy().digest('base64url').slice(0, 22))
+    hashes.push(hash.digest())
     tokens.push(estimate(prefix.length + end))
     at = end
   }
@@ -148,7 +182,7 @@ export function fingerprintOf (path: string, body: unknown, sessionId?: string):
   // A conversation named by the client: that name is its one fingerprint.
   const named = [b.prompt_cache_key, b.user, sessionId].find((v) => typeof v === 'string' && v !== '') as string | undefined
   if (named !== undefined) {
-    const hash = 'k' + createHash('sha256').update(named).digest('base64url').slice(0, 22)
+    const hash = 'k' + new PrefixHash().update(named).digest()
     return { hashes: [hash], tokens: [promptTokens], held: [promptTokens], promptTokens, ...(maxOutputTokens !== undefined ? { maxOutputTokens } : {}) }
   }
   if (parts.hashes.length === 0) return undefined

@@ -9,7 +9,8 @@
  * best other server, capped at AFFINITY_MAX_WAIT_MS), then in its model's whole line. Taken only
  * when the expected wait there (from the store's status) is below that margin. No Fastify here.
  *
- * Cost per request: one affinity read (an HMGET of at most 8 fields); the status read only when
+ * Cost per request: none with one candidate; else one affinity read (an HMGET of at most 8
+ * fields) and one write once leased; the status read only when
  * a wait is worth considering. Candidates considered are bounded (the holder, up to
  * PREFERRED_MAX warm ones, one cold one): O(1) in fleet size and queue length.
  */
@@ -48,6 +49,8 @@ export interface Plan {
   /** Estimated prompt tokens (for the fairness charge and the prefill saved). */
   promptTokens: number
   estimates: Estimate[]
+  /** There was a choice (more than one candidate): the map was read, and the lease is remembered in it. */
+  chose: boolean
 }
 
 export class Scheduler {
@@ -65,6 +68,8 @@ export class Scheduler {
 
   async plan (choice: readonly Assignment[], model: string, queue: string, prompt: PromptFingerprint | undefined): Promise<Plan> {
     const promptTokens = prompt?.promptTokens ?? 0
+    // One candidate (a model on one server): nothing to choose, nothing to read or remember.
+    if (choice.length < 2) return { preferred: choice.map((a) => a.id), promptTokens, estimates: [], chose: false }
     const found = await this.lookup(model, prompt)
 
     const holder = found === undefined ? undefined : choice.find((a) => a.id === found.assignmentId)
@@ -85,7 +90,7 @@ export class Scheduler {
     if (cold !== undefined) add(cold, 0)
     const estimates = rank(views, promptTokens, this.deps.rates)
     const preferred = estimates.filter((e) => e.assignmentId !== cold?.id).map((e) => e.assignmentId)
-    const plan: Plan = { preferred, promptTokens, estimates, ...(hit !== undefined ? { hit } : {}) }
+    const plan: Plan = { preferred, promptTokens, estimates, chose: true, ...(hit !== undefined ? { hit } : {}) }
     if (this.deps.maxWaitMs <= 0 || estimates.length < 2) return plan
     // Who would be worth waiting for: the holder when it is the cheapest, else the warm servers
     // when a cold one is the alternative.
