@@ -217,6 +217,22 @@ export class GatewayFleet {
     throw new Error('the gateway wrote no trace')
   }
 
+  /**
+   * Short runs of each side in turn, `rounds` times, merged per side: a change in the machine's
+   * load falls on every side alike. A side's own options (a trace) add to the shared ones.
+   */
+  async alternate<Side extends string> (sides: Record<Side, Target[] | { targets: Target[], opts: Partial<MeasureOptions> }>, rounds: number, opts: MeasureOptions): Promise<Record<Side, Run>> {
+    const runs = new Map<Side, Run[]>()
+    for (let r = 0; r < rounds; r++) {
+      for (const [side, spec] of Object.entries(sides) as Array<[Side, Target[] | { targets: Target[], opts: Partial<MeasureOptions> }]>) {
+        const [targets, own] = Array.isArray(spec) ? [spec, {}] : [spec.targets, spec.opts]
+        const run = await this.measure(targets, { ...opts, ...own })
+        runs.set(side, [...(runs.get(side) ?? []), run])
+      }
+    }
+    return Object.fromEntries([...runs].map(([side, list]) => [side, merged(list)])) as Record<Side, Run>
+  }
+
   async measure (targets: Target[], opts: MeasureOptions): Promise<Run> {
     const { redisUrl } = this.ctx
     const meter = new CpuMeter()

@@ -1,6 +1,6 @@
 import { cpuText, type Role } from '../cpu.js'
-import { GPUS, generate, merged, type Run } from '../gateway-fleet.js'
-import { percentile } from '../load.js'
+import { GPUS, generate, type Run } from '../gateway-fleet.js'
+import { percentile, type Target } from '../load.js'
 import { scriptSummary, scriptText } from '../redis-work.js'
 import { fmt } from '../report.js'
 import type { Scenario } from '../scenario.js'
@@ -17,29 +17,16 @@ export const scenario: Scenario = {
   run: async (ctx) => {
     const fleet = ctx.fleet!
     const { lines, goals, summary } = ctx.report
-    const { windowMs } = ctx
-    const measure = fleet.measure.bind(fleet)
-    const gw = fleet.gateway.url
-    const direct = fleet.direct
-    const viaNginx = fleet.viaNginx
-    const inMemory = fleet.inMemory
-    const bare = fleet.bare
     const all = Array.from({ length: GPUS }, (_, i) => i)
+    const clients = (url: (i: number) => string): Target[] => all.map((i) => generate(url(i), i))
     process.stderr.write(`bench: (a) ${GPUS} GPUs, ${GPUS} clients\n`)
-    // Alternate direct, nginx and gateway runs, so that a change in the machine's load falls on all alike.
-    const runs: { direct: Run[], nginx: Run[], gateway: Run[], memory: Run[], bare: Run[] } = { direct: [], nginx: [], gateway: [], memory: [], bare: [] }
-    for (let r = 0; r < 2; r++) {
-      runs.direct.push(await measure(all.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-      runs.nginx.push(await measure(all.map((i) => generate(viaNginx(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-      runs.gateway.push(await measure(all.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-      runs.memory.push(await measure(all.map((i) => generate(inMemory, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-      runs.bare.push(await measure(all.map((i) => generate(bare, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-    }
-    const d = merged(runs.direct)
-    const n = merged(runs.nginx)
-    const g = merged(runs.gateway)
-    const m = merged(runs.memory)
-    const b = merged(runs.bare)
+    const { direct: d, nginx: n, gateway: g, memory: m, bare: b } = await fleet.alternate({
+      direct: clients(fleet.direct),
+      nginx: clients(fleet.viaNginx),
+      gateway: clients(() => fleet.gateway.url),
+      memory: clients(() => fleet.inMemory),
+      bare: clients(() => fleet.bare)
+    }, 2, { warmupMs: 500, durationMs: ctx.windowMs / 2 })
     /** µs of the proxy's CPU per request */
     const perRequest = (r: Run, role: Role): number => (r.cpu[role] ?? NaN) * 10 / r.requestsPerSecond * 1000
     const floorRow = (r: Run, role: Role): object => ({ rps: Math.round(r.requestsPerSecond), cpuPerRequestUs: Math.round(perRequest(r, role)), toNginx: +fmt(r.requestsPerSecond / n.requestsPerSecond, 3) })

@@ -1,7 +1,7 @@
 import { cpuText } from '../cpu.js'
 import { WIDE_TOKEN_MS, WIDE_TOKENS } from '../fleet.js'
-import { WAITERS, WIDE, generate, merged, type Run } from '../gateway-fleet.js'
-import { percentile } from '../load.js'
+import { WAITERS, WIDE, generate } from '../gateway-fleet.js'
+import { percentile, type Target } from '../load.js'
 import { fmt } from '../report.js'
 import type { Scenario } from '../scenario.js'
 
@@ -16,19 +16,12 @@ export const scenario: Scenario = {
   run: async (ctx) => {
     const fleet = ctx.fleet!
     const { lines, goals, summary } = ctx.report
-    const { windowMs } = ctx
-    const measure = fleet.measure.bind(fleet)
-    const gw = fleet.gateway.url
-    const direct = fleet.direct
     process.stderr.write('bench: (f) a capacity-4 server, 16 clients\n')
-    const runs: { direct: Run[], gateway: Run[] } = { direct: [], gateway: [] }
-    const clients = Array.from({ length: WAITERS }, () => WIDE)
-    for (let r = 0; r < 2; r++) {
-      runs.direct.push(await measure(clients.map((i) => generate(direct(i), i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-      runs.gateway.push(await measure(clients.map((i) => generate(gw, i)), { warmupMs: 500, durationMs: windowMs / 2 }))
-    }
-    const d = merged(runs.direct)
-    const g = merged(runs.gateway)
+    const clients = (url: string): Target[] => Array.from({ length: WAITERS }, () => generate(url, WIDE))
+    const { direct: d, gateway: g } = await fleet.alternate({
+      direct: clients(fleet.direct(WIDE)),
+      gateway: clients(fleet.gateway.url)
+    }, 2, { warmupMs: 500, durationMs: ctx.windowMs / 2 })
     const ratio = g.requestsPerSecond / d.requestsPerSecond
     summary.f = { directRps: Math.round(d.requestsPerSecond), gatewayRps: Math.round(g.requestsPerSecond), ratio: +fmt(ratio), gatewayP50Ms: +fmt(percentile(g.latencies, 50)), directP50Ms: +fmt(percentile(d.latencies, 50)), cpuPercent: g.cpu }
     lines.push(
