@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type {
-  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
+  AttemptInput, AttemptResult, Candidate, ChargeCorrection, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
@@ -45,11 +45,11 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  * of a list, waiters of a line, lists waiting for a GPU): nothing scans the candidates, the queues,
  * the waiters or the assignments sharing a GPU (services/lua/includes/slots.lua, at the top).
  */
-const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
+const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1', 'fair-correct-1']
 /** Read once, when the first Redis store is made (embedded mode never needs them). */
 let scripts: ReturnType<typeof loadLuaScripts> | undefined
 
-type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status'
+type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status' | 'fairCorrect'
 const COMMAND: Record<ScriptName, string> = {
   attempt: 'maestroAttempt',
   register: 'maestroRegister',
@@ -59,7 +59,8 @@ const COMMAND: Record<ScriptName, string> = {
   releaseGpus: 'maestroReleaseGpus',
   renew: 'maestroRenew',
   ping: 'maestroPing',
-  status: 'maestroStatus'
+  status: 'maestroStatus',
+  fairCorrect: 'maestroFairCorrect'
 }
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
@@ -181,7 +182,7 @@ export class RedisLeaseStore implements LeaseStore {
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
     scripts ??= loadLuaScripts(SCRIPT_FILES)
     for (const script of scripts) {
-      const name = COMMAND[script.name === 'release-gpus' ? 'releaseGpus' : script.name as ScriptName]
+      const name = COMMAND[script.name.replace(/-(\w)/g, (_, c: string) => c.toUpperCase()) as ScriptName]
       if (typeof this.client[name] !== 'function') {
         this.client.defineCommand(name, { numberOfKeys: script.numberOfKeys, lua: script.lua })
       }
@@ -294,6 +295,16 @@ export class RedisLeaseStore implements LeaseStore {
       default:
         throw new Error(`lease store: unexpected attempt reply ${String(b[0])}`)
     }
+  }
+
+  async correctCharge (correction: ChargeCorrection): Promise<void> {
+    const delta = Math.round(correction.tokens) - correction.charged
+    if (!Number.isFinite(delta) || delta === 0) return
+    // the line the request was admitted to, as attempt names it (a list this replica never registered had no line here)
+    const list = this.lists.get(correction.candidates)
+    if (list == null) return
+    const line = `${list.id}:${correction.queue}:${correction.purpose === 'reservation' ? 'all' : '1'}`
+    await this.client[COMMAND.fairCorrect](this.prefix + 'vt:' + line, 'c' + clientField(correction.client?.id ?? ''), delta)
   }
 
   private async pipelinedAttempts (batch: Array<Array<string | number>>): Promise<Array<Reply | Promise<Reply>>> {

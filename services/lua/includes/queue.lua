@@ -24,6 +24,20 @@ local function line_keys (ln)
   return P .. 'line:' .. ln, P .. 'age1:' .. ln, P .. 'age2:' .. ln, P .. 'vt:' .. ln
 end
 
+--[[
+  Fair share by tokens (CONTRACT 16.4), start-time fair queuing: a request's tag is its client's
+  counter, raised to the line's clock `v` (the tag last served: an idle client banks nothing),
+  plus its cost; the client's counter becomes that tag. Returns the tag and the clock.
+]]
+local function fair_tag (ln, client, cost)
+  local vt = P .. 'vt:' .. ln
+  local r = redis.call('HMGET', vt, 'v', 'c' .. client)
+  local v = tonumber(r[1]) or 0
+  local tag = math.max(v, tonumber(r[2]) or 0) + (tonumber(cost) or 1)
+  redis.call('HSET', vt, 'c' .. client, tag)
+  return tag, v
+end
+
 local function touch_line (ln)
   local a, b, c, d = line_keys(ln)
   for _, k in ipairs({ a, b, c, d }) do redis.call('PEXPIRE', k, LINE_TTL) end
