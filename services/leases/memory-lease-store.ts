@@ -35,7 +35,7 @@ interface Line {
 }
 
 /**
- * A line's fair queuing state (CONTRACT 16.4): the tag last served, and each client's counter (its
+ * A line's fair queuing state (CONTRACT 16.4): the start tag last served, and each client's counter (its
  * last tag, corrected with the server's counts). Outlives the line's last waiter for 3 ttl from
  * its last use, as the Redis store's vt:<ln> does: a grant made at once is charged to it too.
  */
@@ -50,6 +50,8 @@ interface WaiterRecord {
   line: Line
   level: number
   score: number
+  /** its cost in the fair order (its tag is its start + cost) */
+  cost: number
   since: number
   info: LeaseInfo
   preferred: string[]
@@ -233,8 +235,10 @@ export class MemoryLeaseStore implements LeaseStore {
     if (index != null) {
       const token = this.take(w.member, w.line, index, w.info)
       this.unqueue(w)
-      const tag = w.score % LEVEL
-      if (tag > w.line.clock.served) w.line.clock.served = tag
+      // the clock moves on to the start of what it serves (not its end: one long request served
+      // would otherwise lift every idle client past the waiters it should go between)
+      const start = w.score % LEVEL - w.cost
+      if (start > w.line.clock.served) w.line.clock.served = start
       w.granted = { token, index, expiresAt: now + this.opts.ttlMs }
       return { member: w.member, token, candidateIndex: index }
     }
@@ -334,9 +338,9 @@ export class MemoryLeaseStore implements LeaseStore {
       if (existing == null && input.place == null) {
         const index = this.find(probe)
         if (index != null) {
-          // served at once, charged all the same (and the line's clock moves on to its tag)
-          const tag = this.fairTag(line.clock, client.id, input.cost)
-          if (tag > line.clock.served) line.clock.served = tag
+          // served at once, charged all the same (and the line's clock moves on to its start)
+          const start = this.fairTag(line.clock, client.id, input.cost) - fairCost(input.cost)
+          if (start > line.clock.served) line.clock.served = start
           return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
         }
       }
@@ -347,7 +351,7 @@ export class MemoryLeaseStore implements LeaseStore {
       if (score == null) {
         score = level * LEVEL + this.fairTag(line.clock, client.id, input.cost)
       }
-      w = { ...probe, level, score, since: input.place?.since ?? this.now() }
+      w = { ...probe, level, score, cost: fairCost(input.cost), since: input.place?.since ?? this.now() }
       line.waiters.add(w)
       this.queuedTotal++
       if (this.lines.get(key) !== line) {

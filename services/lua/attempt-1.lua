@@ -60,9 +60,10 @@ if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) ==
   local pos, a, n = find(m, l, ARGV[20], want, nil, since)
   if pos then
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
-    -- served at once, charged all the same (and the line's clock moves on to its tag)
+    -- served at once, charged all the same (and the line's clock moves on to its start)
     local tag, v = fair_tag(ln, ARGV[18], ARGV[22])
-    if tag > v then redis.call('HSET', P .. 'vt:' .. ln, 'v', tag) end
+    local start = tag - (tonumber(ARGV[22]) or 1)
+    if start > v then redis.call('HSET', P .. 'vt:' .. ln, 'v', start) end
     redis.call('PEXPIRE', P .. 'vt:' .. ln, LINE_TTL)
     serve_freed()
     return reply({ 'granted', token, tostring(pos) })
@@ -104,7 +105,7 @@ if not score then
   redis.call('ZADD', P .. 'queues', NOW, q)
   redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)
   redis.call('HSET', wkey, 'line', ln, 'list', l, 'queue', q, 'level', level, 'score', score, 'since', since,
-    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20])
+    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20], 'cost', ARGV[22])
   redis.call('PEXPIRE', wkey, LINE_TTL)
   touch_line(ln)
 end
