@@ -74,3 +74,29 @@ for (const kind of ['memory', 'redis'] as const) {
     t.equal(served.length, 61, 'everyone served')
   })
 }
+
+for (const kind of ['memory', 'redis'] as const) {
+  t.test(`${kind}: a grant made at once is charged too, and a correction moves the client's counter by what the server counted`, async (t) => {
+    const m = await storeOf(t, kind)
+    const queue = 'q'
+    const ask = (client: string, cost: number): Promise<Lease> => m.acquire({ queue, candidates, info, client: { id: client, priority: 'normal' }, cost })
+    const order = async (first: string, second: string): Promise<string[]> => {
+      const blocker = await m.acquire({ queue, candidates, info })
+      const served: string[] = []
+      const waiters = [first, second].map(async (c) => { const lease = await ask(c, 100); served.push(c); await m.release(lease) })
+      while ((await m.store.status(['g1'])).queues[queue] !== 2) await new Promise((resolve) => setTimeout(resolve, 5))
+      await m.release(blocker)
+      await Promise.all(waiters)
+      return served
+    }
+    // 'big' is served at once (nobody waits): charged its 5,000 tokens all the same
+    await m.release(await ask('big', 5000))
+    t.same(await order('big', 'small'), ['small', 'big'], 'the client served at once goes after one that was not, though it queued first')
+    // both served at once, charged 5,000 each; the server counted 10 tokens for 'big' only
+    const lease = await ask('big', 5000)
+    await m.release(lease)
+    await m.correctCharge(lease, 10)
+    await m.release(await ask('small', 5000))
+    t.same(await order('small', 'big'), ['big', 'small'], 'the corrected client goes first, though it queued second')
+  })
+}
