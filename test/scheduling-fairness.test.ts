@@ -1,7 +1,8 @@
 // Fair share by tokens (CONTRACT 16.4), in both lease stores: the start-time fair queuing tag of a
 // client's request advances by the request's estimated tokens, so two backlogged clients are
 // served about the same number of tokens, whatever their prompts' lengths; a client back from
-// idle starts at the line's clock (it banked nothing). Order is read from the grants themselves.
+// idle starts at the line's clock (it banked nothing); a grant made at once is charged too, and a
+// charge is corrected with the server's counts (correctCharge). Order is read from the grants themselves.
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
