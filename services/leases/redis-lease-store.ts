@@ -67,8 +67,9 @@ const COMMAND: Record<ScriptName, string> = {
 /** A pipeline of this store's script commands. */
 type ScriptPipeline = Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
 
-/** Charge corrections wait at most this long to be sent with others (services/lua/fair-correct-1.lua). */
+/** Charge corrections wait at most this long to be sent with others, at most this many a call (services/lua/fair-correct-1.lua). */
 const CORRECTIONS_EVERY_MS = 50
+const CORRECTIONS_PER_CALL = 64
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   /** Commands; made to fail fast while disconnected so no request waits on a dead store. */
@@ -308,8 +309,8 @@ export class RedisLeaseStore implements LeaseStore {
 
   /**
    * Corrections are summed per client counter and sent together, CORRECTIONS_EVERY_MS after the
-   * first of them, in one pipeline: one call per answer would be a third more script calls per
-   * request (bench (a)); a counter matters only at its client's next admission.
+   * first of them, in one script call per CORRECTIONS_PER_CALL counters: one call per answer cost
+   * bench (a) a script call per request; a counter matters only at its client's next admission.
    */
   async correctCharge (correction: ChargeCorrection): Promise<void> {
     const delta = Math.round(correction.tokens) - correction.charged
@@ -317,8 +318,7 @@ export class RedisLeaseStore implements LeaseStore {
     // the line the request was admitted to, as attempt names it (a list this replica never registered had no line here)
     const list = this.lists.get(correction.candidates)
     if (list == null) return
-    const line = `${list.id}:${correction.queue}:${correction.purpose === 'reservation' ? 'all' : '1'}`
-    const counter = `${this.prefix}vt:${line}\nc${clientField(correction.client?.id ?? '')}`
+    const counter = `${list.id}:${correction.queue}:${correction.purpose === 'reservation' ? 'all' : '1'}\nc${clientField(correction.client?.id ?? '')}`
     let pending = this.corrections
     if (pending == null) {
       const deltas = new Map<string, number>()
@@ -331,14 +331,17 @@ export class RedisLeaseStore implements LeaseStore {
 
   private async sendCorrections (deltas: Map<string, number>): Promise<void> {
     if (this.corrections?.deltas === deltas) this.corrections = undefined
-    const pipeline = this.client.pipeline() as unknown as ScriptPipeline
+    const args: Array<string | number> = []
+    const calls: Array<Promise<unknown>> = []
+    const send = (): void => { calls.push(this.client[COMMAND.fairCorrect](this.prefix + 'vt:', ...args.splice(0))) }
     for (const [counter, delta] of deltas) {
       if (delta === 0) continue
-      const cut = counter.lastIndexOf('\n')
-      pipeline[COMMAND.fairCorrect](counter.slice(0, cut), counter.slice(cut + 1), delta)
+      const cut = counter.indexOf('\n')
+      args.push(counter.slice(0, cut), counter.slice(cut + 1), delta)
+      if (args.length === CORRECTIONS_PER_CALL * 3) send()
     }
-    const failed = (await pipeline.exec())?.find(([err]) => err != null)
-    if (failed != null) throw failed[0]
+    if (args.length > 0) send()
+    await Promise.all(calls)
   }
 
   private async pipelinedAttempts (batch: Array<Array<string | number>>): Promise<Array<Reply | Promise<Reply>>> {
