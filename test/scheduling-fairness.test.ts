@@ -81,23 +81,26 @@ for (const kind of ['memory', 'redis'] as const) {
     const m = await storeOf(t, kind)
     const queue = 'q'
     const ask = (client: string, cost: number): Promise<Lease> => m.acquire({ queue, candidates, info, client: { id: client, priority: 'normal' }, cost })
-    const order = async (first: string, second: string): Promise<string[]> => {
+    /** Both queue behind a blocker, in this order, with these costs; the order they are served in. */
+    const order = async (...asks: Array<[string, number]>): Promise<string[]> => {
       const blocker = await m.acquire({ queue, candidates, info })
       const served: string[] = []
-      const waiters = [first, second].map(async (c) => { const lease = await ask(c, 100); served.push(c); await m.release(lease) })
-      while ((await m.store.status(['g1'])).queues[queue] !== 2) await new Promise((resolve) => setTimeout(resolve, 5))
+      const waiters = asks.map(async ([c, cost]) => { const lease = await ask(c, cost); served.push(c); await m.release(lease) })
+      while ((await m.store.status(['g1'])).queues[queue] !== asks.length) await new Promise((resolve) => setTimeout(resolve, 5))
       await m.release(blocker)
       await Promise.all(waiters)
       return served
     }
-    // 'big' is served at once (nobody waits): charged its 5,000 tokens all the same
+    // 'big' is served at once (nobody waits): charged its 5,000 tokens all the same. Uncharged, its
+    // next request (50 tokens) would go before small's (100).
     await m.release(await ask('big', 5000))
-    t.same(await order('big', 'small'), ['small', 'big'], 'the client served at once goes after one that was not, though it queued first')
-    // both served at once, charged 5,000 each; the server counted 10 tokens for 'big' only
+    t.same(await order(['big', 50], ['small', 100]), ['small', 'big'], 'the client served at once goes after one that was not, though it queued first and asks less')
+    // both served at once, charged 5,000 each; the server counted 10 tokens for 'big' only.
+    // Uncorrected, big's next request (100 tokens) would go after small's (50).
     const lease = await ask('big', 5000)
     await m.release(lease)
     await m.correctCharge(lease, 10)
     await m.release(await ask('small', 5000))
-    t.same(await order('small', 'big'), ['big', 'small'], 'the corrected client goes first, though it queued second')
+    t.same(await order(['small', 50], ['big', 100]), ['big', 'small'], 'the corrected client goes first, though it queued second and asks more')
   })
 }
