@@ -80,7 +80,7 @@ export default fp(async function candidateLeasesPlugin (fastify) {
             fastify.metrics.affinity.inc({ result: held.plan.hit !== undefined ? 'hit' : 'miss' })
             const saved = scheduler.savedTokens(held.plan, held.assignment)
             if (saved > 0) fastify.metrics.prefillTokensSaved.inc(saved)
-            fastify.scheduling.leased(held.assignment, held.model, target.prompt)
+            fastify.scheduling.leased(held.assignment, held.model, target.prompt, held.plan.hit?.assignmentId === held.assignment.id)
           }
         }
         return held

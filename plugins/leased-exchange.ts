@@ -153,6 +153,10 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
           if (!complete) return
           const counts = meter.counts(true, res.statusCode)
           fastify.scheduling.answered({ assignment, model, timings: { promptTokens: counts.promptTokens, cachedTokens: counts.cachedPromptTokens, ...meter.timings() } })
+          // Fair share by tokens (CONTRACT 16.4): the client is charged what the server counted, not
+          // the estimate. An answer that states no prompt count (an OpenAI stream without usage) keeps it.
+          const prompt = counts.promptTokens ?? 0
+          if (prompt > 0) void fastify.leases.correctCharge(lease, prompt + (counts.outputTokens ?? 0))
         })
       }
       reply.send(answer)

@@ -16,8 +16,12 @@ export interface Scheduling {
   affinity?: AffinityMap
   /** Per-assignment prefill and load rates, learned from final lines (this replica's share of the traffic). */
   rates: LearnedRates
-  /** A lease was granted for this prompt: its server holds the prompt's prefixes from now (written before the answer, so the next turn finds it whatever replica it reaches). */
-  leased: (assignment: Assignment, model: string, prompt: PromptFingerprint) => void
+  /**
+   * A lease was granted for this prompt: its server holds the prompt's prefixes from now (written
+   * before the answer, so the next turn finds it whatever replica it reaches); `hit`: the map had
+   * sent it there (the server's hit rate).
+   */
+  leased: (assignment: Assignment, model: string, prompt: PromptFingerprint, hit: boolean) => void
   /** An answer ended whole: learn its server's rates, count a load. */
   answered: (answer: AnsweredRequest) => void
 }
@@ -41,8 +45,8 @@ export default fp(async function scheduling (fastify) {
   fastify.decorate('scheduling', {
     affinity,
     rates,
-    leased (assignment: Assignment, model: string, prompt: PromptFingerprint) {
-      affinity?.remember(model, prompt.hashes, prompt.tokens, assignment.id).catch((err: unknown) => {
+    leased (assignment: Assignment, model: string, prompt: PromptFingerprint, hit: boolean) {
+      affinity?.remember(model, prompt.hashes, prompt.tokens, assignment.id, hit).catch((err: unknown) => {
         fastify.log.warn({ err }, 'affinity map: write failed')
       })
     },

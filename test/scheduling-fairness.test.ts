@@ -1,7 +1,8 @@
 // Fair share by tokens (CONTRACT 16.4), in both lease stores: the start-time fair queuing tag of a
 // client's request advances by the request's estimated tokens, so two backlogged clients are
 // served about the same number of tokens, whatever their prompts' lengths; a client back from
-// idle starts at the line's clock (it banked nothing). Order is read from the grants themselves.
+// idle starts at the line's clock (it banked nothing); a grant made at once is charged too, and a
+// charge is corrected with the server's counts (correctCharge). Order is read from the grants themselves.
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
@@ -72,5 +73,34 @@ for (const kind of ['memory', 'redis'] as const) {
     const late = served.findIndex((s) => s.client === 'late')
     t.ok(late > servedBefore, `the client back from idle waited its turn (granted ${late - servedBefore} grants after it arrived)`)
     t.equal(served.length, 61, 'everyone served')
+  })
+}
+
+for (const kind of ['memory', 'redis'] as const) {
+  t.test(`${kind}: a grant made at once is charged too, and a correction moves the client's counter by what the server counted`, async (t) => {
+    const m = await storeOf(t, kind)
+    const queue = 'q'
+    const ask = (client: string, cost: number): Promise<Lease> => m.acquire({ queue, candidates, info, client: { id: client, priority: 'normal' }, cost })
+    /** Both queue behind a blocker, in this order, with these costs; the order they are served in. */
+    const order = async (...asks: Array<[string, number]>): Promise<string[]> => {
+      const blocker = await m.acquire({ queue, candidates, info })
+      const served: string[] = []
+      const waiters = asks.map(async ([c, cost]) => { const lease = await ask(c, cost); served.push(c); await m.release(lease) })
+      while ((await m.store.status(['g1'])).queues[queue] !== asks.length) await new Promise((resolve) => setTimeout(resolve, 5))
+      await m.release(blocker)
+      await Promise.all(waiters)
+      return served
+    }
+    // 'big' is served at once (nobody waits): charged its 5,000 tokens all the same. Uncharged, its
+    // next request (50 tokens) would go before small's (100).
+    await m.release(await ask('big', 5000))
+    t.same(await order(['big', 50], ['small', 100]), ['small', 'big'], 'the client served at once goes after one that was not, though it queued first and asks less')
+    // both served at once, charged 5,000 each; the server counted 10 tokens for 'big' only.
+    // Uncorrected, big's next request (100 tokens) would go after small's (50).
+    const lease = await ask('big', 5000)
+    await m.release(lease)
+    await m.correctCharge(lease, 10)
+    await m.release(await ask('small', 5000))
+    t.same(await order(['small', 50], ['big', 100]), ['big', 'small'], 'the corrected client goes first, though it queued second and asks more')
   })
 }

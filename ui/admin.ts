@@ -54,11 +54,13 @@ const tokenCount = new Intl.NumberFormat('en-US')
 const tokenUse = (used: unknown, budget: unknown, window: string): string =>
   typeof used !== 'number' ? '' : `${tokenCount.format(used)}${typeof budget === 'number' ? ` / ${tokenCount.format(budget)}` : ''} ${window}`
 
-class ApiError extends Error {
+/** An admin API answer other than 2xx: its status and message. */
+export class ApiError extends Error {
   constructor (readonly status: number, message: string) { super(message) }
 }
 
-async function api (method: string, path: string, body?: unknown): Promise<unknown> {
+/** A call of the admin API (`../admin/<path>`, relative) with this tab's token, if any. */
+export async function api (method: string, path: string, body?: unknown): Promise<unknown> {
   const headers: Record<string, string> = {}
   const token = sessionStorage.getItem(TOKEN_KEY)
   if (token != null) headers.authorization = `Bearer ${token}`

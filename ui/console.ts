@@ -3,6 +3,7 @@ import { applyChange, type Assignment, type Computer, type Fleet, type FleetChan
 import { adminToken, offerAdmin, startAdmin } from './admin.js'
 import { openEventStream } from './event-stream.js'
 import { startUsage } from './usage.js'
+import { refreshSoon, startScheduling, warmthMissing, warmthOf } from './scheduling.js'
 
 /*
  * The operator console: one event stream on `../gpu/events` (relative, so the page works under any
@@ -80,7 +81,8 @@ function renderAssignments (root: HTMLElement, f: Fleet): void {
   const gpuNames = new Map(f.gpus.map((g) => [g.id, g.name]))
   keyed(root, [...f.assignments].sort(byName), (a) => a.id, () => el('tr', {}, [
     el('td', { class: 'a-name', 'data-label': 'Name' }), el('td', { class: 'a-model', 'data-label': 'Model' }), el('td', { class: 'a-where', 'data-label': 'Address' }), el('td', { class: 'a-gpus', 'data-label': 'GPUs' }),
-    el('td', { class: 'a-slots num', 'data-label': 'Slots' }), el('td', { 'data-label': 'Upstream' }, [el('span', { class: 'a-health pill' })]), el('td', { class: 'a-loaded', 'data-label': 'Loaded' })
+    el('td', { class: 'a-slots num', 'data-label': 'Slots' }), el('td', { 'data-label': 'Upstream' }, [el('span', { class: 'a-health pill' })]), el('td', { class: 'a-loaded', 'data-label': 'Loaded' }),
+    el('td', { class: 'a-conversations num', 'data-label': 'Conversations' }), el('td', { class: 'a-hits num', 'data-label': 'Affinity hits' })
   ]), (tr, a: Assignment) => {
     setText(find(tr, '.a-name'), a.name)
     setText(find(tr, '.a-model'), a.model)
@@ -93,7 +95,26 @@ function renderAssignments (root: HTMLElement, f: Fleet): void {
     setClass(health, `a-health pill health-${word}`)
     setText(health, word === 'drained' ? 'drained' : HEALTH_WORDS[word] ?? word)
     setText(find(tr, '.a-loaded'), a.loaded == null ? '—' : a.loaded.length === 0 ? 'none' : a.loaded.join(', '))
+    renderWarmth(tr, a)
   })
+}
+
+/** What the server holds warm for scheduler v3 (ui/scheduling.ts): conversations cached there, its affinity hit rate. */
+function renderWarmth (tr: HTMLElement, a: Assignment): void {
+  const cells = [find(tr, '.a-conversations'), find(tr, '.a-hits')]
+  if (a.kind !== 'llm') {
+    for (const cell of cells) { setText(cell, ''); setAttr(cell, 'title', undefined) }
+    return
+  }
+  const w = warmthOf(a.id)
+  if (w === undefined) {
+    for (const cell of cells) { setText(cell, '—'); setAttr(cell, 'title', warmthMissing()) }
+    return
+  }
+  setText(cells[0], String(w.conversations))
+  setAttr(cells[0], 'title', 'conversations whose last turn it served: the affinity map sends their next turn here')
+  setText(cells[1], w.hitRate === null ? '—' : `${Math.round(w.hitRate * 100)} %`)
+  setAttr(cells[1], 'title', `${w.hits} of ${w.requests} requests with a prompt fingerprint were sent here by the affinity map`)
 }
 
 function renderReplicas (f: Fleet): void {
@@ -143,6 +164,8 @@ function render (f: Fleet, touched?: Set<Section | 'recent'>): void {
   if (all || touched.has('computers') || touched.has('gpus')) renderComputers(find(document, '#computers'), f)
   if (all || touched.has('queues')) renderQueues(find(document, '#queue-rows'), f)
   if (all || touched.has('assignments') || touched.has('gpus')) renderAssignments(find(document, '#assignment-rows'), f)
+  // a server's slots changed: what it holds warm may have too
+  if (!all && touched.has('assignments')) refreshSoon()
   if (all || touched.has('replicas')) renderReplicas(f)
   if (all || touched.has('recent')) renderRecent(find(document, '#recent-rows'), f)
   tick()
@@ -168,6 +191,7 @@ let stopFeed: (() => void) | undefined
 /** (Re)opens the feed with the token of this tab's session: what it shows depends on it. */
 function connect (): void {
   stopFeed?.()
+  refreshSoon()
   stopFeed = openEventStream('../gpu/events', adminToken(), {
     open: () => { setConnection('live', 'live') },
     error: () => { setConnection('connecting', 'reconnecting…') },
@@ -194,3 +218,4 @@ connect()
 setInterval(tick, 1000)
 startAdmin(connect)
 startUsage()
+startScheduling(() => { if (fleet !== undefined) renderAssignments(find(document, '#assignment-rows'), fleet) })

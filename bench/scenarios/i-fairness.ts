@@ -4,6 +4,7 @@
  * request, told apart by a tag in the prompt) should be shared about equally, not in proportion
  * to the prompts' lengths as a FIFO shares them.
  */
+import type { CostReport } from '../cost-fleet.js'
 import { sleep } from '../load.js'
 import { fmt } from '../report.js'
 import type { Scenario } from '../scenario.js'
@@ -28,9 +29,10 @@ const CONTENDERS = ['gateway', 'nginx round-robin'] as const
 
 const windowOf = (windowMs: number): number => Math.max(4000, 2 * windowMs)
 
-interface Backlog { requests: Record<string, number> }
+/** The requests each key sent, and what the servers began in the window (its report taken at the window's end). */
+interface Backlog { requests: Record<string, number>, window: CostReport }
 
-async function backlog (route: Route, ms: number, mark: () => Promise<void>): Promise<Backlog> {
+async function backlog (route: Route, ms: number, mark: () => Promise<void>, report: () => Promise<CostReport>): Promise<Backlog> {
   const requests: Record<string, number> = {}
   let stopping = false
   const clients = I.keys.flatMap((key, k) => Array.from({ length: I.clientsPerKey }, async (_, c) => {
@@ -43,9 +45,12 @@ async function backlog (route: Route, ms: number, mark: () => Promise<void>): Pr
   await sleep(I.warmupMs)
   await mark()
   await sleep(ms)
+  // The window ends here, while both keys are still backlogged: the requests in flight and queued
+  // now are served after it (8 of each key's, a long key's 10× the tokens), so they are not counted.
+  const window = await report()
   stopping = true
   await Promise.all(clients)
-  return { requests }
+  return { requests, window }
 }
 
 async function run (ctx: SchedulingContext): Promise<void> {
@@ -57,13 +62,14 @@ async function run (ctx: SchedulingContext): Promise<void> {
     runs.push(await runContender(ctx, 'i', contender,
       { servers: I.servers, models: [I.model], cost: I.cost, tokens: I.answerTokens },
       { model: I.model, apiKeys: I.keys.map((k) => k.apiKey) },
-      async (route, fleet) => await backlog(route, ms, async () => await fleet.mark())))
+      async (route, fleet) => await backlog(route, ms, async () => await fleet.mark(), async () => await fleet.report())))
   }
-  // Served in the window: the requests whose prefill the servers finished after the mark, by key.
+  // Served in the window: the requests the servers began (got a slot for) between the mark and
+  // the window's end, by key.
   const rows = runs.map((r) => {
     const tokens: Record<string, number> = Object.fromEntries(I.keys.map((k) => [k.name, 0]))
     const served: Record<string, number> = Object.fromEntries(I.keys.map((k) => [k.name, 0]))
-    for (const rec of r.costs.records) {
+    for (const rec of r.result.window.records) {
       if (rec.tag === undefined || !(rec.tag in tokens)) throw new Error(`(i) ${r.contender}: a request without its key's tag`)
       tokens[rec.tag] += rec.promptTokens + rec.evalCount
       served[rec.tag]++

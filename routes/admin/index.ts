@@ -3,6 +3,7 @@ import aliasRoutes from './aliases.js'
 import apiKeyRoutes from './api-keys.js'
 import fleetRoutes from './fleet.js'
 import gpuTimelineRoutes from './gpu-timeline.js'
+import schedulingRoutes from './scheduling.js'
 import usageRoutes from './usage.js'
 
 /**
@@ -17,6 +18,7 @@ const adminRoutes: FastifyPluginAsync = async (fastify) => {
   await fastify.register(usageRoutes)
   await fastify.register(aliasRoutes)
   await fastify.register(gpuTimelineRoutes)
+  await fastify.register(schedulingRoutes)
 }
 
 export default adminRoutes

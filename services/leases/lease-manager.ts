@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks'
-import type { Candidate, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from './lease-store.js'
-import { capacityOf } from './lease-store.js'
+import type { Candidate, ChargeCorrection, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from './lease-store.js'
+import { capacityOf, fairCost } from './lease-store.js'
 
 /** Errors a waiting request can end with; each maps to one HTTP answer. */
 export class LeaseError extends Error {
@@ -15,6 +15,8 @@ export interface Lease extends HeldLease {
   /** Time spent waiting for the lease, in milliseconds. */
   queuedMs: number
   grantedAt: number
+  /** What the fair order charged its request (a request with a cost): `correctCharge` sets it right. */
+  charge?: Omit<ChargeCorrection, 'tokens'>
   /**
    * Run `fn` when the lease is lost (at once if it already is): renewal found it taken by someone
    * else (it expired while we were paused), or it could not be renewed for half the ttl (it may
@@ -322,6 +324,9 @@ export class LeaseManager {
       candidateIndex: grant.candidateIndex,
       queuedMs: now - waiter.startedAt,
       grantedAt: now,
+      ...(waiter.req.cost !== undefined
+        ? { charge: { queue: waiter.req.queue, candidates: waiter.req.candidates, purpose: waiter.req.info.purpose, client: waiter.req.client, charged: fairCost(waiter.req.cost) } }
+        : {}),
       onLost: (fn) => loss.on(fn)
     }
     if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, loss, renewedAt: now })
@@ -340,6 +345,20 @@ export class LeaseManager {
     this.observer?.released(lease)
     this.noteDrained()
     await this.releaseToken(lease.token)
+  }
+
+  /**
+   * The answer on this lease ended and the server counted `tokens` (prompt + output): the request's
+   * charge in the fair order becomes that (CONTRACT 16.4). Best effort: a failure only leaves the
+   * estimate standing.
+   */
+  async correctCharge (lease: Lease, tokens: number): Promise<void> {
+    if (lease.charge == null || !this.store.available()) return
+    try {
+      await this.store.correctCharge({ ...lease.charge, tokens })
+    } catch (err) {
+      this.opts.log?.warn({ err }, 'fair share: charge correction failed')
+    }
   }
 
   private noteReservation (lease: HeldLease, at: number): void {

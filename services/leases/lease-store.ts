@@ -78,6 +78,22 @@ export interface AttemptInput {
   place?: Place
 }
 
+/**
+ * A request's charge in the fair order, set right once its answer has told the server's own
+ * counts (CONTRACT 16.4): the client's virtual counter in the line the request was admitted to
+ * moves by `tokens − charged`.
+ */
+export interface ChargeCorrection {
+  queue: string
+  candidates: Candidate[]
+  purpose: LeaseInfo['purpose']
+  client?: ClientRef
+  /** what the request was charged at admission (its fairCost) */
+  charged: number
+  /** what the server counted: prompt tokens (the whole prompt) + output tokens */
+  tokens: number
+}
+
 export interface HeldLease {
   token: string
   gpuIds: string[]
@@ -178,6 +194,11 @@ export interface LeaseStore {
    * tokens lost (taken by others, or released).
    */
   renew: (leases: HeldLease[]) => Promise<string[]>
+  /**
+   * Correct a client's charge in the fair order with the server's counts (one bounded call).
+   * Nothing happens when the line's fair state is gone (idle past 3 ttl: it started over).
+   */
+  correctCharge: (correction: ChargeCorrection) => Promise<void>
   /** Renew one lease only if it still exists (reservations); undefined when it expired. */
   ping: (token: string) => Promise<HeldLease | undefined>
   /** The leases running on each GPU, for a ping by GPU id. */

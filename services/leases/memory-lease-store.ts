@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { performance } from 'node:perf_hooks'
 import type {
-  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
+  AttemptInput, AttemptResult, Candidate, ChargeCorrection, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
@@ -31,9 +31,18 @@ interface Line {
   /** The GPUs of its candidates when it began (its entries in linesByGpu) */
   gpuIds?: Set<string>
   waiters: Set<WaiterRecord>
-  /** Fair queuing: the tag last served, and each client's last tag. */
+  clock: FairClock
+}
+
+/**
+ * A line's fair queuing state (CONTRACT 16.4): the start tag last served, and each client's counter (its
+ * last tag, corrected with the server's counts). Outlives the line's last waiter for 3 ttl from
+ * its last use, as the Redis store's vt:<ln> does: a grant made at once is charged to it too.
+ */
+interface FairClock {
   served: number
   clients: Map<string, number>
+  usedAt: number
 }
 
 interface WaiterRecord {
@@ -41,6 +50,8 @@ interface WaiterRecord {
   line: Line
   level: number
   score: number
+  /** its cost in the fair order (its tag is its start + cost) */
+  cost: number
   since: number
   info: LeaseInfo
   preferred: string[]
@@ -65,6 +76,8 @@ export class MemoryLeaseStore implements LeaseStore {
   private readonly queued = new Map<string, Set<WaiterRecord>>()
   private queuedTotal = 0
   private readonly listKeys = new WeakMap<Candidate[], string>()
+  /** Fair clocks by line key, least recently used first (the sweep drops those idle for 3 ttl). */
+  private readonly clocks = new Map<string, FairClock>()
   private events?: StoreEvents
   private fence = 0
 
@@ -222,8 +235,10 @@ export class MemoryLeaseStore implements LeaseStore {
     if (index != null) {
       const token = this.take(w.member, w.line, index, w.info)
       this.unqueue(w)
-      const tag = w.score % LEVEL
-      if (tag > w.line.served) w.line.served = tag
+      // the clock moves on to the start of what it serves (not its end: one long request served
+      // would otherwise lift every idle client past the waiters it should go between)
+      const start = w.score % LEVEL - w.cost
+      if (start > w.line.clock.served) w.line.clock.served = start
       w.granted = { token, index, expiresAt: now + this.opts.ttlMs }
       return { member: w.member, token, candidateIndex: index }
     }
@@ -315,24 +330,28 @@ export class MemoryLeaseStore implements LeaseStore {
     let w = this.waiters.get(input.member)
     if (w == null) {
       const existing = this.lines.get(key)
-      const line: Line = existing ?? { key, queue: input.queue, candidates: input.candidates, waiters: new Set(), served: 0, clients: new Map() }
+      const clock = this.clockOf(key, existing?.clock)
+      const line: Line = existing ?? { key, queue: input.queue, candidates: input.candidates, waiters: new Set(), clock }
       const client = input.client ?? { id: '', priority: 'normal' }
       const probe = { member: input.member, line, preferred: input.preferred ?? [], info: input.info }
       // Nobody waits in this line: a free candidate is taken at once.
       if (existing == null && input.place == null) {
         const index = this.find(probe)
-        if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
+        if (index != null) {
+          // served at once, charged all the same (and the line's clock moves on to its start)
+          const start = this.fairTag(line.clock, client.id, input.cost) - fairCost(input.cost)
+          if (start > line.clock.served) line.clock.served = start
+          return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
+        }
       }
       if ((this.queued.get(input.queue)?.size ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
       if (this.queuedTotal >= this.opts.queueMaxTotal) return { status: 'full', scope: 'total', grants: [] }
       const level = PRIORITY_LEVEL[client.priority] ?? 1
       let score = input.place?.score
       if (score == null) {
-        const tag = Math.max(line.served, line.clients.get(client.id) ?? 0) + fairCost(input.cost)
-        line.clients.set(client.id, tag)
-        score = level * LEVEL + tag
+        score = level * LEVEL + this.fairTag(line.clock, client.id, input.cost)
       }
-      w = { ...probe, level, score, since: input.place?.since ?? this.now() }
+      w = { ...probe, level, score, cost: fairCost(input.cost), since: input.place?.since ?? this.now() }
       line.waiters.add(w)
       this.queuedTotal++
       if (this.lines.get(key) !== line) {
@@ -356,12 +375,46 @@ export class MemoryLeaseStore implements LeaseStore {
     return { status: 'waiting', position: [...w.line.waiters].filter((o) => o.score < w.score).length, place, grants }
   }
 
+  /** A line's fair clock (its line's, kept, or begun); now its most recently used. */
+  private clockOf (key: string, current?: FairClock): FairClock {
+    const clock = current ?? this.clocks.get(key) ?? { served: 0, clients: new Map(), usedAt: 0 }
+    this.clocks.delete(key)
+    clock.usedAt = this.now()
+    this.clocks.set(key, clock)
+    return clock
+  }
+
+  /** Start-time fair queuing: the client's counter, raised to the line's clock (idle clients bank nothing), plus the request's cost. */
+  private fairTag (clock: FairClock, client: string, cost: number | undefined): number {
+    const tag = Math.max(clock.served, clock.clients.get(client) ?? 0) + fairCost(cost)
+    clock.clients.set(client, tag)
+    return tag
+  }
+
+  async correctCharge (correction: ChargeCorrection): Promise<void> {
+    const delta = Math.round(correction.tokens) - correction.charged
+    if (!Number.isFinite(delta) || delta === 0) return
+    const list = this.listKeys.get(correction.candidates)
+    if (list == null) return
+    const clock = this.clocks.get(`${correction.queue}\n${list}\n${correction.purpose}`)
+    const id = correction.client?.id ?? ''
+    const counter = clock?.clients.get(id)
+    if (clock == null || counter === undefined) return
+    // never below zero (a counter under the clock is raised to it at the next admission anyway)
+    clock.clients.set(id, Math.max(0, counter + delta))
+  }
+
   async sweep (members: string[]): Promise<SweepResult> {
     // Expired leases free their slots lazily; serving the lines is what notices it. Records nobody
     // will look up again (grants delivered by notification, reservations left to expire) go now.
     const now = this.now()
     for (const [member, w] of this.waiters) if (w.granted != null && w.granted.expiresAt <= now) this.waiters.delete(member)
     for (const a of [...this.slots.keys()]) this.used(a)
+    // fair clocks idle for 3 ttl start over (oldest use first; a line with waiters keeps its own)
+    for (const [key, clock] of this.clocks) {
+      if (now - clock.usedAt < 3 * this.opts.ttlMs) break
+      this.clocks.delete(key)
+    }
     const lines = new Set<Line>()
     for (const m of members) {
       const w = this.waiters.get(m)

@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type {
-  AttemptInput, AttemptResult, Candidate, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
+  AttemptInput, AttemptResult, Candidate, ChargeCorrection, Grant, HeldLease, LeaseInfo, LeaseStore, LeaseStoreOptions, Place,
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
@@ -31,7 +31,8 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  *   gw:<g>     zset l->arrival      lists that found g in their way, by next waiter (lower bound)
  *   lines:<l>  zset ln->arrival     lines of list l with waiters, by their next waiter's arrival
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
- *   vt:<ln>    hash v, c<client>    virtual time of fair queuing (ln = '<l>:<queue>:<1|all>'; PX 3 ttl)
+ *   vt:<ln>    hash v, c<client>    fair queuing: v the start tag last served, c a client's counter
+ *                                   (ln = '<l>:<queue>:<1|all>'; PX 3 ttl; fair-correct-1.lua sets c right)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
  *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   qa:<queue> zset m->arrival      the same waiters by arrival: the status's oldest wait (PX as qw:)
@@ -45,11 +46,11 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  * of a list, waiters of a line, lists waiting for a GPU): nothing scans the candidates, the queues,
  * the waiters or the assignments sharing a GPU (services/lua/includes/slots.lua, at the top).
  */
-const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
+const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1', 'fair-correct-1']
 /** Read once, when the first Redis store is made (embedded mode never needs them). */
 let scripts: ReturnType<typeof loadLuaScripts> | undefined
 
-type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status'
+type ScriptName = 'attempt' | 'register' | 'sweep' | 'leave' | 'release' | 'releaseGpus' | 'renew' | 'ping' | 'status' | 'fairCorrect'
 const COMMAND: Record<ScriptName, string> = {
   attempt: 'maestroAttempt',
   register: 'maestroRegister',
@@ -59,8 +60,16 @@ const COMMAND: Record<ScriptName, string> = {
   releaseGpus: 'maestroReleaseGpus',
   renew: 'maestroRenew',
   ping: 'maestroPing',
-  status: 'maestroStatus'
+  status: 'maestroStatus',
+  fairCorrect: 'maestroFairCorrect'
 }
+
+/** A pipeline of this store's script commands. */
+type ScriptPipeline = Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
+
+/** Charge corrections wait at most this long to be sent with others, at most this many a call (services/lua/fair-correct-1.lua). */
+const CORRECTIONS_EVERY_MS = 50
+const CORRECTIONS_PER_CALL = 64
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
   /** Commands; made to fail fast while disconnected so no request waits on a dead store. */
@@ -157,6 +166,8 @@ export class RedisLeaseStore implements LeaseStore {
   private readonly lists = new WeakMap<Candidate[], ListRef>()
   /** This replica's waiting members and their lines (their sweep keeps those alive). */
   private readonly lineOf = new Map<string, string>()
+  /** Charge corrections waiting to be sent (correctCharge), and their sending. */
+  private corrections?: { deltas: Map<string, number>, sent: Promise<void> }
   /** Releases: those of one turn after the first share one script call. */
   private readonly releases = new TurnBatch<string, boolean>(
     async (token) => (await this.releaseTokens([token]))[0],
@@ -181,7 +192,7 @@ export class RedisLeaseStore implements LeaseStore {
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
     scripts ??= loadLuaScripts(SCRIPT_FILES)
     for (const script of scripts) {
-      const name = COMMAND[script.name === 'release-gpus' ? 'releaseGpus' : script.name as ScriptName]
+      const name = COMMAND[script.name.replace(/-(\w)/g, (_, c: string) => c.toUpperCase()) as ScriptName]
       if (typeof this.client[name] !== 'function') {
         this.client.defineCommand(name, { numberOfKeys: script.numberOfKeys, lua: script.lua })
       }
@@ -296,8 +307,45 @@ export class RedisLeaseStore implements LeaseStore {
     }
   }
 
+  /**
+   * Corrections are summed per client counter and sent together, CORRECTIONS_EVERY_MS after the
+   * first of them, in one script call per CORRECTIONS_PER_CALL counters: one call per answer cost
+   * bench (a) a script call per request; a counter matters only at its client's next admission.
+   */
+  async correctCharge (correction: ChargeCorrection): Promise<void> {
+    const delta = Math.round(correction.tokens) - correction.charged
+    if (!Number.isFinite(delta) || delta === 0) return
+    // the line the request was admitted to, as attempt names it (a list this replica never registered had no line here)
+    const list = this.lists.get(correction.candidates)
+    if (list == null) return
+    const counter = `${list.id}:${correction.queue}:${correction.purpose === 'reservation' ? 'all' : '1'}\nc${clientField(correction.client?.id ?? '')}`
+    let pending = this.corrections
+    if (pending == null) {
+      const deltas = new Map<string, number>()
+      const due = new Promise((resolve) => { setTimeout(resolve, CORRECTIONS_EVERY_MS).unref() })
+      pending = this.corrections = { deltas, sent: due.then(async () => await this.sendCorrections(deltas)) }
+    }
+    pending.deltas.set(counter, (pending.deltas.get(counter) ?? 0) + delta)
+    await pending.sent
+  }
+
+  private async sendCorrections (deltas: Map<string, number>): Promise<void> {
+    if (this.corrections?.deltas === deltas) this.corrections = undefined
+    const args: Array<string | number> = []
+    const calls: Array<Promise<unknown>> = []
+    const send = (): void => { calls.push(this.client[COMMAND.fairCorrect](this.prefix + 'vt:', ...args.splice(0))) }
+    for (const [counter, delta] of deltas) {
+      if (delta === 0) continue
+      const cut = counter.indexOf('\n')
+      args.push(counter.slice(0, cut), counter.slice(cut + 1), delta)
+      if (args.length === CORRECTIONS_PER_CALL * 3) send()
+    }
+    if (args.length > 0) send()
+    await Promise.all(calls)
+  }
+
   private async pipelinedAttempts (batch: Array<Array<string | number>>): Promise<Array<Reply | Promise<Reply>>> {
-    const pipeline = this.client.pipeline() as unknown as Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
+    const pipeline = this.client.pipeline() as unknown as ScriptPipeline
     for (const args of batch) pipeline[COMMAND.attempt](...this.commonArgs(), ...args)
     const results = await pipeline.exec()
     return batch.map((_, i) => {

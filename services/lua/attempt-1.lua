@@ -60,6 +60,11 @@ if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) ==
   local pos, a, n = find(m, l, ARGV[20], want, nil, since)
   if pos then
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
+    -- served at once, charged all the same (and the line's clock moves on to its start)
+    local tag, v = fair_tag(ln, ARGV[18], ARGV[22])
+    local start = tag - (tonumber(ARGV[22]) or 1)
+    if start > v then redis.call('HSET', P .. 'vt:' .. ln, 'v', start) end
+    redis.call('PEXPIRE', P .. 'vt:' .. ln, LINE_TTL)
     serve_freed()
     return reply({ 'granted', token, tostring(pos) })
   end
@@ -86,12 +91,7 @@ if not score then
   local level = tonumber(ARGV[19]) or 1
   score = tonumber(ARGV[16])
   if not score then
-    -- start-time fair queuing: a client's tag follows its own last one, or the line's clock
-    local vt = P .. 'vt:' .. ln
-    local r = redis.call('HMGET', vt, 'v', 'c' .. ARGV[18])
-    local tag = math.max(tonumber(r[1]) or 0, tonumber(r[2]) or 0) + (tonumber(ARGV[22]) or 1)
-    redis.call('HSET', vt, 'c' .. ARGV[18], tag)
-    score = level * LEVEL + tag
+    score = level * LEVEL + fair_tag(ln, ARGV[18], ARGV[22])
   end
   redis.call('ZADD', lkey, score, m)
   if level == 1 then redis.call('ZADD', P .. 'age1:' .. ln, since, m) end
@@ -105,7 +105,7 @@ if not score then
   redis.call('ZADD', P .. 'queues', NOW, q)
   redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)
   redis.call('HSET', wkey, 'line', ln, 'list', l, 'queue', q, 'level', level, 'score', score, 'since', since,
-    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20])
+    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20], 'cost', ARGV[22])
   redis.call('PEXPIRE', wkey, LINE_TTL)
   touch_line(ln)
 end

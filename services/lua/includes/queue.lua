@@ -5,10 +5,11 @@
 
   line:<ln>      zset member -> level * 2^40 + tag   fair order (ln = <list id>:<queue>:<want>)
   age1:<ln>, age2:<ln>  zset member -> arrival       normal and low waiters, for aging
-  vt:<ln>        hash v -> tag last served, c<client> -> client's last tag (start-time fair queuing)
+  vt:<ln>        hash v -> start tag last served (the line's clock), c<client> -> client's counter
+                 (its last tag, corrected with the server's counts: fair-correct-1.lua)
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
-                 held; token, index once granted (PX)
+                 cost, held; token, index once granted (PX)
   qw:<queue>     zset member -> expiry     a model's waiters (QUEUE_MAX)
   qa:<queue>     zset member -> arrival    the same waiters by arrival, for the status's oldest
                  wait (kept in step with qw: by leave_queue and expire_queued; PX as qw:)
@@ -22,6 +23,21 @@ local LINE_TTL = TTL * 3
 
 local function line_keys (ln)
   return P .. 'line:' .. ln, P .. 'age1:' .. ln, P .. 'age2:' .. ln, P .. 'vt:' .. ln
+end
+
+--[[
+  Fair share by tokens (CONTRACT 16.4), start-time fair queuing: a request starts at its client's
+  counter, raised to the line's clock `v` (the start tag last served: an idle client banks
+  nothing), and its tag (the line's order) is that start plus its cost; the client's counter
+  becomes that tag. Returns the tag and the clock.
+]]
+local function fair_tag (ln, client, cost)
+  local vt = P .. 'vt:' .. ln
+  local r = redis.call('HMGET', vt, 'v', 'c' .. client)
+  local v = tonumber(r[1]) or 0
+  local tag = math.max(v, tonumber(r[2]) or 0) + (tonumber(cost) or 1)
+  redis.call('HSET', vt, 'c' .. client, tag)
+  return tag, v
 end
 
 local function touch_line (ln)
@@ -206,15 +222,17 @@ end
 local function try_grant (m)
   local wkey = P .. 'w:' .. m
   local w = redis.call('HMGET', wkey, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
-    'purpose', 'score', 'level')
+    'purpose', 'score', 'level', 'cost')
   local pos, a, n = find(m, w[1], w[5], w[4], w[6], w[7])
   if pos then
     local token = take_at(m, w[1], pos, a, n, w[4], w[3], w[8], w[9], w[10])
     unqueue(m, w[2], w[3], w[12])
     clear_holds(m)
+    -- the line's clock moves on to the start of what it serves (not its end: one long request
+    -- served would otherwise lift every idle client past the waiters it should go between)
     local vt = P .. 'vt:' .. w[2]
-    local tag = tonumber(w[11]) % LEVEL
-    if tag > (tonumber(redis.call('HGET', vt, 'v')) or 0) then redis.call('HSET', vt, 'v', tag) end
+    local start = tonumber(w[11]) % LEVEL - (tonumber(w[13]) or 1)
+    if start > (tonumber(redis.call('HGET', vt, 'v')) or 0) then redis.call('HSET', vt, 'v', start) end
     redis.call('HSET', wkey, 'token', token, 'index', pos)
     redis.call('PEXPIRE', wkey, TTL)
     return token, pos
