@@ -1,7 +1,7 @@
 import type { Cluster, Redis } from 'ioredis'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 import {
-  DAY_MS, FRACTIONAL_COUNTERS, USAGE_COUNTERS, budgetTokens, budgetWindows, cellField, cellsOf, normaliseEntry,
+  DAY_MS, FRACTIONAL_COUNTERS, USAGE_COUNTERS, budgetTokens, budgetWindows, cellFieldPrefix, cellsOf, normaliseEntry,
   type BufferedUsage, type LedgerOptions, type TokensUsed, type UsageBatch, type UsageEntry, type UsageLedger
 } from './usage-ledger.js'
 
@@ -116,9 +116,10 @@ export class RedisUsageLedger implements UsageLedger {
     try {
       const e = normaliseEntry(entry)
       this.opts.observe?.(e)
+      const prefix = cellFieldPrefix(e.client, e.model, e.assignment)
       for (const counter of USAGE_COUNTERS) {
         const n = e.counts[counter]
-        if (n !== 0) turn.add(e.hour, cellField(e.client, e.model, e.assignment, counter), n, FRACTIONAL_COUNTERS.has(counter))
+        if (n !== 0) turn.add(e.hour, prefix + JSON.stringify(counter) + ']', n, FRACTIONAL_COUNTERS.has(counter))
       }
       const tokens = budgetTokens(e.counts)
       if (entry.budgetKey !== undefined && tokens > 0) {

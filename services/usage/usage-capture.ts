@@ -110,6 +110,9 @@ export class AnswerMeter {
   /** JSON answers: the last bytes */
   private tail: Buffer[] = []
   private tailLength = 0
+  /** Bytes seen so far, and how many of them the last read of the tail covered (counts and timings both ask). */
+  private seen = 0
+  private tailReadAt = -1
   private prompt?: number
   private cached?: number
   private output?: number
@@ -130,6 +133,7 @@ export class AnswerMeter {
   chunk (data: Buffer): void {
     if (this.lines) return this.lineChunk(data)
     if (this.family === 'image') return
+    this.seen += data.length
     this.tail.push(data)
     this.tailLength += data.length
     while (this.tail.length > 1 && this.tailLength - this.tail[0].length >= USAGE_TAIL) this.tailLength -= (this.tail.shift() as Buffer).length
@@ -169,6 +173,13 @@ export class AnswerMeter {
     this.read(line.length > LINE_MAX ? line.subarray(line.length - USAGE_TAIL).toString() : line.toString(), keys)
   }
 
+  /** A JSON answer's counts, from its last bytes: read again only when bytes came since. */
+  private readTail (keys: FamilyKeys): void {
+    if (this.tailReadAt === this.seen || this.tailLength === 0) return
+    this.tailReadAt = this.seen
+    this.read(Buffer.concat(this.tail).toString(), keys)
+  }
+
   private read (text: string, keys: FamilyKeys): void {
     const prompt = lastCount(text, keys.prompt)
     const cached = lastCount(text, keys.cached)
@@ -185,7 +196,7 @@ export class AnswerMeter {
 
   /** The server's own timings, ms (Ollama's final line only): prefill of the computed prompt tokens, and the model's load. */
   timings (): { promptEvalMs?: number, loadMs?: number } {
-    if (this.keys !== undefined && !this.lines && this.tailLength > 0 && this.promptEvalNs === undefined) this.read(Buffer.concat(this.tail).toString(), this.keys)
+    if (this.keys !== undefined && !this.lines) this.readTail(this.keys)
     return {
       ...(this.promptEvalNs !== undefined ? { promptEvalMs: this.promptEvalNs / 1e6 } : {}),
       ...(this.loadNs !== undefined ? { loadMs: this.loadNs / 1e6 } : {})
@@ -199,14 +210,13 @@ export class AnswerMeter {
   counts (complete: boolean, statusCode: number): Partial<UsageCounts> {
     if (statusCode < 200 || statusCode >= 300) return {}
     if (this.family === 'image') return complete ? { images: 1 } : {}
-    const text = this.tailLength > 0 ? Buffer.concat(this.tail).toString() : ''
     if (this.family === 'speech') {
+      const text = this.tailLength > 0 ? Buffer.concat(this.tail).toString() : ''
       // a transcription that says how long its audio was (verbose_json's duration, or usage.seconds)
       this.seconds = lastSeconds(text, 'seconds') ?? lastSeconds(text, 'duration')
       return this.seconds !== undefined ? { audioSeconds: this.seconds } : {}
     }
-    const keys = this.keys as FamilyKeys
-    if (!this.lines) this.read(text, keys)
+    if (!this.lines) this.readTail(this.keys as FamilyKeys)
     let output = this.output ?? 0
     // broken off before its counts: what was served. A whole answer that states none: none.
     if (this.lines && !this.finalSeen && !complete) output = Math.max(output, this.tokenLines)

@@ -144,11 +144,14 @@ export function normaliseEntry (entry: UsageEntry): { hour: number, client: stri
 }
 
 /**
- * A buffered count's name: client, model, assignment and counter as one JSON array, so no name
- * can pose as a separator (a comma or quote in a name is escaped by JSON, never taken as a boundary).
+ * A buffered count's name is client, model, assignment and counter as one JSON array, so no name
+ * can pose as a separator (a comma or quote in a name is escaped by JSON, never taken as a
+ * boundary). This is its part before the counter, `["client","model","assignment",`: the field is
+ * that + JSON.stringify(counter) + `]`, one stringify for all of a request's counters.
  */
-export function cellField (client: string, model: string, assignment: string, counter: UsageCounter): string {
-  return JSON.stringify([client, model, assignment, counter])
+export function cellFieldPrefix (client: string, model: string, assignment: string): string {
+  const names = JSON.stringify([client, model, assignment])
+  return names.slice(0, -1) + ','
 }
 
 /** Fields and values of one hour's buffer (a Redis hash) back into cells; unreadable fields are skipped. */
