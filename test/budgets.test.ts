@@ -15,11 +15,7 @@ import { readFile, writeFile } from 'node:fs/promises'
 import { createHash } from 'node:crypto'
 import { startEmbeddedGateway, writeInventoryFile } from './helpers/embedded.js'
 import { startSimulator } from './helpers/upstream-simulator.js'
-import { execFileSync } from 'node:child_process'
-import { createRequire } from 'node:module'
-import { join } from 'node:path'
-import { startBrowser, textWhenMatching } from './helpers/browser.js'
-import { packageRoot } from '../services/config/package-root.js'
+import { buildConsole, startBrowser, textWhenMatching } from './helpers/browser.js'
 
 /** The migration that adds the budget columns (services/fleet/migrations.ts). */
 const BUDGET_MIGRATION = '008-api-keys-token-budgets'
@@ -178,8 +174,7 @@ t.test('embedded mode: a budget from the inventory file, counted in memory', asy
 
 t.test("console: the API keys list shows each key's tokens against its budgets", async (t) => {
   // The page's scripts, compiled as `npm run build` does (the gateway reads them when it starts).
-  const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
-  execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
+  buildConsole()
   const fleet = await startFleet(t, {
     gpus: [1],
     migrate: true,

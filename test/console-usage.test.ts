@@ -5,16 +5,14 @@
 // key's budget from the admin API. The charts are checked by what uPlot shows: its legend's labels
 // and values, its canvas; a screenshot is kept in test/artifacts/.
 import t from 'tap'
-import { execFileSync } from 'node:child_process'
 import { mkdirSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import { join } from 'node:path'
 import type { Locator, Page } from 'playwright-core'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startFleet } from './helpers/gateway.js'
 import { REDIS_URL } from './helpers/redis.js'
-import { startBrowser, textWhenMatching } from './helpers/browser.js'
+import { buildConsole, startBrowser, textWhenMatching } from './helpers/browser.js'
 import { packageRoot } from '../services/config/package-root.js'
 import { RedisUsageLedger } from '../services/usage/redis-usage-ledger.js'
 
@@ -23,8 +21,7 @@ const HOUR_MS = 3_600_000
 // The view reads again every 10 s: a change shows within one refresh.
 const REFRESHED_MS = 15_000
 
-const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
-execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
+buildConsole()
 mkdirSync(ARTIFACTS, { recursive: true })
 const browser = await startBrowser(t)
 

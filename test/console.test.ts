@@ -1,12 +1,10 @@
 // The operator console (CONTRACT 13) in a real browser: Debian's Chromium driven by playwright-core,
 // against two replicas on real MariaDB and Redis with simulated upstreams.
 import t from 'tap'
-import { execFileSync } from 'node:child_process'
 import { mkdirSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import { join } from 'node:path'
 import { startFleet, type Gateway } from './helpers/gateway.js'
-import { startBrowser, textWhenMatching } from './helpers/browser.js'
+import { buildConsole, startBrowser, textWhenMatching } from './helpers/browser.js'
 import type { Page } from 'playwright-core'
 import { startSimulator } from './helpers/upstream-simulator.js'
 import { packageRoot } from '../services/config/package-root.js'
@@ -14,8 +12,7 @@ import { packageRoot } from '../services/config/package-root.js'
 const ARTIFACTS = join(packageRoot, 'test', 'artifacts')
 
 // The page's scripts, compiled as `npm run build` does (the gateway reads them when it starts).
-const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
-execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
+buildConsole()
 mkdirSync(ARTIFACTS, { recursive: true })
 // One browser for the file (starting Chromium is the slow part); each test opens its own tab.
 const browser = await startBrowser(t)

@@ -4,10 +4,7 @@
 // MariaDB and Redis with simulated upstreams, and the console in Debian's Chromium.
 import t from 'tap'
 import Fastify from 'fastify'
-import { execFileSync } from 'node:child_process'
-import { createRequire } from 'node:module'
 import { networkInterfaces } from 'node:os'
-import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import type { AddressInfo } from 'node:net'
 import type { Test } from 'tap'
@@ -16,9 +13,8 @@ import maestro from '../app.js'
 import { startFleet, type Gateway } from './helpers/gateway.js'
 import { openFleetStream, type FleetStream } from './helpers/fleet-stream.js'
 import { insertKey } from './helpers/api-keys.js'
-import { startBrowser } from './helpers/browser.js'
+import { buildConsole, startBrowser } from './helpers/browser.js'
 import { StreamReader } from '../services/fleet/fleet-events.js'
-import { packageRoot } from '../services/config/package-root.js'
 
 const TOKEN = 'feed-scope-admin-token'
 const SECRETS = { alice: 'alice-secret-0123456789abcdef', bob: 'bob-secret-0123456789abcdef' }
@@ -211,8 +207,7 @@ t.test('a reader is cut once behind by more than its bound, never for one large 
 
 t.test('the console in each view: anonymous, a key, the admin token', async (t) => {
   // The page's scripts, compiled as `npm run build` does (the gateway reads them when it starts).
-  const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
-  execFileSync(process.execPath, [tsc, '-p', join(packageRoot, 'tsconfig.ui.json')], { stdio: 'inherit' })
+  buildConsole()
   const browser = await startBrowser(t)
   const fleet = await securedFleet(t)
   const gw = await fleet.replica()

@@ -89,7 +89,8 @@ t.test('issue 14.2b: Redis restarting from an older snapshot pauses grants too (
   const late = await holder.acquire({ queue: 'b', candidates: [cand('2', '2')], info: info('b') })
   await redis.kill()
   await redis.start()
-  await sleep(150) // the other replica reconnects; the holder has not yet
+  // the other replica reconnects (50 ms apart); the holder (800 ms apart) has not yet
+  for (const deadline = performance.now() + 5000; !other.store.available() && performance.now() < deadline;) await sleep(5)
   const started = performance.now()
   const granted = other.acquire({ queue: 'b', candidates: [cand('2', '2')], info: info('b') })
   t.equal(await within(granted, 700), 'waiting', 'the rolled-back store grants nothing at once')
