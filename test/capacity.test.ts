@@ -47,8 +47,8 @@ t.test('a capacity-4 server runs 4 requests at once, never more, and never besid
   const gateway = await run((c) => replicas[c % 2].url)
   t.ok(gateway.statuses.every((s) => s === 200), 'every request answered 200')
   const ratio = direct.ms / gateway.ms
+  // How fast is the bench's business ((f): a capacity-4 server, gateway vs direct), not a test's.
   t.comment(`48 requests of ${SERVICE_MS} ms of work, 16 clients: ${Math.round(direct.ms)} ms straight to the 4-slot server, ${Math.round(gateway.ms)} ms through two replicas (${ratio.toFixed(2)}x; ideal ${(16 * PER_CLIENT / 4) * SERVICE_MS} ms)`)
-  t.ok(ratio >= 0.8, 'at least 0.8x of what the 4 slots allow')
   t.equal(fleet.recorder.peakByGpu.get(fleet.gpuIds[0]), 4, 'the server saw 4 at once, never more')
   t.same(fleet.recorder.overlaps, [], 'nothing beyond capacity')
 
