@@ -2,7 +2,8 @@
 // client's request advances by the request's estimated tokens, so two backlogged clients are
 // served about the same number of tokens, whatever their prompts' lengths; a client back from
 // idle starts at the line's clock (it banked nothing); a grant made at once is charged too, and a
-// charge is corrected with the server's counts (correctCharge). Order is read from the grants themselves.
+// charge is corrected with the server's counts (correctCharge), never putting a client's request before
+// its own earlier ones. Order is read from the grants themselves.
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { LeaseManager, type Lease } from '../services/leases/lease-manager.js'
@@ -102,5 +103,29 @@ for (const kind of ['memory', 'redis'] as const) {
     await m.correctCharge(lease, 10)
     await m.release(await ask('small', 5000))
     t.same(await order(['small', 50], ['big', 100]), ['big', 'small'], 'the corrected client goes first, though it queued second and asks more')
+  })
+
+  t.test(`${kind}: a correction that credits a client does not put its next request before its own earlier ones still in line`, async (t) => {
+    const m = await storeOf(t, kind)
+    const queue = 'q'
+    const served: string[] = []
+    const ask = (id: string, cost: number): Promise<Lease> => m.acquire({ queue, candidates, info, client: { id: 'one', priority: 'normal' }, cost }).then((lease) => { served.push(id); return lease })
+    /** Waits in line; released as soon as it is served. */
+    const waitAndGo = async (id: string, cost: number): Promise<void> => { await m.release(await ask(id, cost)) }
+    const queued = async (n: number): Promise<void> => {
+      while ((await m.store.status(['g1'])).queues[queue] !== n) await new Promise((resolve) => setTimeout(resolve, 5))
+    }
+    // the client's first request runs; two more wait behind it, charged their estimates
+    const first = await ask('first', 5000)
+    const waiting = [waitAndGo('second', 300), waitAndGo('third', 300)]
+    await queued(2)
+    // the server counted far fewer tokens than the first was charged: the counter goes back by 4,990,
+    // below the tags of the two waiting
+    await m.correctCharge(first, 10)
+    waiting.push(waitAndGo('fourth', 300))
+    await queued(3)
+    await m.release(first)
+    await Promise.all(waiting)
+    t.same(served, ['first', 'second', 'third', 'fourth'], 'served in the order they arrived')
   })
 }

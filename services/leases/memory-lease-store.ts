@@ -42,6 +42,8 @@ interface Line {
 interface FairClock {
   served: number
   clients: Map<string, number>
+  /** the last tag given to each client (its requests keep their arrival order) */
+  lastTags: Map<string, number>
   usedAt: number
 }
 
@@ -377,7 +379,7 @@ export class MemoryLeaseStore implements LeaseStore {
 
   /** A line's fair clock (its line's, kept, or begun); now its most recently used. */
   private clockOf (key: string, current?: FairClock): FairClock {
-    const clock = current ?? this.clocks.get(key) ?? { served: 0, clients: new Map(), usedAt: 0 }
+    const clock = current ?? this.clocks.get(key) ?? { served: 0, clients: new Map(), lastTags: new Map(), usedAt: 0 }
     this.clocks.delete(key)
     clock.usedAt = this.now()
     this.clocks.set(key, clock)
@@ -386,8 +388,14 @@ export class MemoryLeaseStore implements LeaseStore {
 
   /** Start-time fair queuing: the client's counter, raised to the line's clock (idle clients bank nothing), plus the request's cost. */
   private fairTag (clock: FairClock, client: string, cost: number | undefined): number {
-    const tag = Math.max(clock.served, clock.clients.get(client) ?? 0) + fairCost(cost)
-    clock.clients.set(client, tag)
+    const counter = Math.max(clock.served, clock.clients.get(client) ?? 0) + fairCost(cost)
+    clock.clients.set(client, counter)
+    // A client's own requests keep their arrival order (5.3): a credit from a correction does not
+    // put this request before one of its own still in line (tag at most its last, while the clock
+    // has not passed that), as in includes/queue.lua's fair_tag.
+    const last = clock.lastTags.get(client) ?? 0
+    const tag = last > clock.served && counter <= last ? last + 1 : counter
+    clock.lastTags.set(client, tag)
     return tag
   }
 

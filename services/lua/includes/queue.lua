@@ -6,7 +6,8 @@
   line:<ln>      zset member -> level * 2^40 + tag   fair order (ln = <list id>:<queue>:<want>)
   age1:<ln>, age2:<ln>  zset member -> arrival       normal and low waiters, for aging
   vt:<ln>        hash v -> start tag last served (the line's clock), c<client> -> client's counter
-                 (its last tag, corrected with the server's counts: fair-correct-1.lua)
+                 (its last charge, corrected with the server's counts: fair-correct-1.lua),
+                 l<client> -> the last tag given to the client (its requests keep their order)
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
                  cost, held; token, index once granted (PX)
@@ -33,10 +34,16 @@ end
 ]]
 local function fair_tag (ln, client, cost)
   local vt = P .. 'vt:' .. ln
-  local r = redis.call('HMGET', vt, 'v', 'c' .. client)
+  local r = redis.call('HMGET', vt, 'v', 'c' .. client, 'l' .. client)
   local v = tonumber(r[1]) or 0
-  local tag = math.max(v, tonumber(r[2]) or 0) + (tonumber(cost) or 1)
-  redis.call('HSET', vt, 'c' .. client, tag)
+  local counter = math.max(v, tonumber(r[2]) or 0) + (tonumber(cost) or 1)
+  -- A client's own requests keep their arrival order (5.3): a correction that credited its counter
+  -- (fair-correct-1.lua) does not put this request before one of its own still in line, whose tag
+  -- is at most its last (l), as long as the clock has not passed that.
+  local last = tonumber(r[3]) or 0
+  local tag = counter
+  if last > v and tag <= last then tag = last + 1 end
+  redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag)
   return tag, v
 end
 
