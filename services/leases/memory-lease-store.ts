@@ -5,7 +5,8 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
+  lateBinding, pinMsOf
 } from './lease-store.js'
 
 /*
@@ -17,6 +18,10 @@ import {
  */
 
 const LEVEL = 2 ** 40
+/** Late binding (services/lua/includes/late-binding.lua): waiters looked at per line, lines per list, resident servers per model. */
+const LB_WAITERS = 8
+const LB_LINES = 4
+const RES_MAX = 8
 
 interface Slot { token: string, n: number, expiresAt: number }
 
@@ -26,6 +31,8 @@ interface LeaseRecord extends HeldLease {
 
 interface Line {
   key: string
+  /** Its candidate list's key: lines of one list are served together (late binding). */
+  list: string
   queue: string
   candidates: Candidate[]
   /** The GPUs of its candidates when it began (its entries in linesByGpu) */
@@ -46,6 +53,10 @@ interface WaiterRecord {
   preferred: string[]
   held?: { assignmentId: string, gpuIds: string[] }
   granted?: { token: string, index: number, expiresAt: number }
+  /** Late binding: the assignment holding its prompt's prefix, until when it is pinned, from when it may not be passed over. */
+  holder?: string
+  pinUntil: number
+  passAt?: number
 }
 
 export class MemoryLeaseStore implements LeaseStore {
@@ -53,6 +64,9 @@ export class MemoryLeaseStore implements LeaseStore {
   readonly replicaId = randomUUID().slice(0, 12)
   private readonly opts: Required<LeaseStoreOptions>
   private readonly assignments = new Map<string, { capacity: number, gpuIds: string[] }>()
+  /** Each assignment's last lease's queue, and per queue the assignments whose last lease was for it (latest last). */
+  private readonly lastQueue = new Map<string, string>()
+  private readonly resident = new Map<string, Map<string, true>>()
   private readonly slots = new Map<string, Map<string, Slot>>()
   private readonly owners = new Map<string, string>()
   private readonly holds = new Map<string, { member: string, expiresAt: number }>()
@@ -74,7 +88,8 @@ export class MemoryLeaseStore implements LeaseStore {
       queueMax: opts.queueMax,
       queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
       starvationMs: opts.starvationMs,
-      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS,
+      passOverMs: opts.passOverMs ?? 0
     }
   }
 
@@ -175,7 +190,56 @@ export class MemoryLeaseStore implements LeaseStore {
     this.leases.set(token, {
       token, gpuIds: def.gpuIds, assignmentId: c.assignmentId, slots: n, queue: line.queue, info, since: now
     })
+    this.noteResident(c.assignmentId, line.queue)
     return token
+  }
+
+  /** The assignment's last lease is for this queue: its model is resident there (as far as the store knows). */
+  private noteResident (a: string, queue: string): void {
+    const old = this.lastQueue.get(a)
+    if (old !== undefined && old !== queue) {
+      const was = this.resident.get(old)
+      was?.delete(a)
+      if (was?.size === 0) this.resident.delete(old)
+    }
+    this.lastQueue.set(a, queue)
+    let set = this.resident.get(queue)
+    if (set == null) this.resident.set(queue, set = new Map())
+    set.delete(a)
+    set.set(a, true)
+  }
+
+  /** The candidates of a line whose last lease was for its queue, latest first (at most RES_MAX): their indexes. */
+  private residentIn (line: Line): number[] {
+    const set = this.resident.get(line.queue)
+    if (set == null) return []
+    const ids = [...set.keys()].slice(-RES_MAX).reverse()
+    const out: number[] = []
+    for (const id of ids) {
+      const i = line.candidates.findIndex((c) => c.assignmentId === id)
+      if (i >= 0) out.push(i)
+    }
+    return out
+  }
+
+  /** The waiter's holder, when it is a candidate of its line and usable now: its index. */
+  private holderFree (w: { member: string, line: Line, info: LeaseInfo, holder?: string }): number | undefined {
+    if (w.holder === undefined || w.holder === '') return undefined
+    const i = w.line.candidates.findIndex((c) => c.assignmentId === w.holder)
+    return i >= 0 && this.usable(w.holder, w.member, this.want(w.info)) ? i : undefined
+  }
+
+  /** Where a request new to its line may go at once (late-binding.lua's find_new). */
+  private findNew (w: { member: string, line: Line, preferred: string[], info: LeaseInfo, holder?: string, pinUntil: number }): number | undefined {
+    const h = this.holderFree(w)
+    if (h !== undefined) return h
+    if (w.pinUntil > this.now()) {
+      if (w.holder !== undefined && w.line.candidates.some((c) => c.assignmentId === w.holder)) return undefined
+      const res = this.residentIn(w.line)
+      for (const i of res) if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return i
+      if (res.length > 0) return undefined
+    }
+    return this.find(w)
   }
 
   private effective (w: WaiterRecord, now: number): number {
@@ -216,17 +280,53 @@ export class MemoryLeaseStore implements LeaseStore {
     }
   }
 
+  private grantAt (w: WaiterRecord, index: number): Grant {
+    const token = this.take(w.member, w.line, index, w.info)
+    this.unqueue(w)
+    const tag = w.score % LEVEL
+    if (tag > w.line.served) w.line.served = tag
+    w.granted = { token, index, expiresAt: this.now() + this.opts.ttlMs }
+    return { member: w.member, token, candidateIndex: index }
+  }
+
+  /**
+   * Serve the lines of `first`'s list, `first` being the next waiter of the first of them (late
+   * binding, as late-binding.lua's serve_list): strictly `first` once it may no longer be passed
+   * over; else, among the first LB_WAITERS of the first LB_LINES lines, the first whose holder is
+   * free, then the first pinned one with a free server of its model, then the first not pinned.
+   */
+  private serveList (first: WaiterRecord, open: Set<Line>): Grant | undefined {
+    const now = this.now()
+    if (first.passAt === undefined || now >= first.passAt) return this.tryGrant(first)
+    const lines = [first.line, ...[...open]
+      .filter((l) => l !== first.line && l.list === first.line.list)
+      .map((l) => ({ l, since: this.pick(l)?.since ?? Infinity }))
+      .sort((a, b) => a.since - b.since)
+      .map((x) => x.l)].slice(0, LB_LINES)
+    const ws: WaiterRecord[] = [first]
+    for (const line of lines) {
+      const order = [...line.waiters].sort((a, b) => this.effective(a, now) - this.effective(b, now)).slice(0, LB_WAITERS)
+      for (const w of order) if (w !== first) ws.push(w)
+    }
+    for (const w of ws) {
+      const i = this.holderFree(w)
+      if (i !== undefined) return this.grantAt(w, i)
+    }
+    for (const w of ws) {
+      if (w.pinUntil > now && (w.holder === undefined || w.holder === '')) {
+        for (const i of this.residentIn(w.line)) {
+          if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return this.grantAt(w, i)
+        }
+      }
+    }
+    const free = ws.find((w) => !(w.pinUntil > now))
+    return free === undefined ? undefined : this.tryGrant(free)
+  }
+
   private tryGrant (w: WaiterRecord): Grant | undefined {
     const index = this.find(w)
     const now = this.now()
-    if (index != null) {
-      const token = this.take(w.member, w.line, index, w.info)
-      this.unqueue(w)
-      const tag = w.score % LEVEL
-      if (tag > w.line.served) w.line.served = tag
-      w.granted = { token, index, expiresAt: now + this.opts.ttlMs }
-      return { member: w.member, token, candidateIndex: index }
-    }
+    if (index != null) return this.grantAt(w, index)
     if (now - w.since >= this.opts.starvationMs) {
       for (const c of w.line.candidates.slice(0, 8)) {
         const def = this.assignments.get(c.assignmentId)
@@ -258,9 +358,9 @@ export class MemoryLeaseStore implements LeaseStore {
         if (best == null || w.since < best.since) best = w
       }
       if (best == null) break
-      const g = this.tryGrant(best)
+      const g = this.serveList(best, open)
       if (g != null) grants.push(g)
-      else open.delete(best.line)
+      else for (const line of open) if (line.list === best.line.list) open.delete(line)
     }
     for (const g of grants) queueMicrotask(() => this.events?.onGrant(g))
     return grants
@@ -315,12 +415,20 @@ export class MemoryLeaseStore implements LeaseStore {
     let w = this.waiters.get(input.member)
     if (w == null) {
       const existing = this.lines.get(key)
-      const line: Line = existing ?? { key, queue: input.queue, candidates: input.candidates, waiters: new Set(), served: 0, clients: new Map() }
+      const line: Line = existing ?? { key, list, queue: input.queue, candidates: input.candidates, waiters: new Set(), served: 0, clients: new Map() }
       const client = input.client ?? { id: '', priority: 'normal' }
-      const probe = { member: input.member, line, preferred: input.preferred ?? [], info: input.info }
+      const pinMs = pinMsOf(input)
+      const probe = {
+        member: input.member,
+        line,
+        preferred: input.preferred ?? [],
+        info: input.info,
+        ...(input.holder !== undefined && input.holder !== '' ? { holder: input.holder } : {}),
+        pinUntil: pinMs > 0 ? this.now() + pinMs : 0
+      }
       // Nobody waits in this line: a free candidate is taken at once.
       if (existing == null && input.place == null) {
-        const index = this.find(probe)
+        const index = this.findNew(probe)
         if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
       }
       if ((this.queued.get(input.queue)?.size ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }
@@ -332,7 +440,8 @@ export class MemoryLeaseStore implements LeaseStore {
         line.clients.set(client.id, tag)
         score = level * LEVEL + tag
       }
-      w = { ...probe, level, score, since: input.place?.since ?? this.now() }
+      const since = input.place?.since ?? this.now()
+      w = { ...probe, level, score, since, ...(lateBinding(input) && this.opts.passOverMs > 0 ? { passAt: since + this.opts.passOverMs } : {}) }
       line.waiters.add(w)
       this.queuedTotal++
       if (this.lines.get(key) !== line) {

@@ -5,7 +5,8 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
+  lateBinding, pinMsOf
 } from './lease-store.js'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 
@@ -176,7 +177,8 @@ export class RedisLeaseStore implements LeaseStore {
       queueMax: opts.queueMax,
       queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
       starvationMs: opts.starvationMs,
-      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS,
+      passOverMs: opts.passOverMs ?? 0
     }
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
     scripts ??= loadLuaScripts(SCRIPT_FILES)
@@ -262,11 +264,13 @@ export class RedisLeaseStore implements LeaseStore {
   async attempt (input: AttemptInput): Promise<AttemptResult> {
     const list = this.listOf(input.candidates)
     const client = input.client ?? { id: '', priority: 'normal' }
+    const want = input.info.purpose === 'reservation' ? 'all' : '1'
     const args = [
       input.member, input.queue, list.id, input.info.model, input.info.kind, input.info.purpose,
       this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
-      input.info.purpose === 'reservation' ? 'all' : '1', fairCost(input.cost)
+      want, fairCost(input.cost),
+      input.holder ?? '', pinMsOf(input), lateBinding(input) ? this.opts.passOverMs : 0
     ]
     let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {
@@ -281,7 +285,7 @@ export class RedisLeaseStore implements LeaseStore {
         return { status: 'granted', token: String(b[1]), candidateIndex: Number(b[2]), grants: r.grants }
       case 'waiting':
       case 'paused': {
-        this.lineOf.set(input.member, `${list.id}:${input.queue}:${args[args.length - 1]}`)
+        this.lineOf.set(input.member, `${list.id}:${input.queue}:${want}`)
         const place: Place = b[0] === 'waiting'
           ? { score: Number(b[2]), since: Number(b[3]) }
           : { score: Number(b[1]), since: Number(b[2]) }
