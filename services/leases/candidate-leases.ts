@@ -197,6 +197,7 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
           preferred: plan?.preferred ?? (target.kind === 'llm' ? deps.preferredAmong(choice, way.model) : undefined),
           cost,
           // late binding: the server holding the prefix, and how long to wait for it (or the model's servers) alone
+          ...(plan !== undefined ? { lateBinding: true } : {}),
           ...(plan?.holder !== undefined ? { holder: plan.holder } : {}),
           ...(plan !== undefined && plan.pinMs > 0 ? { pinMs: plan.pinMs } : {})
         })

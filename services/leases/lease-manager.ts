@@ -90,6 +90,8 @@ export interface AcquireRequest {
   holder?: string
   /** Late binding: how long it waits only for its holder or the servers with its model resident. */
   pinMs?: number
+  /** Late binding: a Scheduler v3 request, which may be passed over within the store's bound. */
+  lateBinding?: boolean
 }
 
 export interface LeaseManagerOptions {
@@ -248,7 +250,8 @@ export class LeaseManager {
       cost: req.cost,
       place: w.place,
       ...(req.holder !== undefined ? { holder: req.holder } : {}),
-      ...(req.pinMs !== undefined ? { pinMs: req.pinMs } : {})
+      ...(req.pinMs !== undefined ? { pinMs: req.pinMs } : {}),
+      ...(req.lateBinding === true ? { lateBinding: true } : {})
     }
   }
 

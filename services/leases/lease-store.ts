@@ -86,6 +86,11 @@ export interface AttemptInput {
    * last lease was for its model (the estimate says waiting for them beats a cold server). 0: none.
    */
   pinMs?: number
+  /**
+   * A Scheduler v3 waiter: later waiters that a freed server serves cheaper may pass it, for at most
+   * the store's `passOverMs` after its arrival. Others are never passed over.
+   */
+  lateBinding?: boolean
 }
 
 export interface HeldLease {
@@ -222,11 +227,6 @@ export function fairCost (cost: number | undefined): number {
 /** A waiter's pin, whole ms (0: none). */
 export function pinMsOf (input: Pick<AttemptInput, 'pinMs'>): number {
   return input.pinMs !== undefined && Number.isFinite(input.pinMs) && input.pinMs > 0 ? Math.round(input.pinMs) : 0
-}
-
-/** A waiter of Scheduler v3 (a holder or a pin): late binding may pass it over, within the store's bound. */
-export function lateBinding (input: Pick<AttemptInput, 'holder' | 'pinMs'>): boolean {
-  return (input.holder !== undefined && input.holder !== '') || pinMsOf(input) > 0
 }
 
 export function capacityOf (c: Candidate): number {

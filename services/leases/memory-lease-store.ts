@@ -6,7 +6,7 @@ import type {
 } from './lease-store.js'
 import {
   DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
-  lateBinding, pinMsOf
+  pinMsOf
 } from './lease-store.js'
 
 /*
@@ -441,7 +441,7 @@ export class MemoryLeaseStore implements LeaseStore {
         score = level * LEVEL + tag
       }
       const since = input.place?.since ?? this.now()
-      w = { ...probe, level, score, since, ...(lateBinding(input) && this.opts.passOverMs > 0 ? { passAt: since + this.opts.passOverMs } : {}) }
+      w = { ...probe, level, score, since, ...(input.lateBinding === true && this.opts.passOverMs > 0 ? { passAt: since + this.opts.passOverMs } : {}) }
       line.waiters.add(w)
       this.queuedTotal++
       if (this.lines.get(key) !== line) {

@@ -6,7 +6,7 @@ import type {
 } from './lease-store.js'
 import {
   DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
-  lateBinding, pinMsOf
+  pinMsOf
 } from './lease-store.js'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 
@@ -270,7 +270,7 @@ export class RedisLeaseStore implements LeaseStore {
       this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
       want, fairCost(input.cost),
-      input.holder ?? '', pinMsOf(input), lateBinding(input) ? this.opts.passOverMs : 0
+      input.holder ?? '', pinMsOf(input), input.lateBinding === true ? this.opts.passOverMs : 0
     ]
     let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {
