@@ -149,7 +149,7 @@ t.test('the plan: holder first; a bounded wait for it only when the estimate say
   t.equal(first.holder, undefined, 'no holder yet')
   t.equal(first.pinMs, 0, 'no holder, no load seen yet: no wait')
   deps.rates.learn('1', { loadMs: 3000 })
-  t.equal((await scheduler.plan(all, 'm', prompt)).pinMs, 3000, 'no holder: wait for a server with the model resident as long as a load elsewhere takes')
+  t.equal((await scheduler.plan(all, 'm', prompt)).pinMs, 6000, 'no holder: wait for a server with the model resident as long as a load elsewhere costs (its own and the one its eviction causes)')
   await affinity.remember('m', prompt.hashes, prompt.tokens, '2')
   const plan = await scheduler.plan(all, 'm', prompt)
   t.same(plan.preferred, ['2', '1'], 'the holder first, then the warm one')

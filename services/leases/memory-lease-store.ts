@@ -233,13 +233,28 @@ export class MemoryLeaseStore implements LeaseStore {
   private findNew (w: { member: string, line: Line, preferred: string[], info: LeaseInfo, holder?: string, pinUntil: number }): number | undefined {
     const h = this.holderFree(w)
     if (h !== undefined) return h
-    if (w.pinUntil > this.now()) {
-      if (w.holder !== undefined && w.line.candidates.some((c) => c.assignmentId === w.holder)) return undefined
-      const res = this.residentIn(w.line)
-      for (const i of res) if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return i
-      if (res.length > 0) return undefined
+    const pinned = w.pinUntil > this.now()
+    if (pinned && this.holderInLine(w)) return undefined
+    const res = this.residentIn(w.line)
+    for (const i of res) if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return i
+    if (pinned && res.length > 0) return undefined
+    return this.spare(w) ?? this.find(w)
+  }
+
+  /** A free candidate whose taking costs no other model its last resident server (late-binding.lua's spare). */
+  private spare (w: { member: string, line: Line, info: LeaseInfo }): number | undefined {
+    let looked = 0
+    for (const [i, c] of w.line.candidates.entries()) {
+      if (!this.usable(c.assignmentId, w.member, this.want(w.info))) continue
+      const q = this.lastQueue.get(c.assignmentId)
+      if (q === undefined || (this.resident.get(q)?.size ?? 0) > 1) return i
+      if (++looked >= RES_MAX) break
     }
-    return this.find(w)
+    return undefined
+  }
+
+  private holderInLine (w: { line: Line, holder?: string }): boolean {
+    return w.holder !== undefined && w.holder !== '' && w.line.candidates.some((c) => c.assignmentId === w.holder)
   }
 
   private effective (w: WaiterRecord, now: number): number {
@@ -293,7 +308,8 @@ export class MemoryLeaseStore implements LeaseStore {
    * Serve the lines of `first`'s list, `first` being the next waiter of the first of them (late
    * binding, as late-binding.lua's serve_list): strictly `first` once it may no longer be passed
    * over; else, among the first LB_WAITERS of the first LB_LINES lines, the first whose holder is
-   * free, then the first pinned one with a free server of its model, then the first not pinned.
+   * free, then the first (not pinned to its holder) with a free server of its model, then the first
+   * not pinned.
    */
   private serveList (first: WaiterRecord, open: Set<Line>): Grant | undefined {
     const now = this.now()
@@ -312,15 +328,18 @@ export class MemoryLeaseStore implements LeaseStore {
       const i = this.holderFree(w)
       if (i !== undefined) return this.grantAt(w, i)
     }
-    for (const w of ws) {
-      if (w.pinUntil > now && (w.holder === undefined || w.holder === '')) {
-        for (const i of this.residentIn(w.line)) {
-          if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return this.grantAt(w, i)
-        }
+    // what each is pinned to while its pin runs: a holder in its line, else its model's resident servers (when any)
+    const pins = ws.map((w) => !(w.pinUntil > now) ? undefined : this.holderInLine(w) ? 'holder' : this.residentIn(w.line).length > 0 ? 'model' : undefined)
+    for (const [k, w] of ws.entries()) {
+      if (pins[k] === 'holder') continue
+      for (const i of this.residentIn(w.line)) {
+        if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return this.grantAt(w, i)
       }
     }
-    const free = ws.find((w) => !(w.pinUntil > now))
-    return free === undefined ? undefined : this.tryGrant(free)
+    const free = ws.findIndex((_, k) => pins[k] === undefined)
+    if (free < 0) return undefined
+    const i = this.spare(ws[free])
+    return i !== undefined ? this.grantAt(ws[free], i) : this.tryGrant(ws[free])
   }
 
   private tryGrant (w: WaiterRecord): Grant | undefined {
@@ -428,7 +447,7 @@ export class MemoryLeaseStore implements LeaseStore {
       }
       // Nobody waits in this line: a free candidate is taken at once.
       if (existing == null && input.place == null) {
-        const index = this.findNew(probe)
+        const index = input.lateBinding === true && this.opts.passOverMs > 0 ? this.findNew(probe) : this.find(probe)
         if (index != null) return { status: 'granted', token: this.take(input.member, line, index, input.info), candidateIndex: index, grants: [] }
       }
       if ((this.queued.get(input.queue)?.size ?? 0) >= this.opts.queueMax) return { status: 'full', scope: 'queue', grants: [] }

@@ -64,7 +64,12 @@ local pass_ms = tonumber(ARGV[25]) or 0
 local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
   -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
-  local pos, a, n = find_new(m, l, q, ARGV[20], want, since, holder, pin_until)
+  local pos, a, n
+  if pass_ms > 0 then
+    pos, a, n = find_new(m, l, q, ARGV[20], want, since, holder, pin_until)
+  else
+    pos, a, n = find(m, l, ARGV[20], want, nil, since)
+  end
   if pos then
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
     serve_freed()

@@ -26,6 +26,8 @@ export type Route = 'affinity' | 'warm' | 'free' | 'load'
 
 /** A wait for the server holding the prefix is worth it only when it saves at least this. */
 const MIN_MARGIN_MS = 25
+/** A load elsewhere costs its own time and, as it evicts another model, about one more later. */
+const LOAD_COST_FACTOR = 2
 /** Output tokens charged before the answer says (when the body gives no limit). */
 export const DEFAULT_OUTPUT_TOKENS = 256
 
@@ -102,9 +104,10 @@ export class Scheduler {
       return plan
     }
     // No holder: a server whose last lease was this model (the store knows which) beats one that
-    // must load it, for as long as a load takes, once loads have been seen to take time at all.
+    // must load it, once loads have been seen to take time at all, for as long as a load elsewhere
+    // costs: its own time, and the load it is likely to cause later by evicting another model.
     const loadMs = this.deps.rates.observedLoadMs()
-    if (loadMs !== undefined && loadMs >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, loadMs)
+    if (loadMs !== undefined && loadMs >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, LOAD_COST_FACTOR * loadMs)
     return plan
   }
 

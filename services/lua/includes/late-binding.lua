@@ -15,9 +15,12 @@
   Serving list l looks at the first LB_WAITERS waiters (fair order) of each of its first LB_LINES
   lines (by their next waiter's arrival), and grants, in this order:
     1. the first whose holder is free;
-    2. the first pinned one (no holder) with a free server whose last lease was for its model;
-    3. the first one not pinned, anything free (as before: its preferred first, then list order);
-       one that cannot be served means none behind it can (they want the same candidates).
+    2. the first (not pinned to its holder) with a free server whose last lease was for its model;
+    3. the first one not pinned, anything free: a server whose taking leaves every other model
+       resident somewhere first, then as before (its preferred first, then list order); one that
+       cannot be served means none behind it can (they want the same candidates).
+  A pin holds only while there is something to wait for: a holder in the list, or servers with
+  its model resident; without either the waiter may go anywhere.
   Unless the line's first waiter may no longer be passed over: then it alone is tried. Bounded:
   at most LB_LINES * LB_WAITERS records and RES_MAX resident servers per queue are read.
 ]]
@@ -36,6 +39,23 @@ local function resident_in (l, q)
   return out
 end
 
+-- A free server of list l for m whose taking costs no other model its last resident server: one
+-- whose last lease was for no model, or for one resident elsewhere too (among the first RES_MAX
+-- entries of the list's free index). Returns pos, a, n, or nil.
+local function spare (m, l, want)
+  for _, pos in ipairs(redis.call('ZRANGE', P .. 'free:' .. l, 0, RES_MAX - 1)) do
+    local a = redis.call('HGET', P .. 'list:' .. l, pos)
+    if a then
+      local ok, _, n = usable(a, m, want)
+      if ok then
+        local q = redis.call('HGET', P .. 'asg:' .. a, 'q')
+        if not q or redis.call('ZCARD', P .. 'res:' .. q) > 1 then return tonumber(pos), a, n end
+      end
+    end
+  end
+  return nil
+end
+
 -- Holder a of list l usable by m now: pos, slots in use; nil otherwise.
 local function holder_free (m, l, a, want)
   if not a or a == '' then return nil end
@@ -47,28 +67,25 @@ local function holder_free (m, l, a, want)
 end
 
 --[[
-  Where a request new to its line may go at once: its holder; while pinned, only its holder (when
-  it has one in the list) or a server whose last lease was for its model (when there is one);
-  otherwise what find gives. Returns pos, a, n, or nil.
+  Where a request new to its line may go at once: its holder; unless pinned to that holder, a
+  server whose last lease was for its model; while pinned (to a holder in the list, or to its
+  model's resident servers when there are any), nothing else; otherwise what find gives.
+  Returns pos, a, n, or nil.
 ]]
 local function find_new (m, l, q, pref, want, since, holder, pin_until)
   local pos, n = holder_free(m, l, holder, want)
   if pos then return pos, holder, n end
-  if pin_until > NOW then
-    if holder ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, holder) == 1 then return nil end
-    local res = resident_in(l, q)
-    for _, r in ipairs(res) do
-      local ok, _, used_n = usable(r[2], m, want)
-      if ok then return r[1], r[2], used_n end
-    end
-    if #res > 0 then return nil end
+  local to_holder = holder ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, holder) == 1
+  if pin_until > NOW and to_holder then return nil end
+  local res = resident_in(l, q)
+  for _, r in ipairs(res) do
+    local ok, _, used_n = usable(r[2], m, want)
+    if ok then return r[1], r[2], used_n end
   end
+  if pin_until > NOW and #res > 0 then return nil end
+  local spos, sa, sn = spare(m, l, want)
+  if spos then return spos, sa, sn end
   return find(m, l, pref, want, nil, since)
-end
-
--- Pinned: its pin is still running (w: a record from waiter_of).
-local function pinned (w)
-  return (tonumber(w[14]) or 0) > NOW
 end
 
 --[[
@@ -108,31 +125,46 @@ local function serve_list (l, ln, m)
     reindex(l, e[2])
     return e[1], token, pos
   end
+  local res_of = {}
+  local function resident (q)
+    local res = res_of[q]
+    if not res then
+      res = resident_in(l, q)
+      res_of[q] = res
+    end
+    return res
+  end
+  -- What each waiter is pinned to while its pin runs: its holder when in the list, else its
+  -- model's resident servers when there are any; nothing then (it may go anywhere).
+  local function pinned_to (w)
+    if (tonumber(w[14]) or 0) <= NOW then return nil end
+    if w[13] and w[13] ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, w[13]) == 1 then return 'holder' end
+    if #resident(w[3]) > 0 then return 'model' end
+    return nil
+  end
   -- 1. a free holder goes to the waiter whose prefix it holds
   for _, e in ipairs(ws) do
     local w = e[3]
     local pos, n = holder_free(e[1], l, w[13], w[4])
     if pos then return granted(e, pos, w[13], n) end
   end
-  -- 2. a free server with a model resident goes to a waiter pinned to that model's servers
-  local res_of = {}
-  for _, e in ipairs(ws) do
+  -- 2. a free server with a model resident goes to a waiter of that model (not one pinned to its holder)
+  local pins = {}
+  for i, e in ipairs(ws) do
     local w = e[3]
-    if pinned(w) and (w[13] == false or w[13] == '') then
-      local res = res_of[w[3]]
-      if not res then
-        res = resident_in(l, w[3])
-        res_of[w[3]] = res
-      end
-      for _, r in ipairs(res) do
+    pins[i] = pinned_to(w)
+    if pins[i] ~= 'holder' then
+      for _, r in ipairs(resident(w[3])) do
         local ok, _, n = usable(r[2], e[1], w[4])
         if ok then return granted(e, r[1], r[2], n) end
       end
     end
   end
   -- 3. the first one free to go anywhere
-  for _, e in ipairs(ws) do
-    if not pinned(e[3]) then
+  for i, e in ipairs(ws) do
+    if not pins[i] then
+      local spos, sa, sn = spare(e[1], l, e[3][4])
+      if spos then return granted(e, spos, sa, sn) end
       local token, pos = try_grant(e[1], e[3])
       if token then
         reindex(l, e[2])
