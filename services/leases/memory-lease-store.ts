@@ -209,7 +209,7 @@ export class MemoryLeaseStore implements LeaseStore {
     set.set(a, true)
   }
 
-  /** The candidates of a line whose last lease was for its queue, latest first (at most RES_MAX): their indexes. */
+  /** The candidates of a line whose last lease was for its queue (the RES_MAX latest), in list order: their indexes. */
   private residentIn (line: Line): number[] {
     const set = this.resident.get(line.queue)
     if (set == null) return []
@@ -219,7 +219,7 @@ export class MemoryLeaseStore implements LeaseStore {
       const i = line.candidates.findIndex((c) => c.assignmentId === id)
       if (i >= 0) out.push(i)
     }
-    return out
+    return out.sort((a, b) => a - b)
   }
 
   /** The waiter's holder, when it is a candidate of its line and usable now: its index. */

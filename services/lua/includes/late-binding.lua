@@ -28,14 +28,15 @@ local LB_WAITERS = 8
 local LB_LINES = 4
 local RES_MAX = 8
 
--- The servers of list l whose last lease was for queue q (latest first, at most RES_MAX):
--- { { pos, a }... }
+-- The servers of list l whose last lease was for queue q (the RES_MAX latest), in list order
+-- (as find takes free ones): { { pos, a }... }
 local function resident_in (l, q)
   local out = {}
   for _, a in ipairs(redis.call('ZREVRANGE', P .. 'res:' .. q, 0, RES_MAX - 1)) do
     local pos = redis.call('HGET', P .. 'lpos:' .. l, a)
     if pos then out[#out + 1] = { tonumber(pos), a } end
   end
+  table.sort(out, function (x, y) return x[1] < y[1] end)
   return out
 end
 
