@@ -13,6 +13,10 @@
  * - within a line: by priority (high, normal, low; a waiter counts one level higher for every
  *   `priorityAgingMs` it has waited), then round-robin between clients (start-time fair queuing),
  *   each client in its own arrival order. Across lines: the one whose next waiter arrived first.
+ * - late binding (Scheduler v3 waiters only): when a line is served, the first few waiters of the
+ *   first few lines of its list are looked at and a free server goes to the one it serves cheapest
+ *   (its prompt prefix's holder, then a waiter of the model its last lease ran), within a bound
+ *   (`passOverMs`) past which a waiter is served strictly first.
  * - member: one waiter, `<replicaId>|<n>`; a member whose replica stops heart-beating is dead.
  * - token: one lease, `<member>#<fence>`; the fence grows with every grant.
  */

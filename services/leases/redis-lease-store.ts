@@ -37,6 +37,8 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   qa:<queue> zset m->arrival      the same waiters by arrival: the status's oldest wait (PX as qw:)
  *   queues     zset queue->touched  models with waiters, for the status
+ *   res:<queue> zset a->last take   the assignments whose last lease was for that queue (late
+ *                                   binding: the model resident there; asg:<a> field q names it)
  * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
  * inventory change. Every script that grants returns its grants in its reply; the store hands
  * those of its own replica's waiters on at once (no pub/sub hop between a release and the next
@@ -45,6 +47,8 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
  * of a list, waiters of a line, lists waiting for a GPU): nothing scans the candidates, the queues,
  * the waiters or the assignments sharing a GPU (services/lua/includes/slots.lua, at the top).
+ * Late binding (services/lua/includes/late-binding.lua) reads at most 32 waiters and 8 resident
+ * servers per queue of a list it serves.
  */
 const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1']
 /** Read once, when the first Redis store is made (embedded mode never needs them). */
