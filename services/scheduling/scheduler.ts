@@ -8,10 +8,11 @@
  * Late binding, store side (services/lua/includes/late-binding.lua, memory-lease-store.ts): a
  * request waits in its model's one line carrying its holder and its pin; a server that frees goes
  * to the waiter it serves cheapest among the first few (its prefix's, then its model's), within
- * the store's bound (AFFINITY_MAX_WAIT_MS). The pin lasts the estimate's margin: the holder's
- * prefill saved over the best other server (or, without a holder, the load a server without the
- * model would need), capped at AFFINITY_MAX_WAIT_MS; so waiting never costs more than the cold
- * choice would have. No Fastify here.
+ * the store's bound (AFFINITY_MAX_WAIT_MS). The pin lasts what the cold choice would cost: twice
+ * the estimate's margin (the holder's prefill saved over the best other server, or without a
+ * holder the load a server without the model would need), as a cold choice also evicts another
+ * prompt's (or model's) state there that is then likely recomputed; capped at
+ * AFFINITY_MAX_WAIT_MS. No Fastify here.
  *
  * Cost per request: one affinity read (an HMGET of at most 8 fields). Candidates considered are
  * bounded (the holder, up to PREFERRED_MAX warm ones, one cold one): O(1) in fleet size and
@@ -26,8 +27,12 @@ export type Route = 'affinity' | 'warm' | 'free' | 'load'
 
 /** A wait for the server holding the prefix is worth it only when it saves at least this. */
 const MIN_MARGIN_MS = 25
-/** A load elsewhere costs its own time and, as it evicts another model, about one more later. */
-const LOAD_COST_FACTOR = 2
+/**
+ * What a cold choice costs, as a multiple of its own estimate: a load (or a prefill) on another
+ * server takes its own time and, as it evicts another model (or another prompt's cached state)
+ * there, about as much again later. The pins last this multiple of the estimate's margin.
+ */
+const COLD_COST_FACTOR = 2
 /** Output tokens charged before the answer says (when the body gives no limit). */
 export const DEFAULT_OUTPUT_TOKENS = 256
 
@@ -94,20 +99,20 @@ export class Scheduler {
     const plan: Plan = { preferred, pinMs: 0, promptTokens, estimates, ...(hit !== undefined && holder !== undefined ? { hit, holder: holder.id } : {}) }
     if (this.deps.maxWaitMs <= 0 || choice.length < 2) return plan
     if (holder !== undefined) {
-      // worth waiting for the holder while that saves more than MIN_MARGIN_MS, for at most the margin
+      // worth waiting for the holder when that saves more than MIN_MARGIN_MS: for the margin's cold cost
       const best = estimates[0]
       const alternative = estimates.find((e) => e.assignmentId !== holder.id)
       if (best.assignmentId === holder.id && alternative !== undefined) {
-        const budget = waitBudgetMs(best, alternative, this.deps.maxWaitMs)
-        if (budget >= MIN_MARGIN_MS) plan.pinMs = budget
+        const margin = waitBudgetMs(best, alternative, Infinity)
+        if (margin >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, COLD_COST_FACTOR * margin)
       }
       return plan
     }
     // No holder: a server whose last lease was this model (the store knows which) beats one that
     // must load it, once loads have been seen to take time at all, for as long as a load elsewhere
-    // costs: its own time, and the load it is likely to cause later by evicting another model.
+    // costs.
     const loadMs = this.deps.rates.observedLoadMs()
-    if (loadMs !== undefined && loadMs >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, LOAD_COST_FACTOR * loadMs)
+    if (loadMs !== undefined && loadMs >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, COLD_COST_FACTOR * loadMs)
     return plan
   }
 
