@@ -209,17 +209,21 @@ export class MemoryLeaseStore implements LeaseStore {
     set.set(a, true)
   }
 
-  /** The candidates of a line whose last lease was for its queue (the RES_MAX latest), in list order: their indexes. */
-  private residentIn (line: Line): number[] {
-    const set = this.resident.get(line.queue)
+  /**
+   * The candidates of a waiter's line whose last lease was for its queue (the RES_MAX latest), in
+   * the order find takes free ones (its preferred first, then list order): their indexes.
+   */
+  private residentIn (w: { line: Line, preferred: string[] }): number[] {
+    const set = this.resident.get(w.line.queue)
     if (set == null) return []
     const ids = [...set.keys()].slice(-RES_MAX).reverse()
-    const out: number[] = []
+    const out: Array<{ i: number, rank: number }> = []
     for (const id of ids) {
-      const i = line.candidates.findIndex((c) => c.assignmentId === id)
-      if (i >= 0) out.push(i)
+      const i = w.line.candidates.findIndex((c) => c.assignmentId === id)
+      const p = w.preferred.indexOf(id)
+      if (i >= 0) out.push({ i, rank: p >= 0 ? p : RES_MAX + i })
     }
-    return out.sort((a, b) => a - b)
+    return out.sort((a, b) => a.rank - b.rank).map((x) => x.i)
   }
 
   /** The waiter's holder, when it is a candidate of its line and usable now: its index. */
@@ -235,7 +239,7 @@ export class MemoryLeaseStore implements LeaseStore {
     if (h !== undefined) return h
     const pinned = w.pinUntil > this.now()
     if (pinned && this.holderInLine(w)) return undefined
-    const res = this.residentIn(w.line)
+    const res = this.residentIn(w)
     for (const i of res) if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return i
     if (pinned && res.length > 0) return undefined
     return this.spare(w) ?? this.find(w)
@@ -329,10 +333,10 @@ export class MemoryLeaseStore implements LeaseStore {
       if (i !== undefined) return this.grantAt(w, i)
     }
     // what each is pinned to while its pin runs: a holder in its line, else its model's resident servers (when any)
-    const pins = ws.map((w) => !(w.pinUntil > now) ? undefined : this.holderInLine(w) ? 'holder' : this.residentIn(w.line).length > 0 ? 'model' : undefined)
+    const pins = ws.map((w) => !(w.pinUntil > now) ? undefined : this.holderInLine(w) ? 'holder' : this.residentIn(w).length > 0 ? 'model' : undefined)
     for (const [k, w] of ws.entries()) {
       if (pins[k] === 'holder') continue
-      for (const i of this.residentIn(w.line)) {
+      for (const i of this.residentIn(w)) {
         if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return this.grantAt(w, i)
       }
     }

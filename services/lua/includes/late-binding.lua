@@ -28,15 +28,18 @@ local LB_WAITERS = 8
 local LB_LINES = 4
 local RES_MAX = 8
 
--- The servers of list l whose last lease was for queue q (the RES_MAX latest), in list order
--- (as find takes free ones): { { pos, a }... }
-local function resident_in (l, q)
+-- The servers of list l whose last lease was for queue q (the RES_MAX latest), in the order find
+-- takes free ones: the waiter's preferred (pref, comma-separated) first, then list order.
+-- { { pos, a }... }
+local function resident_in (l, q, pref)
+  local rank = {}
+  for i, a in ipairs(split(pref, ',')) do rank[a] = i end
   local out = {}
   for _, a in ipairs(redis.call('ZREVRANGE', P .. 'res:' .. q, 0, RES_MAX - 1)) do
     local pos = redis.call('HGET', P .. 'lpos:' .. l, a)
-    if pos then out[#out + 1] = { tonumber(pos), a } end
+    if pos then out[#out + 1] = { tonumber(pos), a, rank[a] or (RES_MAX + tonumber(pos)) } end
   end
-  table.sort(out, function (x, y) return x[1] < y[1] end)
+  table.sort(out, function (x, y) return x[3] < y[3] end)
   return out
 end
 
@@ -78,7 +81,7 @@ local function find_new (m, l, q, pref, want, since, holder, pin_until)
   if pos then return pos, holder, n end
   local to_holder = holder ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, holder) == 1
   if pin_until > NOW and to_holder then return nil end
-  local res = resident_in(l, q)
+  local res = resident_in(l, q, pref)
   for _, r in ipairs(res) do
     local ok, _, used_n = usable(r[2], m, want)
     if ok then return r[1], r[2], used_n end
@@ -127,11 +130,13 @@ local function serve_list (l, ln, m)
     return e[1], token, pos
   end
   local res_of = {}
-  local function resident (q)
-    local res = res_of[q]
+  -- (per queue and preference: waiters of one request path share both)
+  local function resident (q, pref)
+    local key = q .. '/' .. (pref or '')
+    local res = res_of[key]
     if not res then
-      res = resident_in(l, q)
-      res_of[q] = res
+      res = resident_in(l, q, pref)
+      res_of[key] = res
     end
     return res
   end
@@ -140,7 +145,7 @@ local function serve_list (l, ln, m)
   local function pinned_to (w)
     if (tonumber(w[14]) or 0) <= NOW then return nil end
     if w[13] and w[13] ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, w[13]) == 1 then return 'holder' end
-    if #resident(w[3]) > 0 then return 'model' end
+    if #resident(w[3], w[5]) > 0 then return 'model' end
     return nil
   end
   -- 1. a free holder goes to the waiter whose prefix it holds
@@ -155,7 +160,7 @@ local function serve_list (l, ln, m)
     local w = e[3]
     pins[i] = pinned_to(w)
     if pins[i] ~= 'holder' then
-      for _, r in ipairs(resident(w[3])) do
+      for _, r in ipairs(resident(w[3], w[5])) do
         local ok, _, n = usable(r[2], e[1], w[4])
         if ok then return granted(e, r[1], r[2], n) end
       end
