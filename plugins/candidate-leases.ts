@@ -28,14 +28,13 @@ export default fp(async function candidateLeasesPlugin (fastify) {
     const status = await fastify.leases.store.status([...new Set(candidates.flatMap((a) => a.gpuIds))])
     return expectedWaitMs(status, candidates, queue, serviceTimes.of(queue))
   }
-  // Scheduler v3 (CONTRACT 16): cost-ordered free candidates, bounded waits for the servers holding a prefix or the model
+  // Scheduler v3 (CONTRACT 16): cost-ordered free candidates, bounded waits (late binding in the store) for the server holding a prefix or the model
   const scheduler = new Scheduler({
     affinity: fastify.scheduling.affinity,
     rates: fastify.scheduling.rates,
     warmAmong: (candidates, model) => fastify.upstreams.preferredAmong(candidates, model),
     isLoaded: (assignment, model) => fastify.upstreams.isLoaded(assignment, model),
     known: (assignment) => fastify.upstreams.snapshot(assignment.id)?.polledAt != null,
-    expectedWaitMs: waitOf,
     maxWaitMs: config.affinityMaxWaitMs
   })
   const deps: CandidateLeaseDeps = {

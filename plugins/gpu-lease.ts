@@ -18,7 +18,9 @@ export default fp(async function gpuLease (fastify) {
     queueMax: config.queueMax,
     queueMaxTotal: config.queueMaxTotal,
     starvationMs: config.starvationMs,
-    priorityAgingMs: config.priorityAgingMs
+    priorityAgingMs: config.priorityAgingMs,
+    // late binding's fairness bound (CONTRACT 16.2): nobody passed over for longer
+    passOverMs: config.affinityMaxWaitMs
   }
   let store: LeaseStore
   if (fastify.leaseRedis != null) {

@@ -134,34 +134,42 @@ t.test('the plan: holder first; a bounded wait for it only when the estimate say
   const asg = (id: string): Assignment => ({ id, name: id, model: 'm', modelKey: 'm', kind: 'llm', ip: '127.0.0.1', port: 1, url: 'http://127.0.0.1:1', host: '127.0.0.1:1', gpuIds: [id], weight: 1, computerName: 'c', capacity: 1 })
   const all = [asg('1'), asg('2'), asg('3')]
   const affinity = new MemoryAffinityMap({ entries: 100, ttlMs: 60_000 })
-  let wait = 0
-  const scheduler = new Scheduler({
+  const deps = {
     affinity,
     rates: new LearnedRates(),
     warmAmong: () => ['1', '2'],
-    isLoaded: (a) => a.id !== '3',
+    isLoaded: (a: Assignment) => a.id !== '3',
     known: () => true,
-    expectedWaitMs: async () => wait,
     maxWaitMs: 10_000
-  })
+  }
+  const scheduler = new Scheduler(deps)
   const prompt = fingerprintOf('/api/chat', { model: 'm', messages: [msg('user', 'y'.repeat(40_000))] })
   if (prompt === undefined) throw new Error('no fingerprint')
-  t.same((await scheduler.plan(all, 'm', 'q', prompt)).pinned?.candidates.map((a) => a.id), ['1', '2'], 'no holder yet: wait a while for the warm servers rather than load on the cold one')
+  const first = await scheduler.plan(all, 'm', prompt)
+  t.equal(first.holder, undefined, 'no holder yet')
+  t.equal(first.pinMs, 0, 'no holder, no load seen yet: no wait')
+  deps.rates.learn('1', { loadMs: 3000 })
+  t.equal((await scheduler.plan(all, 'm', prompt)).pinMs, 6000, 'no holder: wait for a server with the model resident as long as a load elsewhere costs (its own and the one its eviction causes)')
   await affinity.remember('m', prompt.hashes, prompt.tokens, '2')
-  const plan = await scheduler.plan(all, 'm', 'q', prompt)
+  const plan = await scheduler.plan(all, 'm', prompt)
   t.same(plan.preferred, ['2', '1'], 'the holder first, then the warm one')
-  t.same(plan.pinned?.candidates.map((a) => a.id), ['2'], 'worth waiting for: 10000 tokens at 0.5 ms')
-  t.equal(plan.pinned?.waitMs, 5000)
+  t.equal(plan.holder, '2', 'the store is told which server holds the prefix')
+  t.equal(plan.pinMs, 10_000, 'worth waiting for: 10000 tokens at 0.5 ms (the free warm server\'s whole prefill), twice (what its eviction there costs later)')
   t.equal(scheduler.route(plan, all[1], 'm'), 'affinity')
   t.equal(scheduler.route(plan, all[0], 'm'), 'warm')
   t.equal(scheduler.route(plan, all[2], 'm'), 'load')
   t.equal(scheduler.savedTokens(plan, all[1]), 10_000)
-  wait = 6000
-  t.equal((await scheduler.plan(all, 'm', 'q', prompt)).pinned, undefined, 'its expected wait is longer than the prefill saved: no wait')
-  wait = 0
+  t.equal((await new Scheduler({ ...deps, maxWaitMs: 1000 }).plan(all, 'm', prompt)).pinMs, 1000, 'never past AFFINITY_MAX_WAIT_MS')
+  t.equal((await new Scheduler({ ...deps, maxWaitMs: 60_000 }).plan(all, 'm', prompt)).pinMs, 10_000, 'twice the margin')
+  t.equal((await new Scheduler({ ...deps, maxWaitMs: 0 }).plan(all, 'm', prompt)).pinMs, 0, 'AFFINITY_MAX_WAIT_MS 0: never waits')
   const short = fingerprintOf('/api/chat', { model: 'm', messages: [msg('user', 'hi there')] })
   await affinity.remember('m', short?.hashes ?? [], short?.tokens ?? [], '2')
-  const shortPlan = await scheduler.plan(all.slice(0, 2), 'm', 'q', short)
-  t.equal(shortPlan.pinned, undefined, 'a short prompt never waits for its holder')
-  t.same(shortPlan.preferred, ['2', '1'], 'but prefers it when free')
+  const shortPlan = await scheduler.plan(all.slice(0, 2), 'm', short)
+  t.equal(shortPlan.pinMs, 0, 'a short prompt never waits for its holder')
+  t.equal(shortPlan.holder, '2', 'but late binding still gives it its holder first')
+  t.same(shortPlan.preferred, ['2', '1'], 'and prefers it when free')
+  t.equal(shortPlan.chose, true, 'a choice: its lease is remembered in the map')
+  // one candidate: nothing to choose, so the map is not read (the holder '2' is not named) nor written
+  const alone = await scheduler.plan([all[1]], 'm', short)
+  t.same([alone.chose, alone.holder, alone.pinMs, alone.preferred], [false, undefined, 0, ['2']], 'a model on one server is not planned')
 })

@@ -2,7 +2,7 @@ import { CandidateRound, type Cooldowns } from './candidate-choice.js'
 import { GatewayError } from '../http/errors.js'
 import type { Exchange } from '../http/exchange.js'
 import type { Assignment, Inventory, ModelKind } from '../fleet/inventory.js'
-import { LeaseError, requesterOf, type Lease, type LeaseManager } from './lease-manager.js'
+import type { Lease, LeaseManager } from './lease-manager.js'
 import { candidatesOf, queueName, type ClientRef } from './lease-store.js'
 import { modelKey } from '../fleet/model-name.js'
 import type { PromptFingerprint } from '../scheduling/prefix-fingerprint.js'
@@ -152,39 +152,13 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
     return [model, deps.inventory().candidateList(model, target.kind)]
   }
 
-  /**
-   * Scheduler v3: the plan for leasing among `choice`, and the lease when waiting for the servers
-   * holding the prefix or the model (alone, for at most the plan's budget) got one.
-   */
-  const schedule = async (choice: readonly Assignment[], way: Way): Promise<{ plan: Plan, lease?: Lease, among?: readonly Assignment[], waitedMs?: number } | undefined> => {
+  /** Scheduler v3: the plan for leasing among `choice` (LLMs only). */
+  const schedule = async (choice: readonly Assignment[], way: Way): Promise<Plan | undefined> => {
     if (deps.scheduler === undefined || target.kind !== 'llm') return undefined
     const started = performance.now()
-    const plan = await deps.scheduler.plan(choice, way.model, way.queue, target.prompt)
+    const plan = await deps.scheduler.plan(choice, way.model, target.prompt)
     deps.decided?.((performance.now() - started) / 1000)
-    if (plan.pinned === undefined) return { plan }
-    const { candidates, waitMs } = plan.pinned
-    // Waits like any waiter (fair order within that line), and gives up at its deadline.
-    const deadline = new AbortController()
-    const timer = setTimeout(() => deadline.abort(), waitMs)
-    const pinnedAt = performance.now()
-    try {
-      const lease = await deps.leases.acquire({
-        queue: way.queue,
-        candidates: candidatesOf(candidates),
-        info: { model: way.model, kind: target.kind, purpose: 'proxy' as const },
-        requester: requesterOf(AbortSignal.any([exchange.signal, deadline.signal])),
-        client: requester.client,
-        preferred: plan.preferred,
-        cost
-      })
-      return { plan, lease, among: candidates }
-    } catch (err) {
-      // past the deadline: the whole line, at once; anything else (client gone, store down) is the request's end
-      if (!(err instanceof LeaseError) || err.statusCode !== 499 || !deadline.signal.aborted || exchange.closed) throw err
-      return { plan: { ...plan, pinned: undefined }, waitedMs: performance.now() - pinnedAt }
-    } finally {
-      clearTimeout(timer)
-    }
+    return plan
   }
 
   // Fair share by tokens (CONTRACT 16.4): the prompt's estimated tokens and the output asked for (or a default)
@@ -212,9 +186,8 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
       let assignment: Assignment
       let plan: Plan | undefined
       for (;;) {
-        const scheduled = await schedule(choice, way)
-        plan = scheduled?.plan
-        lease = scheduled?.lease ?? await deps.leases.acquire({
+        plan = await schedule(choice, way)
+        lease = await deps.leases.acquire({
           queue: way.queue,
           candidates: candidatesOf(choice),
           info: { model: way.model, kind: target.kind, purpose: 'proxy' as const },
@@ -222,11 +195,13 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
           client: requester.client,
           // warm servers first among the free ones (the background poll and the gateway's own traffic)
           preferred: plan?.preferred ?? (target.kind === 'llm' ? deps.preferredAmong(choice, way.model) : undefined),
-          cost
+          cost,
+          // late binding: the server holding the prefix, and how long to wait for it (or the model's servers) alone
+          ...(plan !== undefined ? { lateBinding: true } : {}),
+          ...(plan?.holder !== undefined ? { holder: plan.holder } : {}),
+          ...(plan !== undefined && plan.pinMs > 0 ? { pinMs: plan.pinMs } : {})
         })
-        assignment = (scheduled?.among ?? choice)[lease.candidateIndex]
-        // the time waited for the holder counts as queueing too (x-maestro-queue-ms)
-        if (scheduled?.waitedMs !== undefined) lease.queuedMs += scheduled.waitedMs
+        assignment = choice[lease.candidateIndex]
         // Drained while this request waited (its candidates were chosen before): give the lease
         // back unused and wait for the others (or a fallback's).
         if (!isDrained(assignment)) break

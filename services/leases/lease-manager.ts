@@ -88,6 +88,12 @@ export interface AcquireRequest {
   cost?: number
   /** Its close (client gone) leaves the queue at once. */
   requester?: Requester
+  /** Late binding (lease-store.ts): the assignment holding its prompt's prefix. */
+  holder?: string
+  /** Late binding: how long it waits only for its holder or the servers with its model resident. */
+  pinMs?: number
+  /** Late binding: a Scheduler v3 request, which may be passed over within the store's bound. */
+  lateBinding?: boolean
 }
 
 export interface LeaseManagerOptions {
@@ -105,6 +111,8 @@ interface Waiter {
   /** Its place in the line once queued: a re-enqueue keeps it. */
   place?: Place
   timer?: NodeJS.Timeout
+  /** Its pin's end: the store is asked again then (nothing else would serve its line at that moment). */
+  pinTimer?: NodeJS.Timeout
   /** Stops listening for its client's leaving. */
   unwatch?: () => void
   /** Sent away by a shutdown (possibly while its first attempt was still running). */
@@ -242,7 +250,10 @@ export class LeaseManager {
       client: req.client,
       preferred: req.preferred,
       cost: req.cost,
-      place: w.place
+      place: w.place,
+      ...(req.holder !== undefined ? { holder: req.holder } : {}),
+      ...(req.pinMs !== undefined ? { pinMs: req.pinMs } : {}),
+      ...(req.lateBinding === true ? { lateBinding: true } : {})
     }
   }
 
@@ -264,6 +275,9 @@ export class LeaseManager {
     waiter.timer = setTimeout(() => {
       giveUp(new LeaseError(`timed out waiting for a GPU for model '${req.info.model}'`, 503, 5))
     }, this.opts.queueTimeoutMs)
+    if (req.pinMs !== undefined && req.pinMs > 0) {
+      waiter.pinTimer = setTimeout(() => { void this.requeue([waiter.member]) }, Math.ceil(req.pinMs) + 1)
+    }
     // (At once when the client left while the first attempt was on its way; a no-op once settled.)
     waiter.unwatch = req.requester?.onClose(() => { if (this.waiters.has(waiter.member)) giveUp(new LeaseError('client closed request', 499)) })
   }
@@ -281,6 +295,7 @@ export class LeaseManager {
   private forget (waiter: Waiter, token: string | null): void {
     this.waiters.delete(waiter.member)
     if (waiter.timer != null) clearTimeout(waiter.timer)
+    if (waiter.pinTimer != null) clearTimeout(waiter.pinTimer)
     waiter.unwatch?.()
     this.settled.set(waiter.member, token)
     if (this.settled.size > RECENT_LIMIT) {

@@ -13,6 +13,10 @@
  * - within a line: by priority (high, normal, low; a waiter counts one level higher for every
  *   `priorityAgingMs` it has waited), then round-robin between clients (start-time fair queuing),
  *   each client in its own arrival order. Across lines: the one whose next waiter arrived first.
+ * - late binding (Scheduler v3 waiters only): when a line is served, the first few waiters of the
+ *   first few lines of its list are looked at and a free server goes to the one it serves cheapest
+ *   (its prompt prefix's holder, then a waiter of the model its last lease ran), within a bound
+ *   (`passOverMs`) past which a waiter is served strictly first.
  * - member: one waiter, `<replicaId>|<n>`; a member whose replica stops heart-beating is dead.
  * - token: one lease, `<member>#<fence>`; the fence grows with every grant.
  */
@@ -76,6 +80,21 @@ export interface AttemptInput {
   cost?: number
   /** Set when the waiter was queued before and lost its place (store restarted): keeps its order. */
   place?: Place
+  /**
+   * Late binding (CONTRACT 16.2): the assignment holding the request's prompt prefix. When it frees,
+   * it goes to this waiter before the others among the first few of its lines.
+   */
+  holder?: string
+  /**
+   * For this long after it queues, the waiter takes only its holder or, without one, a server whose
+   * last lease was for its model (the estimate says waiting for them beats a cold server). 0: none.
+   */
+  pinMs?: number
+  /**
+   * A Scheduler v3 waiter: later waiters that a freed server serves cheaper may pass it, for at most
+   * the store's `passOverMs` after its arrival. Others are never passed over.
+   */
+  lateBinding?: boolean
 }
 
 /**
@@ -162,6 +181,12 @@ export interface LeaseStoreOptions {
   starvationMs: number
   /** PRIORITY_AGING_MS; default 30000. */
   priorityAgingMs?: number
+  /**
+   * Late binding's fairness bound (AFFINITY_MAX_WAIT_MS): a waiter of Scheduler v3 (one with a
+   * holder or a pin) may be passed over by later waiters that a freed server serves cheaper for
+   * this long after its arrival, then it is served strictly first. Default 0: never passed over.
+   */
+  passOverMs?: number
 }
 
 export const DEFAULT_QUEUE_MAX_TOTAL = 10_000
@@ -222,6 +247,11 @@ export const FAIR_COST_MAX = 1_000_000
 /** A request's cost in the fair order: a whole number of tokens, 1 to FAIR_COST_MAX (1 when absent). */
 export function fairCost (cost: number | undefined): number {
   return cost !== undefined && Number.isFinite(cost) ? Math.min(FAIR_COST_MAX, Math.max(1, Math.round(cost))) : 1
+}
+
+/** A waiter's pin, whole ms (0: none). */
+export function pinMsOf (input: Pick<AttemptInput, 'pinMs'>): number {
+  return input.pinMs !== undefined && Number.isFinite(input.pinMs) && input.pinMs > 0 ? Math.round(input.pinMs) : 0
 }
 
 export function capacityOf (c: Candidate): number {

@@ -5,7 +5,8 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
+  pinMsOf
 } from './lease-store.js'
 
 /*
@@ -17,6 +18,10 @@ import {
  */
 
 const LEVEL = 2 ** 40
+/** Late binding (services/lua/includes/late-binding.lua): waiters looked at per line, lines per list, resident servers per model. */
+const LB_WAITERS = 8
+const LB_LINES = 4
+const RES_MAX = 8
 
 interface Slot { token: string, n: number, expiresAt: number }
 
@@ -26,6 +31,8 @@ interface LeaseRecord extends HeldLease {
 
 interface Line {
   key: string
+  /** Its candidate list's key: lines of one list are served together (late binding). */
+  list: string
   queue: string
   candidates: Candidate[]
   /** The GPUs of its candidates when it began (its entries in linesByGpu) */
@@ -59,6 +66,10 @@ interface WaiterRecord {
   preferred: string[]
   held?: { assignmentId: string, gpuIds: string[] }
   granted?: { token: string, index: number, expiresAt: number }
+  /** Late binding: the assignment holding its prompt's prefix, until when it is pinned, from when it may not be passed over. */
+  holder?: string
+  pinUntil: number
+  passAt?: number
 }
 
 export class MemoryLeaseStore implements LeaseStore {
@@ -66,6 +77,9 @@ export class MemoryLeaseStore implements LeaseStore {
   readonly replicaId = randomUUID().slice(0, 12)
   private readonly opts: Required<LeaseStoreOptions>
   private readonly assignments = new Map<string, { capacity: number, gpuIds: string[] }>()
+  /** Each assignment's last lease's queue, and per queue the assignments whose last lease was for it (latest last). */
+  private readonly lastQueue = new Map<string, string>()
+  private readonly resident = new Map<string, Map<string, true>>()
   private readonly slots = new Map<string, Map<string, Slot>>()
   private readonly owners = new Map<string, string>()
   private readonly holds = new Map<string, { member: string, expiresAt: number }>()
@@ -89,7 +103,8 @@ export class MemoryLeaseStore implements LeaseStore {
       queueMax: opts.queueMax,
       queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
       starvationMs: opts.starvationMs,
-      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS,
+      passOverMs: opts.passOverMs ?? 0
     }
   }
 
@@ -190,7 +205,75 @@ export class MemoryLeaseStore implements LeaseStore {
     this.leases.set(token, {
       token, gpuIds: def.gpuIds, assignmentId: c.assignmentId, slots: n, queue: line.queue, info, since: now
     })
+    this.noteResident(c.assignmentId, line.queue)
     return token
+  }
+
+  /** The assignment's last lease is for this queue: its model is resident there (as far as the store knows). */
+  private noteResident (a: string, queue: string): void {
+    const old = this.lastQueue.get(a)
+    if (old !== undefined && old !== queue) {
+      const was = this.resident.get(old)
+      was?.delete(a)
+      if (was?.size === 0) this.resident.delete(old)
+    }
+    this.lastQueue.set(a, queue)
+    let set = this.resident.get(queue)
+    if (set == null) this.resident.set(queue, set = new Map())
+    set.delete(a)
+    set.set(a, true)
+  }
+
+  /**
+   * The candidates of a waiter's line whose last lease was for its queue (the RES_MAX latest), in
+   * the order find takes free ones (its preferred first, then list order): their indexes.
+   */
+  private residentIn (w: { line: Line, preferred: string[] }): number[] {
+    const set = this.resident.get(w.line.queue)
+    if (set == null) return []
+    const ids = [...set.keys()].slice(-RES_MAX).reverse()
+    const out: Array<{ i: number, rank: number }> = []
+    for (const id of ids) {
+      const i = w.line.candidates.findIndex((c) => c.assignmentId === id)
+      const p = w.preferred.indexOf(id)
+      if (i >= 0) out.push({ i, rank: p >= 0 ? p : RES_MAX + i })
+    }
+    return out.sort((a, b) => a.rank - b.rank).map((x) => x.i)
+  }
+
+  /** The waiter's holder, when it is a candidate of its line and usable now: its index. */
+  private holderFree (w: { member: string, line: Line, info: LeaseInfo, holder?: string }): number | undefined {
+    if (w.holder === undefined || w.holder === '') return undefined
+    const i = w.line.candidates.findIndex((c) => c.assignmentId === w.holder)
+    return i >= 0 && this.usable(w.holder, w.member, this.want(w.info)) ? i : undefined
+  }
+
+  /** Where a request new to its line may go at once (late-binding.lua's find_new). */
+  private findNew (w: { member: string, line: Line, preferred: string[], info: LeaseInfo, holder?: string, pinUntil: number }): number | undefined {
+    const h = this.holderFree(w)
+    if (h !== undefined) return h
+    const pinned = w.pinUntil > this.now()
+    if (pinned && this.holderInLine(w)) return undefined
+    const res = this.residentIn(w)
+    for (const i of res) if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return i
+    if (pinned && res.length > 0) return undefined
+    return this.spare(w) ?? this.find(w)
+  }
+
+  /** A free candidate whose taking costs no other model its last resident server (late-binding.lua's spare). */
+  private spare (w: { member: string, line: Line, info: LeaseInfo }): number | undefined {
+    let looked = 0
+    for (const [i, c] of w.line.candidates.entries()) {
+      if (!this.usable(c.assignmentId, w.member, this.want(w.info))) continue
+      const q = this.lastQueue.get(c.assignmentId)
+      if (q === undefined || (this.resident.get(q)?.size ?? 0) > 1) return i
+      if (++looked >= RES_MAX) break
+    }
+    return undefined
+  }
+
+  private holderInLine (w: { line: Line, holder?: string }): boolean {
+    return w.holder !== undefined && w.holder !== '' && w.line.candidates.some((c) => c.assignmentId === w.holder)
   }
 
   private effective (w: WaiterRecord, now: number): number {
@@ -231,19 +314,59 @@ export class MemoryLeaseStore implements LeaseStore {
     }
   }
 
+  private grantAt (w: WaiterRecord, index: number): Grant {
+    const token = this.take(w.member, w.line, index, w.info)
+    this.unqueue(w)
+    // the clock moves on to the start of what it serves (not its end: one long request served
+    // would otherwise lift every idle client past the waiters it should go between)
+    const start = w.score % LEVEL - w.cost
+    if (start > w.line.clock.served) w.line.clock.served = start
+    w.granted = { token, index, expiresAt: this.now() + this.opts.ttlMs }
+    return { member: w.member, token, candidateIndex: index }
+  }
+
+  /**
+   * Serve the lines of `first`'s list, `first` being the next waiter of the first of them (late
+   * binding, as late-binding.lua's serve_list): strictly `first` once it may no longer be passed
+   * over; else, among the first LB_WAITERS of the first LB_LINES lines, the first whose holder is
+   * free, then the first (not pinned to its holder) with a free server of its model, then the first
+   * not pinned.
+   */
+  private serveList (first: WaiterRecord, open: Set<Line>): Grant | undefined {
+    const now = this.now()
+    if (first.passAt === undefined || now >= first.passAt) return this.tryGrant(first)
+    const lines = [first.line, ...[...open]
+      .filter((l) => l !== first.line && l.list === first.line.list)
+      .map((l) => ({ l, since: this.pick(l)?.since ?? Infinity }))
+      .sort((a, b) => a.since - b.since)
+      .map((x) => x.l)].slice(0, LB_LINES)
+    const ws: WaiterRecord[] = [first]
+    for (const line of lines) {
+      const order = [...line.waiters].sort((a, b) => this.effective(a, now) - this.effective(b, now)).slice(0, LB_WAITERS)
+      for (const w of order) if (w !== first) ws.push(w)
+    }
+    for (const w of ws) {
+      const i = this.holderFree(w)
+      if (i !== undefined) return this.grantAt(w, i)
+    }
+    // what each is pinned to while its pin runs: a holder in its line, else its model's resident servers (when any)
+    const pins = ws.map((w) => !(w.pinUntil > now) ? undefined : this.holderInLine(w) ? 'holder' : this.residentIn(w).length > 0 ? 'model' : undefined)
+    for (const [k, w] of ws.entries()) {
+      if (pins[k] === 'holder') continue
+      for (const i of this.residentIn(w)) {
+        if (this.usable(w.line.candidates[i].assignmentId, w.member, this.want(w.info))) return this.grantAt(w, i)
+      }
+    }
+    const free = ws.findIndex((_, k) => pins[k] === undefined)
+    if (free < 0) return undefined
+    const i = this.spare(ws[free])
+    return i !== undefined ? this.grantAt(ws[free], i) : this.tryGrant(ws[free])
+  }
+
   private tryGrant (w: WaiterRecord): Grant | undefined {
     const index = this.find(w)
     const now = this.now()
-    if (index != null) {
-      const token = this.take(w.member, w.line, index, w.info)
-      this.unqueue(w)
-      // the clock moves on to the start of what it serves (not its end: one long request served
-      // would otherwise lift every idle client past the waiters it should go between)
-      const start = w.score % LEVEL - w.cost
-      if (start > w.line.clock.served) w.line.clock.served = start
-      w.granted = { token, index, expiresAt: now + this.opts.ttlMs }
-      return { member: w.member, token, candidateIndex: index }
-    }
+    if (index != null) return this.grantAt(w, index)
     if (now - w.since >= this.opts.starvationMs) {
       for (const c of w.line.candidates.slice(0, 8)) {
         const def = this.assignments.get(c.assignmentId)
@@ -275,9 +398,9 @@ export class MemoryLeaseStore implements LeaseStore {
         if (best == null || w.since < best.since) best = w
       }
       if (best == null) break
-      const g = this.tryGrant(best)
+      const g = this.serveList(best, open)
       if (g != null) grants.push(g)
-      else open.delete(best.line)
+      else for (const line of open) if (line.list === best.line.list) open.delete(line)
     }
     for (const g of grants) queueMicrotask(() => this.events?.onGrant(g))
     return grants
@@ -333,12 +456,20 @@ export class MemoryLeaseStore implements LeaseStore {
     if (w == null) {
       const existing = this.lines.get(key)
       const clock = this.clockOf(key, existing?.clock)
-      const line: Line = existing ?? { key, queue: input.queue, candidates: input.candidates, waiters: new Set(), clock }
+      const line: Line = existing ?? { key, list, queue: input.queue, candidates: input.candidates, waiters: new Set(), clock }
       const client = input.client ?? { id: '', priority: 'normal' }
-      const probe = { member: input.member, line, preferred: input.preferred ?? [], info: input.info }
+      const pinMs = pinMsOf(input)
+      const probe = {
+        member: input.member,
+        line,
+        preferred: input.preferred ?? [],
+        info: input.info,
+        ...(input.holder !== undefined && input.holder !== '' ? { holder: input.holder } : {}),
+        pinUntil: pinMs > 0 ? this.now() + pinMs : 0
+      }
       // Nobody waits in this line: a free candidate is taken at once.
       if (existing == null && input.place == null) {
-        const index = this.find(probe)
+        const index = input.lateBinding === true && this.opts.passOverMs > 0 ? this.findNew(probe) : this.find(probe)
         if (index != null) {
           // served at once, charged all the same (and the line's clock moves on to its start)
           const start = this.fairTag(line.clock, client.id, input.cost) - fairCost(input.cost)
@@ -353,7 +484,15 @@ export class MemoryLeaseStore implements LeaseStore {
       if (score == null) {
         score = level * LEVEL + this.fairTag(line.clock, client.id, input.cost)
       }
-      w = { ...probe, level, score, cost: fairCost(input.cost), since: input.place?.since ?? this.now() }
+      const since = input.place?.since ?? this.now()
+      w = {
+        ...probe,
+        level,
+        score,
+        cost: fairCost(input.cost),
+        since,
+        ...(input.lateBinding === true && this.opts.passOverMs > 0 ? { passAt: since + this.opts.passOverMs } : {})
+      }
       line.waiters.add(w)
       this.queuedTotal++
       if (this.lines.get(key) !== line) {

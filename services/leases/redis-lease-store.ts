@@ -5,7 +5,8 @@ import type {
   StoreEvents, StoreStatus, SweepResult
 } from './lease-store.js'
 import {
-  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost
+  DEFAULT_PRIORITY_AGING_MS, DEFAULT_QUEUE_MAX_TOTAL, PRIORITY_LEVEL, STATUS_QUEUES_LIMIT, assertSafeIds, capacityOf, fairCost,
+  pinMsOf
 } from './lease-store.js'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 
@@ -37,6 +38,8 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)
  *   qa:<queue> zset m->arrival      the same waiters by arrival: the status's oldest wait (PX as qw:)
  *   queues     zset queue->touched  models with waiters, for the status
+ *   res:<queue> zset a->last take   the assignments whose last lease was for that queue (late
+ *                                   binding: the model resident there; asg:<a> field q names it)
  * Channel P..'events': `g|member|token|index` for a grant to another replica's waiter, `i` for an
  * inventory change. Every script that grants returns its grants in its reply; the store hands
  * those of its own replica's waiters on at once (no pub/sub hop between a release and the next
@@ -45,6 +48,8 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  * Cost: an attempt, release and grant read the heads of indexes (free candidates of a list, lines
  * of a list, waiters of a line, lists waiting for a GPU): nothing scans the candidates, the queues,
  * the waiters or the assignments sharing a GPU (services/lua/includes/slots.lua, at the top).
+ * Late binding (services/lua/includes/late-binding.lua) reads at most 32 waiters and 8 resident
+ * servers per queue of a list it serves.
  */
 const SCRIPT_FILES = ['attempt-1', 'register-1', 'sweep-1', 'leave-1', 'release-1', 'release-gpus-1', 'renew-1', 'ping-1', 'status-1', 'fair-correct-1']
 /** Read once, when the first Redis store is made (embedded mode never needs them). */
@@ -187,7 +192,8 @@ export class RedisLeaseStore implements LeaseStore {
       queueMax: opts.queueMax,
       queueMaxTotal: opts.queueMaxTotal ?? DEFAULT_QUEUE_MAX_TOTAL,
       starvationMs: opts.starvationMs,
-      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS
+      priorityAgingMs: opts.priorityAgingMs ?? DEFAULT_PRIORITY_AGING_MS,
+      passOverMs: opts.passOverMs ?? 0
     }
     this.replicaId = opts.replicaId ?? randomUUID().slice(0, 12)
     scripts ??= loadLuaScripts(SCRIPT_FILES)
@@ -273,11 +279,13 @@ export class RedisLeaseStore implements LeaseStore {
   async attempt (input: AttemptInput): Promise<AttemptResult> {
     const list = this.listOf(input.candidates)
     const client = input.client ?? { id: '', priority: 'normal' }
+    const want = input.info.purpose === 'reservation' ? 'all' : '1'
     const args = [
       input.member, input.queue, list.id, input.info.model, input.info.kind, input.info.purpose,
       this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
-      input.info.purpose === 'reservation' ? 'all' : '1', fairCost(input.cost)
+      want, fairCost(input.cost),
+      input.holder ?? '', pinMsOf(input), input.lateBinding === true ? this.opts.passOverMs : 0
     ]
     let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {
@@ -292,7 +300,7 @@ export class RedisLeaseStore implements LeaseStore {
         return { status: 'granted', token: String(b[1]), candidateIndex: Number(b[2]), grants: r.grants }
       case 'waiting':
       case 'paused': {
-        this.lineOf.set(input.member, `${list.id}:${input.queue}:${args[args.length - 1]}`)
+        this.lineOf.set(input.member, `${list.id}:${input.queue}:${want}`)
         const place: Place = b[0] === 'waiting'
           ? { score: Number(b[2]), since: Number(b[3]) }
           : { score: Number(b[1]), since: Number(b[2]) }

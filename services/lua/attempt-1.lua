@@ -11,6 +11,9 @@
   ARGV[20] preferred assignment ids, comma-separated (tried first, never waited for)
   ARGV[21] slots wanted: '1', or 'all' (a reservation takes the whole assignment)
   ARGV[22] the request's cost in the fair order (its estimated tokens; 1 when absent)
+  ARGV[23] late binding (includes/late-binding.lua): the assignment holding its prompt's prefix ('' none)
+  ARGV[24] how long, ms, it takes only its holder or a server with its model resident ('0': not pinned)
+  ARGV[25] how long, ms, after its arrival it may be passed over by later waiters ('0': never)
 
   Returns reply() with body
     { 'granted', token, candidate index } | { 'waiting', position, score, arrival }
@@ -54,10 +57,19 @@ if list_ttl < 43200000 then
 end
 
 local since = tonumber(ARGV[17]) or NOW
+local holder = ARGV[23] or ''
+local pin_ms = tonumber(ARGV[24]) or 0
+local pin_until = pin_ms > 0 and NOW + pin_ms or 0
+local pass_ms = tonumber(ARGV[25]) or 0
 local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
   -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
-  local pos, a, n = find(m, l, ARGV[20], want, nil, since)
+  local pos, a, n
+  if pass_ms > 0 then
+    pos, a, n = find_new(m, l, q, ARGV[20], want, since, holder, pin_until)
+  else
+    pos, a, n = find(m, l, ARGV[20], want, nil, since)
+  end
   if pos then
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
     -- served at once, charged all the same (and the line's clock moves on to its start)
@@ -105,7 +117,8 @@ if not score then
   redis.call('ZADD', P .. 'queues', NOW, q)
   redis.call('ZADD', P .. 'lines:' .. l, 'NX', since, ln)
   redis.call('HSET', wkey, 'line', ln, 'list', l, 'queue', q, 'level', level, 'score', score, 'since', since,
-    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20], 'cost', ARGV[22])
+    'model', ARGV[11], 'kind', ARGV[12], 'purpose', ARGV[13], 'want', want, 'pref', ARGV[20], 'cost', ARGV[22],
+    'holder', holder, 'pin', pin_until, 'pass', pass_ms > 0 and since + pass_ms or '')
   redis.call('PEXPIRE', wkey, LINE_TTL)
   touch_line(ln)
 end

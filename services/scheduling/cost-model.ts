@@ -71,6 +71,11 @@ export class LearnedRates {
     return this.rates.get(assignmentId)?.loadMs ?? this.mean('loadMs') ?? DEFAULT_LOAD_MS
   }
 
+  /** The mean load time of the assignments that have reported a load; undefined before the first. */
+  observedLoadMs (): number | undefined {
+    return this.mean('loadMs')
+  }
+
   private readonly means: Partial<Record<keyof Rates, { at: number, value: number | undefined }>> = {}
   private version = 0
 

@@ -1,17 +1,21 @@
 /**
  * Scheduler v3's choice for one lease (CONTRACT 16): reads the affinity map, estimates each
- * choice's time to first token (cost-model.ts) and says where the lease store should look first
- * and whether to wait for one server (or the warm ones) for a while. The lease store still makes
- * every grant, so fairness, capacity and exclusivity stay its own; this only orders and pins.
+ * choice's time to first token (cost-model.ts) and tells the lease store where to look first,
+ * which server holds the prompt's prefix, and how long the request should wait for that server
+ * (or, without one, for a server with its model resident) rather than take a cold one. The lease
+ * store makes every grant, so fairness, capacity and exclusivity stay its own.
  *
- * Late binding, gateway side: a request whose prefix (or model) is held by busy servers waits in
- * the line of those servers alone, for at most its wait budget (the estimate's margin over the
- * best other server, capped at AFFINITY_MAX_WAIT_MS), then in its model's whole line. Taken only
- * when the expected wait there (from the store's status) is below that margin. No Fastify here.
+ * Late binding, store side (services/lua/includes/late-binding.lua, memory-lease-store.ts): a
+ * request waits in its model's one line carrying its holder and its pin; a server that frees goes
+ * to the waiter it serves cheapest among the first few (its prefix's, then its model's), within
+ * the store's bound (AFFINITY_MAX_WAIT_MS). The pin lasts what the cold choice would cost: twice
+ * the estimate's margin (the holder's prefill saved over the best other server, or without a
+ * holder the load a server without the model would need), as a cold choice also evicts another
+ * prompt's (or model's) state there that is then likely recomputed; capped at
+ * AFFINITY_MAX_WAIT_MS. No Fastify here.
  *
  * Cost per request: none with one candidate; else one affinity read (an HMGET of at most 8
- * fields) and one write once leased; the status read only when
- * a wait is worth considering. Candidates considered are bounded (the holder, up to
+ * fields) and one write once leased. Candidates considered are bounded (the holder, up to
  * PREFERRED_MAX warm ones, one cold one): O(1) in fleet size and queue length.
  */
 import type { Assignment } from '../fleet/inventory.js'
@@ -21,8 +25,14 @@ import type { PromptFingerprint } from './prefix-fingerprint.js'
 
 export type Route = 'affinity' | 'warm' | 'free' | 'load'
 
-/** A wait for the servers holding the prefix or the model is considered only when it saves at least this. */
+/** A wait for the server holding the prefix is worth it only when it saves at least this. */
 const MIN_MARGIN_MS = 25
+/**
+ * What a cold choice costs, as a multiple of its own estimate: a load (or a prefill) on another
+ * server takes its own time and, as it evicts another model (or another prompt's cached state)
+ * there, about as much again later. The pins last this multiple of the estimate's margin.
+ */
+const COLD_COST_FACTOR = 2
 /** Output tokens charged before the answer says (when the body gives no limit). */
 export const DEFAULT_OUTPUT_TOKENS = 256
 
@@ -35,16 +45,16 @@ export interface SchedulerDeps {
   isLoaded: (assignment: Assignment, model: string) => boolean
   /** Whether the gateway knows what is loaded on the assignment's server (its poll answered). */
   known: (assignment: Assignment) => boolean
-  /** Expected wait, ms, of one more request on these candidates of `queue` (the store's status). */
-  expectedWaitMs: (candidates: readonly Assignment[], queue: string) => Promise<number>
   maxWaitMs: number
 }
 
 export interface Plan {
   /** Ids tried first among the free candidates, cheapest first. */
   preferred: string[]
-  /** Wait for these alone for `waitMs` first (a subset of the candidates). */
-  pinned?: { candidates: Assignment[], waitMs: number }
+  /** The assignment holding the prompt's prefix (late binding gives it this request first). */
+  holder?: string
+  /** How long the request waits only for its holder, or without one for a server with its model resident (0: not at all). */
+  pinMs: number
   hit?: AffinityHit
   /** Estimated prompt tokens (for the fairness charge and the prefill saved). */
   promptTokens: number
@@ -66,20 +76,20 @@ export class Scheduler {
     }
   }
 
-  async plan (choice: readonly Assignment[], model: string, queue: string, prompt: PromptFingerprint | undefined): Promise<Plan> {
+  async plan (choice: readonly Assignment[], model: string, prompt: PromptFingerprint | undefined): Promise<Plan> {
     const promptTokens = prompt?.promptTokens ?? 0
     // One candidate (a model on one server): nothing to choose, nothing to read or remember.
-    if (choice.length < 2) return { preferred: choice.map((a) => a.id), promptTokens, estimates: [], chose: false }
+    if (choice.length < 2) return { preferred: choice.map((a) => a.id), pinMs: 0, promptTokens, estimates: [], chose: false }
     const found = await this.lookup(model, prompt)
 
     const holder = found === undefined ? undefined : choice.find((a) => a.id === found.assignmentId)
     const hit = holder === undefined ? undefined : found
     const warm = new Set(this.deps.warmAmong(choice, model))
     const views: CandidateView[] = []
-    const byId = new Map<string, Assignment>()
+    const byId = new Set<string>()
     const add = (a: Assignment, cachedTokens: number): void => {
       if (byId.has(a.id)) return
-      byId.set(a.id, a)
+      byId.add(a.id)
       // it served the prefix: its model was loaded there then
       views.push({ assignmentId: a.id, resident: warm.has(a.id) || a === holder, cachedTokens, waitMs: 0 })
     }
@@ -90,25 +100,23 @@ export class Scheduler {
     if (cold !== undefined) add(cold, 0)
     const estimates = rank(views, promptTokens, this.deps.rates)
     const preferred = estimates.filter((e) => e.assignmentId !== cold?.id).map((e) => e.assignmentId)
-    const plan: Plan = { preferred, promptTokens, estimates, chose: true, ...(hit !== undefined ? { hit } : {}) }
-    if (this.deps.maxWaitMs <= 0 || estimates.length < 2) return plan
-    // Who would be worth waiting for: the holder when it is the cheapest, else the warm servers
-    // when a cold one is the alternative.
-    const best = estimates[0]
-    const pinnedIds = best.assignmentId === holder?.id ? [holder.id] : (warm.size > 0 && cold !== undefined ? [...warm].filter((id) => byId.has(id)) : [])
-    if (pinnedIds.length === 0 || pinnedIds.length >= choice.length) return plan
-    const alternative = estimates.find((e) => !pinnedIds.includes(e.assignmentId))
-    const pinnedBest = estimates.find((e) => pinnedIds.includes(e.assignmentId)) as Estimate
-    if (alternative === undefined || alternative.ttftMs - pinnedBest.ttftMs < MIN_MARGIN_MS) return plan
-    const pinned = pinnedIds.map((id) => byId.get(id) as Assignment)
-    let waitMs = 0
-    try {
-      waitMs = await this.deps.expectedWaitMs(pinned, queue)
-    } catch {
+    const plan: Plan = { preferred, pinMs: 0, promptTokens, estimates, chose: true, ...(hit !== undefined && holder !== undefined ? { hit, holder: holder.id } : {}) }
+    if (this.deps.maxWaitMs <= 0) return plan
+    if (holder !== undefined) {
+      // worth waiting for the holder when that saves more than MIN_MARGIN_MS: for the margin's cold cost
+      const best = estimates[0]
+      const alternative = estimates.find((e) => e.assignmentId !== holder.id)
+      if (best.assignmentId === holder.id && alternative !== undefined) {
+        const margin = waitBudgetMs(best, alternative, Infinity)
+        if (margin >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, COLD_COST_FACTOR * margin)
+      }
       return plan
     }
-    const budget = waitBudgetMs({ ...pinnedBest, waitMs }, alternative, this.deps.maxWaitMs)
-    if (budget > 0) plan.pinned = { candidates: pinned, waitMs: budget }
+    // No holder: a server whose last lease was this model (the store knows which) beats one that
+    // must load it, once loads have been seen to take time at all, for as long as a load elsewhere
+    // costs.
+    const loadMs = this.deps.rates.observedLoadMs()
+    if (loadMs !== undefined && loadMs >= MIN_MARGIN_MS) plan.pinMs = Math.min(this.deps.maxWaitMs, COLD_COST_FACTOR * loadMs)
     return plan
   }
 

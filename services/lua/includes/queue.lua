@@ -10,7 +10,7 @@
                  l<client> -> the last tag given to the client (its requests keep their order)
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
-                 cost, held; token, index once granted (PX)
+                 cost, holder, pin, pass (late-binding.lua), held; token, index once granted (PX)
   qw:<queue>     zset member -> expiry     a model's waiters (QUEUE_MAX)
   qa:<queue>     zset member -> arrival    the same waiters by arrival, for the status's oldest
                  wait (kept in step with qw: by leave_queue and expire_queued; PX as qw:)
@@ -195,6 +195,19 @@ local function find (m, l, pref, want, held, since)
   end
 end
 
+-- Assignment a's last lease is for queue q: its model is resident there (as far as the store
+-- knows: the model of a server's last lease is loaded on it). res:<q> lists them, latest first.
+local function note_resident (a, q)
+  local key = P .. 'asg:' .. a
+  local old = redis.call('HGET', key, 'q')
+  if old ~= q then
+    if old then redis.call('ZREM', P .. 'res:' .. old, a) end
+    redis.call('HSET', key, 'q', q)
+  end
+  redis.call('ZADD', P .. 'res:' .. q, NOW, a)
+  redis.call('PEXPIRE', P .. 'res:' .. q, DAY)
+end
+
 -- Lease position pos of list l (assignment a, n slots in use) to m; returns the token. An
 -- assignment left with no free slot leaves the list's free index at once: the next request of
 -- the list would otherwise find it there, look at it and drop it.
@@ -202,6 +215,7 @@ local function take_at (m, l, pos, a, n, want, q, model, kind, purpose)
   local token = take(m, a, want, q, model, kind, purpose)
   local cap = asg(a)
   if want == 'all' or n + 1 >= cap then redis.call('ZREM', P .. 'free:' .. l, pos) end
+  note_resident(a, q)
   return token
 end
 
@@ -226,24 +240,33 @@ local function hold_for (m, l)
   end
 end
 
-local function try_grant (m)
+-- A waiter's record: list, line, queue, want, pref, held, since, model, kind, purpose, score, level,
+-- then late binding's holder, pin, pass (late-binding.lua), then its cost in the fair order
+local function waiter_of (m)
+  return redis.call('HMGET', P .. 'w:' .. m, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
+    'purpose', 'score', 'level', 'holder', 'pin', 'pass', 'cost')
+end
+
+-- Lease position pos (assignment a, n slots in use) to waiter m, whose record is w; returns the token and pos.
+local function grant_at (m, w, pos, a, n)
+  local token = take_at(m, w[1], pos, a, n, w[4], w[3], w[8], w[9], w[10])
+  unqueue(m, w[2], w[3], w[12])
+  clear_holds(m)
+  -- the line's clock moves on to the start of what it serves (not its end: one long request
+  -- served would otherwise lift every idle client past the waiters it should go between)
+  local vt = P .. 'vt:' .. w[2]
+  local start = tonumber(w[11]) % LEVEL - (tonumber(w[16]) or 1)
+  if start > (tonumber(redis.call('HGET', vt, 'v')) or 0) then redis.call('HSET', vt, 'v', start) end
   local wkey = P .. 'w:' .. m
-  local w = redis.call('HMGET', wkey, 'list', 'line', 'queue', 'want', 'pref', 'held', 'since', 'model', 'kind',
-    'purpose', 'score', 'level', 'cost')
+  redis.call('HSET', wkey, 'token', token, 'index', pos)
+  redis.call('PEXPIRE', wkey, TTL)
+  return token, pos
+end
+
+local function try_grant (m, w)
+  w = w or waiter_of(m)
   local pos, a, n = find(m, w[1], w[5], w[4], w[6], w[7])
-  if pos then
-    local token = take_at(m, w[1], pos, a, n, w[4], w[3], w[8], w[9], w[10])
-    unqueue(m, w[2], w[3], w[12])
-    clear_holds(m)
-    -- the line's clock moves on to the start of what it serves (not its end: one long request
-    -- served would otherwise lift every idle client past the waiters it should go between)
-    local vt = P .. 'vt:' .. w[2]
-    local start = tonumber(w[11]) % LEVEL - (tonumber(w[13]) or 1)
-    if start > (tonumber(redis.call('HGET', vt, 'v')) or 0) then redis.call('HSET', vt, 'v', start) end
-    redis.call('HSET', wkey, 'token', token, 'index', pos)
-    redis.call('PEXPIRE', wkey, TTL)
-    return token, pos
-  end
+  if pos then return grant_at(m, w, pos, a, n) end
   if NOW - tonumber(w[7]) >= STARVE then hold_for(m, w[1]) end
   return nil
 end
@@ -257,6 +280,8 @@ local function note_grant (m, token, pos)
     redis.call('PUBLISH', P .. 'events', 'g|' .. m .. '|' .. token .. '|' .. pos)
   end
 end
+
+--- @include "includes/late-binding"
 
 -- Serve lists and the waiting lists of GPUs: the line whose next waiter arrived first goes
 -- first, until none can be served. The lists to serve are `lists`, those the frees of this call
@@ -373,9 +398,9 @@ local function serve (lists)
     end
     if bl == nil then break end
     unpark_list(bl)
-    local token, pos = try_grant(best[2])
+    local gm, token, pos = serve_list(bl, best[1], best[2])
     if token then
-      note_grant(best[2], token, pos)
+      note_grant(gm, token, pos)
       heads[bl] = head(bl)
     else
       heads[bl] = nil
