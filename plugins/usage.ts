@@ -71,7 +71,10 @@ export default fp<UsageOptions>(async function usage (fastify, opts) {
           failed: status >= 400 && status !== 499
         }
       },
-      (entry) => { void ledger.record({ ...entry, at: now() }) }
+      (entry) => {
+        entry.at = now()
+        void ledger.record(entry)
+      }
     )
     request.usage = usage
     exchange.onClose(() => usage.close())

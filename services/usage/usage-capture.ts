@@ -254,7 +254,10 @@ export class RequestUsage {
 
   /** Counts the route knows itself (the images of a generation it made). */
   add (counts: Partial<UsageCounts>): void {
-    for (const [k, v] of Object.entries(counts) as Array<[keyof UsageCounts, number]>) this.counts[k] = (this.counts[k] ?? 0) + v
+    for (const k in counts) {
+      const v = counts[k as keyof UsageCounts]
+      if (v !== undefined) this.counts[k as keyof UsageCounts] = (this.counts[k as keyof UsageCounts] ?? 0) + v
+    }
   }
 
   /** The answer passed on: its chunks go to `meter.chunk`; `ended` when the upstream's answer ended whole. */
@@ -297,11 +300,19 @@ export class RequestUsage {
     if (end.holding) return
     this.recorded = true
     if (this.meter !== undefined) this.add(this.meter.counts(this.complete, this.statusCode))
+    const c = this.counts
+    // one shape for every entry (spreads of optional fields made each request's object a new shape)
     this.record({
-      ...this.entry,
-      ...this.counts,
+      client: this.entry.client,
+      model: this.entry.model,
+      budgetKey: this.entry.budgetKey,
       assignment: end.assignment,
       requests: 1,
+      promptTokens: c.promptTokens,
+      cachedPromptTokens: c.cachedPromptTokens,
+      outputTokens: c.outputTokens,
+      images: c.images,
+      audioSeconds: c.audioSeconds,
       gpuSeconds: end.gpuSeconds,
       errors: end.failed || this.brokenOff ? 1 : 0
     })
