@@ -106,6 +106,7 @@ export default fp<UsageOptions>(async function usage (fastify, opts) {
   fastify.addHook('onClose', async () => {
     clearInterval(timer)
     await running
+    await ledger.close?.()
     if (redis != null) return
     runOnce()
     await running

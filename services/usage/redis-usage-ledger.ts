@@ -2,7 +2,7 @@ import type { Cluster, Redis } from 'ioredis'
 import { loadLuaScripts } from '../lua/lua-scripts.js'
 import {
   DAY_MS, FRACTIONAL_COUNTERS, USAGE_COUNTERS, budgetTokens, budgetWindows, cellFieldPrefix, cellsOf, normaliseEntry,
-  type BufferedUsage, type LedgerOptions, type TokensUsed, type UsageBatch, type UsageEntry, type UsageLedger
+  type BufferedUsage, type LedgerOptions, type UsageCounts, type TokensUsed, type UsageBatch, type UsageEntry, type UsageLedger
 } from './usage-ledger.js'
 
 /*
@@ -28,6 +28,16 @@ export interface RedisUsageLedgerOptions extends LedgerOptions {
   retentionMs?: number
 }
 
+/** Whether each of USAGE_COUNTERS (same order) counts fractions (HINCRBYFLOAT). */
+const FRACTIONAL = USAGE_COUNTERS.map((c) => FRACTIONAL_COUNTERS.has(c))
+/**
+ * How long counts gather before they are sent: the counts reach Redis (and every replica's budgets)
+ * this much later at most; a replica killed meanwhile loses them (one stopped sends them first).
+ */
+export const RECORD_EVERY_MS = 20
+/** Cells whose field names are kept made. */
+const FIELD_NAMES_KEPT = 4096
+
 /** Flat [field, value, ...] (a script's HGETALL) as an object. */
 function fieldsOf (flat: unknown): Record<string, string> {
   const out: Record<string, string> = {}
@@ -41,24 +51,24 @@ function hourOfBatch (id: string): number {
   return Number(id.slice(id.lastIndexOf(':') + 1))
 }
 
-/** What one turn of the event loop recorded, summed per field (services/lua/usage-record-1.lua's arguments). */
+/** What a batch recorded, summed per cell (services/lua/usage-record-1.lua's arguments). */
 class PendingUsage {
-  /** hour → field → [amount, fractional] */
-  readonly hours = new Map<number, Map<string, [number, boolean]>>()
+  /** hour → a cell's field names (RedisUsageLedger.fieldsOf: one array per cell) → its counts in USAGE_COUNTERS' order */
+  readonly hours = new Map<number, Map<string[], number[]>>()
   /** budget key suffix → [tokens, time to live ms] */
   private readonly budgets = new Map<string, [number, number]>()
   resolve: () => void = () => {}
   readonly done = new Promise<void>((resolve) => { this.resolve = resolve })
 
-  add (hour: number, field: string, n: number, fractional: boolean): void {
-    let fields = this.hours.get(hour)
-    if (fields === undefined) {
-      fields = new Map()
-      this.hours.set(hour, fields)
+  add (hour: number, fields: string[], counts: UsageCounts): void {
+    let cells = this.hours.get(hour)
+    if (cells === undefined) {
+      cells = new Map()
+      this.hours.set(hour, cells)
     }
-    const was = fields.get(field)
-    if (was === undefined) fields.set(field, [n, fractional])
-    else was[0] += n
+    let sums = cells.get(fields)
+    if (sums === undefined) cells.set(fields, sums = USAGE_COUNTERS.map(() => 0))
+    for (let i = 0; i < USAGE_COUNTERS.length; i++) sums[i] += counts[USAGE_COUNTERS[i]]
   }
 
   addBudget (suffix: string, tokens: number, ttlMs: number): void {
@@ -68,9 +78,18 @@ class PendingUsage {
 
   args (): Array<string | number> {
     const out: Array<string | number> = [this.hours.size]
-    for (const [hour, fields] of this.hours) {
-      out.push(hour, fields.size)
-      for (const [field, [n, fractional]] of fields) out.push(field, n, fractional ? 'f' : 'i')
+    for (const [hour, cells] of this.hours) {
+      const at = out.length
+      out.push(hour, 0)
+      let n = 0
+      for (const [fields, sums] of cells) {
+        for (let i = 0; i < sums.length; i++) {
+          if (sums[i] === 0) continue
+          out.push(fields[i], sums[i], FRACTIONAL[i] ? 'f' : 'i')
+          n++
+        }
+      }
+      out[at + 1] = n
     }
     for (const [suffix, [tokens, ttlMs]] of this.budgets) out.push(suffix, tokens, ttlMs)
     return out
@@ -102,25 +121,22 @@ export class RedisUsageLedger implements UsageLedger {
   }
 
   /**
-   * Counts the entry with the others recorded in the same turn of the event loop: one script call
-   * per turn, not a transaction of a dozen commands per request (the hot path's largest cost).
-   * Resolves once that call is answered.
+   * Counts the entry with the others recorded in the next RECORD_EVERY_MS: one script call for all
+   * of them, their counts summed per field (a call per request, or per turn of the event loop, was
+   * the hot path's largest cost, in the gateway and in Redis). Resolves once that call is answered.
    */
-  async record (entry: UsageEntry): Promise<void> {
+  // Not async: an async frame would keep each request's entry alive until the batch is answered.
+  record (entry: UsageEntry): Promise<void> {
     let turn = this.turn
     if (turn === undefined) {
       turn = new PendingUsage()
       this.turn = turn
-      setImmediate(() => { void this.flush() })
+      this.timer = setTimeout(() => { void this.flush() }, RECORD_EVERY_MS)
     }
     try {
       const e = normaliseEntry(entry)
       this.opts.observe?.(e)
-      const prefix = cellFieldPrefix(e.client, e.model, e.assignment)
-      for (const counter of USAGE_COUNTERS) {
-        const n = e.counts[counter]
-        if (n !== 0) turn.add(e.hour, prefix + JSON.stringify(counter) + ']', n, FRACTIONAL_COUNTERS.has(counter))
-      }
+      turn.add(e.hour, this.fieldsOf(e.client, e.model, e.assignment), e.counts)
       const tokens = budgetTokens(e.counts)
       if (entry.budgetKey !== undefined && tokens > 0) {
         const at = entry.at ?? Date.now()
@@ -132,10 +148,42 @@ export class RedisUsageLedger implements UsageLedger {
     } catch (err) {
       this.opts.onError?.(err)
     }
-    await turn.done
+    return turn.done
   }
 
   private turn: PendingUsage | undefined
+  private timer: NodeJS.Timeout | undefined
+
+  /** What is still to be sent, sent now (a replica shutting down). */
+  async close (): Promise<void> {
+    clearTimeout(this.timer)
+    await this.flush()
+  }
+
+  /** client → model → assignment → the hash fields of its counters (in USAGE_COUNTERS' order) */
+  private readonly fieldNames = new Map<string, Map<string, Map<string, string[]>>>()
+  private fieldNameCount = 0
+
+  /** The fields of a cell's counters, made once per cell (a JSON array per counter and request cost more than the rest of recording it). */
+  private fieldsOf (client: string, model: string, assignment: string): string[] {
+    let byModel = this.fieldNames.get(client)
+    if (byModel === undefined) this.fieldNames.set(client, byModel = new Map())
+    let byAssignment = byModel.get(model)
+    if (byAssignment === undefined) byModel.set(model, byAssignment = new Map())
+    let fields = byAssignment.get(assignment)
+    if (fields === undefined) {
+      // many cells (many clients by address): start again rather than keep every one ever seen
+      if (++this.fieldNameCount > FIELD_NAMES_KEPT) {
+        this.fieldNames.clear()
+        this.fieldNameCount = 0
+        return this.fieldsOf(client, model, assignment)
+      }
+      const prefix = cellFieldPrefix(client, model, assignment)
+      fields = USAGE_COUNTERS.map((counter) => prefix + JSON.stringify(counter) + ']')
+      byAssignment.set(assignment, fields)
+    }
+    return fields
+  }
 
   private async flush (): Promise<void> {
     const turn = this.turn

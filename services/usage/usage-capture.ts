@@ -48,9 +48,31 @@ const KEYS: Record<TextFamily, FamilyKeys> = {
   responses: { prompt: 'input_tokens', cached: 'cached_tokens', output: 'output_tokens', marker: '"usage"', token: '"response.output_text.delta"', final: '"output_tokens"' }
 }
 
-/** The markers as bytes, made once: a string needle is encoded again on every Buffer.indexOf. */
-const MARKERS = Object.fromEntries(Object.entries(KEYS).map(([family, k]) => [family, { marker: Buffer.from(k.marker), token: Buffer.from(k.token) }])) as
-  Record<TextFamily, { marker: Buffer, token: Buffer }>
+/** A family's keys and markers as bytes, made once: counts are read from the answer's bytes, never decoded to text. */
+interface FamilyNeedles {
+  marker: Buffer
+  token: Buffer
+  final: Buffer
+  prompt: Buffer
+  cached: Buffer
+  output: Buffer
+}
+
+/** `"key"` as bytes */
+const quoted = (key: string): Buffer => Buffer.from(`"${key}"`)
+
+const NEEDLES = Object.fromEntries(Object.entries(KEYS).map(([family, k]) => [family, {
+  marker: Buffer.from(k.marker),
+  token: Buffer.from(k.token),
+  final: Buffer.from(k.final),
+  prompt: quoted(k.prompt),
+  cached: quoted(k.cached),
+  output: quoted(k.output)
+}])) as Record<TextFamily, FamilyNeedles>
+
+/** Ollama's final line: the prefill's and the load's durations (ns). */
+const PROMPT_EVAL_DURATION = quoted('prompt_eval_duration')
+const LOAD_DURATION = quoted('load_duration')
 
 /** Bytes of a JSON answer kept for its counts: they follow the content, in a few hundred bytes. */
 export const USAGE_TAIL = 16 * 1024
@@ -59,22 +81,24 @@ const LINE_MAX = 1024 * 1024
 
 const isSpace = (c: string | undefined): boolean => c === ' ' || c === '\t' || c === '\n' || c === '\r'
 
-/** The whole number after the last `"key":` in `text`, if there is one. */
-export function lastCount (text: string, key: string): number | undefined {
-  const needle = `"${key}"`
-  let at = text.lastIndexOf(needle)
+const isSpaceByte = (c: number): boolean => c === 32 || c === 9 || c === 10 || c === 13
+
+/** The whole number after the last `"key":` in `bytes` (`needle` is `"key"`), if there is one. */
+export function lastCount (bytes: Buffer, needle: Buffer): number | undefined {
+  let at = bytes.lastIndexOf(needle)
   while (at >= 0) {
     let i = at + needle.length
-    while (isSpace(text[i])) i++
-    if (text[i] === ':') {
+    while (i < bytes.length && isSpaceByte(bytes[i])) i++
+    if (bytes[i] === 58) { // ':'
       i++
-      while (isSpace(text[i])) i++
+      while (i < bytes.length && isSpaceByte(bytes[i])) i++
       let j = i
-      while (j < text.length && j - i < 16 && text.charCodeAt(j) >= 48 && text.charCodeAt(j) <= 57) j++
-      if (j > i) return Number(text.slice(i, j))
+      let n = 0
+      while (j < bytes.length && j - i < 16 && bytes[j] >= 48 && bytes[j] <= 57) n = n * 10 + (bytes[j++] - 48)
+      if (j > i) return n
     }
     if (at === 0) break
-    at = text.lastIndexOf(needle, at - 1)
+    at = bytes.lastIndexOf(needle, at - 1)
   }
   return undefined
 }
@@ -102,8 +126,7 @@ const NEWLINE = 10
  * (`chunk`), then read `counts(complete)`: complete is whether the upstream's answer ended whole.
  */
 export class AnswerMeter {
-  private readonly keys?: FamilyKeys
-  private readonly markers?: { marker: Buffer, token: Buffer }
+  private readonly needles?: FamilyNeedles
   private readonly lines: boolean
   private partial: Buffer[] = []
   private partialLength = 0
@@ -124,10 +147,9 @@ export class AnswerMeter {
   private loadNs?: number
 
   constructor (readonly family: AnswerFamily, contentType: string) {
-    this.keys = family === 'image' || family === 'speech' ? undefined : KEYS[family]
-    this.markers = family === 'image' || family === 'speech' ? undefined : MARKERS[family]
+    this.needles = family === 'image' || family === 'speech' ? undefined : NEEDLES[family]
     const type = contentType.toLowerCase()
-    this.lines = this.keys !== undefined && (type.includes('text/event-stream') || type.includes('application/x-ndjson'))
+    this.lines = this.needles !== undefined && (type.includes('text/event-stream') || type.includes('application/x-ndjson'))
   }
 
   chunk (data: Buffer): void {
@@ -163,43 +185,42 @@ export class AnswerMeter {
   }
 
   private line (line: Buffer): void {
-    const keys = this.keys as FamilyKeys
-    const markers = this.markers as { marker: Buffer, token: Buffer }
+    const needles = this.needles as FamilyNeedles
     if (line.length === 0) return
-    if (line.indexOf(markers.marker) < 0) {
-      if (line.indexOf(markers.token) >= 0) this.tokenLines++
+    if (line.indexOf(needles.marker) < 0) {
+      if (line.indexOf(needles.token) >= 0) this.tokenLines++
       return
     }
-    this.read(line.length > LINE_MAX ? line.subarray(line.length - USAGE_TAIL).toString() : line.toString(), keys)
+    this.read(line.length > LINE_MAX ? line.subarray(line.length - USAGE_TAIL) : line, needles)
   }
 
   /** A JSON answer's counts, from its last bytes: read again only when bytes came since. */
-  private readTail (keys: FamilyKeys): void {
+  private readTail (needles: FamilyNeedles): void {
     if (this.tailReadAt === this.seen || this.tailLength === 0) return
     this.tailReadAt = this.seen
-    this.read(Buffer.concat(this.tail).toString(), keys)
+    this.read(this.tail.length === 1 ? this.tail[0] : Buffer.concat(this.tail), needles)
   }
 
-  private read (text: string, keys: FamilyKeys): void {
-    const prompt = lastCount(text, keys.prompt)
-    const cached = lastCount(text, keys.cached)
-    const output = lastCount(text, keys.output)
+  private read (bytes: Buffer, needles: FamilyNeedles): void {
+    const prompt = lastCount(bytes, needles.prompt)
+    const cached = lastCount(bytes, needles.cached)
+    const output = lastCount(bytes, needles.output)
     if (prompt !== undefined) this.prompt = prompt
     if (cached !== undefined) this.cached = cached
     if (output !== undefined) this.output = output
     if (this.family === 'ollama') {
-      this.promptEvalNs = lastCount(text, 'prompt_eval_duration') ?? this.promptEvalNs
-      this.loadNs = lastCount(text, 'load_duration') ?? this.loadNs
+      this.promptEvalNs = lastCount(bytes, PROMPT_EVAL_DURATION) ?? this.promptEvalNs
+      this.loadNs = lastCount(bytes, LOAD_DURATION) ?? this.loadNs
     }
-    if (text.includes(keys.final) && (output !== undefined || prompt !== undefined)) this.finalSeen = true
+    if ((output !== undefined || prompt !== undefined) && bytes.includes(needles.final)) this.finalSeen = true
   }
 
   /** The server's own timings, ms (Ollama's final line only): prefill of the computed prompt tokens, and the model's load. */
   timings (): { promptEvalMs?: number, loadMs?: number } {
-    if (this.keys !== undefined && !this.lines) this.readTail(this.keys)
+    if (this.needles !== undefined && !this.lines) this.readTail(this.needles)
     return {
-      ...(this.promptEvalNs !== undefined ? { promptEvalMs: this.promptEvalNs / 1e6 } : {}),
-      ...(this.loadNs !== undefined ? { loadMs: this.loadNs / 1e6 } : {})
+      promptEvalMs: this.promptEvalNs !== undefined ? this.promptEvalNs / 1e6 : undefined,
+      loadMs: this.loadNs !== undefined ? this.loadNs / 1e6 : undefined
     }
   }
 
@@ -216,7 +237,7 @@ export class AnswerMeter {
       this.seconds = lastSeconds(text, 'seconds') ?? lastSeconds(text, 'duration')
       return this.seconds !== undefined ? { audioSeconds: this.seconds } : {}
     }
-    if (!this.lines) this.readTail(this.keys as FamilyKeys)
+    if (!this.lines) this.readTail(this.needles as FamilyNeedles)
     let output = this.output ?? 0
     // broken off before its counts: what was served. A whole answer that states none: none.
     if (this.lines && !this.finalSeen && !complete) output = Math.max(output, this.tokenLines)
