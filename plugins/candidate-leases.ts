@@ -65,7 +65,8 @@ export default fp(async function candidateLeasesPlugin (fastify) {
       mayUse: (model) => fastify.clientLimits.allows(request.client, model)
     }, target)
     return {
-      ...leases,
+      unreachable: leases.unreachable,
+      exhausted: leases.exhausted,
       async next () {
         const held = await leases.next()
         if (held != null) {

@@ -62,7 +62,8 @@ export default fp(async function leasedExchange (fastify) {
 async function forwardLeased (fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, target: LeasedForward): Promise<FastifyReply> {
   // Scheduler v3: the prompt's fingerprints, taken from the parsed body when the route forgot it
   if (target.kind === 'llm' && target.prompt === undefined && target.body != null && fingerprints(target.path)) {
-    target = { ...target, prompt: request.promptFingerprint }
+    // (each route passes an object of its own: completed in place, a copy per request cost more)
+    target.prompt = request.promptFingerprint
   }
   const leases = fastify.candidateLeases(request, reply, target)
 

@@ -97,11 +97,15 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
   // The fallbacks this client may use, each once, the model itself never.
   const fallbacks: string[] = []
   if (target.candidates == null) {
-    const seen = new Set([modelKey(served)])
-    for (const f of [...inventory.fallbacksOf(asked), ...(asked === served ? [] : inventory.fallbacksOf(served))]) {
-      if (seen.has(modelKey(f)) || !requester.mayUse(f)) continue
-      seen.add(modelKey(f))
-      fallbacks.push(f)
+    const listed = inventory.fallbacksOf(asked)
+    const ofTarget = asked === served ? [] : inventory.fallbacksOf(served)
+    if (listed.length + ofTarget.length > 0) {
+      const seen = new Set([modelKey(served)])
+      for (const f of [...listed, ...ofTarget]) {
+        if (seen.has(modelKey(f)) || !requester.mayUse(f)) continue
+        seen.add(modelKey(f))
+        fallbacks.push(f)
+      }
     }
   }
   /** The next fallback with undrained servers, or undefined when none is left. */
@@ -157,7 +161,8 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
     if (deps.scheduler === undefined || target.kind !== 'llm') return undefined
     const started = performance.now()
     const plan = await deps.scheduler.plan(choice, way.model, target.prompt)
-    deps.decided?.((performance.now() - started) / 1000)
+    // (a model on one server has nothing to decide: not timed)
+    if (plan.chose) deps.decided?.((performance.now() - started) / 1000)
     return plan
   }
 
@@ -172,7 +177,7 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
     async next (): Promise<HeldCandidate | undefined> {
       if (first) {
         first = false
-        await chooseFirst()
+        if (fallbacks.length > 0) await chooseFirst()
       }
       let choice = way.round.next()
       while (choice === undefined) {
@@ -186,7 +191,10 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
       let assignment: Assignment
       let plan: Plan | undefined
       for (;;) {
-        plan = await schedule(choice, way)
+        // (a model on one server: planned at once, no read to wait for)
+        plan = choice.length < 2 && deps.scheduler !== undefined && target.kind === 'llm'
+          ? deps.scheduler.planOne(choice, target.prompt)
+          : await schedule(choice, way)
         lease = await deps.leases.acquire({
           queue: way.queue,
           candidates: candidatesOf(choice),
@@ -197,9 +205,9 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
           preferred: plan?.preferred ?? (target.kind === 'llm' ? deps.preferredAmong(choice, way.model) : undefined),
           cost,
           // late binding: the server holding the prefix, and how long to wait for it (or the model's servers) alone
-          ...(plan !== undefined ? { lateBinding: true } : {}),
-          ...(plan?.holder !== undefined ? { holder: plan.holder } : {}),
-          ...(plan !== undefined && plan.pinMs > 0 ? { pinMs: plan.pinMs } : {})
+          lateBinding: plan !== undefined,
+          holder: plan?.holder,
+          pinMs: plan !== undefined && plan.pinMs > 0 ? plan.pinMs : undefined
         })
         assignment = choice[lease.candidateIndex]
         // Drained while this request waited (its candidates were chosen before): give the lease
@@ -227,7 +235,7 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
       // Not released when the client leaves: the upstream may still be working on the GPUs
       // (a non-streamed answer, an image). Each way of using the lease says when it is done.
       const route = target.kind === 'llm' ? deps.scheduler?.route(plan, assignment, model) : undefined
-      return { assignment, model, ...(model === served && served !== asked ? { alias: asked } : {}), plan, route, lease, release }
+      return { assignment, model, alias: model === served && served !== asked ? asked : undefined, plan, route, lease, release }
     },
     /** The upstream was unreachable before it saw the request: sit it out, try the next. */
     unreachable (assignment: Assignment, error: unknown): void {

@@ -2,6 +2,8 @@ import { performance } from 'node:perf_hooks'
 import type { Candidate, ChargeCorrection, ClientRef, Grant, HeldLease, LeaseInfo, LeaseStore, Place } from './lease-store.js'
 import { capacityOf, fairCost } from './lease-store.js'
 
+const DONE = Promise.resolve()
+
 /** Errors a waiting request can end with; each maps to one HTTP answer. */
 export class LeaseError extends Error {
   constructor (message: string, readonly statusCode: number, readonly retryAfterSeconds?: number) {
@@ -16,7 +18,7 @@ export interface Lease extends HeldLease {
   queuedMs: number
   grantedAt: number
   /** What the fair order charged its request (a request with a cost): `correctCharge` sets it right. */
-  charge?: Omit<ChargeCorrection, 'tokens'>
+  charge?: ChargeCorrection
   /**
    * Run `fn` when the lease is lost (at once if it already is): renewal found it taken by someone
    * else (it expired while we were paused), or it could not be renewed for half the ttl (it may
@@ -251,9 +253,10 @@ export class LeaseManager {
       preferred: req.preferred,
       cost: req.cost,
       place: w.place,
-      ...(req.holder !== undefined ? { holder: req.holder } : {}),
-      ...(req.pinMs !== undefined ? { pinMs: req.pinMs } : {}),
-      ...(req.lateBinding === true ? { lateBinding: true } : {})
+      // one shape for every input (spreads of optional fields cost more than the rest of it)
+      holder: req.holder,
+      pinMs: req.pinMs,
+      lateBinding: req.lateBinding
     }
   }
 
@@ -339,9 +342,9 @@ export class LeaseManager {
       candidateIndex: grant.candidateIndex,
       queuedMs: now - waiter.startedAt,
       grantedAt: now,
-      ...(waiter.req.cost !== undefined
-        ? { charge: { queue: waiter.req.queue, candidates: waiter.req.candidates, purpose: waiter.req.info.purpose, client: waiter.req.client, charged: fairCost(waiter.req.cost) } }
-        : {}),
+      charge: waiter.req.cost !== undefined
+        ? { queue: waiter.req.queue, candidates: waiter.req.candidates, purpose: waiter.req.info.purpose, client: waiter.req.client, charged: fairCost(waiter.req.cost), tokens: 0 }
+        : undefined,
       onLost: (fn) => loss.on(fn)
     }
     if (waiter.req.info.purpose === 'proxy') this.held.set(lease.token, { lease, loss, renewedAt: now })
@@ -367,14 +370,16 @@ export class LeaseManager {
    * charge in the fair order becomes that (CONTRACT 16.4). Best effort: a failure only leaves the
    * estimate standing.
    */
-  async correctCharge (lease: Lease, tokens: number): Promise<void> {
-    if (lease.charge == null || !this.store.available()) return
-    try {
-      await this.store.correctCharge({ ...lease.charge, tokens })
-    } catch (err) {
-      this.opts.log?.warn({ err }, 'fair share: charge correction failed')
-    }
+  // Not async: the correction is sent with others a while later, and an async frame would keep
+  // the lease (and what refers to it) alive that long, out of the young generation.
+  correctCharge (lease: Lease, tokens: number): Promise<void> {
+    if (lease.charge == null || !this.store.available()) return DONE
+    // the lease's own record, completed (a copy per answer cost more than the correction)
+    lease.charge.tokens = tokens
+    return this.store.correctCharge(lease.charge).catch(this.correctionFailed)
   }
+
+  private readonly correctionFailed = (err: unknown): void => { this.opts.log?.warn({ err }, 'fair share: charge correction failed') }
 
   private noteReservation (lease: HeldLease, at: number): void {
     this.reservations.set(lease.token, { lease, renewedAt: at })

@@ -180,9 +180,13 @@ export class MemoryLeaseStore implements LeaseStore {
     const cands = w.line.candidates
     const want = this.want(w.info)
     const indexOf = (id: string): number => cands.findIndex((c) => c.assignmentId === id)
-    for (const id of [...w.preferred, ...(w.held != null ? [w.held.assignmentId] : [])]) {
+    for (const id of w.preferred) {
       const i = indexOf(id)
       if (i >= 0 && this.usable(id, w.member, want)) return i
+    }
+    if (w.held != null) {
+      const i = indexOf(w.held.assignmentId)
+      if (i >= 0 && this.usable(w.held.assignmentId, w.member, want)) return i
     }
     const i = cands.findIndex((c) => this.usable(c.assignmentId, w.member, want))
     return i >= 0 ? i : undefined
@@ -250,6 +254,8 @@ export class MemoryLeaseStore implements LeaseStore {
 
   /** Where a request new to its line may go at once (late-binding.lua's find_new). */
   private findNew (w: { member: string, line: Line, preferred: string[], info: LeaseInfo, holder?: string, pinUntil: number }): number | undefined {
+    // one candidate: whatever its holder, pin or residency, it is taken if usable and waited for if not
+    if (w.line.candidates.length === 1) return this.find(w)
     const h = this.holderFree(w)
     if (h !== undefined) return h
     const pinned = w.pinUntil > this.now()
@@ -464,7 +470,7 @@ export class MemoryLeaseStore implements LeaseStore {
         line,
         preferred: input.preferred ?? [],
         info: input.info,
-        ...(input.holder !== undefined && input.holder !== '' ? { holder: input.holder } : {}),
+        holder: input.holder !== undefined && input.holder !== '' ? input.holder : undefined,
         pinUntil: pinMs > 0 ? this.now() + pinMs : 0
       }
       // Nobody waits in this line: a free candidate is taken at once.
@@ -486,12 +492,17 @@ export class MemoryLeaseStore implements LeaseStore {
       }
       const since = input.place?.since ?? this.now()
       w = {
-        ...probe,
+        member: probe.member,
+        line,
+        preferred: probe.preferred,
+        info: probe.info,
+        holder: probe.holder,
+        pinUntil: probe.pinUntil,
         level,
         score,
         cost: fairCost(input.cost),
         since,
-        ...(input.lateBinding === true && this.opts.passOverMs > 0 ? { passAt: since + this.opts.passOverMs } : {})
+        passAt: input.lateBinding === true && this.opts.passOverMs > 0 ? since + this.opts.passOverMs : undefined
       }
       line.waiters.add(w)
       this.queuedTotal++

@@ -74,6 +74,7 @@ type ScriptPipeline = Record<string, (...args: Array<string | number>) => void> 
 
 /** Charge corrections wait at most this long to be sent with others, at most this many a call (services/lua/fair-correct-1.lua). */
 const CORRECTIONS_EVERY_MS = 50
+const DONE = Promise.resolve()
 const CORRECTIONS_PER_CALL = 64
 
 export interface RedisLeaseStoreOptions extends LeaseStoreOptions {
@@ -320,12 +321,13 @@ export class RedisLeaseStore implements LeaseStore {
    * first of them, in one script call per CORRECTIONS_PER_CALL counters: one call per answer cost
    * bench (a) a script call per request; a counter matters only at its client's next admission.
    */
-  async correctCharge (correction: ChargeCorrection): Promise<void> {
+  // (not async: the promise of the batch is shared, one per request would be garbage)
+  correctCharge (correction: ChargeCorrection): Promise<void> {
     const delta = Math.round(correction.tokens) - correction.charged
-    if (!Number.isFinite(delta) || delta === 0) return
+    if (!Number.isFinite(delta) || delta === 0) return DONE
     // the line the request was admitted to, as attempt names it (a list this replica never registered had no line here)
     const list = this.lists.get(correction.candidates)
-    if (list == null) return
+    if (list == null) return DONE
     const counter = `${list.id}:${correction.queue}:${correction.purpose === 'reservation' ? 'all' : '1'}\nc${clientField(correction.client?.id ?? '')}`
     let pending = this.corrections
     if (pending == null) {
@@ -334,7 +336,7 @@ export class RedisLeaseStore implements LeaseStore {
       pending = this.corrections = { deltas, sent: due.then(async () => await this.sendCorrections(deltas)) }
     }
     pending.deltas.set(counter, (pending.deltas.get(counter) ?? 0) + delta)
-    await pending.sent
+    return pending.sent
   }
 
   private async sendCorrections (deltas: Map<string, number>): Promise<void> {

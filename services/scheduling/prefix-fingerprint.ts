@@ -183,8 +183,9 @@ export function fingerprintOf (path: string, body: unknown, sessionId?: string):
   const named = [b.prompt_cache_key, b.user, sessionId].find((v) => typeof v === 'string' && v !== '') as string | undefined
   if (named !== undefined) {
     const hash = 'k' + new PrefixHash().update(named).digest()
-    return { hashes: [hash], tokens: [promptTokens], held: [promptTokens], promptTokens, ...(maxOutputTokens !== undefined ? { maxOutputTokens } : {}) }
+    return { hashes: [hash], tokens: [promptTokens], held: [promptTokens], promptTokens, maxOutputTokens }
   }
   if (parts.hashes.length === 0) return undefined
-  return { ...bounded(parts.hashes, parts.tokens, parts.held), promptTokens, ...(maxOutputTokens !== undefined ? { maxOutputTokens } : {}) }
+  const { hashes, tokens, held } = bounded(parts.hashes, parts.tokens, parts.held)
+  return { hashes, tokens, held, promptTokens, maxOutputTokens }
 }

@@ -76,10 +76,14 @@ export class Scheduler {
     }
   }
 
+  /** One candidate (a model on one server): nothing to choose, nothing to read or remember. */
+  planOne (choice: readonly Assignment[], prompt: PromptFingerprint | undefined): Plan {
+    return { preferred: choice.map((a) => a.id), pinMs: 0, promptTokens: prompt?.promptTokens ?? 0, estimates: [], chose: false }
+  }
+
   async plan (choice: readonly Assignment[], model: string, prompt: PromptFingerprint | undefined): Promise<Plan> {
+    if (choice.length < 2) return this.planOne(choice, prompt)
     const promptTokens = prompt?.promptTokens ?? 0
-    // One candidate (a model on one server): nothing to choose, nothing to read or remember.
-    if (choice.length < 2) return { preferred: choice.map((a) => a.id), pinMs: 0, promptTokens, estimates: [], chose: false }
     const found = await this.lookup(model, prompt)
 
     const holder = found === undefined ? undefined : choice.find((a) => a.id === found.assignmentId)
@@ -100,7 +104,7 @@ export class Scheduler {
     if (cold !== undefined) add(cold, 0)
     const estimates = rank(views, promptTokens, this.deps.rates)
     const preferred = estimates.filter((e) => e.assignmentId !== cold?.id).map((e) => e.assignmentId)
-    const plan: Plan = { preferred, pinMs: 0, promptTokens, estimates, chose: true, ...(hit !== undefined && holder !== undefined ? { hit, holder: holder.id } : {}) }
+    const plan: Plan = { preferred, pinMs: 0, promptTokens, estimates, chose: true, hit, holder: hit !== undefined ? holder?.id : undefined }
     if (this.deps.maxWaitMs <= 0) return plan
     if (holder !== undefined) {
       // worth waiting for the holder when that saves more than MIN_MARGIN_MS: for the margin's cold cost

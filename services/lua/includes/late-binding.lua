@@ -77,6 +77,8 @@ end
   Returns pos, a, n, or nil.
 ]]
 local function find_new (m, l, q, pref, want, since, holder, pin_until)
+  -- one candidate: whatever its holder, pin or residency, it is taken if usable and waited for if not
+  if redis.call('HLEN', P .. 'lpos:' .. l) == 1 then return find(m, l, pref, want, nil, since) end
   local pos, n = holder_free(m, l, holder, want)
   if pos then return pos, holder, n end
   local to_holder = holder ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, holder) == 1

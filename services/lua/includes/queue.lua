@@ -32,7 +32,7 @@ end
   nothing), and its tag (the line's order) is that start plus its cost; the client's counter
   becomes that tag. Returns the tag and the clock.
 ]]
-local function fair_tag (ln, client, cost)
+local function fair_tag (ln, client, cost, served)
   local vt = P .. 'vt:' .. ln
   local r = redis.call('HMGET', vt, 'v', 'c' .. client, 'l' .. client)
   local v = tonumber(r[1]) or 0
@@ -43,7 +43,13 @@ local function fair_tag (ln, client, cost)
   local last = tonumber(r[3]) or 0
   local tag = counter
   if last > v and tag <= last then tag = last + 1 end
-  redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag)
+  -- served at once: the line's clock moves on to its start in the same write
+  local start = served and tag - (tonumber(cost) or 1)
+  if start and start > v then
+    redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag, 'v', start)
+  else
+    redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag)
+  end
   return tag, v
 end
 
