@@ -54,7 +54,7 @@ export default fp(async function accessLog (fastify) {
     // Clients' requests for a model (the operator's own calls — admin API, reservations — are not).
     if (fields.model != null && request.routeOptions.config?.auth !== 'admin' && request.routeOptions.config?.auth !== 'lease') {
       fastify.recentRequests.add({
-        at: new Date().toISOString(),
+        at: Date.now(),
         route: fields.route,
         model: fields.model,
         // set by the clients plugin when the request came with an API key

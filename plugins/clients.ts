@@ -79,6 +79,9 @@ function clientMetrics (registry: Registry) {
   }
 }
 
+/** Address clients kept made (see addressClient). */
+const ADDRESS_CLIENTS_KEPT = 1024
+
 const ADMIN_CLIENT: Client = { id: 'admin', name: 'admin', priority: 'normal', limits: {} }
 
 export default fp(async function clients (fastify) {
@@ -112,9 +115,18 @@ export default fp(async function clients (fastify) {
   fastify.addHook('onClose', async () => { limiter.close() })
   fastify.decorate('clientLimits', limiter)
 
+  // One client per address, kept (a few addresses make most requests; the lease store and the
+  // meters look clients up by id, cheaper with the same string each time); many: started over.
+  const byAddress = new Map<string, Client>()
   const addressClient = (request: FastifyRequest): Client => {
     const address = clientAddress(request, config.trustProxy)
-    return { id: `addr:${address}`, name: address, priority: 'normal', limits: {} }
+    let client = byAddress.get(address)
+    if (client === undefined) {
+      if (byAddress.size >= ADDRESS_CLIENTS_KEPT) byAddress.clear()
+      client = { id: `addr:${address}`, name: address, priority: 'normal', limits: {} }
+      byAddress.set(address, client)
+    }
+    return client
   }
   /** Requests that asked for a model: counted per client when they end. */
   const admitted = new WeakSet<FastifyRequest>()

@@ -15,9 +15,14 @@ export interface RecentRequest {
   assignment?: string
 }
 
+/** A finished request as it is added: `at` in ms since the epoch (made ISO text only for those listed). */
+export type FinishedRequest = Omit<RecentRequest, 'at'> & { at: number }
+
+const listed = (entry: FinishedRequest): RecentRequest => ({ ...entry, at: new Date(entry.at).toISOString() })
+
 /** The last requests of the whole fleet, newest first. */
 export interface RecentRequests {
-  add: (entry: RecentRequest) => void
+  add: (entry: FinishedRequest) => void
   list: () => Promise<RecentRequest[]>
   close: () => Promise<void>
 }
@@ -26,17 +31,18 @@ export const RECENT_REQUESTS_LIMIT = 30
 
 /** One process (embedded mode): a ring in memory. */
 export class MemoryRecentRequests implements RecentRequests {
-  private entries: RecentRequest[] = []
+  /** oldest first; trimmed to the newest `limit` once it holds twice that (not on every request) */
+  private entries: FinishedRequest[] = []
 
   constructor (private readonly limit = RECENT_REQUESTS_LIMIT) {}
 
-  add (entry: RecentRequest): void {
-    this.entries.unshift(entry)
-    if (this.entries.length > this.limit) this.entries.length = this.limit
+  add (entry: FinishedRequest): void {
+    this.entries.push(entry)
+    if (this.entries.length >= 2 * this.limit) this.entries = this.entries.slice(-this.limit)
   }
 
   async list (): Promise<RecentRequest[]> {
-    return [...this.entries]
+    return this.entries.slice(-this.limit).reverse().map(listed)
   }
 
   async close (): Promise<void> {}
@@ -58,7 +64,7 @@ export interface RedisRecentRequestsOptions {
  * makes a handful of writes a second, whatever its request rate.
  */
 export class RedisRecentRequests implements RecentRequests {
-  private buffer: RecentRequest[] = []
+  private buffer: FinishedRequest[] = []
   private timer?: NodeJS.Timeout
   private readonly limit: number
   private readonly flushMs: number
@@ -68,10 +74,11 @@ export class RedisRecentRequests implements RecentRequests {
     this.flushMs = opts.flushMs ?? 100
   }
 
-  add (entry: RecentRequest): void {
+  add (entry: FinishedRequest): void {
     this.buffer.push(entry)
-    // Only the newest `limit` can ever be listed: a buffer that could not be written stays bounded.
-    if (this.buffer.length > this.limit) this.buffer.splice(0, this.buffer.length - this.limit)
+    // Only the newest `limit` can ever be listed: a buffer that could not be written stays bounded
+    // (trimmed once it holds twice that, not on every request).
+    if (this.buffer.length >= 2 * this.limit) this.buffer = this.buffer.slice(-this.limit)
     if (this.timer == null) {
       this.timer = setTimeout(() => { void this.flush() }, this.flushMs)
       this.timer.unref()
@@ -81,11 +88,11 @@ export class RedisRecentRequests implements RecentRequests {
   async flush (): Promise<void> {
     this.timer = undefined
     if (this.buffer.length === 0) return
-    const entries = this.buffer
+    const entries = this.buffer.slice(-this.limit)
     this.buffer = []
     try {
       await this.opts.client.multi()
-        .lpush(this.opts.key, ...entries.map((e) => JSON.stringify(e)))
+        .lpush(this.opts.key, ...entries.map((e) => JSON.stringify(listed(e))))
         .ltrim(this.opts.key, 0, this.limit - 1)
         .exec()
     } catch (err) {
