@@ -131,9 +131,12 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
       const res = raw as unknown as { statusCode: number, headers: Record<string, unknown>, stream: Readable }
       const usage = request.usage
       const meter = usage?.answer(target.path, String(res.headers['content-type'] ?? ''), res.statusCode)
+      // the answer's end, when the client is sent the upstream's stream itself (not renamed)
+      let onAnswerEnd: (() => void) | undefined
       res.stream.once('end', () => {
         complete = true
         usage?.ended()
+        onAnswerEnd?.()
       })
       res.stream.once('error', () => {
         // a client that left destroys the upstream's stream too: that is not the upstream's failure
@@ -150,15 +153,23 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
       // Once the client has been sent the whole answer (the meter has read its last line), scheduler
       // v3 learns the server's rates and remembers where the prompt's prefixes now are.
       if (target.kind === 'llm' && res.statusCode === 200 && meter !== undefined) {
-        answer.once('end', () => {
+        const learn = (): void => {
           if (!complete) return
           const counts = meter.counts(true, res.statusCode)
-          fastify.scheduling.answered({ assignment, model, timings: { promptTokens: counts.promptTokens, cachedTokens: counts.cachedPromptTokens, ...meter.timings() } })
+          const timings = meter.timings()
+          fastify.scheduling.answered({
+            assignment,
+            model,
+            timings: { promptTokens: counts.promptTokens, cachedTokens: counts.cachedPromptTokens, promptEvalMs: timings.promptEvalMs, loadMs: timings.loadMs }
+          })
           // Fair share by tokens (CONTRACT 16.4): the client is charged what the server counted, not
           // the estimate. An answer that states no prompt count (an OpenAI stream without usage) keeps it.
           const prompt = counts.promptTokens ?? 0
           if (prompt > 0) void fastify.leases.correctCharge(lease, prompt + (counts.outputTokens ?? 0))
-        })
+        }
+        // (one 'end' listener where the answer is the upstream's stream: each costs on every request)
+        if (answer === res.stream) onAnswerEnd = learn
+        else answer.once('end', learn)
       }
       reply.send(answer)
     },

@@ -182,7 +182,8 @@ export class ClientLimiter {
    */
   async admit (client: Client, model: string, target?: string): Promise<Ticket> {
     this.checkModel(client, model, target)
-    await this.checkBudgets(client)
+    // (most clients have no budget: no await for them)
+    if (client.limits.tokensPerDay != null || client.limits.tokensPerMonth != null) await this.checkBudgets(client)
     if (!hasCountedLimits(client.limits)) return NO_TICKET
     const token = `${this.replica}:${++this.counter}`
     let admission: Admission
