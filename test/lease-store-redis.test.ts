@@ -334,3 +334,31 @@ t.test('hardening 3.7: the cost of a handoff does not grow with the assignments 
   t.ok(thousand.callsPerHandoff < 1.5 * one.callsPerHandoff, 'a thousand assignments on the GPU make about as many Redis calls per handoff as one')
   t.ok(thousand.usPerHandoff < 2 * one.usPerHandoff, 'a thousand assignments on the GPU cost about as much script time per handoff as one')
 })
+
+t.test('grants made at once leave the fair state and the residency lists with an expiry, set once, not at every grant', async (t) => {
+  const prefix = testPrefix(t)
+  const m = await replica(t, REDIS_URL, prefix)
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.disconnect())
+  for (let i = 0; i < 5; i++) {
+    const lease = await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('q'), cost: 10, lateBinding: true, client: { id: 'c', priority: 'normal' } })
+    await m.release(lease)
+  }
+  const keys = (await redis.keys(prefix + '*')).map((k) => k.slice(prefix.length))
+  const vt = keys.filter((k) => k.startsWith('vt:'))
+  const res = keys.filter((k) => k.startsWith('res:'))
+  t.equal(vt.length, 1, 'the line\'s fair state')
+  t.equal(res.length, 1, 'the queue\'s residency list')
+  for (const k of [...vt, ...res]) t.ok(await redis.pttl(prefix + k) > 0, `${k} expires`)
+  // the fair state's expiry was set by the first grant (x) and not again by the four after it
+  const x = Number(await redis.hget(prefix + vt[0], 'x'))
+  t.ok(x > 0, 'when its expiry was set is kept')
+  // deleted expiry: the next grant within a third of the ttl leaves it (no call per grant) …
+  await redis.persist(prefix + vt[0])
+  await m.release(await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('q'), cost: 10, lateBinding: true, client: { id: 'c', priority: 'normal' } }))
+  t.equal(await redis.pttl(prefix + vt[0]), -1, 'not set again at every grant')
+  // … and one after a third of it sets it again (the store's clock: the ttl here is 3 × 1.5 s)
+  await redis.hset(prefix + vt[0], 'x', String(x - 2000))
+  await m.release(await m.acquire({ queue: 'q', candidates: [cand('1', '1')], info: info('q'), cost: 10, lateBinding: true, client: { id: 'c', priority: 'normal' } }))
+  t.ok(await redis.pttl(prefix + vt[0]) > 0, 'set again once a third of it has passed')
+})

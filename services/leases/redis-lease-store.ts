@@ -32,7 +32,7 @@ import { loadLuaScripts } from '../lua/lua-scripts.js'
  *   gw:<g>     zset l->arrival      lists that found g in their way, by next waiter (lower bound)
  *   lines:<l>  zset ln->arrival     lines of list l with waiters, by their next waiter's arrival
  *   line:<ln>  zset m->level*2^40+tag   age1:<ln>, age2:<ln> zset m->arrival (normal, low)
- *   vt:<ln>    hash v, c<client>    fair queuing: v the start tag last served, c a client's counter
+ *   vt:<ln>    hash v, c<client>, l<client>, x   fair queuing: v the start tag last served, c a client's counter, l its last tag, x when its expiry was last set
  *                                   (ln = '<l>:<queue>:<1|all>'; PX 3 ttl; fair-correct-1.lua sets c right)
  *   w:<m>      hash (PX)            a waiter: line, list, queue, level, score, since, ...; token once granted
  *   qw:<queue> zset m->expiry       a model's waiters (QUEUE_MAX); allw: every waiter (QUEUE_MAX_TOTAL)

@@ -74,7 +74,6 @@ if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) ==
     local token = take_at(m, l, pos, a, n, want, q, ARGV[11], ARGV[12], ARGV[13])
     -- served at once, charged all the same (and the line's clock moves on to its start)
     fair_tag(ln, ARGV[18], ARGV[22], true)
-    redis.call('PEXPIRE', P .. 'vt:' .. ln, LINE_TTL)
     serve_freed()
     return reply({ 'granted', token, tostring(pos) })
   end

@@ -7,7 +7,8 @@
   age1:<ln>, age2:<ln>  zset member -> arrival       normal and low waiters, for aging
   vt:<ln>        hash v -> start tag last served (the line's clock), c<client> -> client's counter
                  (its last charge, corrected with the server's counts: fair-correct-1.lua),
-                 l<client> -> the last tag given to the client (its requests keep their order)
+                 l<client> -> the last tag given to the client (its requests keep their order),
+                 x -> when a grant made at once last set its expiry
   lines:<l>      zset ln -> arrival of its next waiter   the lines of list l with waiters
   w:<member>     hash line, list, queue, level, score, since, model, kind, purpose, want, pref,
                  cost, holder, pin, pass (late-binding.lua), held; token, index once granted (PX)
@@ -34,7 +35,7 @@ end
 ]]
 local function fair_tag (ln, client, cost, served)
   local vt = P .. 'vt:' .. ln
-  local r = redis.call('HMGET', vt, 'v', 'c' .. client, 'l' .. client)
+  local r = redis.call('HMGET', vt, 'v', 'c' .. client, 'l' .. client, 'x')
   local v = tonumber(r[1]) or 0
   local counter = math.max(v, tonumber(r[2]) or 0) + (tonumber(cost) or 1)
   -- A client's own requests keep their arrival order (5.3): a correction that credited its counter
@@ -43,13 +44,25 @@ local function fair_tag (ln, client, cost, served)
   local last = tonumber(r[3]) or 0
   local tag = counter
   if last > v and tag <= last then tag = last + 1 end
-  -- served at once: the line's clock moves on to its start in the same write
-  local start = served and tag - (tonumber(cost) or 1)
-  if start and start > v then
-    redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag, 'v', start)
-  else
-    redis.call('HSET', vt, 'c' .. client, counter, 'l' .. client, tag)
+  local fields = { 'c' .. client, counter, 'l' .. client, tag }
+  local refresh = false
+  if served then
+    -- served at once: the line's clock moves on to its start in the same write
+    local start = tag - (tonumber(cost) or 1)
+    if start > v then
+      fields[#fields + 1] = 'v'
+      fields[#fields + 1] = start
+    end
+    -- and the fair state lives LINE_TTL past its use: its expiry is set again once a third of
+    -- that has passed since the last time (x), not at every grant
+    if NOW - (tonumber(r[4]) or 0) > LINE_TTL / 3 then
+      fields[#fields + 1] = 'x'
+      fields[#fields + 1] = NOW
+      refresh = true
+    end
   end
+  redis.call('HSET', vt, unpack(fields))
+  if refresh then redis.call('PEXPIRE', vt, LINE_TTL) end
   return tag, v
 end
 
@@ -210,8 +223,9 @@ local function note_resident (a, q)
     if old then redis.call('ZREM', P .. 'res:' .. old, a) end
     redis.call('HSET', key, 'q', q)
   end
-  redis.call('ZADD', P .. 'res:' .. q, NOW, a)
-  redis.call('PEXPIRE', P .. 'res:' .. q, DAY)
+  -- its expiry is set when a server joins the list (not at every take: a call per grant); a list
+  -- whose servers all stay in it a whole day lapses once then, and the next take of each begins it again
+  if redis.call('ZADD', P .. 'res:' .. q, NOW, a) == 1 then redis.call('PEXPIRE', P .. 'res:' .. q, DAY) end
 end
 
 -- Lease position pos of list l (assignment a, n slots in use) to m; returns the token. An
