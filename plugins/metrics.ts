@@ -117,11 +117,20 @@ export default fp(async function metrics (fastify) {
     await storeRead
   }
 
+  // Per-request increments are summed here and added when a counter is read (scraped): prom-client
+  // hashes its label set on every inc, even through a child.
+  const pendingIncs = new Map<Counter.Internal, number>()
+  const incLater = (child: Counter.Internal): void => { pendingIncs.set(child, (pendingIncs.get(child) ?? 0) + 1) }
+  const flushIncs = (): void => {
+    for (const [child, n] of pendingIncs) child.inc(n)
+    pendingIncs.clear()
+  }
   const requests = new Counter({
     name: 'maestro_http_requests_total',
     help: 'Finished requests by route pattern, model and status (499: the client left before an answer)',
     labelNames: ['route', 'model', 'status'] as const,
-    registers
+    registers,
+    collect: flushIncs
   })
   const requestDuration = new Histogram({
     name: 'maestro_http_request_duration_seconds',
@@ -141,13 +150,15 @@ export default fp(async function metrics (fastify) {
     name: 'maestro_lease_grants_total',
     help: 'Leases granted to this replica (proxy: a request in flight; reservation: POST /gpu/reserve)',
     labelNames: ['kind', 'purpose'] as const,
-    registers
+    registers,
+    collect: flushIncs
   })
   const leaseReleases = new Counter({
     name: 'maestro_lease_releases_total',
     help: 'Proxy leases this replica released at the end of their exchange',
     labelNames: ['kind'] as const,
-    registers
+    registers,
+    collect: flushIncs
   })
   const leaseExpiries = new Counter({
     name: 'maestro_lease_expiries_total',
@@ -225,10 +236,10 @@ export default fp(async function metrics (fastify) {
   const releasesOf = childOf((kind) => leaseReleases.labels(kind))
   fastify.leases.observer = {
     granted: (lease: Lease) => {
-      grantsOf(lease.info.kind, lease.info.purpose).inc()
+      incLater(grantsOf(lease.info.kind, lease.info.purpose))
       waitOf(lease.info.kind, modelLabel(lease.info.model)).observe(lease.queuedMs / 1000)
     },
-    released: (lease: Lease) => { releasesOf(lease.info.kind).inc() },
+    released: (lease: Lease) => { incLater(releasesOf(lease.info.kind)) },
     lost: (lease: Lease) => { leaseExpiries.inc({ kind: lease.info.kind }) }
   }
 
@@ -242,7 +253,7 @@ export default fp(async function metrics (fastify) {
       modelLabel(exchange?.model),
       String(exchangeStatus(reply.statusCode, reply.raw.headersSent))
     )
-    children.requests.inc()
+    incLater(children.requests)
     children.duration.observe((performance.now() - startedAt) / 1000)
     for (const failure of exchange?.upstreamFailures ?? []) upstreamErrors.inc(failure)
   }
