@@ -114,10 +114,12 @@ function sendOnLease (fastify: FastifyInstance, request: FastifyRequest, reply: 
   }
   // An alias's target or a fallback: the body names the model whose server it goes to (CONTRACT 17).
   const body = target.body != null && model !== target.model ? withModel(target.body, model) : target.body
+  const upstream = fastify.upstreamRequestOptions(request, assignment)
   return reply.from(assignment.url + target.path, {
     body,
     contentType: target.body != null ? 'application/json' : undefined,
-    ...fastify.upstreamRequestOptions(request, assignment),
+    queryString: upstream.queryString,
+    rewriteRequestHeaders: upstream.rewriteRequestHeaders,
     rewriteHeaders: (headers) => {
       // From here, the client leaving ends the upstream answer too (its stream is destroyed).
       answered = true
