@@ -52,39 +52,28 @@ export default fp(async function candidateLeasesPlugin (fastify) {
   fastify.decorate('upstreamCooldowns', deps.cooldowns)
 
   fastify.decorate('candidateLeases', function (request: FastifyRequest, reply: FastifyReply, target: LeaseTarget): CandidateLeases {
-    const leases = candidateLeases(deps, {
+    return candidateLeases(deps, {
       exchange: request.exchange,
-      client: { id: request.client.id, priority: request.client.priority },
+      client: request.client,
       // plugins/clients.ts registers after this plugin: looked up on the request's path
-      admit: async () => {
-        const pass = await fastify.admitClient(request, target.model, fastify.inventory.current.aliasTarget(target.model))
-        // admitted: from here the request is counted (plugins/usage.ts)
-        fastify.beginUsage(request, reply, target.model)
-        return pass
-      },
-      mayUse: (model) => fastify.clientLimits.allows(request.client, model)
-    }, target)
-    return {
-      unreachable: leases.unreachable,
-      exhausted: leases.exhausted,
-      async next () {
-        const held = await leases.next()
-        if (held != null) {
-          reply.header('x-maestro-assignment', headerValue(held.assignment.name))
-          // The model that answers: the one asked for, an alias's target or a fallback (CONTRACT 17).
-          reply.header('x-maestro-model', headerValue(held.model))
-          reply.header('x-maestro-gpus', held.lease.gpuIds.join(','))
-          reply.header('x-maestro-queue-ms', held.lease.queuedMs.toFixed(1))
-          if (held.route !== undefined) reply.header('x-maestro-route', held.route)
-          if (held.plan?.chose === true && target.prompt !== undefined && fastify.scheduling.affinity !== undefined) {
-            fastify.metrics.affinity.inc({ result: held.plan.hit !== undefined ? 'hit' : 'miss' })
-            const saved = scheduler.savedTokens(held.plan, held.assignment)
-            if (saved > 0) fastify.metrics.prefillTokensSaved.inc(saved)
-            fastify.scheduling.leased(held.assignment, held.model, target.prompt, held.plan.hit?.assignmentId === held.assignment.id)
-          }
+      admit: () => fastify.admitClient(request, target.model, fastify.inventory.current.aliasTarget(target.model)),
+      // admitted: from here the request is counted (plugins/usage.ts)
+      admitted: () => { fastify.beginUsage(request, reply, target.model) },
+      mayUse: (model) => fastify.clientLimits.allows(request.client, model),
+      leased: (held) => {
+        reply.header('x-maestro-assignment', headerValue(held.assignment.name))
+        // The model that answers: the one asked for, an alias's target or a fallback (CONTRACT 17).
+        reply.header('x-maestro-model', headerValue(held.model))
+        reply.header('x-maestro-gpus', held.lease.gpuIds.join(','))
+        reply.header('x-maestro-queue-ms', held.lease.queuedMs.toFixed(1))
+        if (held.route !== undefined) reply.header('x-maestro-route', held.route)
+        if (held.plan?.chose === true && target.prompt !== undefined && fastify.scheduling.affinity !== undefined) {
+          fastify.metrics.affinity.inc({ result: held.plan.hit !== undefined ? 'hit' : 'miss' })
+          const saved = scheduler.savedTokens(held.plan, held.assignment)
+          if (saved > 0) fastify.metrics.prefillTokensSaved.inc(saved)
+          fastify.scheduling.leased(held.assignment, held.model, target.prompt, held.plan.hit?.assignmentId === held.assignment.id)
         }
-        return held
       }
-    }
+    }, target)
   })
 }, { name: 'candidate-leases', dependencies: ['config', 'errors', 'exchange', 'gpu-lease', 'inventory', 'metrics', 'scheduling', 'upstream-poller', 'usage'], fastify: '5.x' })

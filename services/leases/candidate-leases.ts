@@ -45,6 +45,10 @@ export interface LeaseRequester {
   client: ClientRef
   /** The client's limits (403/429 as a GatewayError); called once, before the first lease. */
   admit: () => Promise<{ granted: (queuedMs: number) => void }>
+  /** Told once, when `admit` has let the request in. */
+  admitted?: () => void
+  /** Told of each lease, before `next` hands it out. */
+  leased?: (held: HeldCandidate) => void
   /** Whether the client may use a model (a fallback is never one it may not). */
   mayUse: (model: string) => boolean
 }
@@ -186,7 +190,9 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
         choice = useWay(next).round.next()
       }
       // the client's limits (403/429), checked once per request, held until the exchange ends
+      const firstAdmit = admitted === undefined
       const pass = await (admitted ??= requester.admit())
+      if (firstAdmit) requester.admitted?.()
       let lease: Lease
       let assignment: Assignment
       let plan: Plan | undefined
@@ -235,7 +241,9 @@ export function candidateLeases (deps: CandidateLeaseDeps, requester: LeaseReque
       // Not released when the client leaves: the upstream may still be working on the GPUs
       // (a non-streamed answer, an image). Each way of using the lease says when it is done.
       const route = target.kind === 'llm' ? deps.scheduler?.route(plan, assignment, model) : undefined
-      return { assignment, model, alias: model === served && served !== asked ? asked : undefined, plan, route, lease, release }
+      const held: HeldCandidate = { assignment, model, alias: model === served && served !== asked ? asked : undefined, plan, route, lease, release }
+      requester.leased?.(held)
+      return held
     },
     /** The upstream was unreachable before it saw the request: sit it out, try the next. */
     unreachable (assignment: Assignment, error: unknown): void {
