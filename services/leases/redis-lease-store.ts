@@ -286,7 +286,8 @@ export class RedisLeaseStore implements LeaseStore {
       this.opts.queueMax, this.opts.queueMaxTotal, input.place?.score ?? '', input.place?.since ?? '',
       clientField(client.id), PRIORITY_LEVEL[client.priority] ?? 1, (input.preferred ?? []).join(','),
       want, fairCost(input.cost),
-      input.holder ?? '', pinMsOf(input), input.lateBinding === true ? this.opts.passOverMs : 0
+      input.holder ?? '', pinMsOf(input), input.lateBinding === true ? this.opts.passOverMs : 0,
+      input.candidates.length
     ]
     let r = await this.attempts.call(args)
     if (r.body[0] === 'list') {

@@ -14,6 +14,8 @@
   ARGV[23] late binding (includes/late-binding.lua): the assignment holding its prompt's prefix ('' none)
   ARGV[24] how long, ms, it takes only its holder or a server with its model resident ('0': not pinned)
   ARGV[25] how long, ms, after its arrival it may be passed over by later waiters ('0': never)
+  ARGV[26] how many candidates the list has (one: whatever its holder, pin or residency, the
+           candidate is taken if usable and waited for if not; the plain find does that)
 
   Returns reply() with body
     { 'granted', token, candidate index } | { 'waiting', position, score, arrival }
@@ -65,7 +67,7 @@ local score = redis.call('ZSCORE', lkey, m)
 if not score and not PAUSED and ARGV[16] == '' and redis.call('EXISTS', lkey) == 0 then
   -- Nobody waits in this line: a free candidate is taken at once, with no queue entry to write.
   local pos, a, n
-  if pass_ms > 0 then
+  if pass_ms > 0 and ARGV[26] ~= '1' then
     pos, a, n = find_new(m, l, q, ARGV[20], want, since, holder, pin_until)
   else
     pos, a, n = find(m, l, ARGV[20], want, nil, since)

@@ -24,6 +24,7 @@ local exp = NOW + TTL
 local n = tonumber(l[7]) or 1
 redis.call('ZADD', P .. 'slots:' .. l[2], 'XX', exp, token)
 for k = 2, n do redis.call('ZADD', P .. 'slots:' .. l[2], 'XX', exp, token .. '/' .. k) end
+slots_changed(l[2])
 for _, g in ipairs(split(l[1], ',')) do redis.call('SET', P .. 'gpu:' .. g, l[2], 'PX', TTL) end
 redis.call('PEXPIRE', lkey, TTL)
 note_expiry(l[2])

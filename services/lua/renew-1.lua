@@ -40,6 +40,7 @@ for i = 8, #ARGV, 8 do
     local exp = NOW + TTL
     redis.call('ZADD', skey, exp, token)
     for k = 2, n do redis.call('ZADD', skey, exp, token .. '/' .. k) end
+    slots_changed(a)
     for _, g in ipairs(gpus) do redis.call('SET', P .. 'gpu:' .. g, a, 'PX', TTL) end
     local lkey = P .. 'lease:' .. token
     if redis.call('PEXPIRE', lkey, TTL) == 0 then

@@ -10,7 +10,8 @@
     pass    from when (Redis ms; its arrival + AFFINITY_MAX_WAIT_MS) it may no longer be passed
             over: it is then served strictly first, as every waiter without one always is
   res:<q>   zset a -> time of its last lease      assignments whose last lease was for queue q
-            (queue.lua's note_resident; asg:<a> field q names that queue)
+            (to a second; queue.lua's note_resident; asg:<a> fields q, qt name that queue and
+            that time)
 
   Serving list l looks at the first LB_WAITERS waiters (fair order) of each of its first LB_LINES
   lines (by their next waiter's arrival), and grants, in this order:
@@ -52,7 +53,7 @@ local function spare (m, l, want)
     if a then
       local ok, _, n = usable(a, m, want)
       if ok then
-        local q = redis.call('HGET', P .. 'asg:' .. a, 'q')
+        local q = asg_queue(a)
         if not q or redis.call('ZCARD', P .. 'res:' .. q) > 1 then return tonumber(pos), a, n end
       end
     end
@@ -74,11 +75,9 @@ end
   Where a request new to its line may go at once: its holder; unless pinned to that holder, a
   server whose last lease was for its model; while pinned (to a holder in the list, or to its
   model's resident servers when there are any), nothing else; otherwise what find gives.
-  Returns pos, a, n, or nil.
+  Returns pos, a, n, or nil. (A list of one candidate takes the plain find: attempt-1.lua.)
 ]]
 local function find_new (m, l, q, pref, want, since, holder, pin_until)
-  -- one candidate: whatever its holder, pin or residency, it is taken if usable and waited for if not
-  if redis.call('HLEN', P .. 'lpos:' .. l) == 1 then return find(m, l, pref, want, nil, since) end
   local pos, n = holder_free(m, l, holder, want)
   if pos then return pos, holder, n end
   local to_holder = holder ~= '' and redis.call('HEXISTS', P .. 'lpos:' .. l, holder) == 1

@@ -22,6 +22,8 @@
 ]]
 local LEVEL = 1099511627776 -- 2^40: tags stay below it
 local LINE_TTL = TTL * 3
+-- how often, at most, a server taken again for the same queue is moved up res:<q> (note_resident)
+local RES_REFRESH_MS = 1000
 
 local function line_keys (ln)
   return P .. 'line:' .. ln, P .. 'age1:' .. ln, P .. 'age2:' .. ln, P .. 'vt:' .. ln
@@ -217,12 +219,14 @@ end
 -- Assignment a's last lease is for queue q: its model is resident there (as far as the store
 -- knows: the model of a server's last lease is loaded on it). res:<q> lists them, latest first.
 local function note_resident (a, q)
-  local key = P .. 'asg:' .. a
-  local old = redis.call('HGET', key, 'q')
-  if old ~= q then
-    if old then redis.call('ZREM', P .. 'res:' .. old, a) end
-    redis.call('HSET', key, 'q', q)
-  end
+  local r = asg_record(a)
+  local old = r[3]
+  -- a server taken again for the same queue moves up its list once a second at most (its time
+  -- there orders the list: RES_MAX latest are read), not at every grant
+  if old == q and NOW - r[4] < RES_REFRESH_MS then return end
+  if old and old ~= q then redis.call('ZREM', P .. 'res:' .. old, a) end
+  redis.call('HSET', P .. 'asg:' .. a, 'q', q, 'qt', NOW)
+  r[3], r[4] = q, NOW
   -- its expiry is set when a server joins the list (not at every take: a call per grant); a list
   -- whose servers all stay in it a whole day lapses once then, and the next take of each begins it again
   if redis.call('ZADD', P .. 'res:' .. q, NOW, a) == 1 then redis.call('PEXPIRE', P .. 'res:' .. q, DAY) end

@@ -2,7 +2,8 @@
   Slots: an assignment of capacity N runs up to N leases at once; its GPUs belong to it while any
   of them runs. Needs prelude.lua.
 
-  asg:<a>     hash cap, gpus           the assignment as last registered
+  asg:<a>     hash cap, gpus           the assignment as last registered (and q, qt: queue.lua's
+                                       note_resident)
   slots:<a>   zset token -> expiry     its live leases (a whole-assignment lease: token, token/2, ...)
   gpu:<g>     string a (PX)            the assignment running on a GPU
   hold:<g>    string member (PX)       GPU kept for a starving waiter
@@ -43,18 +44,29 @@ local TO_STREAM_SEEN = {}
 local NOTED = {}
 local DAY = 86400000
 
--- Assignments read in this call: asg:<a> changes only through set_asg, which forgets it. The GPU
--- list returned is shared: read it, never change it.
+-- Assignments read in this call: asg:<a> changes only through set_asg, which forgets it, and
+-- note_resident (queue.lua), which keeps the record up to date. The GPU list returned is shared:
+-- read it, never change it. One read gives the residency fields too (q, qt: late-binding.lua).
 local ASG = {}
 
-local function asg (a)
+local function asg_record (a)
   local r = ASG[a]
   if not r then
-    local h = redis.call('HMGET', P .. 'asg:' .. a, 'cap', 'gpus')
-    r = { tonumber(h[1]) or 1, split(h[2], ',') }
+    local h = redis.call('HMGET', P .. 'asg:' .. a, 'cap', 'gpus', 'q', 'qt')
+    r = { tonumber(h[1]) or 1, split(h[2], ','), h[3] or nil, tonumber(h[4]) or 0 }
     ASG[a] = r
   end
+  return r
+end
+
+local function asg (a)
+  local r = asg_record(a)
   return r[1], r[2]
+end
+
+-- The queue whose lease a last ran (nil: none yet)
+local function asg_queue (a)
+  return asg_record(a)[3]
 end
 
 local function set_asg (a, cap, gpus)
@@ -62,10 +74,24 @@ local function set_asg (a, cap, gpus)
   ASG[a] = nil
 end
 
+-- Slots in use, per assignment, as counted in this call (NOW does not move within it): a count
+-- is read once, and forgotten where this call changes the assignment's slots (take, drop_slots,
+-- slots_changed).
+local USED = {}
+
 local function used (a)
-  local k = P .. 'slots:' .. a
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', NOW)
-  return redis.call('ZCARD', k)
+  local n = USED[a]
+  if not n then
+    local k = P .. 'slots:' .. a
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', NOW)
+    n = redis.call('ZCARD', k)
+    USED[a] = n
+  end
+  return n
+end
+
+local function slots_changed (a)
+  USED[a] = nil
 end
 
 local function hold_valid (holder)
@@ -171,13 +197,14 @@ local function unpark_list (l)
 end
 
 -- At the end of a script: the entries parked on a GPU freed in it that nobody took go back.
+-- (what is parked is read first: mostly nothing is, and then the GPU need not be looked at)
 AT_END[#AT_END + 1] = function ()
   for _, g in ipairs(FREED_GPUS) do
-    local o = redis.call('GET', P .. 'gpu:' .. g)
-    if not o or used(o) == 0 then
-      local key = P .. 'pk:' .. g
-      local parked = redis.call('HGETALL', key)
-      if #parked > 0 then
+    local key = P .. 'pk:' .. g
+    local parked = redis.call('HGETALL', key)
+    if #parked > 0 then
+      local o = redis.call('GET', P .. 'gpu:' .. g)
+      if not o or used(o) == 0 then
         redis.call('DEL', key)
         for i = 1, #parked, 2 do unpark_entries(parked[i], parked[i + 1]) end
       end
@@ -240,6 +267,7 @@ local function take (m, a, want, q, model, kind, purpose)
   local skey = P .. 'slots:' .. a
   redis.call('ZADD', skey, exp, token)
   for k = 2, n do redis.call('ZADD', skey, exp, token .. '/' .. k) end
+  slots_changed(a)
   -- (a hold of m's on these GPUs is cleared by its caller: a waiter's with its wait, and a new
   -- request has none)
   for _, g in ipairs(gpus) do redis.call('SET', P .. 'gpu:' .. g, a, 'PX', TTL) end
@@ -257,6 +285,7 @@ local function drop_slots (token, a, n)
   local skey = P .. 'slots:' .. a
   local removed = redis.call('ZREM', skey, token)
   for k = 2, n do removed = removed + redis.call('ZREM', skey, token .. '/' .. k) end
+  slots_changed(a)
   return removed
 end
 
