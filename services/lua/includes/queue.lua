@@ -314,6 +314,9 @@ end
 -- whatever the number of lines, candidates or assignments sharing a GPU.
 local function serve (lists)
   if PAUSED then return end
+  -- nothing named and nothing freed in this call (an attempt granted at once): nothing to serve,
+  -- and none of the state below is made (its functions are made anew at every call)
+  if #lists == 0 and #TO_SERVE == 0 and #TO_STREAM == 0 then return end
   local heads, named, failed, streams = {}, {}, {}, {}
   local nfailed = 0
   -- The first line of list l, once its place is brought up to date with its next waiter's

@@ -197,14 +197,15 @@ local function unpark_list (l)
 end
 
 -- At the end of a script: the entries parked on a GPU freed in it that nobody took go back.
--- (what is parked is read first: mostly nothing is, and then the GPU need not be looked at)
+-- (whether anything is parked is asked first: mostly nothing is, and then the GPU need not be
+-- looked at; what is parked is read only for a GPU still free, never for one handed on)
 AT_END[#AT_END + 1] = function ()
   for _, g in ipairs(FREED_GPUS) do
     local key = P .. 'pk:' .. g
-    local parked = redis.call('HGETALL', key)
-    if #parked > 0 then
+    if redis.call('EXISTS', key) == 1 then
       local o = redis.call('GET', P .. 'gpu:' .. g)
       if not o or used(o) == 0 then
+        local parked = redis.call('HGETALL', key)
         redis.call('DEL', key)
         for i = 1, #parked, 2 do unpark_entries(parked[i], parked[i + 1]) end
       end
