@@ -34,7 +34,7 @@ const FRACTIONAL = USAGE_COUNTERS.map((c) => FRACTIONAL_COUNTERS.has(c))
  * How long counts gather before they are sent: the counts reach Redis (and every replica's budgets)
  * this much later at most; a replica killed meanwhile loses them (one stopped sends them first).
  */
-export const RECORD_EVERY_MS = 50
+export const RECORD_EVERY_MS = 250
 /** Cells whose field names are kept made. */
 const FIELD_NAMES_KEPT = 4096
 

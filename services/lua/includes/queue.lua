@@ -377,8 +377,12 @@ local function serve (lists)
   -- still there are passed over (at most `nfailed` of them).
   local function advance (g)
     leave_current(g)
-    if closed(g) then streams[g] = nil return end
     local key = P .. 'gw:' .. g
+    -- Nobody waits for g, holds it or has an entry parked on it (mostly so, as a GPU frees): no
+    -- stream, and nothing for closed to bring back (an assignment on g with free slots has its
+    -- entries in its lists' free indexes unless parked): one call, not three.
+    if redis.call('EXISTS', key, P .. 'hold:' .. g, P .. 'pk:' .. g) == 0 then streams[g] = nil return end
+    if closed(g) then streams[g] = nil return end
     while true do
       local r = redis.call('ZRANGE', key, 0, nfailed + 1, 'WITHSCORES')
       local l, stored, second = nil, nil, nil
