@@ -69,8 +69,6 @@ const COMMAND: Record<ScriptName, string> = {
   fairCorrect: 'maestroFairCorrect'
 }
 
-/** A pipeline of this store's script commands. */
-type ScriptPipeline = Record<string, (...args: Array<string | number>) => void> & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
 
 /** Charge corrections wait at most this long to be sent with others, at most this many a call (services/lua/fair-correct-1.lua). */
 const CORRECTIONS_EVERY_MS = 50
@@ -117,13 +115,6 @@ function clientField (id: string): string {
 }
 const CLIENT_FIELDS_KEPT = 1024
 const clientFields = new Map<string, string>()
-
-/** A rejected answer that TurnBatch hands on: marked handled here, rejected for its caller. */
-function failed (err: unknown): Promise<never> {
-  const p = Promise.reject(err)
-  p.catch(() => {})
-  return p
-}
 
 /**
  * Calls made in one turn of the event loop: the first goes out at once (it may hand a GPU on, or
@@ -179,10 +170,10 @@ export class RedisLeaseStore implements LeaseStore {
     async (token) => (await this.releaseTokens([token]))[0],
     async (tokens) => await this.releaseTokens(tokens))
 
-  /** Attempts: those of one turn after the first go out in one pipeline. */
+  /** Attempts: those of one turn after the first share one script call. */
   private readonly attempts = new TurnBatch<Array<string | number>, Reply>(
-    async (args) => await this.run('attempt', ...args),
-    async (batch) => await this.pipelinedAttempts(batch))
+    async (args) => (await this.attemptAll([args]))[0],
+    async (batch) => await this.attemptAll(batch))
 
   constructor (opts: RedisLeaseStoreOptions) {
     this.client = opts.client as RedisLeaseStore['client']
@@ -293,7 +284,7 @@ export class RedisLeaseStore implements LeaseStore {
     if (r.body[0] === 'list') {
       // First use of this list (or the store lost it): register it once, then try again.
       await this.run('register', list.id, list.encoded)
-      r = await this.run('attempt', ...args)
+      r = (await this.attemptAll([args]))[0]
     }
     this.deliver(r.grants)
     const b = r.body
@@ -355,15 +346,22 @@ export class RedisLeaseStore implements LeaseStore {
     await Promise.all(calls)
   }
 
-  private async pipelinedAttempts (batch: Array<Array<string | number>>): Promise<Array<Reply | Promise<Reply>>> {
-    const pipeline = this.client.pipeline() as unknown as ScriptPipeline
-    for (const args of batch) pipeline[COMMAND.attempt](...this.commonArgs(), ...args)
-    const results = await pipeline.exec()
-    return batch.map((_, i) => {
-      const [err, r] = results?.[i] ?? [new Error('lease store: no reply in the pipeline'), null]
-      if (err != null) return failed(err)
-      try { return this.readReply(r as unknown[]) } catch (e) { return failed(e) }
-    })
+  /**
+   * Attempts in one script call (services/lua/attempt-1.lua: one epoch check and one set of its
+   * definitions for all of them, which cost more than most attempts' own work). Each gets its own
+   * answer; the grants the call made to waiters go with the first.
+   */
+  private async attemptAll (batch: Array<Array<string | number>>): Promise<Reply[]> {
+    const r = await this.run('attempt', ...batch.flat())
+    const out: Reply[] = []
+    let at = 0
+    for (let i = 0; i < batch.length; i++) {
+      const n = Number(r.body[at])
+      out.push({ body: r.body.slice(at + 1, at + 1 + n), grants: i === 0 ? r.grants : [] })
+      at += 1 + n
+    }
+    if (out.length !== batch.length || at !== r.body.length) throw new Error('lease store: the attempts\' answers do not match them')
+    return out
   }
 
   async sweep (members: string[]): Promise<SweepResult> {
