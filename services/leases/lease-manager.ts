@@ -376,9 +376,17 @@ export class LeaseManager {
     if (lease.charge == null || !this.store.available()) return DONE
     // the lease's own record, completed (a copy per answer cost more than the correction)
     lease.charge.tokens = tokens
-    return this.store.correctCharge(lease.charge).catch(this.correctionFailed)
+    // the store sends corrections in batches, one promise per batch: one handler each, not one per answer
+    const sent = this.store.correctCharge(lease.charge)
+    if (sent !== this.correctionBatch) {
+      this.correctionBatch = sent
+      this.correctionSettled = sent.catch(this.correctionFailed)
+    }
+    return this.correctionSettled
   }
 
+  private correctionBatch: Promise<void> = DONE
+  private correctionSettled: Promise<void> = DONE
   private readonly correctionFailed = (err: unknown): void => { this.opts.log?.warn({ err }, 'fair share: charge correction failed') }
 
   private noteReservation (lease: HeldLease, at: number): void {

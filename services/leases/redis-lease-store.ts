@@ -352,7 +352,7 @@ export class RedisLeaseStore implements LeaseStore {
    * answer; the grants the call made to waiters go with the first.
    */
   private async attemptAll (batch: Array<Array<string | number>>): Promise<Reply[]> {
-    const r = await this.run('attempt', ...batch.flat())
+    const r = await this.run('attempt', ...(batch.length === 1 ? batch[0] : batch.flat()))
     const out: Reply[] = []
     let at = 0
     for (let i = 0; i < batch.length; i++) {
