@@ -102,8 +102,8 @@ local function attempt (o)
   end
 
   if not score then
-    if not room(P .. 'qw:' .. q, tonumber(ARGV[o + 14]), q) then serve_freed() return ({ 'full', 'queue' }) end
-    if not room(P .. 'allw', tonumber(ARGV[o + 15])) then serve_freed() return ({ 'full', 'total' }) end
+    if not room(P .. 'qw:' .. q, tonumber(ARGV[o + 14]), q) then serve_freed() return { 'full', 'queue' } end
+    if not room(P .. 'allw', tonumber(ARGV[o + 15])) then serve_freed() return { 'full', 'total' } end
     local level = tonumber(ARGV[o + 19]) or 1
     score = tonumber(ARGV[o + 16])
     if not score then
@@ -126,7 +126,7 @@ local function attempt (o)
     redis.call('PEXPIRE', wkey, LINE_TTL)
     touch_line(ln)
   end
-  if PAUSED then return ({ 'paused', string.format('%.0f', score), tostring(since) }) end
+  if PAUSED then return { 'paused', string.format('%.0f', score), tostring(since) } end
   serve_freed()
   -- Every usable candidate of a list is in its free index (find drops only what is not usable, a
   -- freed slot puts its assignment back, a freed GPU the entries parked on it): with that index
